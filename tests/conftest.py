@@ -1,0 +1,29 @@
+"""Session fixtures: one tiny random Llama, its HF folder and its ONNX export."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from sparsec.testing import make_tiny_llama
+
+    return make_tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model, tmp_path_factory):
+    from sparsec.models import save_model
+
+    model, tokenizer = tiny_model
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    """The tiny model exported once per test session (about 10 s)."""
+    from sparsec.export import export_model
+
+    model, tokenizer = tiny_model
+    return export_model(model, tokenizer, tmp_path_factory.mktemp("onnx") / "tiny.onnx", source="tiny")
