@@ -79,3 +79,89 @@ def zero_smallest(model, sparsity: float) -> None:
                     continue
                 threshold = w.abs().flatten().kthvalue(k).values
                 w.mul_(w.abs() > threshold)
+
+
+def build_contract_graph(model, tokenizer):
+    """The optimized graph of docs/graph-contract.md section 3, built directly from an
+    HF Llama's weights (no exporter, no passes): a fixture that tests the code
+    generator on its own, and a cross-check for what the passes produce."""
+    import json
+
+    import numpy as np
+    import onnx_ir as ir
+
+    from sparsec import contract
+    from sparsec.models import model_config_dict, tokenizer_assets
+
+    cfg = model_config_dict(model.config)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    L, KVH, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    inits: list = []
+
+    def const(name, arr):
+        v = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
+        inits.append(v)
+        return v
+
+    def node(op, inputs, attrs=None, domain="", n_out=1):
+        n = ir.node(op, inputs, attrs or {}, domain=domain, num_outputs=n_out)
+        nodes.append(n)
+        return n.outputs if n_out > 1 else n.outputs[0]
+
+    nodes: list = []
+    ids = ir.val(contract.INPUT_IDS, ir.DataType.INT64, [1, "seq"])
+    pos = ir.val(contract.POSITION_IDS, ir.DataType.INT64, [1, "seq"])
+    pasts = [
+        ir.val(name(i), ir.DataType.FLOAT, [1, KVH, "capacity", hd])
+        for i in range(L)
+        for name in (contract.past_key, contract.past_value)
+    ]
+    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(cfg["max_position_embeddings"])[:, None] * inv_freq[None]
+    cos = const("cos_cache", np.cos(angles).astype(np.float32))
+    sin = const("sin_cache", np.sin(angles).astype(np.float32))
+    eps = cfg["rms_norm_eps"]
+    embed = sd["model.embed_tokens.weight"]
+    x = node("Gather", [const("embed", embed), ids])
+    h = node("RMSNormalization", [x, const("norm.0.in", sd["model.layers.0.input_layernorm.weight"])],
+             {"epsilon": eps, "axis": -1})
+    outputs = []
+    for i in range(L):
+        p = f"model.layers.{i}."
+
+        def lin(t, key, _p=p):
+            return node("MatMul", [t, const(_p + key, sd[_p + key + ".weight"].T)])
+
+        q, k, v = lin(h, "self_attn.q_proj"), lin(h, "self_attn.k_proj"), lin(h, "self_attn.v_proj")
+        a, pk, pv = node("CachedAttention", [q, k, v, pasts[2 * i], pasts[2 * i + 1], pos, cos, sin],
+                         {"num_heads": cfg["num_attention_heads"], "kv_num_heads": KVH,
+                          "scale": float(hd ** -0.5)}, domain=contract.DOMAIN, n_out=3)
+        pk.name, pv.name = contract.present_key(i), contract.present_value(i)
+        outputs += [pk, pv]
+        o = lin(a, "self_attn.o_proj")
+        h2, s = node("SkipRMSNormalization",
+                     [o, x, const(p + "post", sd[p + "post_attention_layernorm.weight"])],
+                     {"epsilon": eps}, domain=contract.DOMAIN, n_out=2)
+        m = node("SwiGLU", [h2] + [const(p + w, sd[p + f"mlp.{w}.weight"].T)
+                                   for w in ("gate_proj", "up_proj", "down_proj")],
+                 domain=contract.DOMAIN)
+        nxt = (sd[f"model.layers.{i + 1}.input_layernorm.weight"] if i + 1 < L
+               else sd["model.norm.weight"])
+        h, x = node("SkipRMSNormalization", [m, s, const(f"norm.{i + 1}.in", nxt)],
+                    {"epsilon": eps}, domain=contract.DOMAIN, n_out=2)
+    logits = node("MatMul", [h, const("lm_head", embed.T)])
+    logits.name = contract.LOGITS
+    graph = ir.Graph([ids, pos, *pasts], [logits, *outputs], nodes=nodes, initializers=inits,
+                     opset_imports={"": 23, contract.DOMAIN: 1}, name="contract_graph")
+    model_ir = ir.Model(graph, ir_version=10)
+    assets = tokenizer_assets(tokenizer)
+    model_ir.metadata_props.update({
+        contract.META_FORMAT: "optimized",
+        contract.META_CONFIG: json.dumps(cfg),
+        contract.META_TOKENIZER: assets["tokenizer"],
+        contract.META_GENERATION: json.dumps(assets["generation"]),
+        contract.META_SOURCE: "build_contract_graph",
+    })
+    if assets["chat_template"]:
+        model_ir.metadata_props[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
+    return model_ir

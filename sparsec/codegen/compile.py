@@ -1,0 +1,150 @@
+"""``sparsec compile``: an ONNX graph in, one native ``model.so`` out.
+
+Steps: load the graph (running the passes first on a raw export), lower it to a
+kernel program, pick and emit a kernel per layer, compile the module for AVX-512,
+link it with the thread pool and driver, and append weights + manifest
+(``sparsec.codegen.artifact``). The output is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sparsec import __version__, contract
+from sparsec.errors import SparsecError
+
+NATIVE = Path(__file__).parent / "native"
+ABI_VERSION = 1
+DEFAULT_MAX_TOKENS = 64  # prefill chunk: rows of every scratch buffer
+
+
+def _cpuinfo_name(llvm_feature: str) -> str:
+    # LLVM spells the AVX-512 extensions without the underscore /proc/cpuinfo uses.
+    for suffix in ("vnni", "vbmi2", "bf16", "vbmi"):
+        if llvm_feature == f"avx512{suffix}":
+            return f"avx512_{suffix}" if suffix != "vbmi" else "avx512vbmi"
+    return llvm_feature
+
+
+def load_graph(path: str | os.PathLike, *, quiet: bool = False):
+    """Load an exported or optimized sparsec graph as an optimized ``onnx_ir.Model``."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    if not path.is_file():
+        raise SparsecError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except Exception as e:
+        raise SparsecError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from e
+    fmt = model.metadata_props.get(contract.META_FORMAT)
+    if fmt == "exported":
+        from sparsec.passes import optimize
+        from sparsec.progress import stage
+
+        with stage("optimizing the exported graph (sparsec optimize)", quiet=quiet):
+            model, _ = optimize(model)
+    elif fmt != "optimized":
+        raise SparsecError(
+            f"{path} was not made by sparsec (no sparsec.format metadata); "
+            "export the model with `sparsec export` first"
+        )
+    return model
+
+
+def default_chooser(cache: bool = True):
+    from sparsec.codegen import linear
+
+    def choose(weight, precision: str, kernels: str) -> str:
+        return linear.choose_linear_format(weight, precision, kernels, use_cache=cache)
+
+    return choose
+
+
+def compile_model(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    threads: int | None = None,
+    max_context: int | None = None,
+    kernels: str = "auto",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    quiet: bool = False,
+) -> dict:
+    """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest."""
+    from sparsec.codegen import artifact, target
+    from sparsec.codegen.emit import emit_program
+    from sparsec.codegen.program import lower
+    from sparsec.progress import stage
+
+    start = time.perf_counter()
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
+    if kernels not in ("auto", "dense", "bitmask", "blocked"):
+        raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense, bitmask or blocked")
+    target.require_features()
+    model = load_graph(src, quiet=quiet)
+    prog = lower(model)
+    cfg = prog.config
+    capacity = int(max_context or cfg["max_position_embeddings"])
+    if not 1 <= capacity <= cfg["max_position_embeddings"]:
+        raise SparsecError(
+            f"--max-context {capacity} is outside 1..{cfg['max_position_embeddings']} "
+            "(the model's max_position_embeddings)"
+        )
+    if prog.activation_quant and precision == "fp32":
+        precision = "int8"  # the graph already carries W8A8 quantization
+    with stage(f"emitting kernels ({precision}, --kernels {kernels})", quiet=quiet):
+        emitted = emit_program(prog, precision=precision, kernels=kernels,
+                               max_tokens=max_tokens, capacity=capacity,
+                               choose=default_chooser())
+    with stage("compiling for AVX-512 (LLVM -O3)", quiet=quiet):
+        obj = target.compile_ir(emitted.module)
+    defines = {
+        "SPC_ABI": ABI_VERSION, "SPC_SCRATCH_BYTES": emitted.scratch_bytes,
+        "SPC_MAX_TOKENS": max_tokens, "SPC_CAPACITY": capacity, "SPC_VOCAB": cfg["vocab_size"],
+    }
+    meta = model.metadata_props
+    manifest = {
+        "magic": "sparsec-model",
+        "abi_version": ABI_VERSION,
+        "sparsec_version": __version__,
+        "cpu_features": [_cpuinfo_name(f) for f in target.LLVM_FEATURES],
+        "target": {"triple": "x86_64-unknown-linux-gnu", "cpu": target.target_cpu()},
+        "config": cfg,
+        "tokenizer": meta.get(contract.META_TOKENIZER),
+        "chat_template": meta.get(contract.META_CHAT_TEMPLATE),
+        "generation": json.loads(meta.get(contract.META_GENERATION, "{}")),
+        "precision": precision,
+        "max_context": capacity,
+        "max_tokens_per_call": max_tokens,
+        "default_threads": int(threads or min(os.cpu_count() or 1, 8)),
+        "kv_cache": {
+            "shape": [cfg["num_hidden_layers"], 2, cfg["num_key_value_heads"], capacity,
+                      cfg["head_dim"]],
+            "dtype": "float32",
+        },
+        "layers": [asdict(layer) for layer in emitted.layers],
+    }
+    if not manifest["tokenizer"]:
+        raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")
+    with stage("linking model.so", quiet=quiet), tempfile.TemporaryDirectory() as tmp:
+        elf = target.link_shared(
+            [obj], [NATIVE / "threadpool.c", NATIVE / "driver.c"], Path(tmp) / "model.elf",
+            extra_flags=[f"-D{k}={v}" for k, v in defines.items()] + [f"-I{NATIVE}"],
+        )
+        manifest["compile"] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": meta.get(contract.META_SOURCE) or str(src),
+        }
+        artifact.write_artifact(elf, emitted.weights, manifest, out)
+    return manifest

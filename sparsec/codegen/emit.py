@@ -1,0 +1,387 @@
+"""Turn a lowered ``Program`` into one LLVM module plus the packed weights blob.
+
+The module holds one kernel per program instruction (each specialized to its shapes,
+strides, weight layout and sparsity) and ``sparsec_forward_body(ctx, tid, nthreads)``,
+which every pool thread runs once per forward step: the kernels in program order with
+a barrier between them. ``native/driver.c`` provides the ABI entry points around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from llvmlite import ir
+
+from sparsec.codegen import linear, ops
+from sparsec.codegen.patterns import classify_pattern
+from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
+from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
+from sparsec.codegen.target import declare_function
+from sparsec.errors import SparsecError
+
+ALIGN = 64
+I8P = ir.IntType(8).as_pointer()
+F32P = ir.FloatType().as_pointer()
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+
+# Byte offsets of spc_ctx fields (native/driver.c).
+CTX_FIELDS = {
+    "weights": (0, I8P),
+    "kv_cache": (8, F32P),
+    "pool": (16, I8P),
+    "scratch": (24, I8P),
+    "tokens": (32, I32.as_pointer()),
+    "n_tokens": (40, I32),
+    "position": (44, I32),
+    "logits": (48, F32P),
+    "all_logits": (56, I32),
+}
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class WeightsBlob:
+    """The packed constants of a model, each at a 64-byte aligned offset."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, data) -> int:
+        raw = np.ascontiguousarray(data).view(np.uint8).tobytes()
+        offset = self.size
+        self.chunks.append(raw)
+        pad = _align(len(raw)) - len(raw)
+        if pad:
+            self.chunks.append(b"\0" * pad)
+        self.size += len(raw) + pad
+        return offset
+
+    def to_array(self) -> np.ndarray:
+        return np.frombuffer(b"".join(self.chunks), dtype=np.uint8)
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: list[int]
+    sparsity: float
+    pattern: str
+    kernel: str
+    bytes: int
+    flops: int
+
+
+@dataclass
+class Emitted:
+    module: ir.Module
+    weights: np.ndarray
+    scratch_bytes: int
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+def _allocate_scratch(prog: Program, max_tokens: int, reserved: int) -> tuple[dict[str, int], int]:
+    """Offsets for float buffers ``[max_tokens, width]``, reusing dead buffers' space."""
+    spans = buffer_lifetimes(prog)
+    free: list[tuple[int, int, int]] = []  # (offset, size, free after instr)
+    offsets: dict[str, int] = {}
+    top = reserved
+    for name in sorted(spans, key=lambda b: spans[b][0]):
+        if name == "logits":
+            continue
+        start, end = spans[name]
+        size = _align(max_tokens * prog.buffers[name] * 4)
+        slot = next((s for s in free if s[2] < start and s[1] >= size), None)
+        if slot is not None:
+            free.remove(slot)
+            offsets[name] = slot[0]
+            free.append((slot[0], slot[1], end))
+        else:
+            offsets[name] = top
+            free.append((top, size, end))
+            top += size
+    return offsets, top
+
+
+class _Emitter:
+    def __init__(
+        self, prog: Program, *, precision: str, kernels: str, max_tokens: int, capacity: int, choose
+    ):
+        self.prog = prog
+        self.precision = precision
+        self.kernels = kernels
+        self.max_tokens = max_tokens
+        self.capacity = capacity
+        self.choose = choose
+        self.module = ir.Module(name="sparsec_model")
+        self.module.triple = "x86_64-unknown-linux-gnu"
+        self.blob = WeightsBlob()
+        self.table_offsets = {n: self.blob.add(t) for n, t in prog.tables.items()}
+        self.layers: list[LayerRecord] = []
+        cfg = prog.config
+        self.kv_layer_floats = cfg["num_key_value_heads"] * capacity * cfg["head_dim"]
+        max_in = max((ins.args["x"].width for ins in prog.linears()), default=0)
+        # One quantized-activation region serves every int8 linear: each is quantized
+        # right before its linear, so their lifetimes never overlap.
+        self.xq_bytes = _align(max_tokens * quantized_row_bytes(max(max_in, 1)))
+        self.xs_bytes = _align(max_tokens * 4)
+        reserved = self.xq_bytes + self.xs_bytes
+        self.buf_offsets, self.scratch_bytes = _allocate_scratch(prog, max_tokens, reserved)
+        self.n_kernels = 0
+
+    # -- kernels -------------------------------------------------------------------------
+    def _kname(self, op: str) -> str:
+        self.n_kernels += 1
+        return f"k{self.n_kernels:04d}_{op}"
+
+    def _linear_kernel(self, ins: Instr):
+        a = ins.args
+        weights = a["weights"]
+        w = np.concatenate([wt.value for wt in weights], axis=0)
+        pre_quantized = all(wt.int8 is not None for wt in weights)
+        precision = "int8" if (self.precision == "int8" or self.prog.activation_quant) else "fp32"
+        fmt = self.choose(w, precision, self.kernels)
+        if pre_quantized and fmt.endswith("_i8"):
+            q = np.concatenate([wt.int8 for wt in weights], axis=0)
+            s = np.concatenate([wt.scale for wt in weights], axis=0)
+            packed = linear.pack_linear_quantized(q, s, fmt)
+        else:
+            packed = linear.pack_linear(w, fmt)
+        is_int8 = fmt.endswith("_i8")
+        fn = linear.emit_linear(
+            self.module,
+            self._kname("linear"),
+            packed,
+            max_tokens=self.max_tokens,
+            # int8 kernels read the quantized copy, laid out by the quantize kernel
+            x_stride=None if is_int8 else self.prog.buffers[a["x"].buf],
+            y_stride=self.prog.buffers[a["y"].buf],
+        )
+        nnz = int(np.count_nonzero(w))
+        self.layers.append(
+            LayerRecord(
+                name=a["name"],
+                shape=list(w.shape),
+                sparsity=round(1 - nnz / w.size, 4),
+                pattern=_pattern(self.prog, weights, w),
+                kernel=fmt,
+                bytes=int(packed.data.nbytes),
+                flops=2 * nnz,
+            )
+        )
+        return fn, self.blob.add(packed.data), is_int8
+
+    # -- body ----------------------------------------------------------------------------
+    def emit(self) -> Emitted:
+        mod = self.module
+        barrier = declare_function(mod, "spc_barrier", ir.FunctionType(ir.VoidType(), [I8P, I32]))
+        body = ir.Function(
+            mod, ir.FunctionType(ir.VoidType(), [I8P, I32, I32]), "sparsec_forward_body"
+        )
+        ctx, tid, nth = body.args
+        b = ir.IRBuilder(body.append_basic_block("entry"))
+        self.b = b
+        f = {
+            k: b.load(b.bitcast(b.gep(ctx, [ir.Constant(I64, off)]), t.as_pointer()))
+            for k, (off, t) in CTX_FIELDS.items()
+        }
+        self.f, self.tid, self.nth = f, tid, nth
+        for ins in self.prog.instrs:
+            getattr(self, f"emit_{ins.op}")(ins)
+            b.call(barrier, [f["pool"], tid])
+        b.ret_void()
+        return Emitted(mod, self.blob.to_array(), self.scratch_bytes, self.layers)
+
+    def call(self, fn, args):
+        cast = [
+            self.b.bitcast(a, p.type) if isinstance(a.type, ir.PointerType) else a
+            for a, p in zip(args, fn.args)
+        ]
+        return self.b.call(
+            fn,
+            cast + [self.f["n_tokens"], self.tid, self.nth][len(cast) - len(fn.args) :]
+            if len(cast) < len(fn.args)
+            else cast,
+        )
+
+    def ptr(self, view: View, row=None):
+        off = self.buf_offsets[view.buf] + view.offset * 4
+        p = self.b.gep(self.f["scratch"], [ir.Constant(I64, off)])
+        if row is not None:
+            stride = self.prog.buffers[view.buf] * 4
+            p = self.b.gep(p, [self.b.mul(self.b.sext(row, I64), ir.Constant(I64, stride))])
+        return self.b.bitcast(p, F32P)
+
+    def weights_at(self, offset: int):
+        return self.b.gep(self.f["weights"], [ir.Constant(I64, offset)])
+
+    def table(self, name: str):
+        return self.b.bitcast(self.weights_at(self.table_offsets[name]), F32P)
+
+    def kv(self, layer: int, which: int):
+        off = (2 * layer + which) * self.kv_layer_floats
+        return self.b.gep(self.f["kv_cache"], [ir.Constant(I64, off)])
+
+    def emit_embed(self, ins: Instr) -> None:
+        cfg = self.prog.config
+        fn = ops.emit_embedding(
+            self.module, self._kname("embed"), vocab=ins.args["vocab"], dim=cfg["hidden_size"]
+        )
+        self.call(fn, [self.table("embedding"), self.f["tokens"], self.ptr(ins.args["out"])])
+
+    def emit_rmsnorm(self, ins: Instr) -> None:
+        a = ins.args
+        fn = ops.emit_rmsnorm(
+            self.module, self._kname("rmsnorm"), dim=a["x"].width, eps=a["eps"], residual=False
+        )
+        self.call(fn, [self.ptr(a["x"]), self.table(a["w"]), self.ptr(a["y"])])
+
+    def emit_skip_rmsnorm(self, ins: Instr) -> None:
+        a = ins.args
+        fn = ops.emit_rmsnorm(
+            self.module,
+            self._kname("skip_rmsnorm"),
+            dim=a["resid"].width,
+            eps=a["eps"],
+            residual=True,
+        )
+        self.call(
+            fn, [self.ptr(a["resid"]), self.ptr(a["delta"]), self.table(a["w"]), self.ptr(a["y"])]
+        )
+
+    def emit_add(self, ins: Instr) -> None:
+        fn = ops.emit_residual_add(self.module, self._kname("add"), dim=ins.args["acc"].width)
+        self.call(fn, [self.ptr(ins.args["acc"]), self.ptr(ins.args["x"])])
+
+    def emit_swiglu_act(self, ins: Instr) -> None:
+        fn = ops.emit_swiglu_act(self.module, self._kname("swiglu"), ffn_dim=ins.args["ffn"])
+        self.call(fn, [self.ptr(ins.args["gu"]), self.ptr(ins.args["h"])])
+
+    def _attn_common(self, a: dict) -> dict:
+        if a["max_positions"] < self.capacity:
+            raise SparsecError(
+                f"max context {self.capacity} exceeds the model's RoPE table "
+                f"({a['max_positions']} positions); use --max-context {a['max_positions']} or less"
+            )
+        return dict(
+            num_heads=a["heads"],
+            kv_num_heads=a["kv_heads"],
+            head_dim=a["head_dim"],
+            capacity=self.capacity,
+            qkv_stride=self.prog.buffers[a["qkv"]],
+        )
+
+    def emit_rope_kv(self, ins: Instr) -> None:
+        a = ins.args
+        fn = ops.emit_rope_kv_write(
+            self.module,
+            self._kname("rope_kv"),
+            **self._attn_common(a),
+            q_offset=a["q_offset"],
+            k_offset=a["k_offset"],
+            v_offset=a["v_offset"],
+        )
+        qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
+        self.call(
+            fn,
+            [
+                qkv,
+                self.table("rope.cos"),
+                self.table("rope.sin"),
+                self.kv(a["layer"], 0),
+                self.kv(a["layer"], 1),
+                self.f["position"],
+            ],
+        )
+
+    def emit_attention(self, ins: Instr) -> None:
+        a = ins.args
+        fn = ops.emit_attention(
+            self.module,
+            self._kname("attention"),
+            **self._attn_common(a),
+            scale=a["scale"],
+            q_offset=a["q_offset"],
+        )
+        qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
+        self.call(
+            fn,
+            [
+                qkv,
+                self.kv(a["layer"], 0),
+                self.kv(a["layer"], 1),
+                self.ptr(a["out"]),
+                self.f["position"],
+            ],
+        )
+
+    def emit_linear(self, ins: Instr) -> None:
+        a = ins.args
+        fn, w_off, is_int8 = self._linear_kernel(ins)
+        b = self.b
+        if a["logits"]:
+            # Decode needs only the last token's logits: the largest matrix of the
+            # model is then read once per step for one row instead of n.
+            last = b.sub(self.f["n_tokens"], ir.Constant(I32, 1))
+            all_rows = b.icmp_signed("!=", self.f["all_logits"], ir.Constant(I32, 0))
+            row0 = b.select(all_rows, ir.Constant(I32, 0), last)
+            n = b.select(all_rows, self.f["n_tokens"], ir.Constant(I32, 1))
+            x, y = self.ptr(a["x"], row=row0), self.f["logits"]
+        else:
+            n, x, y = self.f["n_tokens"], self.ptr(a["x"]), self.ptr(a["y"])
+        w = self.weights_at(w_off)
+        if is_int8:
+            xq = self.f["scratch"]
+            xs = b.bitcast(b.gep(self.f["scratch"], [ir.Constant(I64, self.xq_bytes)]), F32P)
+            qfn = emit_quantize_tokens(
+                self.module,
+                self._kname("quantize"),
+                a["x"].width,
+                max_tokens=self.max_tokens,
+                x_stride=self.prog.buffers[a["x"].buf],
+            )
+            self._call_n(qfn, [x, xq, xs], n)
+            b.call(
+                declare_function(
+                    self.module, "spc_barrier", ir.FunctionType(ir.VoidType(), [I8P, I32])
+                ),
+                [self.f["pool"], self.tid],
+            )
+            self._call_n(fn, [w, xq, xs, y], n)
+        else:
+            self._call_n(fn, [w, x, y], n)
+
+    def _call_n(self, fn, args, n) -> None:
+        cast = [
+            self.b.bitcast(a, p.type) if isinstance(a.type, ir.PointerType) else a
+            for a, p in zip(args, fn.args)
+        ]
+        self.b.call(fn, cast + [n, self.tid, self.nth])
+
+
+def _pattern(prog: Program, weights, w: np.ndarray) -> str:
+    """The graph's recorded pattern when all parts agree, else classified here."""
+    recorded = {prog.sparsity.get(wt.name, {}).get("pattern") for wt in weights}
+    if len(recorded) == 1 and None not in recorded:
+        return recorded.pop()
+    return classify_pattern(w)
+
+
+def emit_program(
+    prog: Program, *, precision: str, kernels: str, max_tokens: int, capacity: int, choose
+) -> Emitted:
+    """Emit ``prog`` as an LLVM module and pack its weights (see module docstring)."""
+    if precision not in ("fp32", "int8"):
+        raise SparsecError(f"unknown precision {precision!r}; choose fp32 or int8")
+    return _Emitter(
+        prog,
+        precision=precision,
+        kernels=kernels,
+        max_tokens=max_tokens,
+        capacity=capacity,
+        choose=choose,
+    ).emit()
