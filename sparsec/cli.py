@@ -18,6 +18,8 @@ from sparsec.errors import SparsecError
 COMMAND_MODULES = (
     "sparsec.models",
     "sparsec.export",
+    "sparsec.codegen.command",
+    "sparsec.runtime.command",
 )
 
 DESCRIPTION = """\

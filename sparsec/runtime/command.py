@@ -1,0 +1,87 @@
+"""`sparsec run` and `sparsec inspect`: generate with a compiled model, or describe one.
+
+Light at import (argparse only): the runtime is imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="generate text with a compiled model.so",
+        description="Stream the model's continuation of PROMPT to stdout; speeds go to stderr.",
+    )
+    run.add_argument("model", help="a model.so made by `sparsec compile`")
+    run.add_argument("prompt", help="the prompt text (a user message with --chat)")
+    run.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    run.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    run.add_argument("--top-k", type=int, default=None, metavar="K")
+    run.add_argument("--top-p", type=float, default=None, metavar="P")
+    run.add_argument("--seed", type=int, default=None, metavar="S")
+    run.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)"
+    )
+    run.add_argument(
+        "--chat", action="store_true", help="wrap PROMPT as a user message in the chat template"
+    )
+    run.add_argument("--threads", type=int, default=None, metavar="N")
+    run.add_argument("--no-verify", action="store_true", help="skip the weights hash check at load")
+    run.set_defaults(func=run_command)
+
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="describe a compiled model.so",
+        description="Show the manifest of a model.so: model, target, weights and every layer.",
+    )
+    inspect.add_argument("model", help="a model.so made by `sparsec compile`")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(func=inspect_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from sparsec import runtime
+
+    model = runtime.load(args.model, threads=args.threads, verify=not args.no_verify)
+    with model:
+        options = dict(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            stream=True,
+        )
+        if args.chat:
+            stream = model.chat([{"role": "user", "content": args.prompt}], **options)
+        else:
+            stream = model.generate(args.prompt, **options)
+        out = sys.stdout
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        result = stream.result
+    print(f"[{result.finish_reason}] {result.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsec.runtime.artifact import read_artifact
+    from sparsec.runtime.summary import format_summary, summarize
+
+    summary = summarize(read_artifact(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(format_summary(summary))
+    return 0

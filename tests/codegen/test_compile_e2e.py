@@ -1,0 +1,153 @@
+"""The whole compiler on the tiny model: contract graph -> model.so -> runtime.
+
+Each compiled model is checked against PyTorch: logits at prefill and decode, and
+greedy generation token for token. int8 is checked against the same model with W8A8
+simulated in PyTorch (``fake_quant_w8a8``); tolerance 1e-4 absolute (measured 1.5e-6:
+integer dot products are exact, only the scaling rounds).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from sparsec import runtime
+from sparsec.codegen.compile import compile_model
+from sparsec.errors import SparsecError
+from sparsec.testing import build_contract_graph, fake_quant_w8a8, make_tiny_llama, zero_smallest
+
+FP32_ATOL = 1e-4
+INT8_ATOL = 1e-4
+PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+
+
+def _model(sparsity: float):
+    model, tokenizer = make_tiny_llama(seed=1)
+    if sparsity:
+        zero_smallest(model, sparsity)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(precision, kernels, sparsity) -> (runtime model, torch reference, tokenizer)."""
+    cache = {}
+    root = tmp_path_factory.mktemp("compiled")
+
+    def get(precision: str, kernels: str, sparsity: float, threads: int = 2):
+        key = (precision, kernels, sparsity, threads)
+        if key not in cache:
+            model, tokenizer = _model(sparsity)
+            graph = root / f"g{sparsity}.onnx"
+            ir.save(build_contract_graph(model, tokenizer), graph)
+            so = root / f"{precision}-{kernels}-{sparsity}-{threads}.so"
+            compile_model(graph, so, precision=precision, kernels=kernels, max_context=128,
+                          quiet=True)
+            ref = fake_quant_w8a8(model) if precision == "int8" else model
+            cache[key] = (runtime.load(so, threads=threads), ref, tokenizer)
+        return cache[key]
+
+    return get
+
+
+CASES = [
+    ("fp32", "dense", 0.0),
+    ("fp32", "bitmask", 0.0),
+    ("fp32", "bitmask", 0.7),
+    ("fp32", "dense", 0.5),
+    ("int8", "dense", 0.0),
+    ("int8", "bitmask", 0.7),
+    ("int8", "bitmask", 0.9),
+]
+
+
+@pytest.mark.parametrize("precision,kernels,sparsity", CASES)
+def test_prefill_and_decode_logits(compiled, precision, kernels, sparsity):
+    rt, ref, tokenizer = compiled(precision, kernels, sparsity)
+    ids = tokenizer(PROMPT).input_ids
+    atol = INT8_ATOL if precision == "int8" else FP32_ATOL
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    rt.reset()
+    np.testing.assert_allclose(rt.forward(ids[:-3], all_logits=True), expected[:-3], atol=atol)
+    for i in range(len(ids) - 3, len(ids)):  # decode steps into a partly filled cache
+        np.testing.assert_allclose(np.atleast_2d(rt.forward([ids[i]], all_logits=False))[-1], expected[i],
+                                   atol=atol)
+
+
+@pytest.mark.parametrize("precision,kernels,sparsity", CASES)
+def test_greedy_matches_pytorch(compiled, precision, kernels, sparsity):
+    rt, ref, tokenizer = compiled(precision, kernels, sparsity)
+    ids = tokenizer(PROMPT).input_ids
+    out = rt.generate(ids, max_new_tokens=48)
+    with torch.no_grad():
+        hf = ref.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                          pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+    assert out.token_ids == hf[: len(out.token_ids)]
+    assert len(out.token_ids) == len(hf)
+
+
+def test_one_thread_equals_two_threads(compiled):
+    one, _, tokenizer = compiled("fp32", "bitmask", 0.7, threads=1)
+    two, _, _ = compiled("fp32", "bitmask", 0.7, threads=2)
+    ids = tokenizer(PROMPT).input_ids
+    one.reset()
+    two.reset()
+    np.testing.assert_array_equal(one.forward(ids), two.forward(ids))
+
+
+def test_long_prompt_is_fed_in_chunks(compiled):
+    """Prompts longer than the 64-token prefill tile run as several native calls."""
+    rt, ref, tokenizer = compiled("fp32", "dense", 0.0)
+    ids = tokenizer(PROMPT * 2).input_ids
+    assert len(ids) > 64
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].numpy()
+    rt.reset()
+    np.testing.assert_allclose(rt.forward(ids), expected, atol=FP32_ATOL)
+
+
+def test_manifest_records_kernels_and_sparsity(compiled):
+    rt, _, _ = compiled("int8", "bitmask", 0.7)
+    layers = rt.manifest["layers"]
+    assert len(layers) == 2 * 4 + 1  # per layer: q|k|v, o, gate|up, down; then lm_head
+    decoder = [lay for lay in layers if "lm_head" not in lay["name"]]
+    assert all(lay["kernel"] == "bitmask_i8" for lay in layers)
+    assert all(0.69 <= lay["sparsity"] <= 0.71 for lay in decoder)
+    assert rt.manifest["precision"] == "int8"
+
+
+def test_unsupported_op_is_named(tmp_path):
+    model, tokenizer = make_tiny_llama()
+    graph = build_contract_graph(model, tokenizer)
+    node = next(n for n in graph.graph if n.op_type == "SwiGLU")
+    node.op_type = "GeluMLP"
+    ir.save(graph, tmp_path / "bad.onnx")
+    with pytest.raises(SparsecError, match=r"op sparsec.GeluMLP is not in the optimized-graph"):
+        compile_model(tmp_path / "bad.onnx", tmp_path / "bad.so", quiet=True)
+    assert not (tmp_path / "bad.so").exists()
+
+
+def test_foreign_onnx_is_rejected(tmp_path):
+    from onnx import TensorProto, helper, save_model
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    save_model(helper.make_model(g), tmp_path / "relu.onnx")
+    with pytest.raises(SparsecError, match="not made by sparsec"):
+        compile_model(tmp_path / "relu.onnx", tmp_path / "m.so", quiet=True)
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(SparsecError, match="not a readable ONNX model"):
+        compile_model(tmp_path / "junk.onnx", tmp_path / "m.so", quiet=True)
+    with pytest.raises(SparsecError, match="no such file"):
+        compile_model(tmp_path / "missing.onnx", tmp_path / "m.so", quiet=True)
+
+
+def test_context_beyond_rope_table_is_rejected(tmp_path):
+    model, tokenizer = make_tiny_llama()
+    ir.save(build_contract_graph(model, tokenizer), tmp_path / "g.onnx")
+    with pytest.raises(SparsecError, match="--max-context 100000 is outside"):
+        compile_model(tmp_path / "g.onnx", tmp_path / "m.so", max_context=100000, quiet=True)
