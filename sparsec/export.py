@@ -148,6 +148,9 @@ def _save_atomic(model, out: Path) -> None:
     os.close(fd)
     try:
         ir.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -205,7 +208,11 @@ def verify_export(
         diffs.append(float(np.abs(got - ref).max()))
     check = ExportCheck(prefill_max_abs=diffs[0], decode_max_abs=diffs[1])
     if greedy_tokens and greedy_prompt:
-        ours = greedy_onnx(session, model.config, greedy_prompt, greedy_tokens)
+        # HF's min_new_tokens masks the end-of-sequence tokens; so does our loop, so
+        # both compare pure argmax choices for exactly greedy_tokens steps.
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        ours = greedy_onnx(session, model.config, greedy_prompt, greedy_tokens, suppress=eos)
         with torch.no_grad():
             hf = model.generate(
                 torch.tensor([greedy_prompt]),
@@ -221,8 +228,11 @@ def verify_export(
     return check
 
 
-def greedy_onnx(session, config, prompt: list[int], n_new: int) -> list[int]:
-    """Greedy decoding through an exported graph, carrying the KV cache between steps."""
+def greedy_onnx(
+    session, config, prompt: list[int], n_new: int, suppress: list[int] = ()
+) -> list[int]:
+    """Greedy decoding through an exported graph, carrying the KV cache between steps;
+    token ids in ``suppress`` are never chosen."""
     import numpy as np
 
     from sparsec.models import model_config_dict
@@ -245,7 +255,9 @@ def greedy_onnx(session, config, prompt: list[int], n_new: int) -> list[int]:
             feeds[contract.past_key(i)] = past[2 * i]
             feeds[contract.past_value(i)] = past[2 * i + 1]
         outs = session.run(None, feeds)
-        nxt = int(np.argmax(outs[0][0, -1]))
+        last = outs[0][0, -1]
+        last[list(suppress)] = -np.inf
+        nxt = int(np.argmax(last))
         new.append(nxt)
         tokens.append(nxt)
         past = outs[1:]
