@@ -190,7 +190,11 @@ def _feeds(ids, mask, pos, kv) -> dict:
 
 
 def verify_export(
-    path: str | os.PathLike, model, *, greedy_prompt: list[int] | None = None, greedy_tokens: int = 0
+    path: str | os.PathLike,
+    model,
+    *,
+    greedy_prompt: list[int] | None = None,
+    greedy_tokens: int = 0,
 ) -> ExportCheck:
     """Compare onnxruntime with PyTorch on ``path``: logits at prefill and decode shapes,
     and (optionally) a greedy continuation of ``greedy_prompt`` token for token."""
@@ -224,7 +228,9 @@ def verify_export(
         check.greedy_tokens = greedy_tokens
         check.greedy_match = ours == hf
         if not check.greedy_match:
-            check.first_mismatch = next(i for i, (a, b) in enumerate(zip(ours, hf)) if a != b)
+            check.first_mismatch = next(
+                i for i, (a, b) in enumerate(zip(ours, hf, strict=False)) if a != b
+            )
     return check
 
 

@@ -16,7 +16,11 @@ from sparsec.errors import SparsecError
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _tokenizer_vocab(tokenizer) -> tuple[list[str], list[int], list[str]]:

@@ -85,9 +85,7 @@ def resolve(source: str | os.PathLike) -> ModelSource:
             )
         return ModelSource("gguf", path.parent, path.name, text)
     if not (path / "config.json").is_file():
-        raise SparsecError(
-            f"folder '{text}' is not a Hugging Face model folder (no config.json)"
-        )
+        raise SparsecError(f"folder '{text}' is not a Hugging Face model folder (no config.json)")
     return ModelSource("hf", path, None, text)
 
 
@@ -183,7 +181,9 @@ def model_config_dict(config) -> dict:
 
 def tokenizer_assets(tokenizer) -> dict:
     """tokenizer.json text, chat template and special ids, for embedding in artifacts."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None:
         raise SparsecError("the model's tokenizer is not a fast (tokenizers) tokenizer")
     eos = tokenizer.eos_token_id
@@ -209,9 +209,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         if not (out / "config.json").exists() and any(out.iterdir()):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SparsecError(
-                f"refusing to overwrite {out}: it exists and is not a model folder"
-            )
+            raise SparsecError(f"refusing to overwrite {out}: it exists and is not a model folder")
         shutil.rmtree(out)
     os.replace(tmp, out)
 
@@ -233,13 +231,17 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
 # --- CLI -------------------------------------------------------------------------------
 
 
+def _builtin_help() -> str:
+    return ", ".join(f"{name} ({m.description})" for name, m in BUILTIN_MODELS.items())
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="write any MODEL as a Hugging Face folder (weights + tokenizer)",
         description="Load MODEL (Hugging Face folder, .gguf file or built-in name) and "
         "write it as a Hugging Face folder with float32 safetensors and the tokenizer. "
-        f"Built-in names: {', '.join(f'{k} ({v.description})' for k, v in BUILTIN_MODELS.items())}.",
+        f"Built-in names: {_builtin_help()}.",
     )
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
     p.add_argument("-o", "--output", required=True, help="folder to write")
@@ -250,5 +252,7 @@ def _convert(args) -> int:
     model, tokenizer = load_model(args.model)
     out = save_model(model, tokenizer, args.output)
     n = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"output": str(out), "parameters": n, "architecture": model.config.model_type}))
+    print(
+        json.dumps({"output": str(out), "parameters": n, "architecture": model.config.model_type})
+    )
     return 0

@@ -20,4 +20,6 @@ def stage(message: str, *, quiet: bool = False):
             print(f"{message}: failed after {time.perf_counter() - start:.1f} s", file=sys.stderr)
         raise
     if not quiet:
-        print(f"{message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"{message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True
+        )

@@ -123,8 +123,11 @@ def build_contract_graph(model, tokenizer):
     eps = cfg["rms_norm_eps"]
     embed = sd["model.embed_tokens.weight"]
     x = node("Gather", [const("embed", embed), ids])
-    h = node("RMSNormalization", [x, const("norm.0.in", sd["model.layers.0.input_layernorm.weight"])],
-             {"epsilon": eps, "axis": -1})
+    h = node(
+        "RMSNormalization",
+        [x, const("norm.0.in", sd["model.layers.0.input_layernorm.weight"])],
+        {"epsilon": eps, "axis": -1},
+    )
     outputs = []
     for i in range(L):
         p = f"model.layers.{i}."
@@ -133,35 +136,98 @@ def build_contract_graph(model, tokenizer):
             return node("MatMul", [t, const(_p + key, sd[_p + key + ".weight"].T)])
 
         q, k, v = lin(h, "self_attn.q_proj"), lin(h, "self_attn.k_proj"), lin(h, "self_attn.v_proj")
-        a, pk, pv = node("CachedAttention", [q, k, v, pasts[2 * i], pasts[2 * i + 1], pos, cos, sin],
-                         {"num_heads": cfg["num_attention_heads"], "kv_num_heads": KVH,
-                          "scale": float(hd ** -0.5)}, domain=contract.DOMAIN, n_out=3)
+        a, pk, pv = node(
+            "CachedAttention",
+            [q, k, v, pasts[2 * i], pasts[2 * i + 1], pos, cos, sin],
+            {
+                "num_heads": cfg["num_attention_heads"],
+                "kv_num_heads": KVH,
+                "scale": float(hd**-0.5),
+            },
+            domain=contract.DOMAIN,
+            n_out=3,
+        )
         pk.name, pv.name = contract.present_key(i), contract.present_value(i)
         outputs += [pk, pv]
         o = lin(a, "self_attn.o_proj")
-        h2, s = node("SkipRMSNormalization",
-                     [o, x, const(p + "post", sd[p + "post_attention_layernorm.weight"])],
-                     {"epsilon": eps}, domain=contract.DOMAIN, n_out=2)
-        m = node("SwiGLU", [h2] + [const(p + w, sd[p + f"mlp.{w}.weight"].T)
-                                   for w in ("gate_proj", "up_proj", "down_proj")],
-                 domain=contract.DOMAIN)
-        nxt = (sd[f"model.layers.{i + 1}.input_layernorm.weight"] if i + 1 < L
-               else sd["model.norm.weight"])
-        h, x = node("SkipRMSNormalization", [m, s, const(f"norm.{i + 1}.in", nxt)],
-                    {"epsilon": eps}, domain=contract.DOMAIN, n_out=2)
+        h2, s = node(
+            "SkipRMSNormalization",
+            [o, x, const(p + "post", sd[p + "post_attention_layernorm.weight"])],
+            {"epsilon": eps},
+            domain=contract.DOMAIN,
+            n_out=2,
+        )
+        m = node(
+            "SwiGLU",
+            [h2]
+            + [
+                const(p + w, sd[p + f"mlp.{w}.weight"].T)
+                for w in ("gate_proj", "up_proj", "down_proj")
+            ],
+            domain=contract.DOMAIN,
+        )
+        nxt = (
+            sd[f"model.layers.{i + 1}.input_layernorm.weight"]
+            if i + 1 < L
+            else sd["model.norm.weight"]
+        )
+        h, x = node(
+            "SkipRMSNormalization",
+            [m, s, const(f"norm.{i + 1}.in", nxt)],
+            {"epsilon": eps},
+            domain=contract.DOMAIN,
+            n_out=2,
+        )
     logits = node("MatMul", [h, const("lm_head", embed.T)])
     logits.name = contract.LOGITS
-    graph = ir.Graph([ids, pos, *pasts], [logits, *outputs], nodes=nodes, initializers=inits,
-                     opset_imports={"": 23, contract.DOMAIN: 1}, name="contract_graph")
+    graph = ir.Graph(
+        [ids, pos, *pasts],
+        [logits, *outputs],
+        nodes=nodes,
+        initializers=inits,
+        opset_imports={"": 23, contract.DOMAIN: 1},
+        name="contract_graph",
+    )
     model_ir = ir.Model(graph, ir_version=10)
     assets = tokenizer_assets(tokenizer)
-    model_ir.metadata_props.update({
-        contract.META_FORMAT: "optimized",
-        contract.META_CONFIG: json.dumps(cfg),
-        contract.META_TOKENIZER: assets["tokenizer"],
-        contract.META_GENERATION: json.dumps(assets["generation"]),
-        contract.META_SOURCE: "build_contract_graph",
-    })
+    model_ir.metadata_props.update(
+        {
+            contract.META_FORMAT: "optimized",
+            contract.META_CONFIG: json.dumps(cfg),
+            contract.META_TOKENIZER: assets["tokenizer"],
+            contract.META_GENERATION: json.dumps(assets["generation"]),
+            contract.META_SOURCE: "build_contract_graph",
+        }
+    )
     if assets["chat_template"]:
         model_ir.metadata_props[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
     return model_ir
+
+
+def fake_quant_w8a8(model):
+    """A copy of ``model`` with W8A8 simulated in PyTorch (the int8 reference): every
+    Linear, the output layer included, sees int8 per-token inputs and int8
+    per-output-channel weights, both symmetric, round-half-even, computed in fp32."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+
+    def fq_tokens(module, args):
+        x = args[0]
+        s = x.abs().amax(dim=-1, keepdim=True) / 127
+        q = torch.where(s == 0, torch.zeros_like(x), torch.clamp(torch.round(x / s), -127, 127))
+        return (q * s,)
+
+    with torch.no_grad():
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                s = w.abs().amax(dim=1, keepdim=True) / 127
+                safe = torch.where(s == 0, torch.ones_like(s), s)
+                w.copy_(torch.clamp(torch.round(w / safe), -127, 127) * s)
+                module.register_forward_pre_hook(fq_tokens)
+    return model

@@ -26,4 +26,6 @@ def tiny_onnx(tiny_model, tmp_path_factory):
     from sparsec.export import export_model
 
     model, tokenizer = tiny_model
-    return export_model(model, tokenizer, tmp_path_factory.mktemp("onnx") / "tiny.onnx", source="tiny")
+    return export_model(
+        model, tokenizer, tmp_path_factory.mktemp("onnx") / "tiny.onnx", source="tiny"
+    )

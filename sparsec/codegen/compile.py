@@ -103,14 +103,22 @@ def compile_model(
     if prog.activation_quant and precision == "fp32":
         precision = "int8"  # the graph already carries W8A8 quantization
     with stage(f"emitting kernels ({precision}, --kernels {kernels})", quiet=quiet):
-        emitted = emit_program(prog, precision=precision, kernels=kernels,
-                               max_tokens=max_tokens, capacity=capacity,
-                               choose=default_chooser())
+        emitted = emit_program(
+            prog,
+            precision=precision,
+            kernels=kernels,
+            max_tokens=max_tokens,
+            capacity=capacity,
+            choose=default_chooser(),
+        )
     with stage("compiling for AVX-512 (LLVM -O3)", quiet=quiet):
         obj = target.compile_ir(emitted.module)
     defines = {
-        "SPC_ABI": ABI_VERSION, "SPC_SCRATCH_BYTES": emitted.scratch_bytes,
-        "SPC_MAX_TOKENS": max_tokens, "SPC_CAPACITY": capacity, "SPC_VOCAB": cfg["vocab_size"],
+        "SPC_ABI": ABI_VERSION,
+        "SPC_SCRATCH_BYTES": emitted.scratch_bytes,
+        "SPC_MAX_TOKENS": max_tokens,
+        "SPC_CAPACITY": capacity,
+        "SPC_VOCAB": cfg["vocab_size"],
     }
     meta = model.metadata_props
     manifest = {
@@ -128,8 +136,13 @@ def compile_model(
         "max_tokens_per_call": max_tokens,
         "default_threads": int(threads or min(os.cpu_count() or 1, 8)),
         "kv_cache": {
-            "shape": [cfg["num_hidden_layers"], 2, cfg["num_key_value_heads"], capacity,
-                      cfg["head_dim"]],
+            "shape": [
+                cfg["num_hidden_layers"],
+                2,
+                cfg["num_key_value_heads"],
+                capacity,
+                cfg["head_dim"],
+            ],
             "dtype": "float32",
         },
         "layers": [asdict(layer) for layer in emitted.layers],
@@ -138,7 +151,9 @@ def compile_model(
         raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")
     with stage("linking model.so", quiet=quiet), tempfile.TemporaryDirectory() as tmp:
         elf = target.link_shared(
-            [obj], [NATIVE / "threadpool.c", NATIVE / "driver.c"], Path(tmp) / "model.elf",
+            [obj],
+            [NATIVE / "threadpool.c", NATIVE / "driver.c"],
+            Path(tmp) / "model.elf",
             extra_flags=[f"-D{k}={v}" for k, v in defines.items()] + [f"-I{NATIVE}"],
         )
         manifest["compile"] = {

@@ -199,7 +199,7 @@ class _Emitter:
     def call(self, fn, args):
         cast = [
             self.b.bitcast(a, p.type) if isinstance(a.type, ir.PointerType) else a
-            for a, p in zip(args, fn.args)
+            for a, p in zip(args, fn.args, strict=False)
         ]
         return self.b.call(
             fn,
@@ -228,23 +228,23 @@ class _Emitter:
 
     def emit_embed(self, ins: Instr) -> None:
         cfg = self.prog.config
-        fn = ops.emit_embedding(
-            self.module, self._kname("embed"), vocab=ins.args["vocab"], dim=cfg["hidden_size"]
+        fn = ops.shared_kernel(
+            self.module, ops.emit_embedding, vocab=ins.args["vocab"], dim=cfg["hidden_size"]
         )
         self.call(fn, [self.table("embedding"), self.f["tokens"], self.ptr(ins.args["out"])])
 
     def emit_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.emit_rmsnorm(
-            self.module, self._kname("rmsnorm"), dim=a["x"].width, eps=a["eps"], residual=False
+        fn = ops.shared_kernel(
+            self.module, ops.emit_rmsnorm, dim=a["x"].width, eps=a["eps"], residual=False
         )
         self.call(fn, [self.ptr(a["x"]), self.table(a["w"]), self.ptr(a["y"])])
 
     def emit_skip_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.emit_rmsnorm(
+        fn = ops.shared_kernel(
             self.module,
-            self._kname("skip_rmsnorm"),
+            ops.emit_rmsnorm,
             dim=a["resid"].width,
             eps=a["eps"],
             residual=True,
@@ -254,11 +254,11 @@ class _Emitter:
         )
 
     def emit_add(self, ins: Instr) -> None:
-        fn = ops.emit_residual_add(self.module, self._kname("add"), dim=ins.args["acc"].width)
+        fn = ops.shared_kernel(self.module, ops.emit_residual_add, dim=ins.args["acc"].width)
         self.call(fn, [self.ptr(ins.args["acc"]), self.ptr(ins.args["x"])])
 
     def emit_swiglu_act(self, ins: Instr) -> None:
-        fn = ops.emit_swiglu_act(self.module, self._kname("swiglu"), ffn_dim=ins.args["ffn"])
+        fn = ops.shared_kernel(self.module, ops.emit_swiglu_act, ffn_dim=ins.args["ffn"])
         self.call(fn, [self.ptr(ins.args["gu"]), self.ptr(ins.args["h"])])
 
     def _attn_common(self, a: dict) -> dict:
@@ -277,9 +277,9 @@ class _Emitter:
 
     def emit_rope_kv(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.emit_rope_kv_write(
+        fn = ops.shared_kernel(
             self.module,
-            self._kname("rope_kv"),
+            ops.emit_rope_kv_write,
             **self._attn_common(a),
             q_offset=a["q_offset"],
             k_offset=a["k_offset"],
@@ -300,9 +300,9 @@ class _Emitter:
 
     def emit_attention(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.emit_attention(
+        fn = ops.shared_kernel(
             self.module,
-            self._kname("attention"),
+            ops.emit_attention,
             **self._attn_common(a),
             scale=a["scale"],
             q_offset=a["q_offset"],
@@ -337,10 +337,10 @@ class _Emitter:
         if is_int8:
             xq = self.f["scratch"]
             xs = b.bitcast(b.gep(self.f["scratch"], [ir.Constant(I64, self.xq_bytes)]), F32P)
-            qfn = emit_quantize_tokens(
+            qfn = ops.shared_kernel(
                 self.module,
-                self._kname("quantize"),
-                a["x"].width,
+                emit_quantize_tokens,
+                in_features=a["x"].width,
                 max_tokens=self.max_tokens,
                 x_stride=self.prog.buffers[a["x"].buf],
             )
@@ -358,7 +358,7 @@ class _Emitter:
     def _call_n(self, fn, args, n) -> None:
         cast = [
             self.b.bitcast(a, p.type) if isinstance(a.type, ir.PointerType) else a
-            for a, p in zip(args, fn.args)
+            for a, p in zip(args, fn.args, strict=False)
         ]
         self.b.call(fn, cast + [n, self.tid, self.nth])
 

@@ -273,7 +273,7 @@ class _Lowering:
             )
         )
         offset = 0
-        for u, w in zip(group, weights):
+        for u, w in zip(group, weights, strict=True):
             self.views[u.outputs[0].name] = View(out.buf, offset, w.value.shape[0])
             offset += w.value.shape[0]
 

@@ -43,8 +43,9 @@ def compiled(tmp_path_factory):
             graph = root / f"g{sparsity}.onnx"
             ir.save(build_contract_graph(model, tokenizer), graph)
             so = root / f"{precision}-{kernels}-{sparsity}-{threads}.so"
-            compile_model(graph, so, precision=precision, kernels=kernels, max_context=128,
-                          quiet=True)
+            compile_model(
+                graph, so, precision=precision, kernels=kernels, max_context=128, quiet=True
+            )
             ref = fake_quant_w8a8(model) if precision == "int8" else model
             cache[key] = (runtime.load(so, threads=threads), ref, tokenizer)
         return cache[key]
@@ -73,8 +74,9 @@ def test_prefill_and_decode_logits(compiled, precision, kernels, sparsity):
     rt.reset()
     np.testing.assert_allclose(rt.forward(ids[:-3], all_logits=True), expected[:-3], atol=atol)
     for i in range(len(ids) - 3, len(ids)):  # decode steps into a partly filled cache
-        np.testing.assert_allclose(np.atleast_2d(rt.forward([ids[i]], all_logits=False))[-1], expected[i],
-                                   atol=atol)
+        np.testing.assert_allclose(
+            np.atleast_2d(rt.forward([ids[i]], all_logits=False))[-1], expected[i], atol=atol
+        )
 
 
 @pytest.mark.parametrize("precision,kernels,sparsity", CASES)
@@ -83,8 +85,12 @@ def test_greedy_matches_pytorch(compiled, precision, kernels, sparsity):
     ids = tokenizer(PROMPT).input_ids
     out = rt.generate(ids, max_new_tokens=48)
     with torch.no_grad():
-        hf = ref.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                          pad_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()
+        hf = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(ids) :].tolist()
     assert out.token_ids == hf[: len(out.token_ids)]
     assert len(out.token_ids) == len(hf)
 
@@ -133,9 +139,12 @@ def test_unsupported_op_is_named(tmp_path):
 def test_foreign_onnx_is_rejected(tmp_path):
     from onnx import TensorProto, helper, save_model
 
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     save_model(helper.make_model(g), tmp_path / "relu.onnx")
     with pytest.raises(SparsecError, match="not made by sparsec"):
         compile_model(tmp_path / "relu.onnx", tmp_path / "m.so", quiet=True)

@@ -11,8 +11,14 @@ import torch
 
 from sparsec import contract
 from sparsec.errors import SparsecError
-from sparsec.export import _cache_wrapper, _example_inputs, _feeds, _ort_session, export_model
-from sparsec.export import verify_export
+from sparsec.export import (
+    _cache_wrapper,
+    _example_inputs,
+    _feeds,
+    _ort_session,
+    export_model,
+    verify_export,
+)
 
 
 def _dims(value_info):
@@ -57,7 +63,7 @@ def test_logits_and_cache_match_pytorch(tiny_onnx, tiny_model, batch, seq, past)
         ref = [t.numpy() for t in _cache_wrapper(model)(ids, mask, pos, *kv)]
     got = _ort_session(tiny_onnx).run(None, _feeds(ids, mask, pos, kv))
     assert len(got) == len(ref)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         assert g.shape == r.shape
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4)
 
