@@ -1,0 +1,118 @@
+"""Row-wise and elementwise kernels: embedding lookup, residual add, SwiGLU activation.
+
+Every kernel is a void C function whose last three parameters are
+``(int32 n, int32 tid, int32 nthreads)``: ``n`` rows (tokens) this step, and the
+calling thread's index among ``nthreads``. A thread handles a deterministic,
+disjoint share of the work; the shares of tids 0..nthreads-1 together cover it all.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+
+from sparsec.codegen.vmath import (
+    FPTR,
+    I32,
+    I32PTR,
+    I64,
+    check_positive,
+    const,
+    for_row_blocks,
+    for_span,
+    i64,
+    kernel_function,
+    load,
+    loop,
+    ptr_add,
+    silu_mul,
+    store,
+    thread_share,
+    vtype,
+)
+
+# Columns per work unit of the elementwise kernels: 1 KiB of each operand, enough
+# work to be worth a unit, small enough that one decode row splits across threads.
+ELEMENTWISE_BLOCK = 256
+
+
+def emit_embedding(module: ir.Module, name: str, *, vocab: int, dim: int) -> ir.Function:
+    """``void name(const float* table[vocab, dim], const int32_t* tokens, float* out[n, dim],
+    int32 n, int32 tid, int32 nthreads)``: out[i] = table[tokens[i]].
+
+    A token id outside [0, vocab) yields a zero row instead of reading out of bounds;
+    the runtime validates ids before they get here.
+    """
+    check_positive(vocab=vocab, dim=dim)
+    fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
+    table, tokens, out, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    begin, end = thread_share(b, b.sext(n, I64), tid, nthreads)
+    with loop(b, begin, end, name="row") as row:
+        token = b.load(ptr_add(b, tokens, row))
+        dst = ptr_add(b, out, b.mul(row, i64(dim)))
+        in_range = b.icmp_unsigned("<", token, ir.Constant(I32, vocab))
+        with b.if_else(in_range) as (valid, invalid):
+            with valid:
+                src = ptr_add(b, table, b.mul(b.zext(token, I64), i64(dim)))
+
+                def copy(off, width, src=src):
+                    store(b, load(b, ptr_add(b, src, off), width), ptr_add(b, dst, off))
+
+                for_span(b, dim, copy, name="copy")
+            with invalid:
+                for_span(
+                    b,
+                    dim,
+                    lambda off, width: store(b, const(vtype(width), 0.0), ptr_add(b, dst, off)),
+                    name="zero",
+                )
+    b.ret_void()
+    return fn
+
+
+def emit_residual_add(module: ir.Module, name: str, *, dim: int) -> ir.Function:
+    """``void name(float* acc[n, dim], const float* x[n, dim], int32 n, tid, nthreads)``:
+    acc += x."""
+    check_positive(dim=dim)
+    fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
+    acc, x, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def unit(row, col, length):
+        base = b.add(b.mul(row, i64(dim)), col)
+        a_row, x_row = ptr_add(b, acc, base), ptr_add(b, x, base)
+
+        def add(off, width):
+            pa = ptr_add(b, a_row, off)
+            store(b, b.fadd(load(b, pa, width), load(b, ptr_add(b, x_row, off), width)), pa)
+
+        for_span(b, length, add, name="add")
+
+    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
+    b.ret_void()
+    return fn
+
+
+def emit_swiglu_act(module: ir.Module, name: str, *, ffn_dim: int) -> ir.Function:
+    """``void name(const float* gu[n, 2*ffn_dim], float* h[n, ffn_dim], int32 n, tid,
+    nthreads)``: h = silu(gate) * up with gate = gu[:, :ffn_dim], up = gu[:, ffn_dim:]."""
+    check_positive(ffn_dim=ffn_dim)
+    fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
+    gu, h, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def unit(row, col, length):
+        gate = ptr_add(b, gu, b.add(b.mul(row, i64(2 * ffn_dim)), col))
+        up = ptr_add(b, gate, ffn_dim)
+        dst = ptr_add(b, h, b.add(b.mul(row, i64(ffn_dim)), col))
+
+        def act(off, width):
+            g = load(b, ptr_add(b, gate, off), width)
+            u = load(b, ptr_add(b, up, off), width)
+            store(b, silu_mul(b, g, u), ptr_add(b, dst, off))
+
+        for_span(b, length, act, name="act")
+
+    for_row_blocks(b, n, ffn_dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
+    b.ret_void()
+    return fn
