@@ -18,6 +18,7 @@ from sparsec.errors import SparsecError
 COMMAND_MODULES = (
     "sparsec.models",
     "sparsec.export",
+    "sparsec.passes.command",
     "sparsec.codegen.command",
     "sparsec.runtime.command",
 )

@@ -14,7 +14,6 @@ import numpy as np
 from llvmlite import ir
 
 from sparsec.codegen import linear, ops
-from sparsec.codegen.patterns import classify_pattern
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.codegen.target import declare_function
@@ -365,10 +364,12 @@ class _Emitter:
 
 def _pattern(prog: Program, weights, w: np.ndarray) -> str:
     """The graph's recorded pattern when all parts agree, else classified here."""
+    from sparsec.passes.sparsity import classify
+
     recorded = {prog.sparsity.get(wt.name, {}).get("pattern") for wt in weights}
     if len(recorded) == 1 and None not in recorded:
         return recorded.pop()
-    return classify_pattern(w)
+    return classify(w.T)[1]  # classify takes the graph's [in, out] layout
 
 
 def emit_program(

@@ -129,7 +129,9 @@ class _Lowering:
                     f"{what}: expected int8 weights with per-output-channel scales (axis=1)"
                 )
             wq = np.ascontiguousarray(q.T)
-            return Weight(value.name, wq.astype(np.float32) * scale[:, None], wq, scale.copy())
+            # Named after the int8 initializer, as the sparsity record keys it.
+            name = producer.inputs[0].name
+            return Weight(name, wq.astype(np.float32) * scale[:, None], wq, scale.copy())
         w = _const(value, what)
         if w.ndim != 2 or w.dtype != np.float32:
             raise SparsecError(

@@ -1,0 +1,69 @@
+"""Reading and checking the input of ``sparsec optimize``: clear errors, not tracebacks.
+
+A graph the passes cannot trust is refused before any pass runs: an unreadable file,
+a node reading a value nothing produces (named, with the node), or anything else the
+ONNX checker rejects (its message, with the node it names).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from sparsec.errors import SparsecError
+
+
+def load(path: str | os.PathLike):
+    """``onnx_ir.Model`` from ``path``, or a SparsecError saying why not."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    if not path.is_file():
+        raise SparsecError(f"{path}: no such file")
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf/onnx raise many kinds for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SparsecError(f"{path} is not a readable ONNX model: {first}") from e
+
+
+def check(model, where: str = "the model") -> None:
+    """Raise SparsecError when ``model`` (an ``onnx_ir.Model``) is malformed."""
+    import onnx
+    import onnx_ir as ir
+
+    graph = model.graph
+    for node in graph:
+        for value in node.inputs:
+            if value is None:
+                continue
+            if (
+                value.producer() is None
+                and not value.is_graph_input()
+                and not value.is_initializer()
+            ):
+                raise SparsecError(
+                    f"{where}: node {node.name!r} ({node.op_type}) reads {value.name!r}, which "
+                    "no node, graph input or initializer produces; fix or re-export the graph"
+                )
+    try:
+        proto = ir.serde.serialize_model(model)
+    except Exception as e:
+        raise SparsecError(f"{where} cannot be serialized to ONNX: {e}") from e
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise SparsecError(f"{where} fails the ONNX checker: {_describe(str(e))}") from e
+
+
+def _describe(message: str) -> str:
+    """One line from an onnx checker message, naming the node when it does."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = lines[0] if lines else "invalid model"
+    node = re.search(r"Name:\s*(\S*)\s+OpType:\s*(\S+)", message)
+    if node:
+        name = node.group(1) or "(unnamed)"
+        first = re.sub(r"\s*of node:\s*$", "", first)
+        return f"node {name!r} ({node.group(2)}): {first}"
+    return first

@@ -1,0 +1,198 @@
+"""The ``sparsec`` custom ops as model-local ONNX functions.
+
+Every fused op of the optimized graph (docs/graph-contract.md section 3) is also defined
+here as an ONNX function over standard opset-23 ops, and ``attach`` adds the definitions
+of the ops a model uses to the model itself. onnxruntime then runs an optimized graph
+unchanged: the strongest check that a fusion computes what the exported graph did.
+The bodies follow ``reference.py`` op for op; the tests hold them to it.
+
+The KV-cache write uses ``ScatterND`` (a copy in onnxruntime, in place in the compiled
+kernels) so that arbitrary ``position_ids`` are honoured, not only a contiguous run.
+"""
+
+from __future__ import annotations
+
+from sparsec import contract
+
+OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention appear in opset 23
+MIN_IR_VERSION = 10
+
+_HEADER = f'<domain: "{contract.DOMAIN}", opset_import: ["" : {OPSET}, "{contract.DOMAIN}" : 1]>'
+
+FUNCTION_TEXT = {
+    "SkipRMSNormalization": """
+SkipRMSNormalization <epsilon: float = 0.00001> (x, skip, scale) => (y, sum) {
+    sum = Add(x, skip)
+    y = RMSNormalization <axis = -1, epsilon: float = @epsilon> (sum, scale)
+}""",
+    "PerTokenFakeQuant": """
+PerTokenFakeQuant (x) => (y) {
+    axes = Constant <value_ints = [-1]> ()
+    magnitude = Abs(x)
+    row_max = ReduceMax <keepdims = 1> (magnitude, axes)
+    qmax = Constant <value_float = 127.0> ()
+    qmin = Constant <value_float = -127.0> ()
+    zero = Constant <value_float = 0.0> ()
+    one = Constant <value_float = 1.0> ()
+    s = Div(row_max, qmax)
+    nonzero = Greater(s, zero)
+    safe = Where(nonzero, s, one)
+    scaled = Div(x, safe)
+    rounded = Round(scaled)
+    q = Clip(rounded, qmin, qmax)
+    y = Mul(q, s)
+}""",
+    "SwiGLU": f"""
+SwiGLU <quantize_activations: int = 0> (x, w_gate, w_up, w_down) => (y) {{
+    flag_int = Constant <value_int: int = @quantize_activations> ()
+    flag = Cast <to = 9> (flag_int)
+    x_q = {contract.DOMAIN}.PerTokenFakeQuant(x)
+    x_in = Where(flag, x_q, x)
+    gate = MatMul(x_in, w_gate)
+    up = MatMul(x_in, w_up)
+    gate_sigmoid = Sigmoid(gate)
+    gate_silu = Mul(gate, gate_sigmoid)
+    hidden = Mul(gate_silu, up)
+    hidden_q = {contract.DOMAIN}.PerTokenFakeQuant(hidden)
+    hidden_in = Where(flag, hidden_q, hidden)
+    y = MatMul(hidden_in, w_down)
+}}""",
+    "CachedAttention": """
+CachedAttention <num_heads, kv_num_heads, scale>
+    (q, k, v, past_key, past_value, position_ids, cos_cache, sin_cache)
+    => (y, present_key, present_value) {
+    q_rot = RotaryEmbedding <num_heads: int = @num_heads> (q, cos_cache, sin_cache, position_ids)
+    k_rot = RotaryEmbedding <num_heads: int = @kv_num_heads> (k, cos_cache, sin_cache, position_ids)
+    axis0 = Constant <value_ints = [0]> ()
+    axis1 = Constant <value_ints = [1]> ()
+    axis_last = Constant <value_ints = [-1]> ()
+    axes_1_3 = Constant <value_ints = [1, 3]> ()
+    keep2 = Constant <value_ints = [0, 0]> ()
+    rest = Constant <value_ints = [-1]> ()
+    heads_scalar = Constant <value_int: int = @num_heads> ()
+    kv_heads_scalar = Constant <value_int: int = @kv_num_heads> ()
+    heads = Unsqueeze(heads_scalar, axis0)
+    kv_heads = Unsqueeze(kv_heads_scalar, axis0)
+    q_shape = Concat <axis = 0> (keep2, heads, rest)
+    kv_shape = Concat <axis = 0> (keep2, kv_heads, rest)
+    q4 = Reshape(q_rot, q_shape)
+    k4 = Reshape(k_rot, kv_shape)
+    v4 = Reshape(v, kv_shape)
+    zero = Constant <value_int = 0> ()
+    one = Constant <value_int = 1> ()
+    batch_1d = Shape <start = 0, end = 1> (position_ids)
+    batch = Squeeze(batch_1d, axis0)
+    batch_index = Range(zero, batch, one)
+    batch_column = Unsqueeze(batch_index, axis1)
+    positions_shape = Shape(position_ids)
+    batch_grid = Expand(batch_column, positions_shape)
+    batch_last = Unsqueeze(batch_grid, axis_last)
+    position_last = Unsqueeze(position_ids, axis_last)
+    slots = Concat <axis = -1> (batch_last, position_last)
+    past_key_t = Transpose <perm = [0, 2, 1, 3]> (past_key)
+    past_value_t = Transpose <perm = [0, 2, 1, 3]> (past_value)
+    present_key_t = ScatterND(past_key_t, slots, k4)
+    present_value_t = ScatterND(past_value_t, slots, v4)
+    present_key = Transpose <perm = [0, 2, 1, 3]> (present_key_t)
+    present_value = Transpose <perm = [0, 2, 1, 3]> (present_value_t)
+    capacity_1d = Shape <start = 2, end = 3> (past_key)
+    capacity = Squeeze(capacity_1d, axis0)
+    slot_index = Range(zero, capacity, one)
+    query_position = Unsqueeze(position_ids, axes_1_3)
+    visible = LessOrEqual(slot_index, query_position)
+    q_heads = Transpose <perm = [0, 2, 1, 3]> (q4)
+    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, visible)
+    y_tokens = Transpose <perm = [0, 2, 1, 3]> (y_heads)
+    y_shape = Constant <value_ints = [0, 0, -1]> ()
+    y = Reshape(y_tokens, y_shape)
+}""",
+}
+
+# Ops whose bodies call other sparsec ops.
+_DEPENDS = {"SwiGLU": ("PerTokenFakeQuant",)}
+
+
+def function_protos(op_types):
+    """``onnx.FunctionProto`` definitions of ``op_types`` and the ops they call."""
+    import onnx.parser
+
+    wanted: list[str] = []
+    for op in op_types:
+        for name in (*_DEPENDS.get(op, ()), op):
+            if name not in FUNCTION_TEXT:
+                raise KeyError(f"no ONNX function for sparsec op {name!r}")
+            if name not in wanted:
+                wanted.append(name)
+    return [onnx.parser.parse_function(_HEADER + FUNCTION_TEXT[name]) for name in wanted]
+
+
+def sparsec_ops(model) -> list[str]:
+    """The sparsec op types used in ``model``'s main graph, in first-use order."""
+    ops: list[str] = []
+    for node in model.graph:
+        if node.domain == contract.DOMAIN and node.op_type not in ops:
+            ops.append(node.op_type)
+    return ops
+
+
+def raise_opset(model) -> None:
+    """Make the model's default opset at least ``OPSET`` (only type extensions changed
+    between opset 20 and 23 for the ops an exported Llama graph uses)."""
+    model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
+    model.ir_version = max(model.ir_version or MIN_IR_VERSION, MIN_IR_VERSION)
+
+
+def attach(model) -> None:
+    """Add the function definitions of every sparsec op ``model`` uses (replacing stale
+    ones) and the opset imports they need."""
+    import onnx_ir as ir
+
+    for key in [k for k in model.functions if k[0] == contract.DOMAIN]:
+        del model.functions[key]
+    ops = sparsec_ops(model)
+    if not ops:
+        return
+    raise_opset(model)
+    model.opset_imports[contract.DOMAIN] = contract.DOMAIN_VERSION
+    for proto in function_protos(ops):
+        function = ir.serde.deserialize_function(proto)
+        model.functions[function.identifier()] = function
+
+
+def to_onnx_proto(model):
+    """A ``ModelProto`` of ``model`` that onnxruntime can run: the function definitions
+    of its sparsec ops are added to the proto, ``model`` itself is not changed."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model)
+    ops = sparsec_ops(model)
+    if ops:
+        have = {(f.domain, f.name) for f in proto.functions}
+        for function in function_protos(ops):
+            if (function.domain, function.name) not in have:
+                proto.functions.append(function)
+        versions = {o.domain: o for o in proto.opset_import}
+        if contract.DOMAIN not in versions:
+            entry = proto.opset_import.add()
+            entry.domain, entry.version = contract.DOMAIN, contract.DOMAIN_VERSION
+        default = versions.get("")
+        if default is not None and default.version < OPSET:
+            default.version = OPSET
+        proto.ir_version = max(proto.ir_version, MIN_IR_VERSION)
+    return proto
+
+
+def ort_session(model):
+    """An onnxruntime CPU session running ``model`` with its sparsec ops as functions.
+
+    Only semantics-preserving graph rewrites (``ORT_ENABLE_BASIC``): at higher levels
+    onnxruntime turns ``MatMul(x, DequantizeLinear(int8))`` into integer kernels that
+    quantize ``x`` too, which is not what the graph says (a 2% difference in logits).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    proto = to_onnx_proto(model)
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])

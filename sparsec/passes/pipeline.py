@@ -1,0 +1,124 @@
+"""The pass pipeline of ``sparsec optimize``: exported graph in, optimized graph out.
+
+Order matters: cleanup first (constants, no-op casts), weights into the int8 form and
+activation fake-quant into its op before the MLP fusion looks for them, RMSNorm before
+the residual add that precedes it, RoPE before the attention that reads it, and the
+weight names before the sparsity record that uses them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from sparsec import contract
+from sparsec.errors import SparsecError
+from sparsec.passes import functions
+from sparsec.passes.report import OptimizeReport, op_counts
+
+ALLOWED_OPS = frozenset(
+    {"Gather", "MatMul", "Add", "RMSNormalization", "DequantizeLinear"}
+    | {f"{contract.DOMAIN}.{op}" for op in functions.FUNCTION_TEXT}
+)
+
+
+def optimize(model, *, validate: bool = True, check: bool = True):
+    """Run every pass on ``model`` (an ``onnx_ir.Model``, changed in place).
+
+    Returns ``(model, OptimizeReport)``. ``validate`` runs the attention fusion's
+    numerical check under onnxruntime; ``check`` refuses malformed input first.
+    """
+    from sparsec.passes import check as checks
+    from sparsec.passes.attention import CachedAttentionPass
+    from sparsec.passes.cleanup import CleanupPass
+    from sparsec.passes.fake_quant import FakeQuantPass
+    from sparsec.passes.names import NameWeightsPass
+    from sparsec.passes.qdq import FoldWeightQDQPass
+    from sparsec.passes.rmsnorm import RMSNormPass
+    from sparsec.passes.rope import RoPEPass
+    from sparsec.passes.skip_rmsnorm import SkipRMSNormPass
+    from sparsec.passes.sparsity import SparsityRecordPass
+    from sparsec.passes.swiglu import SwiGLUPass
+
+    meta = model.metadata_props
+    if meta.get(contract.META_FORMAT) == "optimized":
+        raise SparsecError("the graph is already optimized (sparsec.format = optimized)")
+    if check:
+        checks.check(model)
+    report = OptimizeReport(nodes_before=len(model.graph), ops_before=op_counts(model))
+    names = NameWeightsPass()
+    passes = [
+        CleanupPass(),
+        FoldWeightQDQPass(),
+        FakeQuantPass(),
+        RMSNormPass(),
+        SkipRMSNormPass(),
+        RoPEPass(),
+        CachedAttentionPass(validate=validate),
+        SwiGLUPass(),
+        CleanupPass("final cleanup", fold=False),
+        names,
+    ]
+    for p in passes:
+        _run(p, model, report)
+    record = SparsityRecordPass(names.roles)
+    _run(record, model, report)
+    report.sparsity = record.rows
+    functions.attach(model)
+    meta[contract.META_FORMAT] = "optimized"
+    report.nodes_after = len(model.graph)
+    report.ops_after = op_counts(model)
+    report.outside_contract = {op: n for op, n in report.ops_after.items() if op not in ALLOWED_OPS}
+    return model, report
+
+
+def _run(the_pass, model, report: OptimizeReport) -> None:
+    start = time.perf_counter()
+    the_pass.report.nodes_before = len(model.graph)
+    the_pass(model)
+    the_pass.report.nodes_after = len(model.graph)
+    the_pass.report.seconds = time.perf_counter() - start
+    report.passes.append(the_pass.report)
+
+
+def optimize_file(src, dst, *, report: bool = False, validate: bool = True) -> OptimizeReport:
+    """Optimize the graph in ``src`` into ``dst`` (written atomically); prints the
+    report when ``report``. Returns the report."""
+    from sparsec.passes import check as checks
+
+    src, dst = Path(src), Path(dst)
+    _check_writable(dst)
+    model = checks.load(src)
+    if model.metadata_props.get(contract.META_FORMAT) == "optimized":
+        raise SparsecError(f"{src} is already optimized; give the exported graph")
+    checks.check(model, where=str(src))
+    model, result = optimize(model, validate=validate, check=False)
+    _save_atomic(model, dst)
+    if report:
+        print(result.to_text())
+    return result
+
+
+def _check_writable(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SparsecError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise SparsecError(f"cannot write {out}: folder {parent} is not writable")
+    if out.is_dir():
+        raise SparsecError(f"cannot write {out}: it is a folder")
+
+
+def _save_atomic(model, out: Path) -> None:
+    import onnx_ir as ir
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    os.close(fd)
+    try:
+        ir.save(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

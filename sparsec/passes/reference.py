@@ -1,0 +1,234 @@
+"""Numpy references of every op an optimized graph may contain, and an interpreter.
+
+These functions *are* the semantics of docs/graph-contract.md section 3: the ONNX
+function bodies in ``functions.py``, the generated kernels and the tests of every
+stage are checked against them. They favour clarity over speed, compute in float32
+like the kernels, and take the arrays and attributes the ops take.
+
+``evaluate(model, feeds)`` runs a whole optimized graph with them (no onnxruntime), so
+"the optimized graph computes what the exported one did" can be checked in pure numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from sparsec.errors import SparsecError
+
+QMAX = 127  # symmetric int8 grid: -127..127
+
+
+def rms_normalization(
+    x: np.ndarray, scale: np.ndarray, *, epsilon: float = 1e-5, axis: int = -1
+) -> np.ndarray:
+    """ONNX ``RMSNormalization`` (opset 23, stash_type float32):
+    ``x / sqrt(mean(x², axes=axis..-1) + epsilon) * scale``."""
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    x32 = x.astype(np.float32)
+    mean_square = np.mean(np.square(x32), axis=axes, keepdims=True)
+    return (x32 / np.sqrt(mean_square + np.float32(epsilon)) * scale).astype(x.dtype)
+
+
+def skip_rms_normalization(
+    x: np.ndarray, skip: np.ndarray, scale: np.ndarray, *, epsilon: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sparsec.SkipRMSNormalization``: ``sum = x + skip``, ``y = RMSNorm(sum) * scale``;
+    returns ``(y, sum)``."""
+    total = x + skip
+    return rms_normalization(total, scale, epsilon=epsilon), total
+
+
+def rotary_embedding(
+    x: np.ndarray, positions: np.ndarray, cos_cache: np.ndarray, sin_cache: np.ndarray
+) -> np.ndarray:
+    """Rotate-half RoPE of ``x [B, S, heads, hd]`` at ``positions [B, S]``:
+    ``[x1*cos - x2*sin, x2*cos + x1*sin]`` with ``cos, sin = cache[position]``."""
+    half = x.shape[-1] // 2
+    cos = cos_cache[positions][:, :, None, :]  # [B, S, 1, hd/2]
+    sin = sin_cache[positions][:, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def cached_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    past_key: np.ndarray,
+    past_value: np.ndarray,
+    position_ids: np.ndarray,
+    cos_cache: np.ndarray,
+    sin_cache: np.ndarray,
+    *,
+    num_heads: int,
+    kv_num_heads: int,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sparsec.CachedAttention``: RoPE on q and k, the new keys/values written into
+    the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
+    slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``."""
+    batch, seq, _ = q.shape
+    capacity, head_dim = past_key.shape[2], past_key.shape[3]
+    if num_heads % kv_num_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of kv_num_heads")
+    if position_ids.min(initial=0) < 0 or position_ids.max(initial=0) >= capacity:
+        raise ValueError(f"a position in position_ids is outside the cache capacity {capacity}")
+    if scale is None:
+        scale = 1.0 / np.sqrt(head_dim)
+    positions = position_ids.astype(np.int64)
+    qh = rotary_embedding(
+        q.reshape(batch, seq, num_heads, head_dim), positions, cos_cache, sin_cache
+    )
+    kh = rotary_embedding(
+        k.reshape(batch, seq, kv_num_heads, head_dim), positions, cos_cache, sin_cache
+    )
+    vh = v.reshape(batch, seq, kv_num_heads, head_dim)
+    present_key, present_value = past_key.copy(), past_value.copy()
+    for b in range(batch):
+        present_key[b, :, positions[b]] = kh[b]  # (index dims first: [S, KVH, hd])
+        present_value[b, :, positions[b]] = vh[b]
+    group = num_heads // kv_num_heads
+    y = np.zeros((batch, seq, num_heads, head_dim), np.float32)
+    for b in range(batch):
+        for s in range(seq):
+            last = positions[b, s] + 1  # attends to slots 0..position
+            for h in range(num_heads):
+                keys = present_key[b, h // group, :last]
+                values = present_value[b, h // group, :last]
+                weights = _softmax(np.float32(scale) * (keys @ qh[b, s, h]))
+                y[b, s, h] = weights @ values
+    return y.reshape(batch, seq, num_heads * head_dim), present_key, present_value
+
+
+def per_token_fake_quant(x: np.ndarray) -> np.ndarray:
+    """``sparsec.PerTokenFakeQuant``: ``s = max|x| / 127`` over the last axis,
+    ``y = clip(round(x / s), -127, 127) * s`` (round half to even; ``y = 0`` where
+    ``s = 0``)."""
+    s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(QMAX)
+    safe = np.where(s > 0, s, np.float32(1))
+    return (np.clip(np.round(x / safe), -QMAX, QMAX) * s).astype(x.dtype)
+
+
+def silu(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-a) = inf for very negative a gives 0, as wanted
+        return a * (np.float32(1) / (np.float32(1) + np.exp(-a)))
+
+
+def swiglu(
+    x: np.ndarray,
+    w_gate: np.ndarray,
+    w_up: np.ndarray,
+    w_down: np.ndarray,
+    *,
+    quantize_activations: int = 0,
+) -> np.ndarray:
+    """``sparsec.SwiGLU``: ``(silu(x @ w_gate) * (x @ w_up)) @ w_down``, with x and the
+    hidden activation each per-token fake-quantized when ``quantize_activations``."""
+    if quantize_activations:
+        x = per_token_fake_quant(x)
+    hidden = silu(x @ w_gate) * (x @ w_up)
+    if quantize_activations:
+        hidden = per_token_fake_quant(hidden)
+    return hidden @ w_down
+
+
+def dequantize_linear(
+    x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, *, axis: int = 1
+) -> np.ndarray:
+    """ONNX ``DequantizeLinear`` (per-tensor or per-axis): ``(x - zero_point) * scale``."""
+    xi = x.astype(np.int32)
+    if zero_point is not None:
+        xi = xi - _along(zero_point.astype(np.int32), axis, x.ndim)
+    return (xi.astype(np.float32) * _along(scale.astype(np.float32), axis, x.ndim)).astype(
+        np.float32
+    )
+
+
+def _along(t: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    if t.ndim == 0:
+        return t
+    shape = [1] * ndim
+    shape[axis % ndim] = t.shape[0]
+    return t.reshape(shape)
+
+
+# --- the interpreter --------------------------------------------------------------------
+
+
+def _attrs(node) -> dict:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+def _run_node(node, args: list) -> list[np.ndarray]:
+    op = (node.domain or "", node.op_type)
+    a = _attrs(node)
+    if op == ("", "Gather"):
+        return [np.take(args[0], args[1], axis=a.get("axis", 0))]
+    if op == ("", "MatMul"):
+        return [np.matmul(args[0], args[1])]
+    if op == ("", "Add"):
+        return [args[0] + args[1]]
+    if op == ("", "RMSNormalization"):
+        return [
+            rms_normalization(
+                args[0], args[1], epsilon=a.get("epsilon", 1e-5), axis=a.get("axis", -1)
+            )
+        ]
+    if op == ("", "DequantizeLinear"):
+        zp = args[2] if len(args) > 2 else None
+        return [dequantize_linear(args[0], args[1], zp, axis=a.get("axis", 1))]
+    if op == ("sparsec", "SkipRMSNormalization"):
+        return list(skip_rms_normalization(*args, epsilon=a.get("epsilon", 1e-5)))
+    if op == ("sparsec", "CachedAttention"):
+        return list(
+            cached_attention(
+                *args,
+                num_heads=a["num_heads"],
+                kv_num_heads=a["kv_num_heads"],
+                scale=a.get("scale"),
+            )
+        )
+    if op == ("sparsec", "SwiGLU"):
+        return [swiglu(*args, quantize_activations=a.get("quantize_activations", 0))]
+    if op == ("sparsec", "PerTokenFakeQuant"):
+        return [per_token_fake_quant(args[0])]
+    name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+    raise SparsecError(
+        f"node {node.name!r}: op {name} is outside the optimized-graph contract "
+        "(docs/graph-contract.md section 3), so the numpy interpreter cannot run it"
+    )
+
+
+def evaluate(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an optimized graph (``onnx_ir.Model`` or path) on ``feeds`` with the numpy
+    references; returns every graph output by name."""
+    import onnx_ir as ir
+
+    if isinstance(model, (str, os.PathLike)):
+        model = ir.load(model)
+    graph = model.graph
+    env: dict[str, np.ndarray] = {}
+    for name, value in graph.initializers.items():
+        env[name] = value.const_value.numpy()
+    for value in graph.inputs:
+        if value.name not in feeds:
+            raise SparsecError(f"evaluate: no value fed for graph input {value.name!r}")
+        env[value.name] = np.asarray(feeds[value.name])
+    for node in graph:
+        args = []
+        for value in node.inputs:
+            if value is None:
+                continue
+            if value.name not in env:
+                raise SparsecError(f"node {node.name!r} reads {value.name!r} before it is computed")
+            args.append(env[value.name])
+        for out, result in zip(node.outputs, _run_node(node, args), strict=False):
+            env[out.name] = result
+    return {value.name: env[value.name] for value in graph.outputs}

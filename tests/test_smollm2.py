@@ -1,0 +1,85 @@
+"""The real model, end to end (slow: minutes). Run with: pytest -m slow tests/test_smollm2.py
+
+Reuses an existing export when SPARSEC_SMOL_ONNX points at one (sparsec export
+smollm2-135m -o smol.onnx), otherwise exports into a temp folder (~2-3 minutes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from sparsec import runtime
+from sparsec.codegen.compile import compile_model
+from sparsec.testing import zero_smallest
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from sparsec.models import load_model
+
+    return load_model("smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def smol_opt(smol, tmp_path_factory):
+    from sparsec.export import export_model
+    from sparsec.passes import optimize
+
+    path = os.environ.get("SPARSEC_SMOL_ONNX")
+    if not path:
+        path = tmp_path_factory.mktemp("smol") / "smol.onnx"
+        export_model(*smol, path, source="smollm2-135m")
+    model, _ = optimize(ir.load(Path(path)))
+    return model
+
+
+def _zero_graph_weights(model, sparsity: float) -> None:
+    """Magnitude-prune every decoder weight of the optimized graph exactly as
+    ``zero_smallest`` prunes the PyTorch model (same threshold per matrix)."""
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "SwiGLU"):
+            continue
+        weights = node.inputs[1:2] if node.op_type == "MatMul" else node.inputs[1:4]
+        for v in weights:
+            w = v.const_value.numpy()
+            if w.shape[1] == model.graph.outputs[0].shape[-1]:
+                continue  # the output layer (lm_head) stays dense, as in zero_smallest
+            k = int(round(w.size * sparsity))
+            t = np.sort(np.abs(w), axis=None)[k - 1]
+            v.const_value = ir.tensor(w * (np.abs(w) > t), name=v.name)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
+def test_greedy_48_tokens_match_pytorch(smol, smol_opt, sparsity, tmp_path):
+    model, tokenizer = smol
+    if sparsity:
+        model = __import__("copy").deepcopy(model)
+        zero_smallest(model, sparsity)
+        graph = ir.from_proto(ir.to_proto(smol_opt))
+        _zero_graph_weights(graph, sparsity)
+    else:
+        graph = smol_opt
+    ir.save(graph, tmp_path / "g.onnx")
+    compile_model(tmp_path / "g.onnx", tmp_path / "m.so", max_context=512, quiet=True)
+    ids = tokenizer(PROMPT).input_ids
+    rt = runtime.load(tmp_path / "m.so", threads=2)
+    logits = rt.forward(ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+        hf = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(ids) :].tolist()
+    assert np.abs(logits - ref).max() < 1e-3
+    assert rt.generate(ids, max_new_tokens=48).token_ids == hf
