@@ -27,10 +27,10 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--kernels",
-        choices=("auto", "dense", "bitmask", "blocked"),
+        choices=("auto", "dense", "bitmask"),
         default="auto",
         help="kernel family per layer: auto measures the candidates on this CPU and keeps "
-        "the fastest (cached); dense/bitmask/blocked force one. Default auto.",
+        "the fastest (cached); dense/bitmask force one. Default auto.",
     )
     p.add_argument("--threads", type=int, default=None, help="default thread count of the model")
     p.add_argument(

@@ -88,8 +88,8 @@ def compile_model(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
-    if kernels not in ("auto", "dense", "bitmask", "blocked"):
-        raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense, bitmask or blocked")
+    if kernels not in ("auto", "dense", "bitmask"):
+        raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
     target.require_features()
     model = load_graph(src, quiet=quiet)
     prog = lower(model)

@@ -131,6 +131,7 @@ class _Emitter:
         reserved = self.xq_bytes + self.xs_bytes
         self.buf_offsets, self.scratch_bytes = _allocate_scratch(prog, max_tokens, reserved)
         self.n_kernels = 0
+        self.linear_kernels: dict[tuple, ir.Function] = {}
 
     # -- kernels -------------------------------------------------------------------------
     def _kname(self, op: str) -> str:
@@ -151,15 +152,23 @@ class _Emitter:
         else:
             packed = linear.pack_linear(w, fmt)
         is_int8 = fmt.endswith("_i8")
-        fn = linear.emit_linear(
-            self.module,
-            self._kname("linear"),
-            packed,
-            max_tokens=self.max_tokens,
-            # int8 kernels read the quantized copy, laid out by the quantize kernel
-            x_stride=None if is_int8 else self.prog.buffers[a["x"].buf],
-            y_stride=self.prog.buffers[a["y"].buf],
-        )
+        # int8 kernels read the quantized copy, laid out by the quantize kernel
+        x_stride = None if is_int8 else self.prog.buffers[a["x"].buf]
+        y_stride = self.prog.buffers[a["y"].buf]
+        # Kernel code depends on format and shape only (the sparse structure is read
+        # from the weights at run time), so layers of one shape share one kernel.
+        key = (packed.kernel_key, x_stride, y_stride)
+        fn = self.linear_kernels.get(key)
+        if fn is None:
+            fn = linear.emit_linear(
+                self.module,
+                self._kname("linear"),
+                packed,
+                max_tokens=self.max_tokens,
+                x_stride=x_stride,
+                y_stride=y_stride,
+            )
+            self.linear_kernels[key] = fn
         nnz = int(np.count_nonzero(w))
         self.layers.append(
             LayerRecord(

@@ -1,0 +1,265 @@
+"""Packed weight layouts of the linear kernels, their packing and a numpy reference.
+
+All formats group output rows in blocks of 16 ("rows in lanes"): lane r of a 512-bit
+vector belongs to output row ``16*block + r``, so the kernels broadcast activations and
+never reduce horizontally, and the last block is zero padded.
+
+- ``dense_f32``: ``[block][in][16]`` float32; one 64-byte vector per input column.
+- ``bitmask_f32``: per block a stream ``masks u16[in]`` (bit r: row r nonzero in that
+  column) then the nonzero floats in (column, row) order, read with ``vexpandps``.
+- ``dense_i8``: ``[block][in/4][16][4]`` int8 (lane r holds 4 consecutive columns of
+  row r, the ``vpdpbusd`` dword layout).
+- ``bitmask_i8``: per block a stream ``masks u64[in/4]`` (bit 4r+j: row r, column 4c+j)
+  then the nonzero int8 values in that order, read with ``vpexpandb``.
+
+Sparse formats also hold a table of ``nblocks + 1`` int64 byte offsets of the block
+streams (also the cumulative byte cost that balances threads). int8 formats hold per
+row ``bias = -128 * rowsum(q)`` (int32, undoes the +128 activation offset) and the
+weight scale (float32). Every section starts at a multiple of 64 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparsec.codegen.quantize import ACT_OFFSET, quantize_tokens_reference, quantize_weight_rows
+from sparsec.errors import SparsecError
+
+LINEAR_FORMATS = ("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8")
+ROWS = 16  # output rows per block (lanes of a 512-bit vector of int32/float32)
+ALIGN = 64
+
+
+@dataclass
+class PackedLinear:
+    """One linear layer's weights in a kernel format (``data`` is the blob the kernel reads)."""
+
+    fmt: str
+    out_features: int
+    in_features: int
+    data: np.ndarray  # uint8, length a multiple of 64
+    nnz: int
+    sparsity: float
+    # Byte offsets of the sections inside ``data`` (see the module docstring):
+    # "weights" (dense) or "table" (sparse); "bias" and "scale" for int8 formats.
+    sections: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kernel_key(self) -> tuple:
+        """Equal keys (and equal emit options) give identical kernel code.
+
+        The code depends on the format and shape only, never on the weight values (the
+        sparse structure is read from ``data`` at run time): emit one kernel per key and
+        call it with each layer's ``w`` pointer to keep compile time down.
+        """
+        return (self.fmt, self.out_features, self.in_features, tuple(sorted(self.sections.items())))
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.out_features // ROWS)
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.fmt.endswith("_i8") else "fp32"
+
+    @property
+    def k_steps(self) -> int:
+        """Vector steps along the input: columns (fp32) or column quads (int8)."""
+        return self.in_features if self.precision == "fp32" else -(-self.in_features // 4)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _Blob:
+    """Concatenates 64-byte aligned sections."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, raw: bytes) -> int:
+        offset = self.size
+        padded = _align(len(raw))
+        self.parts.append(raw + bytes(padded - len(raw)))
+        self.size += padded
+        return offset
+
+    def array(self) -> np.ndarray:
+        data = np.frombuffer(b"".join(self.parts) or bytes(ALIGN), dtype=np.uint8)
+        return data.copy()
+
+
+def _padded_rows(w: np.ndarray, cols: int | None = None) -> np.ndarray:
+    out, inp = w.shape
+    cols = inp if cols is None else cols
+    padded = np.zeros((-(-out // ROWS) * ROWS, cols), dtype=w.dtype)
+    padded[:out, :inp] = w
+    return padded
+
+
+def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[bytes, bytes]:
+    """(offset table, concatenated streams) for ``blocks [nblk, k, lanes]`` of values.
+
+    A block stream is ``masks[k]`` (bit i: lane i nonzero) then the nonzero values in
+    (k, lane) order, padded to 8 bytes. ``table_base`` is where the streams will start.
+    """
+    nblk, k, lanes = blocks.shape
+    nz = blocks != 0
+    bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(lanes, dtype=np.uint64))
+    masks = (nz.astype(np.uint64) * bits).sum(axis=2).astype(mask_dtype)
+    values = blocks[nz]
+    counts = nz.reshape(nblk, -1).sum(axis=1)
+    item = blocks.dtype.itemsize
+    mask_bytes = k * np.dtype(mask_dtype).itemsize
+    sizes = [(mask_bytes + int(c) * item + 7) // 8 * 8 for c in counts]
+    offsets = np.zeros(nblk + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(sizes)
+    offsets += table_base
+    streams = bytearray(int(offsets[-1] - table_base))
+    vstart = 0
+    for i in range(nblk):
+        o = int(offsets[i] - table_base)
+        streams[o : o + mask_bytes] = masks[i].tobytes()
+        c = int(counts[i])
+        streams[o + mask_bytes : o + mask_bytes + c * item] = values[vstart : vstart + c].tobytes()
+        vstart += c
+    return offsets.tobytes(), bytes(streams)
+
+
+def _pack(fmt, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
+    blob = _Blob()
+    sections = {}
+    for name, raw in extra_sections:
+        sections[name] = blob.add(raw)
+    if fmt.startswith("dense"):
+        sections["weights"] = blob.add(w_blocks.tobytes())
+    else:
+        nblk = w_blocks.shape[0]
+        table_at = blob.size
+        streams_at = table_at + _align((nblk + 1) * 8)
+        mask_dtype = np.uint16 if fmt == "bitmask_f32" else np.uint64
+        table, streams = _sparse_streams(w_blocks, mask_dtype, streams_at)
+        sections["table"] = blob.add(table)
+        assert blob.size == streams_at
+        blob.add(streams)
+    total = n_out * n_in
+    return PackedLinear(
+        fmt=fmt,
+        out_features=n_out,
+        in_features=n_in,
+        data=blob.array(),
+        nnz=nnz,
+        sparsity=1.0 - nnz / total if total else 0.0,
+        sections=sections,
+    )
+
+
+def _check(weight: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt not in LINEAR_FORMATS:
+        raise SparsecError(f"unknown linear format {fmt!r}; use one of {', '.join(LINEAR_FORMATS)}")
+    w = np.asarray(weight)
+    if w.ndim != 2 or 0 in w.shape:
+        raise SparsecError(f"linear weight must be a non-empty 2-D [out, in] array, got {w.shape}")
+    return w
+
+
+def pack_linear(weight: np.ndarray, fmt: str) -> PackedLinear:
+    """Pack a float32 ``[out, in]`` weight; int8 formats quantize per output row first."""
+    w = _check(weight, fmt)
+    if fmt.endswith("_i8"):
+        q, scale = quantize_weight_rows(w)
+        return pack_linear_quantized(q, scale, fmt)
+    if not np.all(np.isfinite(w)):
+        raise SparsecError("linear weight contains NaN or Inf; fix the model weights")
+    w = w.astype(np.float32)
+    nnz = int(np.count_nonzero(w))
+    out, inp = w.shape
+    blocks = _padded_rows(w).reshape(-1, ROWS, inp).transpose(0, 2, 1)  # [blk, in, 16]
+    return _pack(fmt, np.ascontiguousarray(blocks), out, inp, nnz)
+
+
+def pack_linear_quantized(q: np.ndarray, scale: np.ndarray, fmt: str) -> PackedLinear:
+    """Pack already quantized int8 weights ``q [out, in]`` with per-row ``scale [out]``."""
+    q = _check(q, fmt)
+    if not fmt.endswith("_i8"):
+        raise SparsecError(f"pack_linear_quantized needs an int8 format, not {fmt!r}")
+    if q.dtype != np.int8 or np.any(q == -128):
+        raise SparsecError("quantized weight must be int8 in [-127, 127] (symmetric)")
+    scale = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if scale.shape != (q.shape[0],):
+        raise SparsecError(f"weight scale has shape {scale.shape}, expected ({q.shape[0]},)")
+    out, inp = q.shape
+    kq = -(-inp // 4)
+    qp = _padded_rows(q, kq * 4)  # [out_pad, kq*4]
+    bias = -ACT_OFFSET * qp.astype(np.int32).sum(axis=1, dtype=np.int32)
+    scale_p = np.zeros(qp.shape[0], dtype=np.float32)
+    scale_p[:out] = scale
+    # [blk, kq, 16 rows, 4 cols] -> lanes = 64 bytes per column quad
+    blocks = qp.reshape(-1, ROWS, kq, 4).transpose(0, 2, 1, 3).reshape(-1, kq, ROWS * 4)
+    extra = (("bias", bias.astype(np.int32).tobytes()), ("scale", scale_p.tobytes()))
+    return _pack(fmt, np.ascontiguousarray(blocks), out, inp, int(np.count_nonzero(q)), extra)
+
+
+def _section(packed: PackedLinear, name: str, dtype, count: int) -> np.ndarray:
+    start = packed.sections[name]
+    return packed.data[start : start + count * np.dtype(dtype).itemsize].view(dtype)
+
+
+def unpack_blocks(packed: PackedLinear) -> np.ndarray:
+    """The block array ``[nblk, k_steps, lanes]`` (float32 or int8) decoded from ``data``."""
+    nblk, k = packed.nblocks, packed.k_steps
+    dtype, lanes = (np.float32, ROWS) if packed.precision == "fp32" else (np.int8, ROWS * 4)
+    if packed.fmt.startswith("dense"):
+        return _section(packed, "weights", dtype, nblk * k * lanes).reshape(nblk, k, lanes)
+    mask_dtype = np.uint16 if packed.fmt == "bitmask_f32" else np.uint64
+    table = _section(packed, "table", np.int64, nblk + 1)
+    out = np.zeros((nblk, k, lanes), dtype=dtype)
+    bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(lanes, dtype=np.uint64))
+    mask_bytes = k * np.dtype(mask_dtype).itemsize
+    for i in range(nblk):
+        o = int(table[i])
+        masks = packed.data[o : o + mask_bytes].view(mask_dtype).astype(np.uint64)
+        nz = (masks[:, None] & bits) != 0
+        c = int(nz.sum())
+        vals = packed.data[o + mask_bytes : o + mask_bytes + c * np.dtype(dtype).itemsize]
+        out[i][nz] = vals.view(dtype)
+    return out
+
+
+def unpack_weight(packed: PackedLinear) -> np.ndarray:
+    """fp32: the float weight ``[out, in]``; int8: the int8 weight ``q [out, in]``."""
+    blocks = unpack_blocks(packed)
+    out, inp = packed.out_features, packed.in_features
+    if packed.precision == "fp32":
+        return blocks.transpose(0, 2, 1).reshape(-1, inp)[:out]
+    q = blocks.reshape(packed.nblocks, packed.k_steps, ROWS, 4).transpose(0, 2, 1, 3)
+    return q.reshape(packed.nblocks * ROWS, -1)[:out, :inp]
+
+
+def weight_scale(packed: PackedLinear) -> np.ndarray:
+    return _section(packed, "scale", np.float32, packed.nblocks * ROWS)[: packed.out_features]
+
+
+def reference_linear(
+    packed: PackedLinear, x: np.ndarray, y: np.ndarray | None = None
+) -> np.ndarray:
+    """numpy ``x @ W.T`` from the packed data (``+ y`` if given, like ``accumulate``).
+
+    int8 formats simulate W8A8 exactly as the kernel does: per-token quantized
+    activations, an exact integer dot product, then ``float(acc) * wscale * xscale``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if packed.precision == "fp32":
+        w = unpack_weight(packed)
+        res = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+    else:
+        q = unpack_weight(packed).astype(np.float64)
+        xq, xs = quantize_tokens_reference(x)
+        # exact integer dot (float64 holds it), then the kernel's int32 -> float32 rounding
+        acc = (xq.astype(np.float64) @ q.T).astype(np.float32)
+        res = acc * weight_scale(packed)[None, :] * xs[:, None]
+    return res if y is None else (np.asarray(y, dtype=np.float32) + res)
