@@ -147,6 +147,9 @@ def measure_linears(
     return [statistics.median(times) for *_, times in benches]
 
 
+DENSE_ONLY_BELOW = 0.2  # sparsity under which dense is chosen without timing
+
+
 def cache_dir() -> Path:
     env = os.environ.get("SPARSEC_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "sparsec"
@@ -196,6 +199,10 @@ def choose_linear_format(
     candidates = [f for f in LINEAR_FORMATS if f.endswith("_" + suffix)]
     w = np.asarray(weight, dtype=np.float32)
     sparsity = round(1.0 - np.count_nonzero(w) / max(w.size, 1), 2)
+    if sparsity < DENSE_ONLY_BELOW:
+        # A bitmask reads as many weight bytes plus the mask and decodes it: it cannot
+        # win here, and timing it on a busy machine could only pick it by noise.
+        return f"dense_{suffix}"
     key = json.dumps(
         [
             list(w.shape),
