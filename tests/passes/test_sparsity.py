@@ -53,14 +53,6 @@ def test_pattern_runs_along_the_input_axis():
     assert classify(np.ascontiguousarray(w.T))[1] != "2:4"
 
 
-@pytest.mark.parametrize("kind", ["dense", "2:4", "4:8", "block1x16", "unstructured"])
-def test_agrees_with_codegen(kind):
-    from sparsec.codegen.patterns import classify_pattern
-
-    w = _pruned(kind, np.random.default_rng(2))
-    assert classify(w)[1] == classify_pattern(w.T)  # codegen takes PyTorch's [out, in]
-
-
 def test_record_of_a_pruned_model(exported):
     """k/v projections pruned 2:4, every other decoder weight 50% unstructured."""
     from sparsec.passes.cleanup import CleanupPass
