@@ -1,4 +1,6 @@
-"""The real model, end to end (slow: minutes). Run with: pytest -m slow tests/test_smollm2.py
+"""The real model, end to end (slow: minutes).
+
+Run with: pytest -m slow tests/test_smollm2_end_to_end.py
 
 Reuses an existing export when SPARSEC_SMOL_ONNX points at one (sparsec export
 smollm2-135m -o smol.onnx), otherwise exports into a temp folder (~2-3 minutes).
