@@ -17,6 +17,7 @@ from sparsec.errors import SparsecError
 # Order is the order shown in --help: the pipeline, then the tools around it.
 COMMAND_MODULES = (
     "sparsec.models",
+    "sparsec.sparsify.command",
     "sparsec.export",
     "sparsec.passes.command",
     "sparsec.codegen.command",

@@ -1,0 +1,144 @@
+"""Evaluate sparsified models against the issue-5 targets (not a timed test).
+
+    python benchmarks/sparsify_eval.py ppl MODEL_DIR [MODEL_DIR ...]   # held-out text
+    python benchmarks/sparsify_eval.py gsm TEACHER_DIR STUDENT_DIR ... # GSM-style task
+    python benchmarks/sparsify_eval.py targets OUT_DIR [OUT_DIR ...]   # report.json checks
+    python benchmarks/sparsify_eval.py plot OUT_DIR [...] -o curve.png # recovery curves
+
+``ppl`` scores the same held-out text as ``sparsec sparsify`` (Verne + the Python
+tutorial, never used for calibration or training); a folder with quantization.json is
+scored with W8A8 fake quantization, as the compiler will run it. ``gsm`` is 0-shot greedy
+exact match of the final number on GSM-Symbolic problems from templates held out of
+training. Run long evaluations with ``nice -n 19``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# Targets from issue 5.
+TEXT_TARGETS = {0.5: 1.25, 0.7: 1.8}  # sparse perplexity / dense perplexity, at most
+INT8_EXTRA = 1.03  # INT8 perplexity / sparse perplexity, at most
+GSM_TARGETS = {0.6: 0.02, 0.7: 0.04}  # accuracy drop from the dense teacher, at most
+
+
+def _load(folder: str):
+    from sparsec.models import load_model
+
+    return load_model(folder, quiet=True)
+
+
+def cmd_ppl(args) -> None:
+    import torch
+
+    from sparsec.sparsify.data import DEFAULT_EVAL, TokenData
+    from sparsec.sparsify.perplexity import perplexity
+    from sparsec.sparsify.prune import prunable_linears
+    from sparsec.sparsify.quant import ActivationFakeQuant
+
+    torch.set_num_threads(args.threads)
+    for folder in args.models:
+        model, tokenizer = _load(folder)
+        quantized = (Path(folder) / "quantization.json").exists()
+        row = {"model": folder, "w8a8": quantized}
+        for source in DEFAULT_EVAL:
+            tokens = TokenData(tokenizer, [source]).stream
+            if quantized:
+                with ActivationFakeQuant(prunable_linears(model)):
+                    row[source] = perplexity(model, tokens, max_tokens=args.tokens)
+            else:
+                row[source] = perplexity(model, tokens, max_tokens=args.tokens)
+        print(json.dumps(row), flush=True)
+
+
+def cmd_gsm(args) -> None:
+    import torch
+
+    from sparsec.sparsify.task import gsm_accuracy, gsm_examples
+
+    torch.set_num_threads(args.threads)
+    examples = gsm_examples("eval", args.n, seed=args.seed)
+    for folder in args.models:
+        model, tokenizer = _load(folder)
+        accuracy = gsm_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"model": folder, "gsm_accuracy": accuracy, "n": args.n}), flush=True)
+
+
+def cmd_targets(args) -> None:
+    """Check each run's report.json against the general-text targets."""
+    for folder in args.outputs:
+        report = json.loads((Path(folder) / "report.json").read_text())
+        sparsity = report["options"]["sparsity"]
+        ppl = report["perplexity"]
+        best = "distilled" if "distilled" in ppl else "one-shot"
+        limit = TEXT_TARGETS.get(round(sparsity, 2))
+        for source, dense in ppl["dense"].items():
+            ratio = ppl[best][source] / dense
+            line = f"{folder} {Path(source).name}: {best} {ppl[best][source]:.2f} / dense "
+            line += f"{dense:.2f} = {ratio:.3f}x"
+            if limit:
+                line += f" (target <= {limit}x: {'met' if ratio <= limit else 'NOT met'})"
+            if "int8" in ppl:
+                extra = ppl["int8"][source] / ppl[best][source]
+                line += f"; int8 adds {100 * (extra - 1):+.1f}% "
+                line += f"(target <= +3%: {'met' if extra <= INT8_EXTRA else 'NOT met'})"
+            print(line)
+
+
+def cmd_plot(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for folder in args.outputs:
+        report = json.loads((Path(folder) / "report.json").read_text())
+        points = report["recovery_curve"]["points"]
+        source = Path(report["recovery_curve"]["source"]).name
+        tokens = report["options"]["curve_tokens"]
+        label = f"{report['options']['sparsity']:.0%} {report['options']['pattern']}"
+        ax.plot([p["step"] for p in points], [p["perplexity"] for p in points], "o-", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("SquareHead distillation steps")
+    ax.set_ylabel(f"perplexity, first {tokens} tokens of {source} (log)")
+    ax.set_title("Recovery after SparseGPT one-shot")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=110)
+    print(args.output)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ppl")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_ppl)
+    g = sub.add_parser("gsm")
+    g.add_argument("models", nargs="+")
+    g.add_argument("--n", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=160)
+    g.add_argument("--threads", type=int, default=2)
+    g.set_defaults(func=cmd_gsm)
+    t = sub.add_parser("targets")
+    t.add_argument("outputs", nargs="+")
+    t.set_defaults(func=cmd_targets)
+    pl = sub.add_parser("plot")
+    pl.add_argument("outputs", nargs="+")
+    pl.add_argument("-o", "--output", default="recovery.png")
+    pl.set_defaults(func=cmd_plot)
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""CLI for ``sparsec sparsify`` and ``sparsec finetune`` (light: torch loads on run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Same as sparsec.sparsify.data's defaults (not imported: that module imports torch).
+DEFAULT_CALIBRATION = ["builtin:python-docs", "builtin:fortunes"]
+DEFAULT_TRAIN = DEFAULT_CALIBRATION
+DEFAULT_EVAL = ["builtin:verne", "builtin:python-tutorial"]
+DATA_HELP = (
+    "text files, .jsonl files ({'text'} or {'question','answer'} per line) or built-in "
+    "data: builtin:python-docs, builtin:fortunes, builtin:verne, builtin:python-tutorial, "
+    "builtin:gsm-train, builtin:gsm-eval"
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sparsify",
+        help="prune MODEL with SparseGPT, recover with SquareHead distillation, optionally INT8",
+        description="Prune every decoder Linear of MODEL to --sparsity with SparseGPT "
+        "(one-shot, on calibration text), optionally recover accuracy with --steps of "
+        "SquareHead distillation from the dense model, optionally snap weights to INT8 "
+        "(W8A8). Writes a Hugging Face folder with exact zeros, recipe.yaml and "
+        "report.md/report.json (per-layer sparsity, perplexity after each stage). "
+        "Checkpoints go to OUTPUT.checkpoint; Ctrl-C saves one, --resume continues. "
+        f"Data sources: {DATA_HELP}.",
+    )
+    p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of zeros, 0 to 0.99")
+    p.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="unstructured (default), N:M such as 2:4 (N kept of every M), or block16",
+    )
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "magnitude"])
+    p.add_argument("--calibration", nargs="+", metavar="FILE", default=DEFAULT_CALIBRATION)
+    p.add_argument("--calibration-samples", type=int, default=32, help="sequences (default 32)")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens each (512)")
+    p.add_argument("--train", nargs="+", metavar="FILE", default=DEFAULT_TRAIN)
+    p.add_argument("--steps", type=int, default=0, help="SquareHead steps (default 0: one-shot)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default by sparsity)"
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    p.add_argument("--teacher", default=None, help="distillation teacher (default: dense MODEL)")
+    p.add_argument(
+        "--int8", action="store_true", help="W8A8: int8-grid weights + quantization.json"
+    )
+    p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
+    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per eval source")
+    p.add_argument("--eval-every", type=int, default=0, help="recovery-curve interval in steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", type=Path, default=None)
+    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_sparsify)
+
+    f = sub.add_parser(
+        "finetune",
+        help="dense supervised fine-tuning of MODEL on task data (to make a teacher)",
+        description=f"Fine-tune MODEL with cross-entropy on --train data. Data: {DATA_HELP}.",
+    )
+    f.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
+    f.add_argument("-o", "--output", required=True, help="folder to write")
+    f.add_argument("--train", nargs="+", metavar="FILE", required=True)
+    f.add_argument("--steps", type=int, required=True)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--seq-len", type=int, default=256)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_finetune)
+
+
+def _sparsify(args) -> int:
+    from sparsec.errors import require_compiler_stack
+
+    require_compiler_stack()
+    from sparsec.sparsify.pipeline import SparsifyOptions, sparsify, summary
+
+    opts = SparsifyOptions(
+        model=args.model,
+        output=Path(args.output),
+        sparsity=args.sparsity,
+        pattern=args.pattern,
+        method=args.method,
+        calibration=list(args.calibration),
+        calibration_samples=args.calibration_samples,
+        calibration_seq_len=args.calibration_seq_len,
+        train=list(args.train),
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        teacher=args.teacher,
+        int8=args.int8,
+        eval=list(args.eval),
+        eval_tokens=args.eval_tokens,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        quiet=args.quiet,
+    )
+    print(summary(sparsify(opts)))
+    return 0
+
+
+def _finetune(args) -> int:
+    from sparsec.errors import require_compiler_stack
+
+    require_compiler_stack()
+    from sparsec.sparsify.finetune import finetune
+
+    out = finetune(
+        args.model,
+        list(args.train),
+        Path(args.output),
+        args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
+    print(f'{{"output": "{out}"}}')
+    return 0

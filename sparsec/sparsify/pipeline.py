@@ -1,0 +1,350 @@
+"""``sparsec sparsify``: dense model → SparseGPT one-shot → SquareHead → INT8 → HF folder.
+
+Each stage records its results in a state dict that is checkpointed (with the model,
+masks, optimizer and in-flight activations) so that ``--resume`` continues from the
+last layer or step done. The output folder is assembled in a temporary folder and
+renamed into place at the very end: an interrupted run never leaves half an output.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparsec import __version__
+from sparsec.errors import SparsecError
+from sparsec.sparsify import data as data_mod
+from sparsec.sparsify import report as report_mod
+from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
+from sparsec.sparsify.patterns import check_sparsity, parse_pattern
+from sparsec.sparsify.perplexity import perplexity
+from sparsec.sparsify.prune import decoder_layers, prunable_linears, prune_model
+from sparsec.sparsify.quant import ActivationFakeQuant, quantize_weights_, write_quantization_json
+from sparsec.sparsify.squarehead import distillation_loss
+from sparsec.sparsify.train import MaskedTrainer, TrainConfig
+
+
+def default_lr(sparsity: float) -> float:
+    """The paper's 7B learning rates by sparsity (40-50%: 3e-5, 60%: 1e-4, 70%: 8e-5),
+    times 3: a 135M model trained on 512-token batches for a few hundred steps tolerates
+    a higher rate than a 7B one (not tuned yet: pass --lr to override)."""
+    paper = 3e-5 if sparsity <= 0.55 else 1e-4 if sparsity <= 0.65 else 8e-5
+    return 3 * paper
+
+
+# Options that shape the one-shot model, and those that shape distillation: a checkpoint
+# taken before distillation began may be resumed with other training options.
+PRUNE_OPTIONS = tuple(
+    "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
+)
+TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher".split())
+
+
+@dataclass
+class SparsifyOptions:
+    model: str
+    output: Path
+    sparsity: float
+    pattern: str = "unstructured"
+    method: str = "sparsegpt"  # or "magnitude", the baseline
+    calibration: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_CALIBRATION))
+    calibration_samples: int = 32
+    calibration_seq_len: int = 512
+    train: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_TRAIN))
+    steps: int = 0
+    lr: float | None = None
+    batch_size: int = 4
+    seq_len: int = 128
+    warmup: float = 0.1
+    teacher: str | None = None
+    int8: bool = False
+    eval: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_EVAL))
+    eval_tokens: int = 16384
+    eval_every: int = 0  # recovery-curve points every N steps (0: about 10 points)
+    curve_tokens: int = 4096
+    seed: int = 0
+    checkpoint_dir: Path | None = None
+    checkpoint_every: float = 300.0  # seconds between checkpoints (0: every layer/step)
+    resume: bool = False
+    quiet: bool = False
+
+    def fingerprint(self) -> dict:
+        """The options a checkpoint must agree with to be resumed."""
+        keep = PRUNE_OPTIONS + TRAIN_OPTIONS + ("int8",)
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        if self.checkpoint_dir is not None:
+            return Path(self.checkpoint_dir)
+        out = Path(self.output)
+        return out.parent / f"{out.name}.checkpoint"
+
+
+def _log(opts: SparsifyOptions, message: str) -> None:
+    if not opts.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _bar(opts: SparsifyOptions, total: int, initial: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=opts.quiet, file=sys.stderr)
+
+
+class Run:
+    """One sparsify run: the model, its state and the checkpoint that mirrors them."""
+
+    def __init__(self, opts: SparsifyOptions):
+        self.opts = opts
+        self.checkpoint = Checkpoint(opts.checkpoint_folder)
+        self.last_save = time.monotonic()
+        self.interrupt: GracefulInterrupt | None = None
+        self.tensors: dict = {}
+        self.state: dict = {
+            "stage": "start",
+            "options": opts.fingerprint(),
+            "perplexity": {},  # stage -> {source: ppl}
+            "curve": [],  # [{"step", "perplexity"}]
+            "layers": [],  # per pruned Linear: name, shape, sparsity, error
+            "timings": {},
+        }
+
+    # --- checkpoints -------------------------------------------------------------------
+    def save(self) -> None:
+        tensors = dict(self.tensors)
+        tensors["model"] = self.model.state_dict()
+        self.checkpoint.save(self.state, tensors)
+        self.last_save = time.monotonic()
+
+    def safe_point(self) -> None:
+        """Between layers/steps: checkpoint when due, and stop here after a Ctrl-C."""
+        due = time.monotonic() - self.last_save >= self.opts.checkpoint_every
+        if due or self.interrupt.requested:
+            self.save()
+        if self.interrupt.requested:
+            _log(
+                self.opts,
+                f"\ninterrupted: checkpoint saved in {self.checkpoint.folder}; "
+                "run the same command with --resume to continue",
+            )
+            raise KeyboardInterrupt
+
+    # --- stages ------------------------------------------------------------------------
+    def evaluate(self, stage: str, quantized: bool = False) -> None:
+        if stage in self.state["perplexity"]:
+            return
+        results = {}
+        started = time.monotonic()
+        for source, tokens in self.eval_tokens.items():
+            if quantized:
+                with ActivationFakeQuant(self.linears):
+                    results[source] = perplexity(
+                        self.model, tokens, max_tokens=self.opts.eval_tokens
+                    )
+            else:
+                results[source] = perplexity(self.model, tokens, max_tokens=self.opts.eval_tokens)
+        self.state["perplexity"][stage] = results
+        self.state["timings"][f"eval_{stage}"] = time.monotonic() - started
+        shown = ", ".join(f"{Path(s).name} {p:.2f}" for s, p in results.items())
+        _log(self.opts, f"perplexity {stage}: {shown}")
+
+    def prune(self) -> None:
+        opts = self.opts
+        calibration = self.tensors.get("calibration")
+        if calibration is None:
+            data = data_mod.TokenData(self.tokenizer, opts.calibration)
+            calibration = data.windows(
+                opts.calibration_samples, opts.calibration_seq_len, opts.seed
+            )
+            self.tensors["calibration"] = calibration
+        start = self.state.get("next_layer", 0)
+        layers = decoder_layers(self.model)
+        bar = _bar(opts, len(layers), start, f"{opts.method} {opts.sparsity:.0%}")
+        started = time.monotonic() - self.state["timings"].get("prune", 0.0)
+
+        def on_layer(i, reports, masks, outputs):
+            self.state["layers"].extend(asdict(r) for r in reports)
+            self.tensors.setdefault("masks", {}).update(masks)
+            self.tensors["layer_inputs"] = outputs.hidden
+            self.state["next_layer"] = i + 1
+            self.state["timings"]["prune"] = time.monotonic() - started
+            bar.update(1)
+            self.safe_point()
+
+        try:
+            prune_model(
+                self.model,
+                calibration,
+                opts.sparsity,
+                self.pattern,
+                method=opts.method,
+                start_layer=start,
+                start_inputs=self.tensors.get("layer_inputs"),
+                on_layer=on_layer,
+            )
+        finally:
+            bar.close()
+        self.tensors.pop("layer_inputs", None)
+        self.tensors.pop("calibration", None)
+        self.state["stage"] = "pruned"
+        self.save()
+
+    def distill(self) -> None:
+        opts = self.opts
+        teacher = self.teacher or self._load_teacher()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        lr = opts.lr if opts.lr is not None else default_lr(opts.sparsity)
+        config = TrainConfig(opts.steps, lr, opts.warmup, opts.batch_size, opts.seq_len, opts.seed)
+        self.state["train_config"] = config.to_dict()
+        trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
+        if "trainer" in self.tensors:
+            trainer.load_state_dict(self.tensors["trainer"])
+        data = data_mod.TokenData(self.tokenizer, opts.train)
+        curve_source, curve_tokens = next(iter(self.eval_tokens.items()))
+        every = opts.eval_every or max(1, opts.steps // 10)
+
+        def curve_point(step: int) -> None:
+            ppl = perplexity(self.model, curve_tokens, max_tokens=opts.curve_tokens)
+            self.state["curve"].append({"step": step, "perplexity": ppl})
+
+        if not self.state["curve"]:
+            self.state["curve_source"] = curve_source
+            curve_point(0)
+        bar = _bar(opts, opts.steps, trainer.step, "squarehead")
+        started = time.monotonic() - self.state["timings"].get("distill", 0.0)
+        try:
+            while trainer.step < opts.steps:
+                ids, mask = data.batch(trainer.step, opts.batch_size, opts.seq_len, opts.seed)
+                metrics = trainer.train_step(
+                    lambda ids=ids, mask=mask: distillation_loss(self.model, teacher, ids, mask)
+                )
+                self.state["last_metrics"] = metrics
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.2f}")
+                bar.update(1)
+                if trainer.step % every == 0 or trainer.step == opts.steps:
+                    curve_point(trainer.step)
+                self.state["timings"]["distill"] = time.monotonic() - started
+                self.tensors["trainer"] = trainer.state_dict()
+                if trainer.step < opts.steps:
+                    self.safe_point()
+        finally:
+            bar.close()
+        self.model.eval()
+        self.tensors.pop("trainer", None)
+        self.state["stage"] = "distilled"
+        self.save()
+
+    def _load_teacher(self):
+        from sparsec.models import load_model
+
+        teacher, _ = load_model(self.opts.teacher or self.opts.model, quiet=True)
+        return teacher
+
+    # --- the whole run -----------------------------------------------------------------
+    def execute(self) -> Path:
+        opts = self.opts
+        from sparsec.models import atomic_output_dir, load_model, replace_dir
+
+        if self.checkpoint.exists() and not opts.resume:
+            raise SparsecError(
+                f"a checkpoint of an earlier run is in {self.checkpoint.folder}; pass --resume "
+                "to continue it, or delete that folder to start over"
+            )
+        if opts.resume and not self.checkpoint.exists():
+            raise SparsecError(f"--resume: no checkpoint in {self.checkpoint.folder}")
+        # Read every data source before the expensive work so bad files fail at once.
+        for source in [*opts.calibration, *(opts.train if opts.steps else []), *opts.eval]:
+            data_mod.read_corpus(source)
+
+        self.model, self.tokenizer = load_model(opts.model, quiet=opts.quiet)
+        self.linears = prunable_linears(self.model)
+        for name, linear in self.linears.items():
+            self.pattern.check_width(name, linear.in_features)
+        if opts.resume:
+            state, self.tensors = self.checkpoint.load()
+            training_began = "trainer" in self.tensors or state["stage"] in ("distilled", "done")
+            must_match = PRUNE_OPTIONS + (TRAIN_OPTIONS if training_began else ())
+            now = opts.fingerprint()
+            differ = {
+                k: state["options"].get(k) for k in must_match if state["options"].get(k) != now[k]
+            }
+            if differ:
+                raise SparsecError(
+                    f"the checkpoint in {self.checkpoint.folder} was made with other options "
+                    f"({differ}); rerun with those, or delete it to start over"
+                )
+            self.state = state
+            self.state["options"] = now
+            self.model.load_state_dict(self.tensors.pop("model"))
+            _log(opts, f"resuming from {self.checkpoint.folder} (stage {state['stage']})")
+        self.eval_tokens = {
+            source: data_mod.TokenData(self.tokenizer, [source]).stream for source in opts.eval
+        }
+        self.teacher = None
+        if opts.steps and opts.teacher is None and not opts.resume:
+            self.teacher = copy.deepcopy(self.model)  # the dense model, before pruning
+
+        with GracefulInterrupt() as self.interrupt:
+            self.evaluate("dense")
+            if self.state["stage"] == "start":
+                self.prune()
+            self.evaluate("one-shot")
+            if opts.steps and self.state["stage"] == "pruned":
+                self.distill()
+            self.teacher = None
+            if opts.steps:
+                self.evaluate("distilled")
+            scales = None
+            if opts.int8:
+                scales = quantize_weights_(self.linears)
+                self.evaluate("int8", quantized=True)
+            self.state["stage"] = "done"
+            self.state["final_layers"] = report_mod.layer_sparsity(self.linears)
+
+            tmp = atomic_output_dir(Path(opts.output))
+            try:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                if scales is not None:
+                    write_quantization_json(tmp, scales)
+                report_mod.write_recipe(tmp / "recipe.yaml", opts, self.state, __version__)
+                report_mod.write_report(tmp, opts, self.state)
+                replace_dir(tmp, Path(opts.output))
+            except BaseException:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.checkpoint.remove()
+        return Path(opts.output)
+
+
+def sparsify(opts: SparsifyOptions) -> Path:
+    """Run the whole pipeline; returns the output folder."""
+    pattern = parse_pattern(opts.pattern)
+    check_sparsity(opts.sparsity, pattern)
+    if opts.method not in ("sparsegpt", "magnitude"):
+        raise SparsecError(f"unknown pruning method {opts.method}; use sparsegpt or magnitude")
+    if opts.steps < 0:
+        raise SparsecError(f"--steps {opts.steps} is negative")
+    if opts.calibration_samples < 1:
+        raise SparsecError("--calibration-samples must be at least 1")
+    run = Run(opts)
+    run.pattern = pattern
+    torch.manual_seed(opts.seed)
+    return run.execute()
+
+
+def summary(folder: Path) -> str:
+    """One JSON line for the CLI: where the output is and the headline figures."""
+    report = json.loads((folder / "report.json").read_text())
+    return json.dumps({"output": str(folder), "perplexity": report["perplexity"]})

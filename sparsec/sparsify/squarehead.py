@@ -1,0 +1,85 @@
+"""SquareHead distillation loss (Kurtic et al. 2023, IST-DASLab/SparseFinetuning).
+
+For every decoder layer l (its output, not the embeddings):
+
+    loss_l = mean((h_s - h_t)²) / (mean(h_t²) + eps)
+
+with both means over the non-padding tokens (and the hidden features). Normalising by
+the teacher's energy puts all layers on the same scale, so no per-layer weights are
+needed. The total is ``sum_l loss_l * 1.0 + cross_entropy * 1.0``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sparsec.sparsify.prune import decoder_layers
+
+EPS = 1e-6
+FEATURE_WEIGHT = 1.0
+CE_WEIGHT = 1.0
+
+
+def squarehead_layer_losses(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    token_mask: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """``[layers]`` normalised MSEs; hidden states ``[batch, seq, dim]``, mask ``[batch, seq]``."""
+    keep = token_mask.bool()
+    losses = []
+    for h_s, h_t in zip(student, teacher, strict=True):
+        h_s, h_t = h_s[keep].float(), h_t[keep].float()  # [tokens, dim]
+        losses.append(((h_s - h_t) ** 2).mean() / ((h_t**2).mean() + eps))
+    return torch.stack(losses)
+
+
+def squarehead_loss(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    token_mask: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    return squarehead_layer_losses(student, teacher, token_mask, eps).sum()
+
+
+@contextmanager
+def record_layer_outputs(model: nn.Module):
+    """Collect every decoder layer's output during the forwards inside the ``with``."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module, _args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layer.register_forward_hook(keep) for layer in decoder_layers(model)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, token_mask: torch.Tensor):
+    """Next-token cross-entropy over real (non-padding) target tokens."""
+    targets = input_ids[:, 1:].masked_fill(~token_mask[:, 1:].bool(), -100)
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def distillation_loss(
+    student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, token_mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """SquareHead + cross-entropy on one batch; returns the loss and its parts."""
+    with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
+        teacher(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
+    with record_layer_outputs(student) as student_hidden:
+        logits = student(input_ids=input_ids, attention_mask=token_mask, use_cache=False).logits
+    feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
+    ce = language_model_loss(logits, input_ids, token_mask)
+    loss = FEATURE_WEIGHT * feature + CE_WEIGHT * ce
+    return loss, {"loss": loss.item(), "squarehead": feature.item(), "ce": ce.item()}

@@ -1,0 +1,100 @@
+"""The training step shared by distillation and fine-tuning: AdamW with a linear
+warm-up then linear decay, gradient clipping, and fixed sparsity masks.
+
+Masks are enforced the way the paper's code does it: after every optimizer step each
+pruned weight is multiplied by its keep-mask, so pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+GRAD_CLIP = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float
+    warmup: float = 0.1  # fraction of the steps spent warming up
+    batch_size: int = 4
+    seq_len: int = 128
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def warmup_then_decay(steps: int, warmup: float) -> Callable[[int], float]:
+    """LR multiplier: 0 → 1 linearly over the warm-up, then linearly back to 0."""
+    warm = max(1, round(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    return factor
+
+
+class MaskedTrainer:
+    """Optimizer, schedule and masks of one training run; resumable via ``state_dict``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        masks: dict[str, torch.Tensor] | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.step = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_then_decay(config.steps, config.warmup)
+        )
+        modules = dict(model.named_modules())
+        self.masked = [
+            (modules[name.removesuffix(".weight")].weight, mask)
+            for name, mask in (masks or {}).items()
+        ]
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        for weight, mask in self.masked:
+            weight.mul_(mask)
+
+    def train_step(self, loss_fn: Callable[[], tuple[torch.Tensor, dict]]) -> dict:
+        """One optimizer step on the loss ``loss_fn()`` computes; returns its metrics."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.apply_masks()
+        self.step += 1
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]

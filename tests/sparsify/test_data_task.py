@@ -1,0 +1,120 @@
+"""Data sources, training batches and the GSM-style task scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsec.errors import SparsecError
+from sparsec.sparsify.data import TokenData, read_corpus
+from sparsec.sparsify.perplexity import perplexity
+from sparsec.sparsify.task import (
+    Example,
+    extract_answer,
+    gsm_accuracy,
+    gsm_examples,
+    template_split,
+)
+
+
+def test_jsonl_records_are_examples(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [{"text": "plain record"}, {"question": "1+1?", "answer": "2\n#### 2"}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    corpus = read_corpus(str(path))
+    assert corpus.examples
+    assert corpus.documents == ["plain record", "Question: 1+1?\nAnswer: 2\n#### 2"]
+    path.write_text("{not json\n")
+    with pytest.raises(SparsecError, match="d.jsonl:1: not valid JSON"):
+        read_corpus(str(path))
+
+
+def test_missing_and_unknown_sources():
+    with pytest.raises(SparsecError, match="does not exist"):
+        read_corpus("/no/such/file.txt")
+    with pytest.raises(SparsecError, match="unknown built-in"):
+        read_corpus("builtin:wikipedia")
+
+
+def test_batches_are_deterministic_and_padded(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "x" * n}) for n in (3, 9, 20)))
+    data = TokenData(tokenizer, [str(path)])
+    ids, mask = data.batch(step=5, size=4, seq_len=16, seed=1)
+    ids2, mask2 = data.batch(step=5, size=4, seq_len=16, seed=1)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    assert ids.shape[1] <= 16
+    lengths = mask.sum(1)
+    for row in range(4):  # right padding: real tokens first, then nothing but padding
+        assert mask[row, : lengths[row]].all() and not mask[row, lengths[row] :].any()
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 20)
+    windows = TokenData(tokenizer, [str(text)]).windows(3, 32, seed=0)
+    assert windows.shape == (3, 32)
+
+
+def test_perplexity_matches_direct_computation(tiny_model):
+    model, _ = tiny_model
+    tokens = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(0))
+    nll, count = 0.0, 0
+    for start in range(0, 70, 32):  # windows 32, 32, 6
+        w = tokens[start : start + 32].unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=w).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
+        count += w.shape[1] - 1
+    expected = torch.exp(torch.tensor(nll / count)).item()
+    assert perplexity(model, tokens, seq_len=32) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gsm_templates_are_disjoint_and_examples_deterministic():
+    train, held_out = set(template_split("train")), set(template_split("eval"))
+    assert train and held_out and not train & held_out
+    a, b = gsm_examples("eval", 5, seed=3), gsm_examples("eval", 5, seed=3)
+    assert a == b
+    assert all(ex.template in held_out for ex in a)
+    assert all(extract_answer(ex.solution) == ex.answer.replace(",", "") for ex in a)
+    assert {ex.template for ex in gsm_examples("train", 40)} <= train
+
+
+def test_extract_answer():
+    assert extract_answer("so 3 + 4 = 7\n#### 7") == "7"
+    assert extract_answer("#### 1,250 apples") == "1250"
+    assert extract_answer("#### -3.5") == "-3.5"
+    assert extract_answer("the answer is 7") is None
+
+
+class ScriptedModel(torch.nn.Module):
+    """Answers every prompt with a fixed continuation, to test the scoring loop."""
+
+    def __init__(self, tokenizer, replies):
+        super().__init__()
+        self.tokenizer, self.replies = tokenizer, replies
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for row in range(input_ids.shape[0]):
+            reply = self.tokenizer(self.replies.pop(0), add_special_tokens=False)["input_ids"]
+            rows.append(torch.cat([input_ids[row], torch.tensor(reply)]))
+        width = max(r.numel() for r in rows)
+        pad = self.tokenizer.eos_token_id
+        return torch.stack(
+            [torch.nn.functional.pad(r, (0, width - r.numel()), value=pad) for r in rows]
+        )
+
+
+def test_gsm_accuracy_scores_the_final_number(tiny_model):
+    _, tokenizer = tiny_model
+    examples = [Example(0, f"Question: q{i}\nAnswer:", "", str(i)) for i in range(5)]
+    replies = [
+        " 0 + 0 = 0\n#### 0",  # right
+        " #### 1\nQuestion: next\n#### 9",  # right; the made-up next problem is ignored
+        " #### 3",  # wrong
+        " no final line",  # wrong
+        " #### 4.0",  # right: numbers compare as numbers
+    ]
+    model = ScriptedModel(tokenizer, replies)
+    assert gsm_accuracy(model, tokenizer, examples, batch_size=2) == pytest.approx(3 / 5)

@@ -1,0 +1,260 @@
+"""``sparsec sparsify`` end to end on a tiny model: outputs, bad inputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsec.errors import SparsecError
+from sparsec.sparsify import prune as prune_mod
+from sparsec.sparsify.pipeline import SparsifyOptions, sparsify
+from sparsec.sparsify.quant import quantize_weight
+from sparsec.sparsify.train import MaskedTrainer
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+) * 30
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def options(model_dir, text_file, out, **overrides) -> SparsifyOptions:
+    base = dict(
+        model=str(model_dir),
+        output=Path(out),
+        sparsity=0.5,
+        calibration=[str(text_file)],
+        calibration_samples=4,
+        calibration_seq_len=48,
+        train=[str(text_file)],
+        batch_size=2,
+        seq_len=24,
+        eval=[str(text_file)],
+        eval_tokens=256,
+        curve_tokens=64,
+        quiet=True,
+    )
+    return SparsifyOptions(**{**base, **overrides})
+
+
+def test_end_to_end_writes_hf_folder_recipe_and_report(tiny_model_dir, text_file, tmp_path):
+    out = sparsify(options(tiny_model_dir, text_file, tmp_path / "out", steps=3, int8=True))
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml"} <= names
+    assert {"report.json", "report.md", "quantization.json"} <= names
+    assert not (tmp_path / "out.checkpoint").exists()  # removed after success
+
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["perplexity"]) == ["dense", "one-shot", "distilled", "int8"]
+    assert [p["step"] for p in report["recovery_curve"]["points"]] == [0, 1, 2, 3]
+    # Pruning hit the target exactly in every layer (INT8 rounding may add zeros later).
+    for layer in report["pruning"]:
+        rows, cols = layer["shape"]
+        assert layer["sparsity"] == int(0.5 * rows * cols + 0.5) / (rows * cols)
+
+    weights = load_file(out / "model.safetensors")
+    quant = json.loads((out / "quantization.json").read_text())["weights"]["scales"]
+    for name, scales in quant.items():
+        w = weights[name]
+        assert float((w == 0).float().mean()) >= 0.5  # exact zeros survived saving
+        q, scale = quantize_weight(w)  # what the compiler re-derives
+        torch.testing.assert_close(scale, torch.tensor(scales), rtol=1e-6, atol=0)
+        torch.testing.assert_close(q.float() * scale[:, None], w, rtol=0, atol=0)
+    import yaml
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert [next(iter(s)) for s in recipe["stages"]] == [
+        "prune",
+        "squarehead_distillation",
+        "quantize",
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(sparsity=1.0), "outside"),
+        (dict(sparsity=-0.5), "outside"),
+        (dict(pattern="3:5", sparsity=0.4), "does not divide the input width"),
+        (dict(pattern="2:4", sparsity=0.7), "pass --sparsity 0.5"),
+        (dict(calibration=["/nonexistent/data.txt"]), "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tiny_model_dir, text_file, tmp_path, overrides, message):
+    with pytest.raises(SparsecError, match=message):
+        sparsify(options(tiny_model_dir, text_file, tmp_path / "out", **overrides))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_data_file(tiny_model_dir, text_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(SparsecError, match="empty"):
+        sparsify(options(tiny_model_dir, text_file, tmp_path / "out", train=[str(empty)], steps=2))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text field"}\n')
+    with pytest.raises(SparsecError, match="'text'"):
+        sparsify(options(tiny_model_dir, text_file, tmp_path / "out", calibration=[str(bad)]))
+
+
+def test_model_without_linears_is_a_clear_error():
+    from sparsec.sparsify.prune import prunable_linears
+
+    class NoLinears(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.LayerNorm(4)])
+
+    with pytest.raises(SparsecError, match="no Linear layers"):
+        prunable_linears(NoLinears())
+    with pytest.raises(SparsecError, match="no decoder layers"):
+        prunable_linears(torch.nn.Linear(3, 3))
+
+
+def _interrupt_at(monkeypatch, target, after_calls: int):
+    """Deliver a real SIGINT once ``target`` (a method) has been called ``after_calls`` times."""
+    owner, name = target
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == after_calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_ctrl_c_in_distillation_then_resume_matches_uninterrupted(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    reference = sparsify(options(tiny_model_dir, text_file, tmp_path / "ref", steps=6))
+
+    out = tmp_path / "out"
+    opts = options(tiny_model_dir, text_file, out, steps=6, checkpoint_every=1e9)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=3)
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(opts)
+    assert not out.exists()  # never a half-written output
+    state = json.loads((tmp_path / "out.checkpoint" / "current" / "state.json").read_text())
+    assert state["stage"] == "pruned" and len(state["curve"]) == 4  # steps 0..3 done
+
+    with pytest.raises(SparsecError, match="--resume"):
+        sparsify(opts)  # a checkpoint exists: refuse to silently start over
+    steps_run = []
+    original = MaskedTrainer.train_step
+    monkeypatch.setattr(
+        MaskedTrainer,
+        "train_step",
+        lambda self, fn: steps_run.append(self.step) or original(self, fn),
+    )
+    opts.resume = True
+    sparsify(opts)
+    assert steps_run == [3, 4, 5]  # continued where it stopped
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    ra = json.loads((out / "report.json").read_text())["recovery_curve"]["points"]
+    rb = json.loads((reference / "report.json").read_text())["recovery_curve"]["points"]
+    assert [p["step"] for p in ra] == [p["step"] for p in rb]
+
+
+def test_ctrl_c_in_pruning_then_resume(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    reference = sparsify(options(tiny_model_dir, text_file, tmp_path / "ref"))
+    out = tmp_path / "out"
+    opts = options(tiny_model_dir, text_file, out, checkpoint_every=1e9)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (prune_mod, "prune_layer"), after_calls=1)  # after decoder layer 0
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(opts)
+    state = json.loads((tmp_path / "out.checkpoint" / "current" / "state.json").read_text())
+    assert state["next_layer"] == 1
+    opts.resume = True
+    sparsify(opts)
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_refuses_other_options(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=1)
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(options(tiny_model_dir, text_file, out, steps=3))
+    with pytest.raises(SparsecError, match="other options"):
+        sparsify(options(tiny_model_dir, text_file, out, steps=3, sparsity=0.6, resume=True))
+
+
+def test_finetune_writes_a_trained_dense_model(tiny_model_dir, tmp_path):
+    from sparsec.sparsify.finetune import finetune
+
+    data = tmp_path / "task.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) for i in range(8))
+    )
+    out = finetune(str(tiny_model_dir), [str(data)], tmp_path / "teacher", steps=2, quiet=True)
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed  # it trained
+    assert all(float((after[n] == 0).float().mean()) < 0.01 for n in after)  # still dense
+
+
+def test_command_module_is_light_and_parses():
+    import argparse
+    import subprocess
+    import sys
+
+    code = "import sys, sparsec.sparsify.command; print('torch' in sys.modules)"
+    light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert light.stdout.strip() == "False"
+
+    from sparsec.sparsify import command
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["sparsify", "m", "-o", "out", "--sparsity", "0.5", "--pattern", "2:4", "--int8"]
+    )
+    assert (args.sparsity, args.pattern, args.int8, args.steps) == (0.5, "2:4", True, 0)
+    args = parser.parse_args(["sparsify", "m", "-o", "out", "--sparsity", "1.5"])
+    with pytest.raises(SparsecError, match="outside"):
+        args.func(args)
+
+
+def test_resume_before_distillation_may_change_training_options(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (prune_mod, "prune_layer"), after_calls=1)
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(options(tiny_model_dir, text_file, out, steps=0))
+    sparsify(options(tiny_model_dir, text_file, out, steps=2, resume=True))
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["perplexity"]) == ["dense", "one-shot", "distilled"]
+
+
+def test_cli_defaults_match_the_data_module():
+    from sparsec.sparsify import command, data
+
+    assert command.DEFAULT_CALIBRATION == list(data.DEFAULT_CALIBRATION)
+    assert command.DEFAULT_TRAIN == list(data.DEFAULT_TRAIN)
+    assert command.DEFAULT_EVAL == list(data.DEFAULT_EVAL)

@@ -1,0 +1,107 @@
+"""SquareHead loss on hand-made numbers, and masks that survive training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsec.sparsify.patterns import parse_pattern
+from sparsec.sparsify.prune import prunable_linears, prune_model
+from sparsec.sparsify.squarehead import (
+    EPS,
+    distillation_loss,
+    language_model_loss,
+    record_layer_outputs,
+    squarehead_layer_losses,
+    squarehead_loss,
+)
+from sparsec.sparsify.train import MaskedTrainer, TrainConfig, warmup_then_decay
+
+
+def test_squarehead_matches_formula_by_hand():
+    # One sequence of three tokens, two features; the last token is padding.
+    teacher = [torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])]
+    student = [torch.tensor([[[1.0, 1.0], [2.0, 4.0], [-50.0, 7.0]]])]
+    mask = torch.tensor([[1, 1, 0]])
+    # Real tokens only: squared errors 0, 1, 1, 0 -> mean 0.5;
+    # teacher energy 1, 4, 9, 16 -> mean 7.5.
+    expected = 0.5 / (7.5 + EPS)
+    got = squarehead_layer_losses(student, teacher, mask)
+    assert got.shape == (1,)
+    assert float(got[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_squarehead_sums_layers():
+    g = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 5, 8, generator=g) * s for s in (1.0, 10.0)]
+    student = [t + 0.1 * torch.randn(t.shape, generator=g) for t in teacher]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    per_layer = [
+        ((s - t) ** 2).mean() / ((t**2).mean() + EPS) for s, t in zip(student, teacher, strict=True)
+    ]
+    assert float(squarehead_loss(student, teacher, mask)) == pytest.approx(
+        float(sum(per_layer)), rel=1e-6
+    )
+    # Normalising by the teacher's energy makes the loss scale-free per layer.
+    scaled = squarehead_layer_losses([s * 7 for s in student], [t * 7 for t in teacher], mask)
+    torch.testing.assert_close(scaled, squarehead_layer_losses(student, teacher, mask))
+
+
+def test_language_model_loss_ignores_padding():
+    logits = torch.randn(1, 4, 10)
+    ids = torch.tensor([[1, 2, 3, 9]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], ids[0, 1:3])
+    torch.testing.assert_close(language_model_loss(logits, ids, mask), expected)
+
+
+def test_distillation_loss_uses_decoder_layer_outputs(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    with record_layer_outputs(model) as hidden:
+        model(input_ids=ids, attention_mask=mask)
+    assert len(hidden) == model.config.num_hidden_layers  # no embedding output
+    # Student == teacher: no feature loss, only the language-model loss.
+    loss, parts = distillation_loss(model, model, ids, mask)
+    assert parts["squarehead"] == 0.0
+    assert parts["loss"] == pytest.approx(parts["ce"])
+
+
+def test_masks_survive_training_steps(tiny_model):
+    teacher, _ = tiny_model
+    student = copy.deepcopy(teacher)
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    masks = {}
+    prune_model(
+        student,
+        calibration,
+        0.6,
+        parse_pattern("unstructured"),
+        on_layer=lambda i, reports, m, outputs: masks.update(m),
+    )
+    before = {n: m.weight.detach().clone() for n, m in prunable_linears(student).items()}
+    trainer = MaskedTrainer(student, TrainConfig(steps=5, lr=1e-3), masks)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ids = torch.randint(0, 256, (2, 16), generator=g)
+        mask = torch.ones_like(ids)
+        trainer.train_step(
+            lambda ids=ids, mask=mask: distillation_loss(student, teacher, ids, mask)
+        )
+    for name, linear in prunable_linears(student).items():
+        w = linear.weight.detach()
+        keep = masks[f"{name}"]
+        assert torch.all(w[~keep] == 0), name  # pruned weights stay exactly zero
+        assert not torch.equal(w[keep], before[name][keep]), name  # kept weights trained
+        assert int((w == 0).sum()) >= int(0.6 * w.numel() + 0.5) - 0
+
+
+def test_warmup_then_linear_decay():
+    f = warmup_then_decay(steps=10, warmup=0.2)
+    values = [f(s) for s in range(10)]
+    assert values[:2] == [0.5, 1.0]
+    assert values[2] == 1.0 and values[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
