@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "sparsec.passes.command",
     "sparsec.codegen.command",
     "sparsec.runtime.command",
+    "sparsec.bench.command",
 )
 
 DESCRIPTION = """\
