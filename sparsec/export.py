@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparsec import contract
 from sparsec.errors import SparsecError
+from sparsec.onnx_io import check_writable, save_atomic
 
 # Example shapes for tracing: all > 1 so torch.export does not specialize a dynamic
 # dimension to 0 or 1.
@@ -86,7 +86,7 @@ def export_model(model, tokenizer, out: str | os.PathLike, *, source: str = "") 
     from sparsec.models import model_config_dict, tokenizer_assets
 
     out = Path(out)
-    _check_writable(out)
+    check_writable(out)
     config = model.config
     cfg = model_config_dict(config)
     n_layers = cfg["num_hidden_layers"]
@@ -127,34 +127,8 @@ def export_model(model, tokenizer, out: str | os.PathLike, *, source: str = "") 
         meta[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
     meta[contract.META_GENERATION] = json.dumps(assets["generation"])
     meta[contract.META_SOURCE] = source
-    _save_atomic(onnx_model, out)
+    save_atomic(onnx_model, out)
     return out
-
-
-def _check_writable(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise SparsecError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SparsecError(f"cannot write {out}: folder {parent} is not writable")
-    if out.is_dir():
-        raise SparsecError(f"cannot write {out}: it is a folder")
-
-
-def _save_atomic(model, out: Path) -> None:
-    import onnx_ir as ir
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-    os.close(fd)
-    try:
-        ir.save(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- verification ------------------------------------------------------------------------
@@ -303,7 +277,7 @@ def _export_command(args) -> int:
     from sparsec.progress import stage
 
     out = Path(args.output)
-    _check_writable(out)
+    check_writable(out)
     with stage(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, quiet=True)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):

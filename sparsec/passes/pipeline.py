@@ -8,13 +8,12 @@ weight names before the sparsity record that uses them.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from sparsec import contract
 from sparsec.errors import SparsecError
+from sparsec.onnx_io import check_writable, save_atomic
 from sparsec.passes import functions
 from sparsec.passes.report import OptimizeReport, op_counts
 
@@ -89,36 +88,13 @@ def optimize_file(src, dst, *, report: bool = False, validate: bool = True) -> O
     from sparsec.passes import check as checks
 
     src, dst = Path(src), Path(dst)
-    _check_writable(dst)
+    check_writable(dst)
     model = checks.load(src)
     if model.metadata_props.get(contract.META_FORMAT) == "optimized":
         raise SparsecError(f"{src} is already optimized; give the exported graph")
     checks.check(model, where=str(src))
     model, result = optimize(model, validate=validate, check=False)
-    _save_atomic(model, dst)
+    save_atomic(model, dst)
     if report:
         print(result.to_text())
     return result
-
-
-def _check_writable(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise SparsecError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise SparsecError(f"cannot write {out}: folder {parent} is not writable")
-    if out.is_dir():
-        raise SparsecError(f"cannot write {out}: it is a folder")
-
-
-def _save_atomic(model, out: Path) -> None:
-    import onnx_ir as ir
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
-    os.close(fd)
-    try:
-        ir.save(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
