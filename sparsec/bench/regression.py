@@ -231,7 +231,7 @@ class TimingLibrary:
         self.specs = specs
         self.packs = packs
         module = _build_module(specs, packs, emitter)
-        self.lib = target.load_library(target.build_library(module, [TIMER_SOURCE]))
+        self.lib = target.build_and_load(module, [TIMER_SOURCE])
         fn = self.lib.sparsec_time_calls
         fn.restype = ctypes.c_int
         fn.argtypes = [

@@ -179,8 +179,21 @@ def contract_graph(v: Variant) -> Path:
     return out
 
 
+def compiler_digest() -> str:
+    """Hash of the code generator's sources: a cached model.so built by another version of
+    the compiler must not be benchmarked as this one's."""
+    import sparsec.codegen
+
+    root = Path(sparsec.codegen.__file__).parent
+    h = hashlib.blake2b(digest_size=6)
+    for src in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".h")):
+        h.update(src.relative_to(root).as_posix().encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()
+
+
 def sparsec_library(v: Variant, precision: str, kernels: str, max_context: int) -> Path:
-    out = v.folder / f"sparsec-{precision}-{kernels}-c{max_context}.so"
+    stem = f"sparsec-{precision}-{kernels}-c{max_context}"
+    out = v.folder / f"{stem}-{compiler_digest()}.so"
     if not out.is_file():
         from sparsec.codegen.compile import compile_model
 
@@ -192,6 +205,9 @@ def sparsec_library(v: Variant, precision: str, kernels: str, max_context: int) 
             max_context=max_context,
             quiet=True,
         )
+        for stale in v.folder.glob(f"{stem}*.so"):  # other compiler versions' builds
+            if stale != out:
+                stale.unlink(missing_ok=True)
     return out
 
 

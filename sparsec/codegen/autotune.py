@@ -61,7 +61,10 @@ class LinearLibrary:
                 )
             self.packed[name] = packed
         self.max_tokens = max_tokens
-        self.lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out))
+        if out is None:
+            self.lib = target.build_and_load(module, [TIMER_SOURCE])
+        else:
+            self.lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out))
         self.lib.sparsec_time_calls.restype = ctypes.c_int
         self.lib.sparsec_time_calls.argtypes = [
             ctypes.POINTER(_Call),

@@ -269,13 +269,8 @@ def link_shared(
     return out
 
 
-def build_library(ir_module, c_sources: Sequence[Path] = (), out: Path | str | None = None) -> Path:
-    """Compile ``ir_module`` and link it with ``c_sources`` into a .so; returns its path.
-
-    Without ``out`` the library goes to a fresh temporary directory (tests, autotuning).
-    """
-    if out is None:
-        out = Path(tempfile.mkdtemp(prefix="sparsec-build-")) / "kernels.so"
+def build_library(ir_module, c_sources: Sequence[Path] = (), out: Path | str = "kernels.so") -> Path:
+    """Compile ``ir_module`` and link it with ``c_sources`` into the .so ``out``."""
     return link_shared([compile_ir(ir_module)], c_sources, out)
 
 
@@ -285,6 +280,16 @@ def load_library(path: Path | str) -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as exc:
         raise SparsecError(f"cannot load the compiled library {path}: {exc}") from exc
+
+
+def build_and_load(ir_module, c_sources: Sequence[Path] = ()) -> ctypes.CDLL:
+    """Build a throwaway library (tests, autotuning, benchmarks) and load it.
+
+    The file is deleted once loaded (the mapping outlives it), so the many libraries an
+    autotuned compile builds leave nothing behind in the temp directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="sparsec-build-") as tmp:
+        return load_library(build_library(ir_module, c_sources, Path(tmp) / "kernels.so"))
 
 
 def declare_function(module, name: str, fnty):

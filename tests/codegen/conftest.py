@@ -32,7 +32,7 @@ class LinearKernel:
         self.x_stride = emit_kwargs.get("x_stride")
         if self.int8:
             emit_quantize_tokens(module, "quant", in_features, max_tokens=max_tokens)
-        self.lib = target.load_library(target.build_library(module))
+        self.lib = target.build_and_load(module)
         self.fn = self.lib.lin
         self.fn.restype = None
         self.fn.argtypes = [P, P, P, P, I32, I32, I32] if self.int8 else [P, P, P, I32, I32, I32]

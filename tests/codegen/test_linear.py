@@ -16,7 +16,9 @@ from sparsec.codegen.linear import (
 )
 from sparsec.errors import SparsecError
 
-SHAPES = [(32, 32), (64, 128), (40, 70), (130, 64)]
+# 200 and 410 rows: 13 and 26 row blocks, so decode block groups (up to 6 blocks) run
+# whole and with a remainder, on 1-3 threads.
+SHAPES = [(32, 32), (64, 128), (40, 70), (130, 64), (200, 24), (410, 40)]
 SPARSITIES = [0.0, 0.5, 0.7, 0.9, 1.0]
 MAX_TOKENS = 16
 TOKENS = [1, 3, 8, 13, MAX_TOKENS]  # 13 = 8 + 4 + 1 covers every token tile size
@@ -127,7 +129,7 @@ def test_real_threads(fmt):
 )
 @given(
     fmt=st.sampled_from(LINEAR_FORMATS),
-    out_f=st.integers(1, 70),
+    out_f=st.integers(1, 260),
     in_f=st.integers(1, 90),
     sparsity=st.sampled_from(SPARSITIES),
     n=st.integers(1, 12),

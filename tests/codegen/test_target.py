@@ -1,6 +1,7 @@
 """Target tests: CPU feature checks, AVX-512 code emission, linking and loading."""
 
 import ctypes
+import tempfile
 
 import numpy as np
 import pytest
@@ -67,6 +68,18 @@ def test_build_and_call(tmp_path):
     ptr = ctypes.POINTER(ctypes.c_float)
     lib.fma16(a.ctypes.data_as(ptr), x.ctypes.data_as(ptr), y.ctypes.data_as(ptr))
     np.testing.assert_array_equal(y, a * 2 + 1)
+
+
+def test_throwaway_library_leaves_no_files(tmp_path, monkeypatch):
+    # autotuning builds dozens of libraries per compile: none may stay in the temp dir
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lib = target.build_and_load(_fma_module())
+    a = np.arange(16, dtype=np.float32)
+    y = np.zeros(16, np.float32)
+    ptr = ctypes.POINTER(ctypes.c_float)
+    lib.fma16(a.ctypes.data_as(ptr), a.ctypes.data_as(ptr), y.ctypes.data_as(ptr))
+    np.testing.assert_array_equal(y, a * a)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_link_with_c_source(tmp_path):
