@@ -269,7 +269,9 @@ def link_shared(
     return out
 
 
-def build_library(ir_module, c_sources: Sequence[Path] = (), out: Path | str = "kernels.so") -> Path:
+def build_library(
+    ir_module, c_sources: Sequence[Path] = (), out: Path | str = "kernels.so"
+) -> Path:
     """Compile ``ir_module`` and link it with ``c_sources`` into the .so ``out``."""
     return link_shared([compile_ir(ir_module)], c_sources, out)
 
