@@ -32,6 +32,12 @@ def register(subparsers) -> None:
     )
     run.add_argument("--threads", type=int, default=None, metavar="N")
     run.add_argument("--no-verify", action="store_true", help="skip the weights hash check at load")
+    run.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="map the weights from the file (shared page cache, no private copy) instead of "
+        "copying them to 2 MiB huge pages (a few %% faster decode)",
+    )
     run.set_defaults(func=run_command)
 
     inspect = subparsers.add_parser(
@@ -47,7 +53,12 @@ def register(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from sparsec import runtime
 
-    model = runtime.load(args.model, threads=args.threads, verify=not args.no_verify)
+    model = runtime.load(
+        args.model,
+        threads=args.threads,
+        verify=not args.no_verify,
+        huge_pages=False if args.no_huge_pages else None,
+    )
     with model:
         options = dict(
             max_new_tokens=args.max_new_tokens,
@@ -69,7 +80,11 @@ def run_command(args: argparse.Namespace) -> int:
         out.write("\n")
         out.flush()
         result = stream.result
-    print(f"[{result.finish_reason}] {result.stats.summary()}", file=sys.stderr)
+    print(
+        f"[{result.finish_reason}] {result.stats.summary()}; {model.threads} thread(s), "
+        f"weights in {model.weights_memory}",
+        file=sys.stderr,
+    )
     return 0
 
 

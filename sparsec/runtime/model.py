@@ -16,7 +16,7 @@ import weakref
 import numpy as np
 
 from sparsec.errors import SparsecError
-from sparsec.runtime.artifact import Artifact, map_weights, read_artifact, verify_weights
+from sparsec.runtime.artifact import Artifact, load_weights, read_artifact
 from sparsec.runtime.chat import render_chat
 from sparsec.runtime.cpu import check_host
 from sparsec.runtime.detokenize import IncrementalDetokenizer, StopStrings, normalize_stop
@@ -66,22 +66,30 @@ def load_tokenizer(manifest: dict, name: str):
     return tokenizer
 
 
-def load(path: str | os.PathLike, threads: int | None = None, verify: bool = True) -> Model:
+def load(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    verify: bool = True,
+    huge_pages: bool | None = None,
+) -> Model:
     """Load a compiled ``model.so``.
 
     ``threads``: worker threads of the native code (default: the manifest's
     ``default_threads``, at most the CPUs this process may use). ``verify``: check the
-    blake2b hash of the weights (about 1 s per GB).
+    blake2b hash of the weights (about 1 s per GB). ``huge_pages``: hold the weights in
+    a private copy on 2 MiB transparent huge pages (faster decode) rather than mapping
+    the file (shared page cache, no private memory); None = when the kernel offers them.
+    ``Model.weights_memory`` says which was used.
     """
     artifact = read_artifact(path)
     name = str(path)
     check_host(artifact.manifest, name)
     n_threads = resolve_threads(threads, artifact.manifest)
     tokenizer = load_tokenizer(artifact.manifest, name)
-    weights = map_weights(artifact)
-    if verify:
-        verify_weights(artifact, weights)
-    return Model(artifact, weights, tokenizer, n_threads)
+    weights, how = load_weights(artifact, huge_pages=huge_pages, verify=verify)
+    model = Model(artifact, weights, tokenizer, n_threads)
+    model.weights_memory = how
+    return model
 
 
 def _release(native: NativeModel, *buffers) -> None:
@@ -108,6 +116,7 @@ class Model:
             [] if eos is None else eos if isinstance(eos, list) else [eos]
         )
         self.bos_token_id: int | None = gen["bos_token_id"]
+        self.weights_memory = "file mapping"  # or "huge pages" (see load)
 
         self._kv_cache = aligned_zeros(tuple(m["kv_cache"]["shape"]), np.float32)
         self._logits = aligned_zeros((self.max_tokens_per_call, self.vocab_size), np.float32)

@@ -109,17 +109,50 @@ def test_abi_version_mismatch(model_path, tmp_path):
     )
 
 
-def test_weights_hash_mismatch(model_path, tmp_path):
+@pytest.mark.parametrize("huge_pages", [None, False])  # copied to huge pages / mapped
+def test_weights_hash_mismatch(model_path, tmp_path, huge_pages):
     data = bytearray(model_path.read_bytes())
     offset = fake.read_weights_offset(data)
     data[offset + 123] ^= 0x01
     bad = tmp_path / "flipped.so"
     bad.write_bytes(bytes(data))
-    msg = load_error(bad)
+    msg = load_error(bad, huge_pages=huge_pages)
     assert msg.startswith(f"{bad} has corrupt weights (blake2b mismatch")
     assert "verify=False skips this check" in msg
-    with runtime.load(bad, verify=False) as m:  # the check is the only thing in the way
+    with runtime.load(bad, verify=False, huge_pages=huge_pages) as m:  # the only obstacle
         assert m.generate([1, 2], max_new_tokens=2).finish_reason == "length"
+
+
+def _thp(monkeypatch, tmp_path, text):
+    path = tmp_path / "thp_enabled"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setattr(artifact_module, "THP_ENABLED", path)
+
+
+@pytest.mark.parametrize("text", ["always madvise [never]\n", None])
+def test_huge_pages_required_but_off(model_path, monkeypatch, tmp_path, text):
+    _thp(monkeypatch, tmp_path, text)
+    state = "never" if text else "unavailable"
+    msg = load_error(model_path, huge_pages=True)
+    assert msg.startswith(f"huge pages were requested for {model_path}, but transparent huge")
+    assert f"pages are {state} on this system" in msg and "huge_pages=False" in msg
+    with runtime.load(model_path) as m:  # the default falls back to the file, and says so
+        assert m.weights_memory == "file mapping"
+
+
+def test_weights_memory_modes_agree(model_path, monkeypatch, tmp_path):
+    _thp(monkeypatch, tmp_path, "always [madvise] never\n")
+    outputs = {}
+    for huge_pages, expected in (
+        (None, "huge pages"),
+        (True, "huge pages"),
+        (False, "file mapping"),
+    ):
+        with runtime.load(model_path, huge_pages=huge_pages) as m:
+            assert m.weights_memory == expected
+            outputs[huge_pages] = m.generate([1, 2, 3], max_new_tokens=6).token_ids
+    assert outputs[None] == outputs[True] == outputs[False]
 
 
 def test_missing_cpu_features(make_model):
