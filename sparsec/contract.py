@@ -35,6 +35,7 @@ META_TOKENIZER = "sparsec.tokenizer"  # tokenizer.json text
 META_CHAT_TEMPLATE = "sparsec.chat_template"  # Jinja chat template, may be absent
 META_GENERATION = "sparsec.generation"  # JSON: bos/eos token ids
 META_SOURCE = "sparsec.source"  # what the model was made from
+META_QUANTIZATION = "sparsec.quantization"  # "w8a8" when exported from an --int8 folder
 META_SPARSITY = "sparsec.sparsity"  # JSON per weight: shape, sparsity, pattern (optimized)
 
 # --- custom op domain of the optimized graph -----------------------------------------

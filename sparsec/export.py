@@ -78,12 +78,23 @@ def _example_inputs(config, batch: int, seq: int, past: int, seed: int = 0):
     return ids, mask, pos, kv
 
 
-def export_model(model, tokenizer, out: str | os.PathLike, *, source: str = "") -> Path:
-    """Export ``model`` to ``out`` (written atomically) and return the path."""
+def export_model(
+    model, tokenizer, out: str | os.PathLike, *, source: str = "", quantization=None
+) -> Path:
+    """Export ``model`` to ``out`` (written atomically) and return the path.
+
+    ``quantization``: a ``sparsec.export_quant.W8A8`` (a sparsify ``--int8`` folder's
+    quantization.json): its Linears are exported as int8 weights + DequantizeLinear with
+    per-token activation fake quantization, which the passes fold.
+    """
+    import contextlib
+
     import onnx_ir as ir
     import torch
 
+    from sparsec.export_quant import insert_weight_dequantize, quantized_linears
     from sparsec.models import model_config_dict, tokenizer_assets
+    from sparsec.sparsify.quant import ActivationFakeQuant
 
     out = Path(out)
     check_writable(out)
@@ -103,7 +114,9 @@ def export_model(model, tokenizer, out: str | os.PathLike, *, source: str = "") 
         tuple({0: batch, 2: past} for _ in range(2 * n_layers)),
     )
     input_names, output_names = _io_names(n_layers)
-    with warnings.catch_warnings(), torch.no_grad():
+    linears = quantized_linears(model, quantization) if quantization else {}
+    activations = ActivationFakeQuant(linears) if linears else contextlib.nullcontext()
+    with warnings.catch_warnings(), torch.no_grad(), activations:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -118,6 +131,9 @@ def export_model(model, tokenizer, out: str | os.PathLike, *, source: str = "") 
         except Exception as e:
             raise SparsecError(f"torch.onnx export failed: {str(e).splitlines()[0]}") from e
     onnx_model: ir.Model = program.model
+    if linears:
+        insert_weight_dequantize(onnx_model, linears, quantization)
+        onnx_model.metadata_props[contract.META_QUANTIZATION] = "w8a8"
     assets = tokenizer_assets(tokenizer)
     meta = onnx_model.metadata_props
     meta[contract.META_FORMAT] = "exported"
@@ -143,11 +159,15 @@ class ExportCheck:
     first_mismatch: int | None = None
 
 
-def _ort_session(path: Path):
+def _ort_session(path: Path, quantized: bool = False):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if quantized:
+        # Higher levels rewrite MatMul(x, DequantizeLinear(int8)) into integer kernels
+        # that also quantize x their own way (1-2% off the graph's own semantics).
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -169,13 +189,27 @@ def verify_export(
     *,
     greedy_prompt: list[int] | None = None,
     greedy_tokens: int = 0,
+    quantization=None,
 ) -> ExportCheck:
     """Compare onnxruntime with PyTorch on ``path``: logits at prefill and decode shapes,
-    and (optionally) a greedy continuation of ``greedy_prompt`` token for token."""
+    and (optionally) a greedy continuation of ``greedy_prompt`` token for token. With
+    ``quantization`` (as given to export_model) PyTorch runs with the same per-token
+    activation fake quantization."""
+    import contextlib
+
+    from sparsec.export_quant import quantized_linears
+    from sparsec.sparsify.quant import ActivationFakeQuant
+
+    linears = quantized_linears(model, quantization) if quantization else {}
+    with ActivationFakeQuant(linears) if linears else contextlib.nullcontext():
+        return _compare(path, model, greedy_prompt, greedy_tokens, bool(linears))
+
+
+def _compare(path, model, greedy_prompt, greedy_tokens, quantized) -> ExportCheck:
     import numpy as np
     import torch
 
-    session = _ort_session(Path(path))
+    session = _ort_session(Path(path), quantized)
     wrapper = _cache_wrapper(model).eval()
     diffs = []
     for batch, seq, past in ((1, 7, 0), (2, 1, 6)):
@@ -269,25 +303,48 @@ def register(sub) -> None:
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the greedy check")
     p.add_argument("--no-verify", action="store_true", help="skip all checks against PyTorch")
+    p.add_argument(
+        "--ignore-quantization",
+        action="store_true",
+        help="export a `sparsify --int8` folder as plain float weights (by default its "
+        "quantization.json becomes int8 weights + DequantizeLinear and per-token "
+        "activation quantization)",
+    )
     p.set_defaults(func=_export_command)
 
 
 def _export_command(args) -> int:
+    from sparsec.export_quant import read_quantization
     from sparsec.models import load_model
     from sparsec.progress import stage
 
     out = Path(args.output)
     check_writable(out)
+    folder = Path(args.model)
+    quantization = None
+    if folder.is_dir() and not args.ignore_quantization:
+        quantization = read_quantization(folder)
     with stage(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, quiet=True)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):
-        export_model(model, tokenizer, out, source=str(args.model))
+        export_model(model, tokenizer, out, source=str(args.model), quantization=quantization)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    if quantization:
+        print(
+            f"W8A8 from {quantization.path.name}: {len(quantization.scales)} Linear weights "
+            "as int8 + DequantizeLinear, their inputs fake-quantized per token"
+        )
     if args.no_verify:
         return 0
     prompt = tokenizer(args.prompt).input_ids
     with stage("verifying under onnxruntime against PyTorch"):
-        check = verify_export(out, model, greedy_prompt=prompt, greedy_tokens=args.verify_tokens)
+        check = verify_export(
+            out,
+            model,
+            greedy_prompt=prompt,
+            greedy_tokens=args.verify_tokens,
+            quantization=quantization,
+        )
     print(f"max |Δlogits| prefill {check.prefill_max_abs:.2e}, decode {check.decode_max_abs:.2e}")
     if check.greedy_tokens:
         verdict = "match" if check.greedy_match else f"DIFFER at token {check.first_mismatch}"

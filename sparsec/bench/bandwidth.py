@@ -24,6 +24,7 @@ import numpy as np
 from sparsec.errors import SparsecError
 
 SOURCE = Path(__file__).with_name("read_bandwidth.c")
+HEADER = Path(__file__).parents[1] / "codegen" / "native" / "timed_threads.h"  # included
 CFLAGS = ("-O2", "-shared", "-fPIC", "-pthread", "-mavx512f")
 # Far beyond the 32 MB L3 of a Zen 4 CCD, and about SmolLM2's fp32 weights (540 MB) /
 # 2: the probe then reads from DRAM as a decode step does.
@@ -101,7 +102,8 @@ class ReadBandwidthProbe:
     a fresh buffer of ``nbytes``."""
 
     def __init__(self, cache_dir: Path | None = None):
-        digest = hashlib.blake2b(SOURCE.read_bytes() + " ".join(CFLAGS).encode(), digest_size=8)
+        sources = SOURCE.read_bytes() + HEADER.read_bytes()
+        digest = hashlib.blake2b(sources + " ".join(CFLAGS).encode(), digest_size=8)
         path = (cache_dir or _cache_dir()) / f"read_bandwidth-{digest.hexdigest()}.so"
         if not path.is_file():
             _build(path)

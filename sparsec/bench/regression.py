@@ -165,11 +165,6 @@ def fingerprints(
 # --------------------------------------------------------------------------- timing
 
 
-class _Call(ctypes.Structure):
-    # struct sparsec_call of sparsec/codegen/kernel_timer.c
-    _fields_ = [("fn", ctypes.c_void_p), ("kind", ctypes.c_int64), ("a", ctypes.c_void_p * 4)]
-
-
 @dataclass
 class KernelTiming:
     """One kernel's measurement: ``samples`` alternating timings of the kernel (all its
@@ -226,36 +221,21 @@ class TimingLibrary:
     def __init__(self, specs: list[KernelSpec], packs: dict, emitter: Emitter = emit_kernel):
         from sparsec.bench.bandwidth import ReadBandwidthProbe
         from sparsec.codegen import target
-        from sparsec.codegen.autotune import TIMER_SOURCE
+        from sparsec.codegen.autotune import TIMER_SOURCE, bind_timer
 
         self.specs = specs
         self.packs = packs
         module = _build_module(specs, packs, emitter)
-        self.lib = target.build_and_load(module, [TIMER_SOURCE])
-        fn = self.lib.sparsec_time_calls
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.POINTER(_Call),
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_double),
-        ]
+        self.lib = bind_timer(target.build_and_load(module, [TIMER_SOURCE]))
         self.probe = ReadBandwidthProbe()
 
     def _address(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
 
     def _time(self, calls: list[tuple[int, int, list[int]]], reps: int) -> np.ndarray:
-        arr = (_Call * len(calls))()
-        for c, (fn, kind, args) in zip(arr, calls, strict=True):
-            c.fn, c.kind = fn, kind
-            c.a[:] = args
-        times = (ctypes.c_double * reps)()
-        if self.lib.sparsec_time_calls(arr, len(calls), 1, TIMING_THREADS, reps, times) != 0:
-            raise RuntimeError("kernel timer could not start its threads")
-        return np.array(times[:])
+        from sparsec.codegen.autotune import time_calls
+
+        return time_calls(self.lib, calls, 1, TIMING_THREADS, reps)
 
     def measure(self, spec: KernelSpec, samples: int = SAMPLES) -> KernelTiming:
         from sparsec.bench.bandwidth import aligned_buffer

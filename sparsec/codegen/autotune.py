@@ -36,7 +36,36 @@ TIMING_WORKING_SET = 16 << 20
 
 
 class _Call(ctypes.Structure):
+    # struct sparsec_call of kernel_timer.c
     _fields_ = [("fn", ctypes.c_void_p), ("kind", ctypes.c_int64), ("a", ctypes.c_void_p * 4)]
+
+
+def bind_timer(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare ``sparsec_time_calls`` of a library linked with kernel_timer.c."""
+    fn = lib.sparsec_time_calls
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.POINTER(_Call),
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_double),
+    ]
+    return lib
+
+
+def time_calls(lib: ctypes.CDLL, calls, n_tokens: int, nthreads: int, reps: int) -> np.ndarray:
+    """Seconds per repetition of running ``calls`` ((address, kind, [pointers]) each) in
+    order on ``nthreads`` threads, with a barrier after each call."""
+    arr = (_Call * len(calls))()
+    for c, (fn, kind, args) in zip(arr, calls, strict=True):
+        c.fn, c.kind = fn, kind
+        c.a[:] = args
+    times = (ctypes.c_double * reps)()
+    if lib.sparsec_time_calls(arr, len(calls), n_tokens, nthreads, reps, times) != 0:
+        raise SparsecError(f"could not start {nthreads} timing threads")
+    return np.array(times[:], dtype=np.float64)
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -62,18 +91,10 @@ class LinearLibrary:
             self.packed[name] = packed
         self.max_tokens = max_tokens
         if out is None:
-            self.lib = target.build_and_load(module, [TIMER_SOURCE])
+            lib = target.build_and_load(module, [TIMER_SOURCE])
         else:
-            self.lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out))
-        self.lib.sparsec_time_calls.restype = ctypes.c_int
-        self.lib.sparsec_time_calls.argtypes = [
-            ctypes.POINTER(_Call),
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(ctypes.c_double),
-        ]
+            lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out))
+        self.lib = bind_timer(lib)
 
     def address(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
@@ -92,14 +113,7 @@ class LinearLibrary:
         """Seconds per repetition of running ``calls`` in order on ``nthreads`` threads."""
         if not 1 <= n_tokens <= self.max_tokens:
             raise SparsecError(f"n_tokens {n_tokens} outside 1..{self.max_tokens}")
-        arr = (_Call * len(calls))()
-        for c, (fn, kind, args) in zip(arr, calls, strict=True):
-            c.fn, c.kind = fn, kind
-            c.a[:] = args
-        times = (ctypes.c_double * reps)()
-        if self.lib.sparsec_time_calls(arr, len(calls), n_tokens, nthreads, reps, times) != 0:
-            raise SparsecError(f"could not start {nthreads} timing threads")
-        return np.array(times[:], dtype=np.float64)
+        return time_calls(self.lib, calls, n_tokens, nthreads, reps)
 
     def run(self, name: str, x: np.ndarray, y: np.ndarray, nthreads: int = 1, data=None):
         """Run the layer on ``nthreads`` real threads: ``y (+)= x @ W.T`` in place."""

@@ -50,6 +50,14 @@ def register(sub) -> None:
     p.add_argument(
         "--int8", action="store_true", help="W8A8: int8-grid weights + quantization.json"
     )
+    p.add_argument(
+        "--qat-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --int8: the last N of the --steps distillation steps train through W8A8 "
+        "fake quantization (straight-through gradients), so the int8 model loses less",
+    )
     p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per eval source")
     p.add_argument("--eval-every", type=int, default=0, help="recovery-curve interval in steps")
@@ -99,6 +107,7 @@ def _sparsify(args) -> int:
         seq_len=args.seq_len,
         teacher=args.teacher,
         int8=args.int8,
+        qat_steps=args.qat_steps,
         eval=list(args.eval),
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,

@@ -8,6 +8,7 @@ renamed into place at the very end: an interrupted run never leaves half an outp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import sys
@@ -25,7 +26,12 @@ from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
 from sparsec.sparsify.patterns import check_sparsity, parse_pattern
 from sparsec.sparsify.perplexity import perplexity
 from sparsec.sparsify.prune import decoder_layers, prunable_linears, prune_model
-from sparsec.sparsify.quant import ActivationFakeQuant, quantize_weights_, write_quantization_json
+from sparsec.sparsify.quant import (
+    ActivationFakeQuant,
+    QuantAwareLinears,
+    quantize_weights_,
+    write_quantization_json,
+)
 from sparsec.sparsify.squarehead import distillation_loss
 from sparsec.sparsify.train import MaskedTrainer, TrainConfig
 
@@ -43,7 +49,7 @@ def default_lr(sparsity: float) -> float:
 PRUNE_OPTIONS = tuple(
     "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
 )
-TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher".split())
+TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher qat_steps".split())
 
 
 @dataclass
@@ -64,6 +70,7 @@ class SparsifyOptions:
     warmup: float = 0.1
     teacher: str | None = None
     int8: bool = False
+    qat_steps: int = 0  # the last N distillation steps train through W8A8 fake quant
     eval: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_EVAL))
     eval_tokens: int = 16384
     eval_every: int = 0  # recovery-curve points every N steps (0: about 10 points)
@@ -221,12 +228,15 @@ class Run:
             curve_point(0)
         bar = _bar(opts, opts.steps, trainer.step, "squarehead")
         started = time.monotonic() - self.state["timings"].get("distill", 0.0)
+        qat_from = opts.steps - opts.qat_steps
         try:
             while trainer.step < opts.steps:
                 ids, mask = data.batch(trainer.step, opts.batch_size, opts.seq_len, opts.seed)
-                metrics = trainer.train_step(
-                    lambda ids=ids, mask=mask: distillation_loss(self.model, teacher, ids, mask)
-                )
+                qat = trainer.step >= qat_from and opts.qat_steps > 0
+                with QuantAwareLinears(self.linears) if qat else contextlib.nullcontext():
+                    metrics = trainer.train_step(
+                        lambda ids=ids, mask=mask: distillation_loss(self.model, teacher, ids, mask)
+                    )
                 self.state["last_metrics"] = metrics
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.2f}")
                 bar.update(1)
@@ -338,6 +348,14 @@ def sparsify(opts: SparsifyOptions) -> Path:
         raise SparsecError(f"--steps {opts.steps} is negative")
     if opts.calibration_samples < 1:
         raise SparsecError("--calibration-samples must be at least 1")
+    if opts.qat_steps:
+        if not opts.int8:
+            raise SparsecError("--qat-steps trains for the int8 model: add --int8")
+        if not 0 < opts.qat_steps <= opts.steps:
+            raise SparsecError(
+                f"--qat-steps {opts.qat_steps} must be between 1 and --steps ({opts.steps}): "
+                "quantization-aware training is the last part of distillation"
+            )
     run = Run(opts)
     run.pattern = pattern
     torch.manual_seed(opts.seed)

@@ -50,6 +50,11 @@ def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     return x + (y - x).detach()
 
 
+def fake_quant_weight_ste(w: torch.Tensor) -> torch.Tensor:
+    """``fake_quant_weight`` whose gradient passes straight through to ``w``."""
+    return w + (fake_quant_weight(w) - w).detach()
+
+
 def quantize_weights_(linears: dict[str, nn.Linear]) -> dict[str, list[float]]:
     """Snap every listed Linear's weight to its int8 grid in place; return the scales."""
     scales = {}
@@ -82,6 +87,31 @@ class ActivationFakeQuant:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+class QuantAwareLinears:
+    """Quantization-aware training: inside ``with``, the given Linears compute in W8A8
+    fake quantization (weights on their per-channel int8 grid, inputs per token), with
+    straight-through gradients, so training sees the rounding the int8 model will have.
+    The float weights stay the trained parameters; ``quantize_weights_`` snaps them after.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.linears = linears
+
+    @staticmethod
+    def _forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        weight = fake_quant_weight_ste(linear.weight)
+        return nn.functional.linear(fake_quant_per_token(x), weight, linear.bias)
+
+    def __enter__(self) -> QuantAwareLinears:
+        for linear in self.linears.values():
+            linear.forward = lambda x, linear=linear: self._forward(linear, x)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for linear in self.linears.values():
+            del linear.forward  # back to nn.Linear.forward
 
 
 def write_quantization_json(folder: Path, scales: dict[str, list[float]]) -> None:

@@ -83,6 +83,7 @@ def recipe(opts, state: dict, version: str) -> dict:
                     "scheme": "w8a8",
                     "weights": "int8 symmetric per output channel, round half to even",
                     "activations": "int8 symmetric per token (inputs of the pruned Linears)",
+                    "quantization_aware_steps": opts.qat_steps,
                 }
             }
         )

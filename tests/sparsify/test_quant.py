@@ -9,6 +9,7 @@ import torch
 
 from sparsec.sparsify.quant import (
     ActivationFakeQuant,
+    QuantAwareLinears,
     fake_quant_per_token,
     fake_quant_weight,
     quantize_weight,
@@ -83,3 +84,22 @@ def test_activation_hooks_quantize_linear_inputs_only_inside_with():
         inside = linear(x)
     torch.testing.assert_close(inside, linear(fake_quant_per_token(x)))
     torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+
+
+def test_quant_aware_linears_compute_w8a8_with_straight_through_gradients():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 4)
+    x = torch.randn(3, 16)
+    w8a8 = torch.nn.functional.linear(
+        fake_quant_per_token(x), fake_quant_weight(linear.weight), linear.bias
+    )
+    with QuantAwareLinears({"l": linear}):
+        inside = linear(x)
+        inside.sum().backward()
+    torch.testing.assert_close(inside, w8a8, rtol=0, atol=0)
+    # straight through: d/dW sum(x_q @ W_q.T) = sum over tokens of x_q, for every row
+    expected = fake_quant_per_token(x).sum(0).expand(4, 16)
+    torch.testing.assert_close(linear.weight.grad, expected)
+    float_out = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    torch.testing.assert_close(linear(x), float_out)  # back to float after the with
+    assert not np.array_equal(float_out.detach().numpy(), w8a8.detach().numpy())

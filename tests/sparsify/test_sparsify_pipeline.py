@@ -90,6 +90,8 @@ def test_end_to_end_writes_hf_folder_recipe_and_report(tiny_model_dir, text_file
         (dict(pattern="3:5", sparsity=0.4), "does not divide the input width"),
         (dict(pattern="2:4", sparsity=0.7), "pass --sparsity 0.5"),
         (dict(calibration=["/nonexistent/data.txt"]), "does not exist"),
+        (dict(steps=4, qat_steps=2), "--qat-steps trains for the int8 model: add --int8"),
+        (dict(steps=4, qat_steps=5, int8=True), "must be between 1 and --steps \\(4\\)"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_model_dir, text_file, tmp_path, overrides, message):
@@ -258,3 +260,31 @@ def test_cli_defaults_match_the_data_module():
     assert command.DEFAULT_CALIBRATION == list(data.DEFAULT_CALIBRATION)
     assert command.DEFAULT_TRAIN == list(data.DEFAULT_TRAIN)
     assert command.DEFAULT_EVAL == list(data.DEFAULT_EVAL)
+
+
+def test_quantization_aware_steps_train_through_w8a8(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """The last --qat-steps steps (only those) run with QuantAwareLinears active, and the
+    recipe records them; the output is snapped to the int8 grid as without QAT."""
+    import sparsec.sparsify.pipeline as pipeline
+
+    active = []
+
+    class Spy(pipeline.QuantAwareLinears):
+        def __enter__(self):
+            active.append(True)
+            return super().__enter__()
+
+    monkeypatch.setattr(pipeline, "QuantAwareLinears", Spy)
+    opts = options(tiny_model_dir, text_file, tmp_path / "out", steps=5, qat_steps=2, int8=True)
+    out = sparsify(opts)
+    assert len(active) == 2
+    import yaml
+
+    stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
+    assert stages[-1]["quantize"]["quantization_aware_steps"] == 2
+    weights = load_file(out / "model.safetensors")
+    for name in json.loads((out / "quantization.json").read_text())["weights"]["scales"]:
+        q, scale = quantize_weight(weights[name])
+        torch.testing.assert_close(q.float() * scale[:, None], weights[name], rtol=0, atol=0)
