@@ -81,6 +81,8 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--seq-len", type=int, default=256)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds (default 300)")
+    f.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoint")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune)
 
@@ -137,6 +139,8 @@ def _finetune(args) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
         quiet=args.quiet,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     print(f'{{"output": "{out}"}}')
     return 0

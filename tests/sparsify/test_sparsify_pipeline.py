@@ -219,6 +219,45 @@ def test_finetune_writes_a_trained_dense_model(tiny_model_dir, tmp_path):
     assert all(float((after[n] == 0).float().mean()) < 0.01 for n in after)  # still dense
 
 
+def test_finetune_ctrl_c_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, monkeypatch):
+    from sparsec.sparsify.finetune import finetune
+
+    data = tmp_path / "task.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"question": f"{i}+2?", "answer": f"#### {i + 2}"}) for i in range(8))
+    )
+    args = (str(tiny_model_dir), [str(data)])
+    kw = dict(steps=5, batch_size=2, seq_len=16, quiet=True, checkpoint_every=1e9)
+    reference = finetune(*args, tmp_path / "ref", **kw)
+    out = tmp_path / "teacher"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(*args, out, **kw)
+    assert not out.exists()  # never a half-written output
+    state = json.loads((tmp_path / "teacher.checkpoint" / "current" / "state.json").read_text())
+    assert state["step"] == 2
+    with pytest.raises(SparsecError, match="pass --resume"):
+        finetune(*args, out, **kw)
+    with pytest.raises(SparsecError, match="made with other options"):
+        finetune(*args, out, **{**kw, "lr": 5e-4}, resume=True)
+    steps_run = []
+    original = MaskedTrainer.train_step
+    monkeypatch.setattr(
+        MaskedTrainer,
+        "train_step",
+        lambda self, fn: steps_run.append(self.step) or original(self, fn),
+    )
+    finetune(*args, out, **kw, resume=True)
+    assert steps_run == [2, 3, 4]
+    assert not (tmp_path / "teacher.checkpoint").exists()
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(SparsecError, match="--resume: no checkpoint"):
+        finetune(*args, tmp_path / "other", **kw, resume=True)
+
+
 def test_command_module_is_light_and_parses():
     import argparse
     import subprocess
