@@ -130,9 +130,12 @@ def check_timings(
     return True
 
 
-def update(specs, packs, tolerance: float, runs: int) -> None:
+def update(specs, packs, tolerance: float, runs: int, keep_slower: bool = False) -> None:
     """Write both baselines; each timing baseline is the median of ``runs`` full
-    measurements, so one noisy moment does not become the reference."""
+    measurements, so one noisy moment does not become the reference. ``keep_slower``:
+    per kernel, keep the existing baseline when it is the slower one, so the baseline
+    holds the slowest ordinary state of a shared machine seen so far (compute-bound
+    kernels move 10-20% between such states; the memory-bound probe does not)."""
     env = _environment()
     fps = reg.fingerprints(specs, packs, cpu=reg.FINGERPRINT_CPU)
     reg.write_json(
@@ -156,6 +159,11 @@ def update(specs, packs, tolerance: float, runs: int) -> None:
             f"{max(ratios):.3f})"
         )
     old = json.loads(TIMINGS.read_text()) if TIMINGS.is_file() else {}
+    if keep_slower:
+        for name, entry in (old.get("kernels") or {}).items():
+            if name in kernels and entry["ratio"] > kernels[name]["ratio"]:
+                print(f"  {name}: keeping the slower baseline {entry['ratio']:.3f}")
+                kernels[name] = entry
     reg.write_json(
         TIMINGS,
         {
@@ -233,12 +241,17 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--skip-timings", action="store_true", help="fingerprints only")
     ap.add_argument("--runs", type=int, default=5, help="timing runs a baseline is the median of")
+    ap.add_argument(
+        "--keep-slower",
+        action="store_true",
+        help="with --update: per kernel, keep the existing baseline if it is slower",
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     specs = reg.kernel_set()
     packs = reg.pack_all(specs)
     if args.update:
-        update(specs, packs, args.tolerance or reg.DEFAULT_TOLERANCE, args.runs)
+        update(specs, packs, args.tolerance or reg.DEFAULT_TOLERANCE, args.runs, args.keep_slower)
         ok = True
     elif args.study:
         study(specs, packs, args.study, args.tolerance)
