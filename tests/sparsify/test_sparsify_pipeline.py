@@ -142,6 +142,18 @@ def _interrupt_at(monkeypatch, target, after_calls: int):
     monkeypatch.setattr(owner, name, wrapped)
 
 
+def _record_steps(monkeypatch) -> list[int]:
+    """The trainer step at each train_step call from now on."""
+    steps_run = []
+    original = MaskedTrainer.train_step
+    monkeypatch.setattr(
+        MaskedTrainer,
+        "train_step",
+        lambda self, fn: steps_run.append(self.step) or original(self, fn),
+    )
+    return steps_run
+
+
 def test_ctrl_c_in_distillation_then_resume_matches_uninterrupted(
     tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
@@ -159,13 +171,7 @@ def test_ctrl_c_in_distillation_then_resume_matches_uninterrupted(
 
     with pytest.raises(SparsecError, match="--resume"):
         sparsify(opts)  # a checkpoint exists: refuse to silently start over
-    steps_run = []
-    original = MaskedTrainer.train_step
-    monkeypatch.setattr(
-        MaskedTrainer,
-        "train_step",
-        lambda self, fn: steps_run.append(self.step) or original(self, fn),
-    )
+    steps_run = _record_steps(monkeypatch)
     opts.resume = True
     sparsify(opts)
     assert steps_run == [3, 4, 5]  # continued where it stopped
@@ -241,13 +247,7 @@ def test_finetune_ctrl_c_then_resume_matches_uninterrupted(tiny_model_dir, tmp_p
         finetune(*args, out, **kw)
     with pytest.raises(SparsecError, match="made with other options"):
         finetune(*args, out, **{**kw, "lr": 5e-4}, resume=True)
-    steps_run = []
-    original = MaskedTrainer.train_step
-    monkeypatch.setattr(
-        MaskedTrainer,
-        "train_step",
-        lambda self, fn: steps_run.append(self.step) or original(self, fn),
-    )
+    steps_run = _record_steps(monkeypatch)
     finetune(*args, out, **kw, resume=True)
     assert steps_run == [2, 3, 4]
     assert not (tmp_path / "teacher.checkpoint").exists()
