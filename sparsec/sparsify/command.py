@@ -51,6 +51,13 @@ def register(sub) -> None:
         "--int8", action="store_true", help="W8A8: int8-grid weights + quantization.json"
     )
     p.add_argument(
+        "--no-smoothing",
+        dest="smooth",
+        action="store_false",
+        help="with --int8: skip the SmoothQuant-style smoothing of the quantized Linears' "
+        "inputs (folded into the RMSNorm and up_proj weights; on by default)",
+    )
+    p.add_argument(
         "--qat-steps",
         type=int,
         default=0,
@@ -110,6 +117,7 @@ def _sparsify(args) -> int:
         teacher=args.teacher,
         int8=args.int8,
         qat_steps=args.qat_steps,
+        smooth=args.smooth,
         eval=list(args.eval),
         eval_tokens=args.eval_tokens,
         eval_every=args.eval_every,

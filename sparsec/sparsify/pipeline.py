@@ -44,12 +44,14 @@ def default_lr(sparsity: float) -> float:
     return 3 * paper
 
 
+SMOOTH_SAMPLES = 16  # calibration sequences for the smoothing statistics
+
 # Options that shape the one-shot model, and those that shape distillation: a checkpoint
 # taken before distillation began may be resumed with other training options.
 PRUNE_OPTIONS = tuple(
     "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
 )
-TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher qat_steps".split())
+TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher qat_steps smooth".split())
 
 
 @dataclass
@@ -71,6 +73,7 @@ class SparsifyOptions:
     teacher: str | None = None
     int8: bool = False
     qat_steps: int = 0  # the last N distillation steps train through W8A8 fake quant
+    smooth: bool = True  # SmoothQuant-style smoothing before W8A8 (see smooth.py)
     eval: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_EVAL))
     eval_tokens: int = 16384
     eval_every: int = 0  # recovery-curve points every N steps (0: about 10 points)
@@ -203,6 +206,23 @@ class Run:
         self.state["stage"] = "pruned"
         self.save()
 
+    def smooth(self) -> None:
+        """SmoothQuant-style smoothing for W8A8, once (before QAT, else before quantizing)."""
+        opts = self.opts
+        if not (opts.int8 and opts.smooth) or self.state.get("smoothed"):
+            return
+        from sparsec.sparsify.smooth import activation_maxima, smooth_
+
+        started = time.monotonic()
+        samples = min(opts.calibration_samples, SMOOTH_SAMPLES)
+        batches = data_mod.TokenData(self.tokenizer, opts.calibration).windows(
+            samples, opts.calibration_seq_len, opts.seed
+        )
+        smooth_(self.model, activation_maxima(self.model, batches))
+        self.state["smoothed"] = True
+        self.state["timings"]["smooth"] = time.monotonic() - started
+        _log(opts, f"smoothed the W8A8 inputs on {samples} calibration sequences")
+
     def distill(self) -> None:
         opts = self.opts
         teacher = self.teacher or self._load_teacher()
@@ -233,6 +253,8 @@ class Run:
             while trainer.step < opts.steps:
                 ids, mask = data.batch(trainer.step, opts.batch_size, opts.seq_len, opts.seed)
                 qat = trainer.step >= qat_from and opts.qat_steps > 0
+                if qat:
+                    self.smooth()  # QAT trains the smoothed weights
                 with QuantAwareLinears(self.linears) if qat else contextlib.nullcontext():
                     metrics = trainer.train_step(
                         lambda ids=ids, mask=mask: distillation_loss(self.model, teacher, ids, mask)
@@ -315,6 +337,7 @@ class Run:
                 self.evaluate("distilled")
             scales = None
             if opts.int8:
+                self.smooth()
                 scales = quantize_weights_(self.linears)
                 self.evaluate("int8", quantized=True)
             self.state["stage"] = "done"

@@ -84,6 +84,11 @@ def recipe(opts, state: dict, version: str) -> dict:
                     "weights": "int8 symmetric per output channel, round half to even",
                     "activations": "int8 symmetric per token (inputs of the pruned Linears)",
                     "quantization_aware_steps": opts.qat_steps,
+                    "smoothing": (
+                        "SmoothQuant, alpha 0.5, folded into the RMSNorm and up_proj weights"
+                        if opts.smooth
+                        else "none"
+                    ),
                 }
             }
         )

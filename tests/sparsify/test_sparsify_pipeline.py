@@ -323,6 +323,7 @@ def test_quantization_aware_steps_train_through_w8a8(
 
     stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
     assert stages[-1]["quantize"]["quantization_aware_steps"] == 2
+    assert stages[-1]["quantize"]["smoothing"].startswith("SmoothQuant")
     weights = load_file(out / "model.safetensors")
     for name in json.loads((out / "quantization.json").read_text())["weights"]["scales"]:
         q, scale = quantize_weight(weights[name])
