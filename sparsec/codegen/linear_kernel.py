@@ -237,6 +237,8 @@ def emit_linear_kernel(
             count = b.sdiv(b.sub(n, start), i32(tile))
             with for_range(b, i32(0), count, name=f"tile{tile}") as j:
                 t0 = b.add(start, b.mul(j, i32(tile)))
+                # the decode nest (tiles == (1,)) streams its whole group together;
+                # prefill's single-token leftovers go one block at a time
                 tile_group = group if tile > 1 or len(tiles) == 1 else 1
                 for g0 in range(0, group, tile_group):
                     _emit_tile(

@@ -87,9 +87,7 @@ def load(
     n_threads = resolve_threads(threads, artifact.manifest)
     tokenizer = load_tokenizer(artifact.manifest, name)
     weights, how = load_weights(artifact, huge_pages=huge_pages, verify=verify)
-    model = Model(artifact, weights, tokenizer, n_threads)
-    model.weights_memory = how
-    return model
+    return Model(artifact, weights, tokenizer, n_threads, weights_memory=how)
 
 
 def _release(native: NativeModel, *buffers) -> None:
@@ -100,7 +98,14 @@ def _release(native: NativeModel, *buffers) -> None:
 class Model:
     """A model ready to run. Not thread-safe: one generation at a time per Model."""
 
-    def __init__(self, artifact: Artifact, weights: np.ndarray, tokenizer, n_threads: int):
+    def __init__(
+        self,
+        artifact: Artifact,
+        weights: np.ndarray,
+        tokenizer,
+        n_threads: int,
+        weights_memory: str = "file mapping",
+    ):
         m = artifact.manifest
         self.path = artifact.path
         self.manifest = m
@@ -116,7 +121,7 @@ class Model:
             [] if eos is None else eos if isinstance(eos, list) else [eos]
         )
         self.bos_token_id: int | None = gen["bos_token_id"]
-        self.weights_memory = "file mapping"  # or "huge pages" (see load)
+        self.weights_memory = weights_memory  # "file mapping" or "huge pages" (see load)
 
         self._kv_cache = aligned_zeros(tuple(m["kv_cache"]["shape"]), np.float32)
         self._logits = aligned_zeros((self.max_tokens_per_call, self.vocab_size), np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 # Same as sparsec.sparsify.data's defaults (not imported: that module imports torch).
@@ -100,33 +101,12 @@ def _sparsify(args) -> int:
     require_compiler_stack()
     from sparsec.sparsify.pipeline import SparsifyOptions, sparsify, summary
 
-    opts = SparsifyOptions(
-        model=args.model,
-        output=Path(args.output),
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        method=args.method,
-        calibration=list(args.calibration),
-        calibration_samples=args.calibration_samples,
-        calibration_seq_len=args.calibration_seq_len,
-        train=list(args.train),
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        teacher=args.teacher,
-        int8=args.int8,
-        qat_steps=args.qat_steps,
-        smooth=args.smooth,
-        eval=list(args.eval),
-        eval_tokens=args.eval_tokens,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        quiet=args.quiet,
-    )
+    # Every option's argparse dest is the SparsifyOptions field of the same name.
+    names = {f.name for f in dataclasses.fields(SparsifyOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    for k in ("calibration", "train", "eval"):  # nargs lists or the default tuples
+        values[k] = list(values[k])
+    opts = SparsifyOptions(**{**values, "output": Path(args.output)})
     print(summary(sparsify(opts)))
     return 0
 
