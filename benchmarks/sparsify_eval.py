@@ -1,7 +1,7 @@
 """Evaluate sparsified models against the issue-5 targets (not a timed test).
 
     python benchmarks/sparsify_eval.py ppl MODEL_DIR [MODEL_DIR ...]   # held-out text
-    python benchmarks/sparsify_eval.py gsm TEACHER_DIR STUDENT_DIR ... # GSM-style task
+    python benchmarks/sparsify_eval.py gsm MODEL_DIR|MODEL.so ...       # GSM-style task
     python benchmarks/sparsify_eval.py targets OUT_DIR [OUT_DIR ...]   # report.json checks
     python benchmarks/sparsify_eval.py plot OUT_DIR [...] -o curve.png # recovery curves
 
@@ -55,16 +55,37 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_gsm(args) -> None:
+    """HF folders run greedy batched in PyTorch (a folder with quantization.json under
+    W8A8 fake quantization); a compiled ``.so`` runs greedy in the sparsec runtime, as
+    deployed. Both score with the same answer extraction."""
     import torch
 
-    from sparsec.sparsify.task import gsm_accuracy, gsm_examples
+    from sparsec.sparsify.task import gsm_accuracy, gsm_examples, score_completion
 
     torch.set_num_threads(args.threads)
     examples = gsm_examples("eval", args.n, seed=args.seed)
-    for folder in args.models:
-        model, tokenizer = _load(folder)
-        accuracy = gsm_accuracy(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
-        print(json.dumps({"model": folder, "gsm_accuracy": accuracy, "n": args.n}), flush=True)
+    for path in args.models:
+        if path.endswith(".so"):
+            from sparsec import runtime
+
+            model = runtime.load(path, threads=args.threads)
+            correct = 0
+            for ex in examples:
+                ids = model.encode(ex.prompt, add_special_tokens=False)
+                out = model.generate(ids, max_new_tokens=args.max_new_tokens, stop="Question:")
+                correct += score_completion(out.text, ex)
+            accuracy = correct / len(examples)
+        else:
+            from sparsec.sparsify.prune import prunable_linears
+            from sparsec.sparsify.quant import ActivationFakeQuant
+
+            model, tokenizer = _load(path)
+            if (Path(path) / "quantization.json").exists():
+                with ActivationFakeQuant(prunable_linears(model)):
+                    accuracy = gsm_accuracy(model, tokenizer, examples, args.max_new_tokens)
+            else:
+                accuracy = gsm_accuracy(model, tokenizer, examples, args.max_new_tokens)
+        print(json.dumps({"model": path, "gsm_accuracy": accuracy, "n": args.n}), flush=True)
 
 
 def cmd_targets(args) -> None:

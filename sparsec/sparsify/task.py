@@ -78,6 +78,12 @@ def _same_number(a: str | None, b: str) -> bool:
         return False
 
 
+def score_completion(text: str, example: Example) -> bool:
+    """Whether the completion's final ``#### n`` equals the example's answer."""
+    text = text.split("Question:")[0]  # the model may go on with a new problem
+    return _same_number(extract_answer(text), example.answer)
+
+
 @torch.no_grad()
 def gsm_accuracy(
     model: nn.Module,
@@ -111,6 +117,5 @@ def gsm_accuracy(
         )
         for row, ex in enumerate(group):
             text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            text = text.split("Question:")[0]  # the model may go on with a new problem
-            correct += _same_number(extract_answer(text), ex.answer)
+            correct += score_completion(text, ex)
     return correct / len(examples)

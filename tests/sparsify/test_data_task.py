@@ -15,6 +15,7 @@ from sparsec.sparsify.task import (
     extract_answer,
     gsm_accuracy,
     gsm_examples,
+    score_completion,
     template_split,
 )
 
@@ -85,6 +86,13 @@ def test_extract_answer():
     assert extract_answer("#### 1,250 apples") == "1250"
     assert extract_answer("#### -3.5") == "-3.5"
     assert extract_answer("the answer is 7") is None
+
+
+def test_score_completion_ignores_a_next_problem():
+    ex = Example(0, "Question: q\nAnswer:", "#### 7", "7")
+    assert score_completion(" 3 + 4 = 7\n#### 7.0", ex)
+    assert not score_completion(" 3 + 4 = 8\n#### 8\nQuestion: r\nAnswer: #### 7", ex)
+    assert not score_completion(" no number", ex)
 
 
 class ScriptedModel(torch.nn.Module):
