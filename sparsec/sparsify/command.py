@@ -1,4 +1,5 @@
-"""CLI for ``sparsec sparsify`` and ``sparsec finetune`` (light: torch loads on run)."""
+"""CLI for ``sparsec sparsify``, ``finetune`` and ``generate-data`` (light: torch loads on
+run)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,35 @@ def register(sub) -> None:
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune)
 
+    g = sub.add_parser(
+        "generate-data",
+        help="sample training text from MODEL, for distillation without in-domain data",
+        description="Sample text from MODEL into a .jsonl file that --train reads. Each "
+        "sample continues an opener (the first 3-8 words of a random line of --prompts) "
+        "for --length tokens. Distilling on the teacher's own samples recovers what "
+        "narrow training files miss. Samples are appended as each batch finishes; Ctrl-C "
+        "keeps them and --resume continues up to --tokens. Prompt sources: "
+        f"{DATA_HELP}.",
+    )
+    g.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
+    g.add_argument("-o", "--output", required=True, type=Path, help=".jsonl file to write")
+    g.add_argument("--tokens", type=int, required=True, help="total tokens to sample")
+    g.add_argument(
+        "--prompts",
+        nargs="+",
+        metavar="FILE",
+        default=DEFAULT_TRAIN,
+        help="where openers are cut from (default: the default --train data)",
+    )
+    g.add_argument("--length", type=int, default=256, help="tokens sampled per opener")
+    g.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="add to an existing OUTPUT")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=_generate_data)
+
 
 def _sparsify(args) -> int:
     from sparsec.errors import require_compiler_stack
@@ -131,4 +161,18 @@ def _finetune(args) -> int:
         resume=args.resume,
     )
     print(f'{{"output": "{out}"}}')
+    return 0
+
+
+def _generate_data(args) -> int:
+    import json
+
+    from sparsec.errors import require_compiler_stack
+
+    require_compiler_stack()
+    from sparsec.sparsify.teacher_text import SampleOptions, generate_corpus
+
+    names = {f.name for f in dataclasses.fields(SampleOptions)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    print(json.dumps(generate_corpus(SampleOptions(**{**values, "prompts": tuple(args.prompts)}))))
     return 0

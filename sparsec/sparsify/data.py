@@ -139,6 +139,7 @@ class TokenData:
             raise SparsecError("no data sources given")
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         stream: list[int] = []
+        text: list[int] = []  # the running-text sources only
         self.examples: list[list[int]] = []
         for source in sources:
             corpus = read_corpus(source)
@@ -146,10 +147,18 @@ class TokenData:
                 ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
                 if corpus.examples:
                     self.examples.append(ids + [self.eos])
+                else:
+                    text.extend(ids + [self.eos])
                 stream.extend(ids + [self.eos])
         self.stream = torch.tensor(stream, dtype=torch.long)
+        self.text = torch.tensor(text, dtype=torch.long)
         if self.stream.numel() < 2:
             raise SparsecError(f"data {', '.join(sources)} holds no text")
+        # With both kinds of source, a batch row is an example with this probability (the
+        # examples' share of all tokens) and a running-text window otherwise.
+        self.example_share = (
+            1.0 if self.text.numel() < 2 else sum(map(len, self.examples)) / len(stream)
+        )
 
     def windows(self, count: int, seq_len: int, seed: int) -> torch.Tensor:
         """``count`` random windows of ``seq_len`` tokens from the stream (calibration)."""
@@ -167,7 +176,14 @@ class TokenData:
         if not self.examples:
             ids = self.windows(size, seq_len, rng.randrange(2**31))
             return ids, torch.ones_like(ids)
-        picked = [self.examples[rng.randrange(len(self.examples))][:seq_len] for _ in range(size)]
+        picked = []
+        for _ in range(size):
+            if self.example_share == 1.0 or rng.random() < self.example_share:
+                picked.append(self.examples[rng.randrange(len(self.examples))][:seq_len])
+            else:
+                length = min(seq_len, self.text.numel())
+                start = rng.randrange(0, self.text.numel() - length + 1)
+                picked.append(self.text[start : start + length].tolist())
         width = max(len(p) for p in picked)
         ids = torch.full((size, width), self.eos, dtype=torch.long)
         mask = torch.zeros((size, width), dtype=torch.long)

@@ -57,6 +57,21 @@ def test_batches_are_deterministic_and_padded(tiny_model, tmp_path):
     assert windows.shape == (3, 32)
 
 
+def test_mixed_sources_train_on_examples_and_text_by_token_share(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    examples = tmp_path / "e.jsonl"
+    examples.write_text("\n".join(json.dumps({"text": "q" * 9}) for _ in range(20)))  # 200
+    text = tmp_path / "t.txt"
+    text.write_text("z" * 599)  # 600 tokens with eos: examples are 1/4 of the tokens
+    data = TokenData(tokenizer, [str(examples), str(text)])
+    assert data.example_share == pytest.approx(0.25)
+    q, z = tokenizer.convert_tokens_to_ids(["q", "z"])
+    rows = torch.cat([data.batch(step, 8, 16, seed=0)[0] for step in range(50)])
+    from_text = (rows[:, 0] == z).float().mean().item()
+    assert (rows[:, 0] == q).any() and 0.6 < from_text < 0.9
+    assert ((rows == q).any(1) & (rows == z).any(1)).sum() == 0  # a row is one or the other
+
+
 def test_perplexity_matches_direct_computation(tiny_model):
     model, _ = tiny_model
     tokens = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,171 @@
+"""``sparsec generate-data``: text sampled from a model, for data-free distillation.
+
+Distillation only teaches the student what the training text exercises. When the text
+at hand is narrow (here: Python docs and fortunes), the student recovers on that domain
+and not on others (held-out narrative prose). Text sampled from the dense teacher covers
+what the teacher knows, whatever files are available; distilling on it is the data-free
+recipe of LLM-QAT (Liu et al. 2023). Each sample starts from an opener, the first few
+words of a random line of the ``prompts`` sources, and continues for ``length`` tokens
+sampled at ``temperature`` with nucleus ``top_p``.
+
+Records (``{"text": ...}``, one a line, what ``--train FILE.jsonl`` reads) are appended
+as each batch finishes, so an interrupted run keeps what it made and ``resume``
+continues it; batch ``i`` is sampled from seed ``(seed, i)``, so a resumed file equals
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsec.errors import SparsecError
+from sparsec.sparsify.checkpoint import GracefulInterrupt
+from sparsec.sparsify.data import read_corpus
+
+OPENER_WORDS = (3, 8)  # an opener is this many words, inclusive
+
+
+@dataclass
+class SampleOptions:
+    model: str
+    output: Path
+    tokens: int  # stop once the file holds at least this many tokens
+    prompts: tuple[str, ...] = ("builtin:fortunes", "builtin:python-docs")
+    length: int = 256  # tokens sampled after each opener
+    batch_size: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    resume: bool = False
+    quiet: bool = False
+
+
+def opener_lines(sources: tuple[str, ...] | list[str]) -> list[list[str]]:
+    """The words of every line of ``sources`` long enough to cut an opener from."""
+    lines = []
+    for source in sources:
+        for doc in read_corpus(source).documents:
+            lines.extend(line.split() for line in doc.splitlines())
+    lines = [words for words in lines if len(words) >= OPENER_WORDS[1]]
+    if not lines:
+        raise SparsecError(
+            f"no line of {', '.join(sources)} has {OPENER_WORDS[1]} words to start a sample "
+            "from; pass --prompts with some prose"
+        )
+    return lines
+
+
+def openers(lines: list[list[str]], count: int, seed: int) -> list[str]:
+    """``count`` openers: the first 3 to 8 words of random lines."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(lines)[: rng.randint(*OPENER_WORDS)]) for _ in range(count)]
+
+
+def _check(opts: SampleOptions) -> None:
+    if opts.output.suffix != ".jsonl":
+        raise SparsecError(f"-o {opts.output}: the output is a .jsonl file (one sample a line)")
+    for name in ("tokens", "length", "batch_size"):
+        if getattr(opts, name) < 1:
+            raise SparsecError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.temperature <= 0 or not 0 < opts.top_p <= 1:
+        raise SparsecError("--temperature must be > 0 and --top-p in (0, 1]")
+    if opts.output.exists() and not opts.resume:
+        raise SparsecError(
+            f"{opts.output} exists; pass --resume to add to it up to --tokens, or delete it"
+        )
+    if opts.resume and not opts.output.exists():
+        raise SparsecError(f"--resume: {opts.output} does not exist")
+
+
+def _existing(path: Path, tokenizer) -> tuple[int, int]:
+    """(records, tokens) already in ``path``."""
+    if not path.exists():
+        return 0, 0
+    records = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+    return len(records), _count_tokens(tokenizer, records)
+
+
+def _count_tokens(tokenizer, texts: list[str]) -> int:
+    # Counted on the written text, so a resumed run stops where an uninterrupted one does.
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+@torch.no_grad()
+def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, seed: int):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):  # left padding: every row continues its own opener
+        ids[row, width - len(e) :] = torch.tensor(e)
+        mask[row, width - len(e) :] = 1
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        top_k=0,
+        max_new_tokens=opts.length,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = [
+        prompt + tokenizer.decode(out[row, width:], skip_special_tokens=True)
+        for row, prompt in enumerate(prompts)
+    ]
+    return texts, _count_tokens(tokenizer, texts)
+
+
+def generate_corpus(opts: SampleOptions) -> dict:
+    """Append samples to ``opts.output`` until it holds ``opts.tokens`` tokens."""
+    from tqdm import tqdm
+
+    from sparsec.models import load_model
+
+    opts.output = Path(opts.output)
+    _check(opts)
+    model, tokenizer = load_model(opts.model, quiet=opts.quiet)
+    model.eval()
+    records, made = _existing(opts.output, tokenizer)
+    if records % opts.batch_size:
+        raise SparsecError(
+            f"{opts.output} holds {records} samples, not whole batches of --batch-size "
+            f"{opts.batch_size}; resume with the --batch-size that made it"
+        )
+    batch = records // opts.batch_size
+    lines = opener_lines(opts.prompts)
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(
+        total=opts.tokens,
+        initial=min(made, opts.tokens),
+        desc="sampling",
+        unit="tok",
+        disable=opts.quiet,
+        file=sys.stderr,
+    )
+    with bar, GracefulInterrupt() as interrupt, opts.output.open("a", encoding="utf-8") as f:
+        while made < opts.tokens:
+            batch_seed = opts.seed * 1_000_003 + batch
+            prompts = openers(lines, opts.batch_size, batch_seed)
+            texts, tokens = _sample_batch(model, tokenizer, prompts, opts, batch_seed)
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            f.flush()
+            batch, records, made = batch + 1, records + len(texts), made + tokens
+            bar.update(min(tokens, opts.tokens - bar.n))
+            if interrupt.requested and made < opts.tokens:
+                print(
+                    f"\ninterrupted: {records} samples ({made} tokens) kept in {opts.output}; "
+                    "run the same command with --resume to continue",
+                    file=sys.stderr,
+                )
+                raise KeyboardInterrupt
+    return {"output": str(opts.output), "samples": records, "tokens": made}
