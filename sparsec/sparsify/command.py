@@ -67,6 +67,12 @@ def register(sub) -> None:
         help="with --int8: the last N of the --steps distillation steps train through W8A8 "
         "fake quantization (straight-through gradients), so the int8 model loses less",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX "
+        "(weights, optimizer and losses stay float32)",
+    )
     p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per eval source")
     p.add_argument("--eval-every", type=int, default=0, help="recovery-curve interval in steps")
@@ -90,6 +96,12 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--seq-len", type=int, default=256)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX "
+        "(weights, optimizer and losses stay float32)",
+    )
     f.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds (default 300)")
     f.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoint")
     f.add_argument("--quiet", action="store_true")
@@ -159,6 +171,7 @@ def _finetune(args) -> int:
         quiet=args.quiet,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        bf16=args.bf16,
     )
     print(f'{{"output": "{out}"}}')
     return 0

@@ -16,7 +16,7 @@ from sparsec.errors import SparsecError
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
 from sparsec.sparsify.data import TokenData, read_corpus
 from sparsec.sparsify.squarehead import language_model_loss
-from sparsec.sparsify.train import MaskedTrainer, TrainConfig
+from sparsec.sparsify.train import MaskedTrainer, TrainConfig, require_bf16_cpu
 
 
 def finetune(
@@ -31,6 +31,7 @@ def finetune(
     quiet: bool = False,
     checkpoint_every: float = 300.0,
     resume: bool = False,
+    bf16: bool = False,
 ) -> Path:
     from tqdm import tqdm
 
@@ -38,6 +39,8 @@ def finetune(
 
     if steps < 1:
         raise SparsecError(f"--steps {steps}: fine-tuning needs at least one step")
+    if bf16:
+        require_bf16_cpu()
     output = Path(output)
     checkpoint = Checkpoint(output.parent / f"{output.name}.checkpoint")
     if checkpoint.exists() and not resume:
@@ -51,11 +54,13 @@ def finetune(
         read_corpus(source)
     options = dict(
         model=model_source, train=list(train), steps=steps, lr=lr, batch_size=batch_size,
-        seq_len=seq_len, seed=seed,
+        seq_len=seq_len, seed=seed, bf16=bf16,
     )  # fmt: skip
     model, tokenizer = load_model(model_source, quiet=quiet)
     data = TokenData(tokenizer, train)
-    trainer = MaskedTrainer(model, TrainConfig(steps, lr, 0.1, batch_size, seq_len, seed))
+    trainer = MaskedTrainer(
+        model, TrainConfig(steps, lr, 0.1, batch_size, seq_len, seed, bf16=bf16)
+    )
     if resume:
         state, tensors = checkpoint.load()
         if state.get("options") != options:

@@ -33,7 +33,7 @@ from sparsec.sparsify.quant import (
     write_quantization_json,
 )
 from sparsec.sparsify.squarehead import distillation_loss
-from sparsec.sparsify.train import MaskedTrainer, TrainConfig
+from sparsec.sparsify.train import MaskedTrainer, TrainConfig, require_bf16_cpu
 
 
 def default_lr(sparsity: float) -> float:
@@ -51,7 +51,9 @@ SMOOTH_SAMPLES = 16  # calibration sequences for the smoothing statistics
 PRUNE_OPTIONS = tuple(
     "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
 )
-TRAIN_OPTIONS = tuple("train steps lr batch_size seq_len warmup teacher qat_steps smooth".split())
+TRAIN_OPTIONS = tuple(
+    "train steps lr batch_size seq_len warmup teacher qat_steps smooth bf16".split()
+)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class SparsifyOptions:
     int8: bool = False
     qat_steps: int = 0  # the last N distillation steps train through W8A8 fake quant
     smooth: bool = True  # SmoothQuant-style smoothing before W8A8 (see smooth.py)
+    bf16: bool = False  # distill under bfloat16 autocast (see train.py)
     eval: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_EVAL))
     eval_tokens: int = 16384
     eval_every: int = 0  # recovery-curve points every N steps (0: about 10 points)
@@ -230,7 +233,9 @@ class Run:
             p.requires_grad_(False)
         teacher.eval()
         lr = opts.lr if opts.lr is not None else default_lr(opts.sparsity)
-        config = TrainConfig(opts.steps, lr, opts.warmup, opts.batch_size, opts.seq_len, opts.seed)
+        config = TrainConfig(
+            opts.steps, lr, opts.warmup, opts.batch_size, opts.seq_len, opts.seed, bf16=opts.bf16
+        )
         self.state["train_config"] = config.to_dict()
         trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
         if "trainer" in self.tensors:
@@ -379,6 +384,13 @@ def sparsify(opts: SparsifyOptions) -> Path:
                 f"--qat-steps {opts.qat_steps} must be between 1 and --steps ({opts.steps}): "
                 "quantization-aware training is the last part of distillation"
             )
+    if opts.bf16:
+        if opts.qat_steps:
+            raise SparsecError(
+                "--qat-steps trains through int8 rounding, which bfloat16 activations blur: "
+                "use --bf16 or --qat-steps, not both"
+            )
+        require_bf16_cpu()
     run = Run(opts)
     run.pattern = pattern
     torch.manual_seed(opts.seed)

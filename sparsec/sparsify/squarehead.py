@@ -75,8 +75,9 @@ def distillation_loss(
     student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, token_mask: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SquareHead + cross-entropy on one batch; returns the loss and its parts."""
+    # Only the teacher's hidden states are used: its decoder alone skips the LM head.
     with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
-        teacher(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
+        teacher.get_decoder()(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
     with record_layer_outputs(student) as student_hidden:
         logits = student(input_ids=input_ids, attention_mask=token_mask, use_cache=False).logits
     feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)

@@ -3,6 +3,10 @@ warm-up then linear decay, gradient clipping, and fixed sparsity masks.
 
 Masks are enforced the way the paper's code does it: after every optimizer step each
 pruned weight is multiplied by its keep-mask, so pruned weights stay exactly zero.
+
+With ``bf16`` the forward passes run under bfloat16 autocast: matmuls in bfloat16 on
+CPUs that have it in hardware (AVX512-BF16, AMX), everything the optimizer touches
+(weights, gradients, Adam moments, masks) and the losses in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from sparsec.errors import SparsecError
 
 GRAD_CLIP = 1.0
 
@@ -25,9 +31,25 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 0
     weight_decay: float = 0.0
+    bf16: bool = False  # forward passes under bfloat16 autocast
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+BF16_FLAGS = ("avx512bf16", "amxbf16")  # as normalized by sparsec.runtime.cpu
+
+
+def require_bf16_cpu(flags: frozenset[str] | None = None) -> None:
+    """Refuse bfloat16 training where PyTorch would emulate it (slower than float32)."""
+    from sparsec.runtime.cpu import host_cpu_flags
+
+    flags = host_cpu_flags() if flags is None else flags
+    if not any(f in flags for f in BF16_FLAGS):
+        raise SparsecError(
+            "--bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither, and emulated "
+            "bfloat16 trains slower than float32: drop --bf16"
+        )
 
 
 def warmup_then_decay(steps: int, warmup: float) -> Callable[[int], float]:
@@ -77,7 +99,8 @@ class MaskedTrainer:
         """One optimizer step on the loss ``loss_fn()`` computes; returns its metrics."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics = loss_fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+            loss, metrics = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.optimizer.step()

@@ -92,6 +92,7 @@ def test_end_to_end_writes_hf_folder_recipe_and_report(tiny_model_dir, text_file
         (dict(calibration=["/nonexistent/data.txt"]), "does not exist"),
         (dict(steps=4, qat_steps=2), "--qat-steps trains for the int8 model: add --int8"),
         (dict(steps=4, qat_steps=5, int8=True), "must be between 1 and --steps \\(4\\)"),
+        (dict(steps=4, qat_steps=2, int8=True, bf16=True), "--bf16 or --qat-steps, not both"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_model_dir, text_file, tmp_path, overrides, message):
@@ -328,3 +329,16 @@ def test_quantization_aware_steps_train_through_w8a8(
     for name in json.loads((out / "quantization.json").read_text())["weights"]["scales"]:
         q, scale = quantize_weight(weights[name])
         torch.testing.assert_close(q.float() * scale[:, None], weights[name], rtol=0, atol=0)
+
+
+def test_bf16_distillation_is_recorded_and_keeps_exact_zeros(tiny_model_dir, text_file, tmp_path):
+    import yaml
+
+    out = sparsify(options(tiny_model_dir, text_file, tmp_path / "out", steps=3, bf16=True))
+    stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
+    assert stages[1]["squarehead_distillation"]["bf16"] is True
+    weights = load_file(out / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):
+            assert w.dtype == torch.float32
+            assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01), name

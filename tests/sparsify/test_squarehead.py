@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from sparsec.errors import SparsecError
 from sparsec.sparsify.patterns import parse_pattern
 from sparsec.sparsify.prune import prunable_linears, prune_model
 from sparsec.sparsify.squarehead import (
@@ -17,7 +18,12 @@ from sparsec.sparsify.squarehead import (
     squarehead_layer_losses,
     squarehead_loss,
 )
-from sparsec.sparsify.train import MaskedTrainer, TrainConfig, warmup_then_decay
+from sparsec.sparsify.train import (
+    MaskedTrainer,
+    TrainConfig,
+    require_bf16_cpu,
+    warmup_then_decay,
+)
 
 
 def test_squarehead_matches_formula_by_hand():
@@ -70,7 +76,8 @@ def test_distillation_loss_uses_decoder_layer_outputs(tiny_model):
     assert parts["loss"] == pytest.approx(parts["ce"])
 
 
-def test_masks_survive_training_steps(tiny_model):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_masks_survive_training_steps(tiny_model, bf16):
     teacher, _ = tiny_model
     student = copy.deepcopy(teacher)
     calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -83,7 +90,7 @@ def test_masks_survive_training_steps(tiny_model):
         on_layer=lambda i, reports, m, outputs: masks.update(m),
     )
     before = {n: m.weight.detach().clone() for n, m in prunable_linears(student).items()}
-    trainer = MaskedTrainer(student, TrainConfig(steps=5, lr=1e-3), masks)
+    trainer = MaskedTrainer(student, TrainConfig(steps=5, lr=1e-3, bf16=bf16), masks)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         ids = torch.randint(0, 256, (2, 16), generator=g)
@@ -97,6 +104,34 @@ def test_masks_survive_training_steps(tiny_model):
         assert torch.all(w[~keep] == 0), name  # pruned weights stay exactly zero
         assert not torch.equal(w[keep], before[name][keep]), name  # kept weights trained
         assert int((w == 0).sum()) >= int(0.6 * w.numel() + 0.5) - 0
+
+
+def test_bf16_steps_keep_float32_state_and_track_the_float32_loss(tiny_model):
+    teacher, _ = tiny_model
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    losses = {}
+    for bf16 in (False, True):
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():  # a student that differs from its teacher
+            for p in prunable_linears(student).values():
+                p.weight.mul_(0.9)
+        trainer = MaskedTrainer(student, TrainConfig(steps=2, lr=1e-3, bf16=bf16))
+        step = trainer.train_step
+        losses[bf16] = step(lambda s=student: distillation_loss(s, teacher, ids, mask))
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        moments = trainer.optimizer.state_dict()["state"][0]
+        assert moments["exp_avg"].dtype == torch.float32
+    assert losses[True]["squarehead"] > 0
+    for part in ("squarehead", "ce"):
+        assert losses[True][part] == pytest.approx(losses[False][part], rel=0.05), part
+
+
+def test_bf16_is_refused_where_it_would_be_emulated():
+    require_bf16_cpu(frozenset({"avx512f", "avx512bf16"}))
+    require_bf16_cpu(frozenset({"amxbf16"}))
+    with pytest.raises(SparsecError, match="AVX512-BF16 or AMX"):
+        require_bf16_cpu(frozenset({"avx512f", "avx512vnni"}))
 
 
 def test_warmup_then_linear_decay():
