@@ -27,6 +27,7 @@ import torch
 from sparsec.errors import SparsecError
 from sparsec.sparsify.checkpoint import GracefulInterrupt
 from sparsec.sparsify.data import read_corpus
+from sparsec.sparsify.train import require_bf16_cpu
 
 OPENER_WORDS = (3, 8)  # an opener is this many words, inclusive
 
@@ -42,6 +43,7 @@ class SampleOptions:
     temperature: float = 1.0
     top_p: float = 0.95
     seed: int = 0
+    bf16: bool = False  # sample under bfloat16 autocast (see train.py)
     resume: bool = False
     quiet: bool = False
 
@@ -107,17 +109,18 @@ def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, see
         ids[row, width - len(e) :] = torch.tensor(e)
         mask[row, width - len(e) :] = 1
     torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=0,
-        max_new_tokens=opts.length,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=0,
+            max_new_tokens=opts.length,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     texts = [
         prompt + tokenizer.decode(out[row, width:], skip_special_tokens=True)
         for row, prompt in enumerate(prompts)
@@ -133,6 +136,8 @@ def generate_corpus(opts: SampleOptions) -> dict:
 
     opts.output = Path(opts.output)
     _check(opts)
+    if opts.bf16:
+        require_bf16_cpu()
     model, tokenizer = load_model(opts.model, quiet=opts.quiet)
     model.eval()
     records, made = _existing(opts.output, tokenizer)

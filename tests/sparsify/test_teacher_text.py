@@ -76,3 +76,9 @@ def test_bad_input_is_named(tiny_model_dir, prompts, tmp_path, capsys):
         run(tiny_model_dir, str(short), tmp_path / "t.jsonl", tokens=10)
     code = main(["generate-data", str(tiny_model_dir), "-o", str(out), "--tokens", "0"])
     assert code == 1 and "--tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_bf16_sampling_writes_samples(tiny_model_dir, prompts, tmp_path):
+    out = tmp_path / "bf16.jsonl"
+    result = run(tiny_model_dir, prompts, out, tokens=30, bf16=True)
+    assert result["samples"] == len(texts(out)) == 3
