@@ -16,6 +16,11 @@ DATA_HELP = (
     "builtin:gsm-train, builtin:gsm-eval"
 )
 
+TRAIN_BF16_HELP = (
+    "train under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX "
+    "(weights, optimizer and losses stay float32)"
+)
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -67,12 +72,7 @@ def register(sub) -> None:
         help="with --int8: the last N of the --steps distillation steps train through W8A8 "
         "fake quantization (straight-through gradients), so the int8 model loses less",
     )
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="train under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX "
-        "(weights, optimizer and losses stay float32)",
-    )
+    p.add_argument("--bf16", action="store_true", help=TRAIN_BF16_HELP)
     p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
     p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per eval source")
     p.add_argument("--eval-every", type=int, default=0, help="recovery-curve interval in steps")
@@ -96,12 +96,7 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--seq-len", type=int, default=256)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument(
-        "--bf16",
-        action="store_true",
-        help="train under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX "
-        "(weights, optimizer and losses stay float32)",
-    )
+    f.add_argument("--bf16", action="store_true", help=TRAIN_BF16_HELP)
     f.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds (default 300)")
     f.add_argument("--resume", action="store_true", help="continue from OUTPUT.checkpoint")
     f.add_argument("--quiet", action="store_true")
@@ -135,8 +130,8 @@ def register(sub) -> None:
     g.add_argument(
         "--bf16",
         action="store_true",
-        help="sample under bfloat16 autocast (several times faster on CPUs with AVX512-BF16 "
-        "or AMX; the samples come from a slightly perturbed model)",
+        help="sample under bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX; the "
+        "samples come from a slightly perturbed model)",
     )
     g.add_argument("--resume", action="store_true", help="add to an existing OUTPUT")
     g.add_argument("--quiet", action="store_true")
