@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from sparsec.cli import main
 from sparsec.errors import SparsecError
@@ -82,3 +83,36 @@ def test_bf16_sampling_writes_samples(tiny_model_dir, prompts, tmp_path):
     out = tmp_path / "bf16.jsonl"
     result = run(tiny_model_dir, prompts, out, tokens=30, bf16=True)
     assert result["samples"] == len(texts(out)) == 3
+
+
+def test_sample_next_keeps_the_nucleus_of_the_top_k():
+    from sparsec.sparsify.teacher_text import TOP_K, sample_next
+
+    logits = torch.stack([-0.01 * torch.arange(500.0), -0.01 * torch.arange(500.0)])
+    logits[0, 7] = 20.0  # one token holds nearly all the mass
+    g = torch.Generator().manual_seed(0)
+    opts = SampleOptions("m", "o.jsonl", 1, top_p=0.5)
+    draws = torch.stack([sample_next(logits, opts, g) for _ in range(300)])
+    assert (draws[:, 0] == 7).all()  # the nucleus is that one token
+    assert 20 < draws[:, 1].max() < 40  # half of 64 nearly equal tokens' mass: about 32
+    opts.top_p = 1.0
+    draws = torch.stack([sample_next(logits, opts, g) for _ in range(3000)])[:, 1]
+    assert draws.max() < TOP_K and draws.max() > 55  # all of the 64 likeliest, none past
+
+
+def test_the_sampling_loop_decodes_like_hf_generate(tiny_model):
+    """With a nucleus of one token the loop is greedy: it must equal HF's greedy decode
+    of each left-padded prompt (the cache, positions and mask are right)."""
+    from sparsec.sparsify.teacher_text import _sample_batch
+
+    model, tokenizer = tiny_model
+    prompts = ["Line 4 of", "the travellers walked on through"]
+    opts = SampleOptions("m", "o.jsonl", 1, length=10, top_p=1e-6)
+    texts, _ = _sample_batch(model, tokenizer, prompts, opts, seed=0)
+    for prompt, text in zip(prompts, texts, strict=True):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        tokens = out[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert text == prompt + tokenizer.decode(tokens, skip_special_tokens=True)
