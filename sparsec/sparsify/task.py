@@ -113,7 +113,8 @@ def gsm_accuracy(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            stop_strings=None,
+            stop_strings=["Question:"],  # a batch ends once every row starts a new problem
+            tokenizer=tokenizer,
         )
         for row, ex in enumerate(group):
             text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
