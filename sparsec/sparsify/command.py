@@ -107,9 +107,10 @@ def register(sub) -> None:
         help="sample training text from MODEL, for distillation without in-domain data",
         description="Sample text from MODEL into a .jsonl file that --train reads. Each "
         "sample continues an opener (the first 3-8 words of a random line of --prompts) "
-        "for --length tokens. Distilling on the teacher's own samples recovers what "
-        "narrow training files miss. Samples are appended as each batch finishes; Ctrl-C "
-        "keeps them and --resume continues up to --tokens. Prompt sources: "
+        "for --length tokens: training text for distillation when no in-domain text is "
+        "at hand (see docs/sparsify.md for what it measured). Samples are appended as each "
+        "batch finishes; Ctrl-C keeps them and --resume continues up to --tokens. Prompt "
+        "sources: "
         f"{DATA_HELP}.",
     )
     g.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")

@@ -3,10 +3,11 @@
 Distillation only teaches the student what the training text exercises. When the text
 at hand is narrow (here: Python docs and fortunes), the student recovers on that domain
 and not on others (held-out narrative prose). Text sampled from the dense teacher covers
-what the teacher knows, whatever files are available; distilling on it is the data-free
-recipe of LLM-QAT (Liu et al. 2023). Each sample starts from an opener, the first few
-words of a random line of the ``prompts`` sources, and continues for ``length`` tokens
-sampled at ``temperature`` from the nucleus ``top_p`` of the 64 likeliest tokens.
+what the teacher knows, whatever files are available: the data-free recipe of LLM-QAT
+(Liu et al. 2023). Measured here it did not help SquareHead distillation (see
+docs/sparsify.md). Each sample starts from an opener, the first few words of a random
+line of the ``prompts`` sources, and continues for ``length`` tokens sampled at
+``temperature`` from the nucleus ``top_p`` of the 64 likeliest tokens.
 
 Records (``{"text": ...}``, one a line, what ``--train FILE.jsonl`` reads) are appended
 as each batch finishes, so an interrupted run keeps what it made and ``resume``
