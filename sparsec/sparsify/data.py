@@ -160,6 +160,17 @@ class TokenData:
             1.0 if self.text.numel() < 2 else sum(map(len, self.examples)) / len(stream)
         )
 
+    def truncation_note(self, seq_len: int) -> str | None:
+        """A line for the log when training cuts examples to ``seq_len`` tokens."""
+        long = sum(len(e) > seq_len for e in self.examples)
+        if not long:
+            return None
+        return (
+            f"note: {long} of {len(self.examples)} training examples are longer than "
+            f"--seq-len {seq_len}; training sees only their first {seq_len} tokens (pass "
+            "long samples as a plain text file to train on windows from all of them)"
+        )
+
     def windows(self, count: int, seq_len: int, seed: int) -> torch.Tensor:
         """``count`` random windows of ``seq_len`` tokens from the stream (calibration)."""
         seq_len = min(seq_len, self.stream.numel())

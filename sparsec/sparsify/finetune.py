@@ -58,6 +58,8 @@ def finetune(
     )  # fmt: skip
     model, tokenizer = load_model(model_source, quiet=quiet)
     data = TokenData(tokenizer, train)
+    if (note := data.truncation_note(seq_len)) and not quiet:
+        print(note, file=sys.stderr)
     trainer = MaskedTrainer(
         model, TrainConfig(steps, lr, 0.1, batch_size, seq_len, seed, bf16=bf16)
     )

@@ -241,6 +241,8 @@ class Run:
         if "trainer" in self.tensors:
             trainer.load_state_dict(self.tensors["trainer"])
         data = data_mod.TokenData(self.tokenizer, opts.train)
+        if note := data.truncation_note(opts.seq_len):
+            _log(opts, note)
         curve_source, curve_tokens = next(iter(self.eval_tokens.items()))
         every = opts.eval_every or max(1, opts.steps // 10)
 

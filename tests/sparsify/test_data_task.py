@@ -57,6 +57,15 @@ def test_batches_are_deterministic_and_padded(tiny_model, tmp_path):
     assert windows.shape == (3, 32)
 
 
+def test_examples_cut_by_seq_len_are_reported(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "x" * n}) for n in (3, 30, 40)))
+    data = TokenData(tokenizer, [str(path)])
+    assert data.truncation_note(64) is None
+    assert "2 of 3 training examples are longer than --seq-len 16" in data.truncation_note(16)
+
+
 def test_mixed_sources_train_on_examples_and_text_by_token_share(tiny_model, tmp_path):
     _, tokenizer = tiny_model
     examples = tmp_path / "e.jsonl"
