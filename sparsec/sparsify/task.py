@@ -78,6 +78,19 @@ def _same_number(a: str | None, b: str) -> bool:
         return False
 
 
+def left_padded(tokenizer, prompts: list[str], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of ``prompts``, padded on the left so that every
+    row's next token comes right after its own prompt."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e) :] = torch.tensor(e)
+        mask[row, width - len(e) :] = 1
+    return ids, mask
+
+
 def score_completion(text: str, example: Example) -> bool:
     """Whether the completion's final ``#### n`` equals the example's answer."""
     text = text.split("Question:")[0]  # the model may go on with a new problem
@@ -98,14 +111,8 @@ def gsm_accuracy(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(examples), batch_size):
         group = examples[start : start + batch_size]
-        encoded = [tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in group]
-        width = max(len(e) for e in encoded)
-        # Left padding so that every row's next token comes right after its prompt.
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
+        ids, mask = left_padded(tokenizer, [ex.prompt for ex in group], pad)
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

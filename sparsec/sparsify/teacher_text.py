@@ -28,6 +28,7 @@ import torch
 from sparsec.errors import SparsecError
 from sparsec.sparsify.checkpoint import GracefulInterrupt
 from sparsec.sparsify.data import read_corpus
+from sparsec.sparsify.task import left_padded
 from sparsec.sparsify.train import require_bf16_cpu
 
 OPENER_WORDS = (3, 8)  # an opener is this many words, inclusive
@@ -117,13 +118,7 @@ def sample_next(logits: torch.Tensor, opts: SampleOptions, generator) -> torch.T
 @torch.no_grad()
 def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, seed: int):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):  # left padding: every row continues its own opener
-        ids[row, width - len(e) :] = torch.tensor(e)
-        mask[row, width - len(e) :] = 1
+    ids, mask = left_padded(tokenizer, prompts, pad)
     generator = torch.Generator().manual_seed(seed)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     new, cache, step_ids = [], None, ids
