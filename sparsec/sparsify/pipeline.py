@@ -32,7 +32,7 @@ from sparsec.sparsify.quant import (
     quantize_weights_,
     write_quantization_json,
 )
-from sparsec.sparsify.squarehead import distillation_loss
+from sparsec.sparsify.squarehead import OUTPUT_LOSSES, distillation_loss
 from sparsec.sparsify.train import MaskedTrainer, TrainConfig, require_bf16_cpu
 
 
@@ -52,7 +52,7 @@ PRUNE_OPTIONS = tuple(
     "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
 )
 TRAIN_OPTIONS = tuple(
-    "train steps lr batch_size seq_len warmup teacher qat_steps smooth bf16".split()
+    "train steps lr batch_size seq_len warmup teacher output_loss qat_steps smooth bf16".split()
 )
 
 
@@ -73,6 +73,7 @@ class SparsifyOptions:
     seq_len: int = 128
     warmup: float = 0.1
     teacher: str | None = None
+    output_loss: str = "ce"  # next to SquareHead: "ce" (the paper's) or "kl" (teacher logits)
     int8: bool = False
     qat_steps: int = 0  # the last N distillation steps train through W8A8 fake quant
     smooth: bool = True  # SmoothQuant-style smoothing before W8A8 (see smooth.py)
@@ -264,7 +265,9 @@ class Run:
                     self.smooth()  # QAT trains the smoothed weights
                 with QuantAwareLinears(self.linears) if qat else contextlib.nullcontext():
                     metrics = trainer.train_step(
-                        lambda ids=ids, mask=mask: distillation_loss(self.model, teacher, ids, mask)
+                        lambda ids=ids, mask=mask: distillation_loss(
+                            self.model, teacher, ids, mask, opts.output_loss
+                        )
                     )
                 self.state["last_metrics"] = metrics
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.2f}")
@@ -376,6 +379,10 @@ def sparsify(opts: SparsifyOptions) -> Path:
         raise SparsecError(f"unknown pruning method {opts.method}; use sparsegpt or magnitude")
     if opts.steps < 0:
         raise SparsecError(f"--steps {opts.steps} is negative")
+    if opts.output_loss not in OUTPUT_LOSSES:
+        raise SparsecError(
+            f"unknown --output-loss {opts.output_loss!r}; use one of {', '.join(OUTPUT_LOSSES)}"
+        )
     if opts.calibration_samples < 1:
         raise SparsecError("--calibration-samples must be at least 1")
     if opts.qat_steps:

@@ -62,11 +62,16 @@ def recipe(opts, state: dict, version: str) -> dict:
             {
                 "squarehead_distillation": {
                     "teacher": opts.teacher or f"{opts.model} (dense)",
+                    "output_loss": opts.output_loss,
                     "data": list(opts.train),
                     "loss": {
                         "feature": "sum over decoder layers of mean((hs-ht)^2) / (mean(ht^2)+eps)",
                         "feature_weight": FEATURE_WEIGHT,
-                        "cross_entropy_weight": CE_WEIGHT,
+                        "output": {
+                            "ce": "cross-entropy on the training text's next tokens",
+                            "kl": "KL(teacher || student) over next-token distributions",
+                        }[opts.output_loss],
+                        "output_weight": CE_WEIGHT,
                         "eps": EPS,
                     },
                     "masks": "fixed; weights multiplied by their mask after every step",

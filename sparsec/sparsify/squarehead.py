@@ -6,7 +6,10 @@ For every decoder layer l (its output, not the embeddings):
 
 with both means over the non-padding tokens (and the hidden features). Normalising by
 the teacher's energy puts all layers on the same scale, so no per-layer weights are
-needed. The total is ``sum_l loss_l * 1.0 + cross_entropy * 1.0``.
+needed. The total is ``sum_l loss_l * 1.0 + output_loss * 1.0``, where the output loss is
+the paper's cross-entropy on the text's next tokens (``"ce"``) or, as an option, the KL
+divergence from the teacher's next-token distribution (``"kl"``, Hinton-style logit
+distillation), which teaches the whole distribution rather than the one token the text has.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from sparsec.sparsify.prune import decoder_layers
 EPS = 1e-6
 FEATURE_WEIGHT = 1.0
 CE_WEIGHT = 1.0
+OUTPUT_LOSSES = ("ce", "kl")
 
 
 def squarehead_layer_losses(
@@ -71,16 +75,40 @@ def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, token_mas
     )
 
 
+def logit_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_mask):
+    """Mean over real tokens of KL(teacher || student) between next-token distributions."""
+    keep = token_mask.bool()
+    log_s = torch.log_softmax(student_logits[keep].float(), dim=-1)  # [tokens, vocab]
+    log_t = torch.log_softmax(teacher_logits[keep].float(), dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
 def distillation_loss(
-    student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, token_mask: torch.Tensor
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    output_loss: str = "ce",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SquareHead + cross-entropy on one batch; returns the loss and its parts."""
-    # Only the teacher's hidden states are used: its decoder alone skips the LM head.
+    """SquareHead + the output loss on one batch; returns the loss and its parts."""
     with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
-        teacher.get_decoder()(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
+        if output_loss == "kl":
+            teacher_logits = teacher(
+                input_ids=input_ids, attention_mask=token_mask, use_cache=False
+            ).logits
+        else:  # only the hidden states are used: the decoder alone skips the LM head
+            teacher.get_decoder()(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
     with record_layer_outputs(student) as student_hidden:
         logits = student(input_ids=input_ids, attention_mask=token_mask, use_cache=False).logits
     feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
+    parts = {"squarehead": feature.item()}
     ce = language_model_loss(logits, input_ids, token_mask)
-    loss = FEATURE_WEIGHT * feature + CE_WEIGHT * ce
-    return loss, {"loss": loss.item(), "squarehead": feature.item(), "ce": ce.item()}
+    if output_loss == "kl":
+        kl = logit_kl_loss(logits, teacher_logits, token_mask)
+        loss = FEATURE_WEIGHT * feature + CE_WEIGHT * kl
+        parts["kl"] = kl.item()
+        parts["ce"] = ce.item()  # reported, not trained on
+    else:
+        loss = FEATURE_WEIGHT * feature + CE_WEIGHT * ce
+        parts["ce"] = ce.item()
+    return loss, {"loss": loss.item(), **parts}

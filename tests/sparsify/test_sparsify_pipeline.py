@@ -93,6 +93,7 @@ def test_end_to_end_writes_hf_folder_recipe_and_report(tiny_model_dir, text_file
         (dict(steps=4, qat_steps=2), "--qat-steps trains for the int8 model: add --int8"),
         (dict(steps=4, qat_steps=5, int8=True), "must be between 1 and --steps \\(4\\)"),
         (dict(steps=4, qat_steps=2, int8=True, bf16=True), "--bf16 or --qat-steps, not both"),
+        (dict(steps=4, output_loss="mse"), "unknown --output-loss 'mse'; use one of ce, kl"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_model_dir, text_file, tmp_path, overrides, message):
@@ -342,3 +343,12 @@ def test_bf16_distillation_is_recorded_and_keeps_exact_zeros(tiny_model_dir, tex
         if name.endswith("proj.weight"):
             assert w.dtype == torch.float32
             assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01), name
+
+
+def test_kl_distillation_is_recorded(tiny_model_dir, text_file, tmp_path):
+    import yaml
+
+    out = sparsify(options(tiny_model_dir, text_file, tmp_path / "out", steps=4, output_loss="kl"))
+    stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
+    assert stages[1]["squarehead_distillation"]["output_loss"] == "kl"
+    assert "KL" in stages[1]["squarehead_distillation"]["loss"]["output"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from sparsec.sparsify.squarehead import (
     EPS,
     distillation_loss,
     language_model_loss,
+    logit_kl_loss,
     record_layer_outputs,
     squarehead_layer_losses,
     squarehead_loss,
@@ -74,6 +76,39 @@ def test_distillation_loss_uses_decoder_layer_outputs(tiny_model):
     loss, parts = distillation_loss(model, model, ids, mask)
     assert parts["squarehead"] == 0.0
     assert parts["loss"] == pytest.approx(parts["ce"])
+
+
+def test_logit_kl_matches_formula_by_hand():
+    # Two real tokens over a 2-word vocabulary, then a padding token that must not count.
+    teacher = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.01, 0.99]]]))
+    student = torch.log(torch.tensor([[[0.25, 0.75], [0.9, 0.1], [0.99, 0.01]]]))
+    mask = torch.tensor([[1, 1, 0]])
+    first = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    expected = (first + 0.0) / 2  # the second token's distributions agree
+    # Logits are unnormalised: shifting a row by a constant must not change anything.
+    got = logit_kl_loss(student + 3.0, teacher - 1.0, mask)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_distillation_trains_on_the_teacher_not_the_text(tiny_model):
+    model, _ = tiny_model
+    ids = torch.randint(0, 256, (2, 12))
+    mask = torch.ones_like(ids)
+    # Student == teacher: both losses vanish, though the text's cross-entropy does not.
+    loss, parts = distillation_loss(model, model, ids, mask, output_loss="kl")
+    assert parts["squarehead"] == 0.0
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert parts["loss"] == pytest.approx(0.0, abs=1e-6)
+    assert parts["ce"] > 1.0  # reported for the log, not part of the loss
+    # A different student: the loss is SquareHead + KL, and its gradient reaches the weights.
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(1.5)
+    loss, parts = distillation_loss(student, model, ids, mask, output_loss="kl")
+    assert parts["kl"] > 0
+    assert parts["loss"] == pytest.approx(parts["squarehead"] + parts["kl"], rel=1e-5)
+    loss.backward()
+    assert student.lm_head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("bf16", [False, True])
