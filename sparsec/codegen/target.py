@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sparsec.errors import SparsecError
+from sparsec.runtime.cpu import CPUINFO, host_cpu_flags, normalize_feature  # one reader for both
 
 # LLVM feature names that the generated code may use. A .so built with these runs
 # on Zen 4 and on Intel Ice Lake / Sapphire Rapids or newer.
@@ -53,13 +54,6 @@ GCC_FEATURE_FLAGS: tuple[str, ...] = (
     "-mprefer-vector-width=512",
 )
 
-CPUINFO = Path("/proc/cpuinfo")
-
-
-def _normalize_feature(name: str) -> str:
-    # /proc/cpuinfo says "avx512_vnni", LLVM says "avx512vnni"; "sse4_1" vs "sse4.1".
-    return name.strip().lower().lstrip("+").replace("_", "").replace(".", "")
-
 
 def _read_cpuinfo(path: Path) -> str:
     try:
@@ -68,15 +62,6 @@ def _read_cpuinfo(path: Path) -> str:
         raise SparsecError(
             f"cannot read {path} to detect CPU features ({exc}); sparsec needs Linux on x86-64"
         ) from exc
-
-
-def host_cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """The host's CPU feature flags, normalized (``avx512_vnni`` -> ``avx512vnni``)."""
-    for line in _read_cpuinfo(cpuinfo).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(_normalize_feature(f) for f in value.split())
-    raise SparsecError(f"{cpuinfo} has no 'flags' line; sparsec needs Linux on x86-64")
 
 
 def host_cpu_model(cpuinfo: Path = CPUINFO) -> str:
@@ -92,8 +77,8 @@ def missing_features(
     features: Iterable[str] = LLVM_FEATURES, available: Iterable[str] | None = None
 ) -> list[str]:
     """The features (LLVM or cpuinfo spelling) that the CPU does not have, in input order."""
-    have = host_cpu_flags() if available is None else {_normalize_feature(f) for f in available}
-    return [f for f in features if _normalize_feature(f) not in have]
+    have = host_cpu_flags() if available is None else {normalize_feature(f) for f in available}
+    return [f for f in features if normalize_feature(f) not in have]
 
 
 def require_features(

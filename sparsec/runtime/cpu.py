@@ -19,7 +19,8 @@ _ARCH_ALIASES = {"x86_64": {"x86_64", "amd64", "x64"}, "aarch64": {"aarch64", "a
 
 
 def normalize_feature(name: str) -> str:
-    return name.strip().lower().replace("_", "").replace(".", "")
+    # /proc/cpuinfo says "avx512_vnni", LLVM says "+avx512vnni"; "sse4_1" vs "sse4.1".
+    return name.strip().lower().lstrip("+").replace("_", "").replace(".", "")
 
 
 def host_system() -> str:
