@@ -250,6 +250,10 @@ class Run:
         def curve_point(step: int) -> None:
             ppl = perplexity(self.model, curve_tokens, max_tokens=opts.curve_tokens)
             self.state["curve"].append({"step": step, "perplexity": ppl})
+            if step and not opts.quiet:
+                from tqdm import tqdm
+
+                tqdm.write(f"step {step}: {curve_source} perplexity {ppl:.2f}", file=sys.stderr)
 
         if not self.state["curve"]:
             self.state["curve_source"] = curve_source

@@ -345,10 +345,27 @@ def test_bf16_distillation_is_recorded_and_keeps_exact_zeros(tiny_model_dir, tex
             assert (w == 0).float().mean() == pytest.approx(0.5, abs=0.01), name
 
 
-def test_kl_distillation_is_recorded(tiny_model_dir, text_file, tmp_path):
+def test_kl_distillation_is_recorded_and_logs_its_curve(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
     import yaml
 
-    out = sparsify(options(tiny_model_dir, text_file, tmp_path / "out", steps=4, output_loss="kl"))
+    out = sparsify(
+        options(
+            tiny_model_dir,
+            text_file,
+            tmp_path / "out",
+            steps=4,
+            eval_every=2,
+            output_loss="kl",
+            quiet=False,
+        )
+    )
+    log = capsys.readouterr().err
+    curve = json.loads((out / "report.json").read_text())["recovery_curve"]["points"]
+    for point in curve[1:]:  # each curve point is logged as it is measured
+        assert f"step {point['step']}: " in log
+        assert f"perplexity {point['perplexity']:.2f}" in log
     stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
     assert stages[1]["squarehead_distillation"]["output_loss"] == "kl"
     assert "KL" in stages[1]["squarehead_distillation"]["loss"]["output"]
