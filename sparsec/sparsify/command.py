@@ -43,6 +43,20 @@ def register(sub) -> None:
         help="unstructured (default), N:M such as 2:4 (N kept of every M), or block16",
     )
     p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "magnitude"])
+    p.add_argument(
+        "--layer-sparsity",
+        choices=["uniform", "owl"],
+        default="uniform",
+        help="uniform: every decoder layer at --sparsity (default); owl: outlier-weighted "
+        "(OWL), layers with more outlier weights keep more of them, the model as a whole "
+        "at --sparsity",
+    )
+    p.add_argument(
+        "--owl-lambda",
+        type=float,
+        default=0.08,
+        help="with --layer-sparsity owl: layer densities spread over target +- this (0.08)",
+    )
     p.add_argument("--calibration", nargs="+", metavar="FILE", default=DEFAULT_CALIBRATION)
     p.add_argument("--calibration-samples", type=int, default=32, help="sequences (default 32)")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens each (512)")

@@ -23,6 +23,7 @@ from sparsec.errors import SparsecError
 from sparsec.sparsify import data as data_mod
 from sparsec.sparsify import report as report_mod
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
+from sparsec.sparsify.owl import OWL_LAMBDA, outlier_ratios, owl_sparsities
 from sparsec.sparsify.patterns import check_sparsity, parse_pattern
 from sparsec.sparsify.perplexity import perplexity
 from sparsec.sparsify.prune import decoder_layers, prunable_linears, prune_model
@@ -49,7 +50,8 @@ SMOOTH_SAMPLES = 16  # calibration sequences for the smoothing statistics
 # Options that shape the one-shot model, and those that shape distillation: a checkpoint
 # taken before distillation began may be resumed with other training options.
 PRUNE_OPTIONS = tuple(
-    "model sparsity pattern method calibration calibration_samples calibration_seq_len seed".split()
+    "model sparsity pattern method layer_sparsity owl_lambda calibration calibration_samples "
+    "calibration_seq_len seed".split()
 )
 TRAIN_OPTIONS = tuple(
     "train steps lr batch_size seq_len warmup teacher output_loss qat_steps smooth bf16".split()
@@ -63,6 +65,8 @@ class SparsifyOptions:
     sparsity: float
     pattern: str = "unstructured"
     method: str = "sparsegpt"  # or "magnitude", the baseline
+    layer_sparsity: str = "uniform"  # or "owl": outlier-weighted per-layer sparsity (owl.py)
+    owl_lambda: float = OWL_LAMBDA
     calibration: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_CALIBRATION))
     calibration_samples: int = 32
     calibration_seq_len: int = 512
@@ -180,6 +184,8 @@ class Run:
             self.tensors["calibration"] = calibration
         start = self.state.get("next_layer", 0)
         layers = decoder_layers(self.model)
+        if "layer_sparsity" not in self.state:  # from the dense model, before any pruning
+            self.state["layer_sparsity"] = self._layer_sparsities(calibration, len(layers))
         bar = _bar(opts, len(layers), start, f"{opts.method} {opts.sparsity:.0%}")
         started = time.monotonic() - self.state["timings"].get("prune", 0.0)
 
@@ -196,7 +202,7 @@ class Run:
             prune_model(
                 self.model,
                 calibration,
-                opts.sparsity,
+                self.state["layer_sparsity"],
                 self.pattern,
                 method=opts.method,
                 start_layer=start,
@@ -209,6 +215,19 @@ class Run:
         self.tensors.pop("calibration", None)
         self.state["stage"] = "pruned"
         self.save()
+
+    def _layer_sparsities(self, calibration, layers: int) -> list[float]:
+        opts = self.opts
+        if opts.layer_sparsity == "uniform":
+            return [opts.sparsity] * layers
+        started = time.monotonic()
+        ratios = outlier_ratios(self.model, calibration)
+        sparsities = owl_sparsities(ratios, opts.sparsity, opts.owl_lambda)
+        self.state["outlier_ratios"] = ratios
+        self.state["timings"]["owl"] = time.monotonic() - started
+        shown = ", ".join(f"{s:.3f}" for s in sparsities)
+        _log(opts, f"OWL layer sparsities (lambda {opts.owl_lambda}): {shown}")
+        return sparsities
 
     def smooth(self) -> None:
         """SmoothQuant-style smoothing for W8A8, once (before QAT, else before quantizing)."""
@@ -383,6 +402,15 @@ def sparsify(opts: SparsifyOptions) -> Path:
         raise SparsecError(f"unknown pruning method {opts.method}; use sparsegpt or magnitude")
     if opts.steps < 0:
         raise SparsecError(f"--steps {opts.steps} is negative")
+    if opts.layer_sparsity not in ("uniform", "owl"):
+        raise SparsecError(f"unknown --layer-sparsity {opts.layer_sparsity!r}; use uniform or owl")
+    if opts.layer_sparsity == "owl":
+        if pattern.kind == "nm":
+            raise SparsecError(
+                f"--layer-sparsity owl varies the sparsity by layer, which the {opts.pattern} "
+                "pattern fixes: use --pattern unstructured or block16"
+            )
+        owl_sparsities([0.0, 1.0], opts.sparsity, opts.owl_lambda)  # checks --owl-lambda
     if opts.output_loss not in OUTPUT_LOSSES:
         raise SparsecError(
             f"unknown --output-loss {opts.output_loss!r}; use one of {', '.join(OUTPUT_LOSSES)}"

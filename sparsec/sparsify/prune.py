@@ -244,7 +244,7 @@ def _report(name: str, linear: nn.Linear, keep: torch.Tensor, error: float) -> L
 def prune_model(
     model: nn.Module,
     calibration: torch.Tensor,
-    sparsity: float,
+    sparsity: float | list[float],
     pattern: Pattern,
     *,
     chunk: int = 4,
@@ -255,17 +255,21 @@ def prune_model(
 ) -> None:
     """Prune every decoder layer from ``start_layer`` on, in place.
 
+    ``sparsity`` is one fraction for every layer or a list with one per decoder layer.
     ``on_layer(i, reports, masks, outputs)`` runs after layer i (progress, checkpoints);
     resuming passes the saved inputs of ``start_layer`` as ``start_inputs``.
     """
     prunable_linears(model)  # fail early on models without Linears
     layers = decoder_layers(model)
+    per_layer = [sparsity] * len(layers) if isinstance(sparsity, float | int) else sparsity
+    if len(per_layer) != len(layers):
+        raise SparsecError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder layers")
     inputs = capture_first_layer_inputs(model, calibration, chunk)
     if start_inputs is not None:
         inputs.hidden = list(start_inputs)
     for i in range(start_layer, len(layers)):
         reports, masks, inputs = prune_layer(
-            layers[i], inputs, sparsity, pattern, f"model.layers.{i}", method
+            layers[i], inputs, per_layer[i], pattern, f"model.layers.{i}", method
         )
         if on_layer is not None:
             on_layer(i, reports, masks, inputs)

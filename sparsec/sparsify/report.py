@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsec.sparsify.owl import OUTLIER_M
 from sparsec.sparsify.sparsegpt import BLOCK_SIZE, DAMPENING
 from sparsec.sparsify.squarehead import CE_WEIGHT, EPS, FEATURE_WEIGHT
 
@@ -37,6 +38,18 @@ def recipe(opts, state: dict, version: str) -> dict:
                 "method": opts.method,
                 "sparsity": opts.sparsity,
                 "pattern": opts.pattern,
+                **(
+                    {
+                        "layer_sparsity": {
+                            "method": "owl (outlier-weighted, Yin et al. 2024)",
+                            "lambda": opts.owl_lambda,
+                            "outlier_m": OUTLIER_M,
+                            "per_layer": state.get("layer_sparsity"),
+                        }
+                    }
+                    if opts.layer_sparsity == "owl"
+                    else {}
+                ),
                 "targets": "every Linear of every decoder layer (embedding and LM head dense)",
                 "calibration": {
                     "sources": list(opts.calibration),
@@ -120,6 +133,7 @@ def write_report(folder: Path, opts, state: dict) -> None:
         "layers": state["final_layers"],
         "pruning": state["layers"],
         "overall_sparsity": _overall(state["final_layers"]),
+        "layer_sparsity": state.get("layer_sparsity"),
         "timings_s": state["timings"],
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -140,7 +154,8 @@ def markdown(report: dict) -> str:
         f"# sparsec sparsify report: {report['model']}",
         "",
         f"Sparsity {report['options']['sparsity']:.0%} ({report['options']['pattern']}, "
-        f"{report['options']['method']}); measured over all pruned Linears: "
+        f"{report['options']['method']}, {report['options']['layer_sparsity']} across "
+        "layers); measured over all pruned Linears: "
         f"{report['overall_sparsity']:.4f}.",
         "",
         "## Perplexity",
