@@ -70,11 +70,11 @@ def register(sub) -> None:
     p.add_argument("--teacher", default=None, help="distillation teacher (default: dense MODEL)")
     p.add_argument(
         "--output-loss",
-        choices=["ce", "kl"],
+        choices=["ce", "kl", "ce+kl"],
         default="ce",
         help="the loss on the student's logits next to SquareHead: ce, cross-entropy on the "
-        "training text's next tokens (the paper's, default), or kl, KL divergence from the "
-        "teacher's next-token distribution (logit distillation)",
+        "training text's next tokens (the paper's, default); kl, KL divergence from the "
+        "teacher's next-token distribution (logit distillation); or ce+kl, both",
     )
     p.add_argument(
         "--int8", action="store_true", help="W8A8: int8-grid weights + quantization.json"

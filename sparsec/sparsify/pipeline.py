@@ -77,7 +77,7 @@ class SparsifyOptions:
     seq_len: int = 128
     warmup: float = 0.1
     teacher: str | None = None
-    output_loss: str = "ce"  # next to SquareHead: "ce" (the paper's) or "kl" (teacher logits)
+    output_loss: str = "ce"  # next to SquareHead: "ce" (the paper's), "kl" (teacher logits), both
     int8: bool = False
     qat_steps: int = 0  # the last N distillation steps train through W8A8 fake quant
     smooth: bool = True  # SmoothQuant-style smoothing before W8A8 (see smooth.py)

@@ -83,6 +83,7 @@ def recipe(opts, state: dict, version: str) -> dict:
                         "output": {
                             "ce": "cross-entropy on the training text's next tokens",
                             "kl": "KL(teacher || student) over next-token distributions",
+                            "ce+kl": "cross-entropy on the text + KL(teacher || student)",
                         }[opts.output_loss],
                         "output_weight": CE_WEIGHT,
                         "eps": EPS,

@@ -7,9 +7,10 @@ For every decoder layer l (its output, not the embeddings):
 with both means over the non-padding tokens (and the hidden features). Normalising by
 the teacher's energy puts all layers on the same scale, so no per-layer weights are
 needed. The total is ``sum_l loss_l * 1.0 + output_loss * 1.0``, where the output loss is
-the paper's cross-entropy on the text's next tokens (``"ce"``) or, as an option, the KL
-divergence from the teacher's next-token distribution (``"kl"``, Hinton-style logit
-distillation), which teaches the whole distribution rather than the one token the text has.
+the paper's cross-entropy on the text's next tokens (``"ce"``), or the KL divergence from
+the teacher's next-token distribution (``"kl"``, Hinton-style logit distillation), which
+teaches the whole distribution rather than the one token the text has, or both summed
+(``"ce+kl"``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sparsec.sparsify.prune import decoder_layers
 EPS = 1e-6
 FEATURE_WEIGHT = 1.0
 CE_WEIGHT = 1.0
-OUTPUT_LOSSES = ("ce", "kl")
+OUTPUT_LOSSES = ("ce", "kl", "ce+kl")
 
 
 def squarehead_layer_losses(
@@ -91,8 +92,9 @@ def distillation_loss(
     output_loss: str = "ce",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SquareHead + the output loss on one batch; returns the loss and its parts."""
+    kl_term = output_loss in ("kl", "ce+kl")
     with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
-        if output_loss == "kl":
+        if kl_term:
             teacher_logits = teacher(
                 input_ids=input_ids, attention_mask=token_mask, use_cache=False
             ).logits
@@ -101,14 +103,13 @@ def distillation_loss(
     with record_layer_outputs(student) as student_hidden:
         logits = student(input_ids=input_ids, attention_mask=token_mask, use_cache=False).logits
     feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
-    parts = {"squarehead": feature.item()}
     ce = language_model_loss(logits, input_ids, token_mask)
-    if output_loss == "kl":
+    parts = {"squarehead": feature.item(), "ce": ce.item()}  # ce is logged even if not trained
+    loss = FEATURE_WEIGHT * feature
+    if output_loss != "kl":
+        loss = loss + CE_WEIGHT * ce
+    if kl_term:
         kl = logit_kl_loss(logits, teacher_logits, token_mask)
-        loss = FEATURE_WEIGHT * feature + CE_WEIGHT * kl
+        loss = loss + CE_WEIGHT * kl
         parts["kl"] = kl.item()
-        parts["ce"] = ce.item()  # reported, not trained on
-    else:
-        loss = FEATURE_WEIGHT * feature + CE_WEIGHT * ce
-        parts["ce"] = ce.item()
     return loss, {"loss": loss.item(), **parts}

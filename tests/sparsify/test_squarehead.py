@@ -109,6 +109,10 @@ def test_kl_distillation_trains_on_the_teacher_not_the_text(tiny_model):
     assert parts["loss"] == pytest.approx(parts["squarehead"] + parts["kl"], rel=1e-5)
     loss.backward()
     assert student.lm_head.weight.grad.abs().sum() > 0
+    # ce+kl trains on both.
+    _, both = distillation_loss(student, model, ids, mask, output_loss="ce+kl")
+    assert both["kl"] == pytest.approx(parts["kl"], rel=1e-5)
+    assert both["loss"] == pytest.approx(both["squarehead"] + both["ce"] + both["kl"], rel=1e-5)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
