@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# The pipeline tests' tiny-model options (tests/sparsify is on sys.path).
+from test_sparsify_pipeline import options
+
 from sparsec.errors import SparsecError
 from sparsec.sparsify.owl import outlier_ratios, owl_sparsities
-from sparsec.sparsify.pipeline import SparsifyOptions, sparsify
+from sparsec.sparsify.pipeline import sparsify
 from sparsec.sparsify.prune import decoder_layers
 
 
@@ -84,34 +87,16 @@ def test_planted_outliers_raise_a_layers_ratio(tiny_model):
     assert after[0] == pytest.approx(before[0])  # layers before it see the same inputs
 
 
-def _options(model_dir, text: Path, out: Path, **overrides) -> SparsifyOptions:
-    base = dict(
-        model=str(model_dir),
-        output=out,
-        sparsity=0.5,
-        layer_sparsity="owl",
-        owl_lambda=0.1,
-        calibration=[str(text)],
-        calibration_samples=4,
-        calibration_seq_len=48,
-        eval=[str(text)],
-        eval_tokens=256,
-        quiet=True,
+def _options(model_dir, text: Path, out: Path, **overrides):
+    return options(
+        model_dir, text, out, **{"layer_sparsity": "owl", "owl_lambda": 0.1, **overrides}
     )
-    return SparsifyOptions(**{**base, **overrides})
 
 
-@pytest.fixture
-def text(tmp_path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text("Sphinx of black quartz, judge my vow. The five boxing wizards jump. " * 60)
-    return path
-
-
-def test_pipeline_prunes_each_layer_to_its_owl_sparsity(tiny_model_dir, text, tmp_path):
+def test_pipeline_prunes_each_layer_to_its_owl_sparsity(tiny_model_dir, text_file, tmp_path):
     import yaml
 
-    out = sparsify(_options(tiny_model_dir, text, tmp_path / "out"))
+    out = sparsify(_options(tiny_model_dir, text_file, tmp_path / "out"))
     report = json.loads((out / "report.json").read_text())
     per_layer = report["layer_sparsity"]
     assert len(set(round(s, 6) for s in per_layer)) > 1
@@ -134,6 +119,6 @@ def test_pipeline_prunes_each_layer_to_its_owl_sparsity(tiny_model_dir, text, tm
         (dict(layer_sparsity="random"), "unknown --layer-sparsity 'random'"),
     ],
 )
-def test_bad_owl_options_are_clear_errors(tiny_model_dir, text, tmp_path, overrides, message):
+def test_bad_owl_options_are_clear_errors(tiny_model_dir, text_file, tmp_path, overrides, message):
     with pytest.raises(SparsecError, match=message):
-        sparsify(_options(tiny_model_dir, text, tmp_path / "out", **overrides))
+        sparsify(_options(tiny_model_dir, text_file, tmp_path / "out", **overrides))

@@ -17,18 +17,6 @@ from sparsec.sparsify.pipeline import SparsifyOptions, sparsify
 from sparsec.sparsify.quant import quantize_weight
 from sparsec.sparsify.train import MaskedTrainer
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
-) * 30
-
-
-@pytest.fixture
-def text_file(tmp_path) -> Path:
-    path = tmp_path / "text.txt"
-    path.write_text(TEXT)
-    return path
-
 
 def options(model_dir, text_file, out, **overrides) -> SparsifyOptions:
     base = dict(
