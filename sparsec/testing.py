@@ -178,7 +178,8 @@ def build_contract_graph(model, tokenizer):
             domain=contract.DOMAIN,
             n_out=2,
         )
-    logits = node("MatMul", [h, const("lm_head", embed.T)])
+    head = sd.get("lm_head.weight", embed)  # the same tensor when the embeddings are tied
+    logits = node("MatMul", [h, const("lm_head", head.T)])
     logits.name = contract.LOGITS
     graph = ir.Graph(
         [ids, pos, *pasts],

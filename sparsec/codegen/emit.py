@@ -14,6 +14,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsec.codegen import linear, ops
+from sparsec.codegen.linear_pack import ROWS
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.codegen.target import declare_function
@@ -119,7 +120,14 @@ class _Emitter:
         self.module = ir.Module(name="sparsec_model")
         self.module.triple = "x86_64-unknown-linux-gnu"
         self.blob = WeightsBlob()
-        self.table_offsets = {n: self.blob.add(t) for n, t in prog.tables.items()}
+        # id(linear instr) -> (format, packed, blob offset) for weights packed up front
+        self.prepacked: dict[int, tuple[str, linear.PackedLinear, int]] = {}
+        self.embedding_from_head = self._share_tied_embedding()
+        self.table_offsets = {
+            n: self.blob.add(t)
+            for n, t in prog.tables.items()
+            if not (n == "embedding" and self.embedding_from_head)
+        }
         self.layers: list[LayerRecord] = []
         cfg = prog.config
         self.kv_layer_floats = cfg["num_key_value_heads"] * capacity * cfg["head_dim"]
@@ -138,9 +146,28 @@ class _Emitter:
         self.n_kernels += 1
         return f"k{self.n_kernels:04d}_{op}"
 
-    def _linear_kernel(self, ins: Instr):
-        a = ins.args
-        weights = a["weights"]
+    def _share_tied_embedding(self) -> Instr | None:
+        """The LM head linear whose packed weights also serve as the embedding table.
+
+        With tied embeddings (SmolLM2) the Gather table and the LM head are one matrix;
+        when the head ships as ``dense_f32`` its packed copy holds every embedding row,
+        and storing the table again would add vocab x hidden x 4 bytes (113 MB) to the .so.
+        """
+        table = self.prog.tables.get("embedding")
+        head = next((i for i in self.prog.linears() if i.args["logits"]), None)
+        if table is None or head is None or len(head.args["weights"]) != 1:
+            return None
+        w = head.args["weights"][0].value
+        if w.shape != table.shape or not np.array_equal(w, table):
+            return None
+        fmt, packed = self._pack(head)
+        if fmt != "dense_f32":
+            return None  # an int8 or sparse head cannot give back the float rows
+        self.prepacked[id(head)] = (fmt, packed, self.blob.add(packed.data))
+        return head
+
+    def _pack(self, ins: Instr) -> tuple[str, linear.PackedLinear]:
+        weights = ins.args["weights"]
         w = np.concatenate([wt.value for wt in weights], axis=0)
         pre_quantized = all(wt.int8 is not None for wt in weights)
         precision = "int8" if (self.precision == "int8" or self.prog.activation_quant) else "fp32"
@@ -148,9 +175,17 @@ class _Emitter:
         if pre_quantized and fmt.endswith("_i8"):
             q = np.concatenate([wt.int8 for wt in weights], axis=0)
             s = np.concatenate([wt.scale for wt in weights], axis=0)
-            packed = linear.pack_linear_quantized(q, s, fmt)
+            return fmt, linear.pack_linear_quantized(q, s, fmt)
+        return fmt, linear.pack_linear(w, fmt)
+
+    def _linear_kernel(self, ins: Instr):
+        a = ins.args
+        w = np.concatenate([wt.value for wt in a["weights"]], axis=0)
+        if id(ins) in self.prepacked:
+            fmt, packed, offset = self.prepacked[id(ins)]
         else:
-            packed = linear.pack_linear(w, fmt)
+            fmt, packed = self._pack(ins)
+            offset = None
         is_int8 = fmt.endswith("_i8")
         # int8 kernels read the quantized copy, laid out by the quantize kernel
         x_stride = None if is_int8 else self.prog.buffers[a["x"].buf]
@@ -175,13 +210,13 @@ class _Emitter:
                 name=a["name"],
                 shape=list(w.shape),
                 sparsity=round(1 - nnz / w.size, 4),
-                pattern=_pattern(self.prog, weights, w),
+                pattern=_pattern(self.prog, a["weights"], w),
                 kernel=fmt,
                 bytes=int(packed.data.nbytes),
                 flops=2 * nnz,
             )
         )
-        return fn, self.blob.add(packed.data), is_int8
+        return fn, self.blob.add(packed.data) if offset is None else offset, is_int8
 
     # -- body ----------------------------------------------------------------------------
     def emit(self) -> Emitted:
@@ -236,10 +271,20 @@ class _Emitter:
 
     def emit_embed(self, ins: Instr) -> None:
         cfg = self.prog.config
+        head = self.embedding_from_head
         fn = ops.shared_kernel(
-            self.module, ops.emit_embedding, vocab=ins.args["vocab"], dim=cfg["hidden_size"]
+            self.module,
+            ops.emit_embedding,
+            vocab=ins.args["vocab"],
+            dim=cfg["hidden_size"],
+            lanes=ROWS if head else 0,
         )
-        self.call(fn, [self.table("embedding"), self.f["tokens"], self.ptr(ins.args["out"])])
+        if head:
+            _, packed, offset = self.prepacked[id(head)]
+            table = self.b.bitcast(self.weights_at(offset + packed.sections["weights"]), F32P)
+        else:
+            table = self.table("embedding")
+        self.call(fn, [table, self.f["tokens"], self.ptr(ins.args["out"])])
 
     def emit_rmsnorm(self, ins: Instr) -> None:
         a = ins.args

@@ -35,14 +35,23 @@ from sparsec.codegen.vmath import (
 ELEMENTWISE_BLOCK = 256
 
 
-def emit_embedding(module: ir.Module, name: str, *, vocab: int, dim: int) -> ir.Function:
-    """``void name(const float* table[vocab, dim], const int32_t* tokens, float* out[n, dim],
-    int32 n, int32 tid, int32 nthreads)``: out[i] = table[tokens[i]].
+def emit_embedding(
+    module: ir.Module, name: str, *, vocab: int, dim: int, lanes: int = 0
+) -> ir.Function:
+    """``void name(const float* table, const int32_t* tokens, float* out[n, dim],
+    int32 n, int32 tid, int32 nthreads)``: out[i] = row tokens[i] of the table.
+
+    ``lanes=0``: the table is ``[vocab, dim]``. ``lanes=16``: it is a tied LM head in the
+    ``dense_f32`` linear layout ``[vocab/16][dim][16]``, so the model stores that matrix
+    once; a row is then read at a 64-byte stride, 36 KiB a token for SmolLM2, nothing
+    next to the weights a decode step streams.
 
     A token id outside [0, vocab) yields a zero row instead of reading out of bounds;
     the runtime validates ids before they get here.
     """
     check_positive(vocab=vocab, dim=dim)
+    if lanes not in (0, 16):
+        raise ValueError(f"embedding lanes must be 0 (rows) or 16 (dense_f32), not {lanes}")
     fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
     table, tokens, out, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -53,12 +62,21 @@ def emit_embedding(module: ir.Module, name: str, *, vocab: int, dim: int) -> ir.
         in_range = b.icmp_unsigned("<", token, ir.Constant(I32, vocab))
         with b.if_else(in_range) as (valid, invalid):
             with valid:
-                src = ptr_add(b, table, b.mul(b.zext(token, I64), i64(dim)))
+                t = b.zext(token, I64)
+                if lanes:
+                    block = b.udiv(t, i64(lanes))
+                    lane = b.urem(t, i64(lanes))
+                    src = ptr_add(b, table, b.add(b.mul(block, i64(dim * lanes)), lane))
+                    with loop(b, i64(0), i64(dim), name="col") as col:
+                        value = b.load(ptr_add(b, src, b.mul(col, i64(lanes))))
+                        b.store(value, ptr_add(b, dst, col))
+                else:
+                    src = ptr_add(b, table, b.mul(t, i64(dim)))
 
-                def copy(off, width, src=src):
-                    store(b, load(b, ptr_add(b, src, off), width), ptr_add(b, dst, off))
+                    def copy(off, width, src=src):
+                        store(b, load(b, ptr_add(b, src, off), width), ptr_add(b, dst, off))
 
-                for_span(b, dim, copy, name="copy")
+                    for_span(b, dim, copy, name="copy")
             with invalid:
                 for_span(
                     b,

@@ -160,3 +160,23 @@ def test_context_beyond_rope_table_is_rejected(tmp_path):
     ir.save(build_contract_graph(model, tokenizer), tmp_path / "g.onnx")
     with pytest.raises(SparsecError, match="--max-context 100000 is outside"):
         compile_model(tmp_path / "g.onnx", tmp_path / "m.so", max_context=100000, quiet=True)
+
+
+def test_tied_embedding_is_stored_once(tmp_path):
+    """A dense fp32 LM head tied to the embedding also serves the embedding lookups."""
+    sizes = {}
+    for tied in (True, False):
+        model, tokenizer = make_tiny_llama(seed=1, tie_word_embeddings=tied)
+        graph = tmp_path / f"tied{tied}.onnx"
+        ir.save(build_contract_graph(model, tokenizer), graph)
+        so = tmp_path / f"tied{tied}.so"
+        compile_model(graph, so, precision="fp32", kernels="dense", max_context=64, quiet=True)
+        sizes[tied] = so.stat().st_size
+        rt = runtime.load(so, threads=2)
+        ids = tokenizer(PROMPT).input_ids
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(rt.forward(ids, all_logits=True), expected, atol=FP32_ATOL)
+    table_bytes = model.config.vocab_size * model.config.hidden_size * 4
+    # The .so files also differ by a few bytes of metadata, hence not an exact equality.
+    assert sizes[False] - sizes[True] > 0.95 * table_bytes

@@ -19,6 +19,7 @@ from test_ops_support import (
 )
 
 from sparsec.codegen import ops
+from sparsec.codegen.linear_pack import pack_linear
 from sparsec.errors import SparsecError
 
 EPS = 1e-5
@@ -33,6 +34,7 @@ def model(request, tmp_path_factory):
         tmp_path_factory.mktemp(f"elementwise-{request.param}"),
         {
             "emb": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"]),
+            "emb16": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"], lanes=16),
             "rms": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=False),
             "rms_res": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=True),
             "swiglu": p(ops.emit_swiglu_act, ffn_dim=s["ffn"]),
@@ -58,6 +60,29 @@ def test_embedding(model, n, nthreads):
         lambda a, tid, nt: k("emb", table, tokens, a["out"], n, tid, nt), arrays, ["out"], nthreads
     )["out"]
     np.testing.assert_array_equal(out, _ref_embedding(table, tokens))
+
+
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_embedding_from_a_tied_lm_head_in_the_dense_f32_layout(model, nthreads):
+    s, k, table = model
+    packed = pack_linear(table, "dense_f32")  # what the LM head linear ships
+    start = packed.sections["weights"]
+    lanes = packed.data[start:].view(np.float32)
+    n = 7
+    tokens = np.random.default_rng(5).integers(0, s["vocab"], n).astype(np.int32)
+    tokens[:3] = [s["vocab"] - 1, 0, 17 % s["vocab"]]  # last (padded) block, first lane
+    arrays = {"out": np.full((n, s["dim"]), np.nan, np.float32)}
+    out = assert_shares_partition(
+        lambda a, tid, nt: k("emb16", lanes, tokens, a["out"], n, tid, nt),
+        arrays,
+        ["out"],
+        nthreads,
+    )["out"]
+    np.testing.assert_array_equal(out, _ref_embedding(table, tokens))
+    bad = np.array([s["vocab"], -1], np.int32)
+    out = np.full((2, s["dim"]), np.nan, np.float32)
+    k("emb16", lanes, bad, out, 2, 0, 1)
+    np.testing.assert_array_equal(out, 0.0)
 
 
 def test_embedding_out_of_range_token_gives_zero_row(model):
