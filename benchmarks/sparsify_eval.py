@@ -121,7 +121,11 @@ def cmd_plot(args) -> None:
         points = report["recovery_curve"]["points"]
         source = Path(report["recovery_curve"]["source"]).name
         tokens = report["options"]["curve_tokens"]
-        label = f"{report['options']['sparsity']:.0%} {report['options']['pattern']}"
+        opts = report["options"]
+        label = f"{opts['sparsity']:.0%} {opts['pattern']}"
+        if opts.get("layer_sparsity", "uniform") != "uniform":
+            label += f" {opts['layer_sparsity']}"
+        label += f", loss {opts.get('output_loss', 'ce')}, {opts['steps']} steps"
         ax.plot([p["step"] for p in points], [p["perplexity"] for p in points], "o-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("SquareHead distillation steps")
