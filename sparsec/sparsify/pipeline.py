@@ -13,7 +13,7 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -103,6 +103,9 @@ class SparsifyOptions:
             return Path(self.checkpoint_dir)
         out = Path(self.output)
         return out.parent / f"{out.name}.checkpoint"
+
+
+_OPTION_DEFAULTS = {f.name: f.default for f in fields(SparsifyOptions) if f.default is not MISSING}
 
 
 def _log(opts: SparsifyOptions, message: str) -> None:
@@ -339,9 +342,9 @@ class Run:
             training_began = "trainer" in self.tensors or state["stage"] in ("distilled", "done")
             must_match = PRUNE_OPTIONS + (TRAIN_OPTIONS if training_began else ())
             now = opts.fingerprint()
-            differ = {
-                k: state["options"].get(k) for k in must_match if state["options"].get(k) != now[k]
-            }
+            # An option newer than the checkpoint was at its default (its old behaviour).
+            saved = {**_OPTION_DEFAULTS, **state["options"]}
+            differ = {k: saved.get(k) for k in must_match if saved.get(k) != now[k]}
             if differ:
                 raise SparsecError(
                     f"the checkpoint in {self.checkpoint.folder} was made with other options "

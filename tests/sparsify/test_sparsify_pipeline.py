@@ -200,6 +200,24 @@ def test_resume_refuses_other_options(tiny_model_dir, text_file, tmp_path, monke
         sparsify(options(tiny_model_dir, text_file, out, steps=3, sparsity=0.6, resume=True))
 
 
+def test_checkpoint_older_than_an_option_resumes_at_its_default(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=1)
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(options(tiny_model_dir, text_file, out, steps=3))
+    state_file = tmp_path / "out.checkpoint" / "current" / "state.json"
+    state = json.loads(state_file.read_text())
+    for newer in ("output_loss", "layer_sparsity", "owl_lambda"):  # absent before they existed
+        del state["options"][newer]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SparsecError, match="'output_loss': 'ce'"):
+        sparsify(options(tiny_model_dir, text_file, out, steps=3, output_loss="kl", resume=True))
+    assert sparsify(options(tiny_model_dir, text_file, out, steps=3, resume=True)).is_dir()
+
+
 def test_finetune_writes_a_trained_dense_model(tiny_model_dir, tmp_path):
     from sparsec.sparsify.finetune import finetune
 
