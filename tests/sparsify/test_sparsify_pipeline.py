@@ -190,12 +190,19 @@ def test_ctrl_c_in_pruning_then_resume(tiny_model_dir, text_file, tmp_path, monk
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def _interrupted_run(monkeypatch, where: tuple, opts) -> None:
+    """Run ``opts`` with a Ctrl-C after the first call of ``where``: a checkpoint is left."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, where, after_calls=1)
+        with pytest.raises(KeyboardInterrupt):
+            sparsify(opts)
+
+
 def test_resume_refuses_other_options(tiny_model_dir, text_file, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=1)
-        with pytest.raises(KeyboardInterrupt):
-            sparsify(options(tiny_model_dir, text_file, out, steps=3))
+    _interrupted_run(
+        monkeypatch, (MaskedTrainer, "train_step"), options(tiny_model_dir, text_file, out, steps=3)
+    )
     with pytest.raises(SparsecError, match="other options"):
         sparsify(options(tiny_model_dir, text_file, out, steps=3, sparsity=0.6, resume=True))
 
@@ -204,10 +211,9 @@ def test_checkpoint_older_than_an_option_resumes_at_its_default(
     tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, (MaskedTrainer, "train_step"), after_calls=1)
-        with pytest.raises(KeyboardInterrupt):
-            sparsify(options(tiny_model_dir, text_file, out, steps=3))
+    _interrupted_run(
+        monkeypatch, (MaskedTrainer, "train_step"), options(tiny_model_dir, text_file, out, steps=3)
+    )
     state_file = tmp_path / "out.checkpoint" / "current" / "state.json"
     state = json.loads(state_file.read_text())
     for newer in ("output_loss", "layer_sparsity", "owl_lambda"):  # absent before they existed
@@ -292,10 +298,9 @@ def test_resume_before_distillation_may_change_training_options(
     tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_at(m, (prune_mod, "prune_layer"), after_calls=1)
-        with pytest.raises(KeyboardInterrupt):
-            sparsify(options(tiny_model_dir, text_file, out, steps=0))
+    _interrupted_run(
+        monkeypatch, (prune_mod, "prune_layer"), options(tiny_model_dir, text_file, out, steps=0)
+    )
     sparsify(options(tiny_model_dir, text_file, out, steps=2, resume=True))
     report = json.loads((out / "report.json").read_text())
     assert list(report["perplexity"]) == ["dense", "one-shot", "distilled"]
