@@ -120,13 +120,12 @@ class _Emitter:
         self.module = ir.Module(name="sparsec_model")
         self.module.triple = "x86_64-unknown-linux-gnu"
         self.blob = WeightsBlob()
-        # id(linear instr) -> (format, packed, blob offset) for weights packed up front
-        self.prepacked: dict[int, tuple[str, linear.PackedLinear, int]] = {}
-        self.embedding_from_head = self._share_tied_embedding()
+        # (LM head instr, its packed weights, blob offset) when it also serves the embedding
+        self.shared_head = self._share_tied_embedding()
         self.table_offsets = {
             n: self.blob.add(t)
             for n, t in prog.tables.items()
-            if not (n == "embedding" and self.embedding_from_head)
+            if not (n == "embedding" and self.shared_head)
         }
         self.layers: list[LayerRecord] = []
         cfg = prog.config
@@ -146,7 +145,7 @@ class _Emitter:
         self.n_kernels += 1
         return f"k{self.n_kernels:04d}_{op}"
 
-    def _share_tied_embedding(self) -> Instr | None:
+    def _share_tied_embedding(self) -> tuple[Instr, linear.PackedLinear, int] | None:
         """The LM head linear whose packed weights also serve as the embedding table.
 
         With tied embeddings (SmolLM2) the Gather table and the LM head are one matrix;
@@ -160,13 +159,12 @@ class _Emitter:
         w = head.args["weights"][0].value
         if w.shape != table.shape or not np.array_equal(w, table):
             return None
-        fmt, packed = self._pack(head)
-        if fmt != "dense_f32":
+        packed = self._pack(head)
+        if packed.fmt != "dense_f32":
             return None  # an int8 or sparse head cannot give back the float rows
-        self.prepacked[id(head)] = (fmt, packed, self.blob.add(packed.data))
-        return head
+        return head, packed, self.blob.add(packed.data)
 
-    def _pack(self, ins: Instr) -> tuple[str, linear.PackedLinear]:
+    def _pack(self, ins: Instr) -> linear.PackedLinear:
         weights = ins.args["weights"]
         w = np.concatenate([wt.value for wt in weights], axis=0)
         pre_quantized = all(wt.int8 is not None for wt in weights)
@@ -175,17 +173,17 @@ class _Emitter:
         if pre_quantized and fmt.endswith("_i8"):
             q = np.concatenate([wt.int8 for wt in weights], axis=0)
             s = np.concatenate([wt.scale for wt in weights], axis=0)
-            return fmt, linear.pack_linear_quantized(q, s, fmt)
-        return fmt, linear.pack_linear(w, fmt)
+            return linear.pack_linear_quantized(q, s, fmt)
+        return linear.pack_linear(w, fmt)
 
     def _linear_kernel(self, ins: Instr):
         a = ins.args
         w = np.concatenate([wt.value for wt in a["weights"]], axis=0)
-        if id(ins) in self.prepacked:
-            fmt, packed, offset = self.prepacked[id(ins)]
+        if self.shared_head and self.shared_head[0] is ins:
+            _, packed, offset = self.shared_head
         else:
-            fmt, packed = self._pack(ins)
-            offset = None
+            packed, offset = self._pack(ins), None
+        fmt = packed.fmt
         is_int8 = fmt.endswith("_i8")
         # int8 kernels read the quantized copy, laid out by the quantize kernel
         x_stride = None if is_int8 else self.prog.buffers[a["x"].buf]
@@ -271,16 +269,15 @@ class _Emitter:
 
     def emit_embed(self, ins: Instr) -> None:
         cfg = self.prog.config
-        head = self.embedding_from_head
         fn = ops.shared_kernel(
             self.module,
             ops.emit_embedding,
             vocab=ins.args["vocab"],
             dim=cfg["hidden_size"],
-            lanes=ROWS if head else 0,
+            lanes=ROWS if self.shared_head else 0,
         )
-        if head:
-            _, packed, offset = self.prepacked[id(head)]
+        if self.shared_head:
+            _, packed, offset = self.shared_head
             table = self.b.bitcast(self.weights_at(offset + packed.sections["weights"]), F32P)
         else:
             table = self.table("embedding")

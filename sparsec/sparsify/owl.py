@@ -18,9 +18,9 @@ from torch import nn
 from sparsec.errors import SparsecError
 from sparsec.sparsify.prune import (
     LayerInputs,
-    _run_layer,
     capture_first_layer_inputs,
     decoder_layers,
+    run_layer,
 )
 
 OUTLIER_M = 5.0  # the paper's threshold for Llama models
@@ -52,7 +52,7 @@ def _mean_input_squares(layer: nn.Module, linears: list[nn.Linear], inputs: Laye
         for i, lin in enumerate(linears)
     ]
     try:
-        outputs = _run_layer(layer, inputs)
+        outputs = run_layer(layer, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -74,8 +74,7 @@ def outlier_ratios(
     return ratios
 
 
-def owl_sparsities(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
-    """Per-layer sparsities from outlier ratios: mean ``sparsity``, spread ``2 * lam``."""
+def check_owl_lambda(sparsity: float, lam: float) -> None:
     # The densest layer can sit up to 2 * lam above the mean, the sparsest 2 * lam below.
     limit = min(sparsity, 0.99 - sparsity) / 2
     if not 0 <= lam <= limit:
@@ -83,6 +82,11 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA
             f"--owl-lambda {lam} must be between 0 and {limit:.3f} at --sparsity {sparsity}, "
             "so that every layer's sparsity stays within [0, 0.99]"
         )
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
+    """Per-layer sparsities from outlier ratios: mean ``sparsity``, spread ``2 * lam``."""
+    check_owl_lambda(sparsity, lam)
     r = torch.tensor(ratios, dtype=torch.float64)
     spread = float(r.max() - r.min())
     if spread == 0.0:

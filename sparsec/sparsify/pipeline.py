@@ -23,7 +23,7 @@ from sparsec.errors import SparsecError
 from sparsec.sparsify import data as data_mod
 from sparsec.sparsify import report as report_mod
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
-from sparsec.sparsify.owl import OWL_LAMBDA, outlier_ratios, owl_sparsities
+from sparsec.sparsify.owl import OWL_LAMBDA, check_owl_lambda, outlier_ratios, owl_sparsities
 from sparsec.sparsify.patterns import check_sparsity, parse_pattern
 from sparsec.sparsify.perplexity import perplexity
 from sparsec.sparsify.prune import decoder_layers, prunable_linears, prune_model
@@ -226,7 +226,6 @@ class Run:
         started = time.monotonic()
         ratios = outlier_ratios(self.model, calibration)
         sparsities = owl_sparsities(ratios, opts.sparsity, opts.owl_lambda)
-        self.state["outlier_ratios"] = ratios
         self.state["timings"]["owl"] = time.monotonic() - started
         shown = ", ".join(f"{s:.3f}" for s in sparsities)
         _log(opts, f"OWL layer sparsities (lambda {opts.owl_lambda}): {shown}")
@@ -413,7 +412,7 @@ def sparsify(opts: SparsifyOptions) -> Path:
                 f"--layer-sparsity owl varies the sparsity by layer, which the {opts.pattern} "
                 "pattern fixes: use --pattern unstructured or block16"
             )
-        owl_sparsities([0.0, 1.0], opts.sparsity, opts.owl_lambda)  # checks --owl-lambda
+        check_owl_lambda(opts.sparsity, opts.owl_lambda)
     if opts.output_loss not in OUTPUT_LOSSES:
         raise SparsecError(
             f"unknown --output-loss {opts.output_loss!r}; use one of {', '.join(OUTPUT_LOSSES)}"

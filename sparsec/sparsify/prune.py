@@ -103,7 +103,7 @@ def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, chun
 
 
 @torch.no_grad()
-def _run_layer(layer: nn.Module, inputs: LayerInputs, stop_after: list[nn.Linear] | None = None):
+def run_layer(layer: nn.Module, inputs: LayerInputs, stop_after: list[nn.Linear] | None = None):
     """Run a layer on every chunk; with ``stop_after``, stop each chunk once those ran."""
     outputs = []
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
@@ -173,7 +173,7 @@ def prune_layer(
                 linear.weight.data.mul_(keep)
                 masks[f"{prefix}.{name}"] = keep
                 reports.append(_report(f"{prefix}.{name}", linear, keep, 0.0))
-        return reports, masks, LayerInputs(_run_layer(layer, inputs), inputs.kwargs)
+        return reports, masks, LayerInputs(run_layer(layer, inputs), inputs.kwargs)
     if llama and staged:
         outputs = _prune_llama_staged(layer, inputs, groups, prune_group)
         return reports, masks, LayerInputs(outputs, inputs.kwargs)
@@ -183,9 +183,9 @@ def prune_layer(
             accumulators = dict.fromkeys(group, first)
         else:
             accumulators = {name: HessianAccumulator(linear) for name, linear in group.items()}
-        _run_layer(layer, inputs, stop_after=list(group.values()))
+        run_layer(layer, inputs, stop_after=list(group.values()))
         prune_group(group, {name: acc.hessian() for name, acc in accumulators.items()})
-    return reports, masks, LayerInputs(_run_layer(layer, inputs), inputs.kwargs)
+    return reports, masks, LayerInputs(run_layer(layer, inputs), inputs.kwargs)
 
 
 def _hessian(xs: list[torch.Tensor]) -> torch.Tensor:
