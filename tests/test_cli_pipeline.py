@@ -81,4 +81,6 @@ def test_run_and_inspect_commands(pipeline, capsys):
     captured = capsys.readouterr()
     assert "tok/s" in captured.err
     assert main(["inspect", str(so)]) == 0
-    assert "dense_f32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dense_f32" in out
+    assert "rows of the tied LM head (float32, stored once)" in out

@@ -146,6 +146,7 @@ def compile_model(
             "dtype": "float32",
         },
         "layers": [asdict(layer) for layer in emitted.layers],
+        "embedding": emitted.embedding,
     }
     if not manifest["tokenizer"]:
         raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")

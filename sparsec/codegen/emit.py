@@ -14,7 +14,6 @@ import numpy as np
 from llvmlite import ir
 
 from sparsec.codegen import linear, ops
-from sparsec.codegen.linear_pack import ROWS
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.codegen.target import declare_function
@@ -82,6 +81,9 @@ class Emitted:
     weights: np.ndarray
     scratch_bytes: int
     layers: list[LayerRecord] = field(default_factory=list)
+    # where token embeddings come from: "rows" (a float table) or the tied LM head's
+    # packed weights ("dense_f32", "dense_i8"); see ops_elementwise.emit_embedding
+    embedding: str = "rows"
 
 
 def _allocate_scratch(prog: Program, max_tokens: int, reserved: int) -> tuple[dict[str, int], int]:
@@ -120,13 +122,10 @@ class _Emitter:
         self.module = ir.Module(name="sparsec_model")
         self.module.triple = "x86_64-unknown-linux-gnu"
         self.blob = WeightsBlob()
+        self.tables = dict(prog.tables)
         # (LM head instr, its packed weights, blob offset) when it also serves the embedding
-        self.shared_head = self._share_tied_embedding()
-        self.table_offsets = {
-            n: self.blob.add(t)
-            for n, t in prog.tables.items()
-            if not (n == "embedding" and self.shared_head)
-        }
+        self.shared_head = self._tie_embedding()
+        self.table_offsets = {n: self.blob.add(t) for n, t in self.tables.items()}
         self.layers: list[LayerRecord] = []
         cfg = prog.config
         self.kv_layer_floats = cfg["num_key_value_heads"] * capacity * cfg["head_dim"]
@@ -145,14 +144,17 @@ class _Emitter:
         self.n_kernels += 1
         return f"k{self.n_kernels:04d}_{op}"
 
-    def _share_tied_embedding(self) -> tuple[Instr, linear.PackedLinear, int] | None:
+    def _tie_embedding(self) -> tuple[Instr, linear.PackedLinear, int] | None:
         """The LM head linear whose packed weights also serve as the embedding table.
 
-        With tied embeddings (SmolLM2) the Gather table and the LM head are one matrix;
-        when the head ships as ``dense_f32`` its packed copy holds every embedding row,
+        With tied embeddings (SmolLM2) the Gather table and the LM head are one matrix,
         and storing the table again would add vocab x hidden x 4 bytes (113 MB) to the .so.
+        A ``dense_f32`` head gives back the rows exactly. An int8 head puts the embedding
+        on its int8 grid as well (what ``sparsec.testing.fake_quant_w8a8`` does), whatever
+        kernel it gets: a ``dense_i8`` head serves the rows, a sparse one has no fixed
+        place for each row's values, so the table is stored, dequantized from the head.
         """
-        table = self.prog.tables.get("embedding")
+        table = self.tables.get("embedding")
         head = next((i for i in self.prog.linears() if i.args["logits"]), None)
         if table is None or head is None or len(head.args["weights"]) != 1:
             return None
@@ -160,9 +162,13 @@ class _Emitter:
         if w.shape != table.shape or not np.array_equal(w, table):
             return None
         packed = self._pack(head)
-        if packed.fmt != "dense_f32":
-            return None  # an int8 or sparse head cannot give back the float rows
-        return head, packed, self.blob.add(packed.data)
+        if packed.fmt in ("dense_f32", "dense_i8"):
+            del self.tables["embedding"]
+            return head, packed, self.blob.add(packed.data)
+        if packed.precision == "int8":
+            q = linear.unpack_weight(packed).astype(np.float32)
+            self.tables["embedding"] = q * linear.weight_scale(packed)[:, None]
+        return None
 
     def _pack(self, ins: Instr) -> linear.PackedLinear:
         weights = ins.args["weights"]
@@ -235,7 +241,13 @@ class _Emitter:
             getattr(self, f"emit_{ins.op}")(ins)
             b.call(barrier, [f["pool"], tid])
         b.ret_void()
-        return Emitted(mod, self.blob.to_array(), self.scratch_bytes, self.layers)
+        return Emitted(
+            mod,
+            self.blob.to_array(),
+            self.scratch_bytes,
+            self.layers,
+            self._embedding_layout()["layout"],
+        )
 
     def call(self, fn, args):
         cast = [
@@ -267,6 +279,17 @@ class _Emitter:
         off = (2 * layer + which) * self.kv_layer_floats
         return self.b.gep(self.f["kv_cache"], [ir.Constant(I64, off)])
 
+    def _embedding_layout(self) -> dict:
+        if not self.shared_head:
+            return {"layout": "rows"}
+        packed = self.shared_head[1]
+        if packed.fmt == "dense_f32":
+            return {"layout": "dense_f32"}
+        return {
+            "layout": "dense_i8",
+            "scale_at": packed.sections["scale"] - packed.sections["weights"],
+        }
+
     def emit_embed(self, ins: Instr) -> None:
         cfg = self.prog.config
         fn = ops.shared_kernel(
@@ -274,7 +297,7 @@ class _Emitter:
             ops.emit_embedding,
             vocab=ins.args["vocab"],
             dim=cfg["hidden_size"],
-            lanes=ROWS if self.shared_head else 0,
+            **self._embedding_layout(),
         )
         if self.shared_head:
             _, packed, offset = self.shared_head

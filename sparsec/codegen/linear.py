@@ -29,6 +29,7 @@ from sparsec.codegen.linear_pack import (
     pack_linear_quantized,
     reference_linear,
     unpack_weight,
+    weight_scale,
 )
 from sparsec.codegen.quantize import (
     emit_quantize_tokens,
@@ -50,6 +51,7 @@ __all__ = [
     "quantized_row_bytes",
     "reference_linear",
     "unpack_weight",
+    "weight_scale",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from sparsec.codegen.linear_pack import ROWS
 from sparsec.codegen.vmath import (
     FPTR,
     I32,
@@ -33,25 +34,40 @@ from sparsec.codegen.vmath import (
 # Columns per work unit of the elementwise kernels: 1 KiB of each operand, enough
 # work to be worth a unit, small enough that one decode row splits across threads.
 ELEMENTWISE_BLOCK = 256
+I8PTR = ir.IntType(8).as_pointer()
+
+
+EMBEDDING_LAYOUTS = ("rows", "dense_f32", "dense_i8")
 
 
 def emit_embedding(
-    module: ir.Module, name: str, *, vocab: int, dim: int, lanes: int = 0
+    module: ir.Module,
+    name: str,
+    *,
+    vocab: int,
+    dim: int,
+    layout: str = "rows",
+    scale_at: int = 0,
 ) -> ir.Function:
-    """``void name(const float* table, const int32_t* tokens, float* out[n, dim],
+    """``void name(const void* table, const int32_t* tokens, float* out[n, dim],
     int32 n, int32 tid, int32 nthreads)``: out[i] = row tokens[i] of the table.
 
-    ``lanes=0``: the table is ``[vocab, dim]``. ``lanes=16``: it is a tied LM head in the
-    ``dense_f32`` linear layout ``[vocab/16][dim][16]``, so the model stores that matrix
-    once; a row is then read at a 64-byte stride, 36 KiB a token for SmolLM2, nothing
-    next to the weights a decode step streams.
+    ``layout`` says what ``table`` points at:
+
+    - ``rows``: a float32 ``[vocab, dim]`` matrix.
+    - ``dense_f32``: a tied LM head's weights in the linear layout ``[vocab/16][dim][16]``,
+      so the model stores that matrix once; a row is read at a 64-byte stride, 36 KiB a
+      token for SmolLM2, nothing next to the weights a decode step streams.
+    - ``dense_i8``: a tied int8 LM head's weights, ``[vocab/16][dim/4][16][4]`` int8, with
+      its float32 per-row scales ``scale_at`` bytes after ``table``; a row is
+      ``q * scale``, the head's own int8 grid (9 KiB a token for SmolLM2).
 
     A token id outside [0, vocab) yields a zero row instead of reading out of bounds;
     the runtime validates ids before they get here.
     """
     check_positive(vocab=vocab, dim=dim)
-    if lanes not in (0, 16):
-        raise ValueError(f"embedding lanes must be 0 (rows) or 16 (dense_f32), not {lanes}")
+    if layout not in EMBEDDING_LAYOUTS:
+        raise ValueError(f"embedding layout must be one of {EMBEDDING_LAYOUTS}, not {layout!r}")
     fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
     table, tokens, out, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -63,13 +79,14 @@ def emit_embedding(
         with b.if_else(in_range) as (valid, invalid):
             with valid:
                 t = b.zext(token, I64)
-                if lanes:
-                    block = b.udiv(t, i64(lanes))
-                    lane = b.urem(t, i64(lanes))
-                    src = ptr_add(b, table, b.add(b.mul(block, i64(dim * lanes)), lane))
+                block, lane = b.udiv(t, i64(ROWS)), b.urem(t, i64(ROWS))
+                if layout == "dense_f32":
+                    src = ptr_add(b, table, b.add(b.mul(block, i64(dim * ROWS)), lane))
                     with loop(b, i64(0), i64(dim), name="col") as col:
-                        value = b.load(ptr_add(b, src, b.mul(col, i64(lanes))))
+                        value = b.load(ptr_add(b, src, b.mul(col, i64(ROWS))))
                         b.store(value, ptr_add(b, dst, col))
+                elif layout == "dense_i8":
+                    _dequantize_vnni_row(b, table, block, lane, dst, dim=dim, scale_at=scale_at)
                 else:
                     src = ptr_add(b, table, b.mul(t, i64(dim)))
 
@@ -86,6 +103,21 @@ def emit_embedding(
                 )
     b.ret_void()
     return fn
+
+
+def _dequantize_vnni_row(b, table, block, lane, dst, *, dim: int, scale_at: int) -> None:
+    """dst[c] = q[row, c] * scale[row] for the row in ``lane`` of ``block`` of a
+    ``dense_i8`` weight: column c sits at byte ``(c/4)*64 + lane*4 + c%4`` of the block."""
+    base = b.bitcast(table, I8PTR)
+    quads = -(-dim // 4)
+    row = b.add(b.mul(block, i64(ROWS)), lane)
+    scales = b.bitcast(ptr_add(b, base, i64(scale_at)), FPTR)
+    scale = b.load(ptr_add(b, scales, row))
+    src = ptr_add(b, base, b.add(b.mul(block, i64(quads * ROWS * 4)), b.mul(lane, i64(4))))
+    with loop(b, i64(0), i64(dim), name="col") as col:
+        byte = b.add(b.mul(b.udiv(col, i64(4)), i64(ROWS * 4)), b.urem(col, i64(4)))
+        q = b.sitofp(b.load(ptr_add(b, src, byte)), ir.FloatType())
+        b.store(b.fmul(q, scale), ptr_add(b, dst, col))
 
 
 def emit_residual_add(module: ir.Module, name: str, *, dim: int) -> ir.Function:

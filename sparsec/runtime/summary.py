@@ -13,6 +13,11 @@ from sparsec.runtime.artifact import Artifact
 from sparsec.runtime.cpu import missing_cpu_features
 
 SPARSE_KERNEL_MARKERS = ("bitmask", "blocked")
+EMBEDDING_LABELS = {
+    "rows": "float32 table",
+    "dense_f32": "rows of the tied LM head (float32, stored once)",
+    "dense_i8": "rows of the tied int8 LM head (int8 x per-row scale, stored once)",
+}
 
 
 def is_sparse_kernel(kernel: str) -> bool:
@@ -64,6 +69,7 @@ def summarize(artifact: Artifact) -> dict:
         "chat_template": m["chat_template"],
         "compile": m["compile"],
         "layers": layers,
+        "embedding": m.get("embedding", "rows"),  # older .so files do not record it
         "sparse": {
             "layers": sum(sparse),
             "weights_fraction": _sparse_share(params, sparse),
@@ -125,6 +131,7 @@ def format_summary(s: dict) -> str:
             "(code, manifest, tokenizer)",
         ),
         ("compiled", f"{comp['created']} in {comp['seconds']:.1f} s from {comp['source']}"),
+        ("embedding", EMBEDDING_LABELS.get(s["embedding"], s["embedding"])),
         ("chat template", "yes" if s["chat_template"] else "no"),
         (
             "sparse kernels",

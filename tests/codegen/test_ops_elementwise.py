@@ -6,6 +6,7 @@ import functools
 
 import numpy as np
 import pytest
+from llvmlite import ir
 from test_ops_support import (
     ODD,
     SMOLLM2,
@@ -19,7 +20,7 @@ from test_ops_support import (
 )
 
 from sparsec.codegen import ops
-from sparsec.codegen.linear_pack import pack_linear
+from sparsec.codegen.linear_pack import pack_linear, unpack_weight, weight_scale
 from sparsec.errors import SparsecError
 
 EPS = 1e-5
@@ -30,18 +31,27 @@ SHAPES = {"tiny": TINY, "smollm2": SMOLLM2, "odd": ODD}
 def model(request, tmp_path_factory):
     s = SHAPES[request.param]
     p = functools.partial
+    table = np.random.default_rng(0).standard_normal((s["vocab"], s["dim"]), dtype=np.float32)
+    head_i8 = pack_linear(table, "dense_i8")
+    scale_at = head_i8.sections["scale"] - head_i8.sections["weights"]
     kernels = build_kernels(
         tmp_path_factory.mktemp(f"elementwise-{request.param}"),
         {
             "emb": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"]),
-            "emb16": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"], lanes=16),
+            "emb16": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"], layout="dense_f32"),
+            "emb_i8": p(
+                ops.emit_embedding,
+                vocab=s["vocab"],
+                dim=s["dim"],
+                layout="dense_i8",
+                scale_at=scale_at,
+            ),
             "rms": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=False),
             "rms_res": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=True),
             "swiglu": p(ops.emit_swiglu_act, ffn_dim=s["ffn"]),
             "radd": p(ops.emit_residual_add, dim=s["dim"]),
         },
     )
-    table = np.random.default_rng(0).standard_normal((s["vocab"], s["dim"]), dtype=np.float32)
     return s, kernels, table
 
 
@@ -63,26 +73,38 @@ def test_embedding(model, n, nthreads):
 
 
 @pytest.mark.parametrize("nthreads", [1, 3])
-def test_embedding_from_a_tied_lm_head_in_the_dense_f32_layout(model, nthreads):
+@pytest.mark.parametrize("fmt", ["dense_f32", "dense_i8"])
+def test_embedding_from_a_tied_lm_head(model, fmt, nthreads):
+    """Rows read from the LM head's packed weights: the float rows from ``dense_f32``,
+    ``q * scale`` (the head's own int8 grid) from ``dense_i8``, bit for bit."""
     s, k, table = model
-    packed = pack_linear(table, "dense_f32")  # what the LM head linear ships
-    start = packed.sections["weights"]
-    lanes = packed.data[start:].view(np.float32)
+    kernel = {"dense_f32": "emb16", "dense_i8": "emb_i8"}[fmt]
+    packed = pack_linear(table, fmt)  # what the LM head linear ships
+    weights = packed.data[packed.sections["weights"] :]
+    rows = table
+    if fmt == "dense_i8":
+        rows = unpack_weight(packed).astype(np.float32) * weight_scale(packed)[:, None]
+        assert not np.array_equal(rows, table)  # the int8 grid is not the float table
     n = 7
     tokens = np.random.default_rng(5).integers(0, s["vocab"], n).astype(np.int32)
     tokens[:3] = [s["vocab"] - 1, 0, 17 % s["vocab"]]  # last (padded) block, first lane
     arrays = {"out": np.full((n, s["dim"]), np.nan, np.float32)}
     out = assert_shares_partition(
-        lambda a, tid, nt: k("emb16", lanes, tokens, a["out"], n, tid, nt),
+        lambda a, tid, nt: k(kernel, weights, tokens, a["out"], n, tid, nt),
         arrays,
         ["out"],
         nthreads,
     )["out"]
-    np.testing.assert_array_equal(out, _ref_embedding(table, tokens))
+    np.testing.assert_array_equal(out, _ref_embedding(rows, tokens))
     bad = np.array([s["vocab"], -1], np.int32)
     out = np.full((2, s["dim"]), np.nan, np.float32)
-    k("emb16", lanes, bad, out, 2, 0, 1)
+    k(kernel, weights, bad, out, 2, 0, 1)
     np.testing.assert_array_equal(out, 0.0)
+
+
+def test_embedding_rejects_an_unknown_layout():
+    with pytest.raises(ValueError, match="embedding layout must be one of"):
+        ops.emit_embedding(ir.Module(), "e", vocab=4, dim=4, layout="dense_bf16")
 
 
 def test_embedding_out_of_range_token_gives_zero_row(model):
