@@ -123,8 +123,9 @@ class _Emitter:
         self.module.triple = "x86_64-unknown-linux-gnu"
         self.blob = WeightsBlob()
         self.tables = dict(prog.tables)
-        # (LM head instr, its packed weights, blob offset) when it also serves the embedding
-        self.shared_head = self._tie_embedding()
+        # (LM head instr, its packed weights, blob offset if it also serves the embedding)
+        # when the head is tied to the embedding, so it is packed once
+        self.tied_head = self._tie_embedding()
         self.table_offsets = {n: self.blob.add(t) for n, t in self.tables.items()}
         self.layers: list[LayerRecord] = []
         cfg = prog.config
@@ -144,8 +145,14 @@ class _Emitter:
         self.n_kernels += 1
         return f"k{self.n_kernels:04d}_{op}"
 
-    def _tie_embedding(self) -> tuple[Instr, linear.PackedLinear, int] | None:
-        """The LM head linear whose packed weights also serve as the embedding table.
+    @property
+    def shared_head(self) -> tuple[Instr, linear.PackedLinear, int] | None:
+        """The tied LM head when its packed weights also serve as the embedding table."""
+        return self.tied_head if self.tied_head and self.tied_head[2] is not None else None
+
+    def _tie_embedding(self) -> tuple[Instr, linear.PackedLinear, int | None] | None:
+        """The LM head tied to the embedding table, packed, and its blob offset when its
+        packed weights also serve as the table (else None: the table is stored).
 
         With tied embeddings (SmolLM2) the Gather table and the LM head are one matrix,
         and storing the table again would add vocab x hidden x 4 bytes (113 MB) to the .so.
@@ -168,7 +175,7 @@ class _Emitter:
         if packed.precision == "int8":
             q = linear.unpack_weight(packed).astype(np.float32)
             self.tables["embedding"] = q * linear.weight_scale(packed)[:, None]
-        return None
+        return head, packed, None
 
     def _pack(self, ins: Instr) -> linear.PackedLinear:
         weights = ins.args["weights"]
@@ -185,8 +192,8 @@ class _Emitter:
     def _linear_kernel(self, ins: Instr):
         a = ins.args
         w = np.concatenate([wt.value for wt in a["weights"]], axis=0)
-        if self.shared_head and self.shared_head[0] is ins:
-            _, packed, offset = self.shared_head
+        if self.tied_head and self.tied_head[0] is ins:
+            _, packed, offset = self.tied_head
         else:
             packed, offset = self._pack(ins), None
         fmt = packed.fmt
