@@ -115,7 +115,7 @@ def cmd_plot(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for folder in args.outputs:
         report = json.loads((Path(folder) / "report.json").read_text())
         points = report["recovery_curve"]["points"]
@@ -126,12 +126,14 @@ def cmd_plot(args) -> None:
         if opts.get("layer_sparsity", "uniform") != "uniform":
             label += f" {opts['layer_sparsity']}"
         label += f", loss {opts.get('output_loss', 'ce')}, {opts['steps']} steps"
+        data = (Path(name.removeprefix("builtin:")).name for name in opts["train"])
+        label += "\n    trained on " + " + ".join(data)
         ax.plot([p["step"] for p in points], [p["perplexity"] for p in points], "o-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("SquareHead distillation steps")
     ax.set_ylabel(f"perplexity, first {tokens} tokens of {source} (log)")
     ax.set_title("Recovery after SparseGPT one-shot")
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.output, dpi=110)

@@ -12,8 +12,8 @@ DEFAULT_TRAIN = DEFAULT_CALIBRATION
 DEFAULT_EVAL = ["builtin:verne", "builtin:python-tutorial"]
 DATA_HELP = (
     "text files, .jsonl files ({'text'} or {'question','answer'} per line) or built-in "
-    "data: builtin:python-docs, builtin:fortunes, builtin:verne, builtin:python-tutorial, "
-    "builtin:gsm-train, builtin:gsm-eval"
+    "data: builtin:python-docs, builtin:fortunes, builtin:austen, builtin:moby-dick, "
+    "builtin:verne, builtin:python-tutorial, builtin:gsm-train, builtin:gsm-eval"
 )
 
 TRAIN_BF16_HELP = (

@@ -10,11 +10,14 @@ A data source is a path or a built-in name:
 * ``builtin:python-tutorial``: the Python tutorial (Debian ``python3.11-doc``).
 * ``builtin:python-docs``: the rest of the Python docs, the tutorial excluded.
 * ``builtin:fortunes``: Debian ``fortunes``.
+* ``builtin:austen``: Jane Austen's six novels (Debian ``r-cran-janeaustenr``).
+* ``builtin:moby-dick``: Melville's *Moby Dick* (Debian ``r-cran-tokenizers``).
 * ``builtin:gsm-train`` / ``builtin:gsm-eval``: GSM-Symbolic problems with worked
   answers from disjoint template sets (see ``task.py``).
 
-The defaults train on Python docs + fortunes and evaluate on Verne and the tutorial, so
-that evaluation text is never seen in calibration or training.
+The defaults calibrate and train on Python docs, fortunes and the two novel sources,
+and evaluate on Verne and the tutorial, so that evaluation text is never seen in
+calibration or training.
 """
 
 from __future__ import annotations
@@ -66,6 +69,28 @@ def _read_files(files: list[Path], what: str, hint: str) -> list[str]:
     return texts
 
 
+def _novels(name: str) -> Corpus:
+    from sparsec.sparsify.r_data import read_r_data
+
+    hint = "apt-get install -y --no-install-recommends r-cran-janeaustenr r-cran-tokenizers"
+    if name == "austen":
+        books = read_r_data("janeaustenr", hint)
+        # One string a printed line, "" between paragraphs.
+        docs = ["\n".join(map(str, lines)) for _, lines in sorted(books.items())]
+    else:
+        text = str(read_r_data("tokenizers", hint)["mobydick"][0]).replace("\r\n", "\n")
+        docs = [_gutenberg_body(text)]
+    return Corpus(f"builtin:{name}", docs, examples=False)
+
+
+def _gutenberg_body(text: str) -> str:
+    """The book without Project Gutenberg's header and licence."""
+    start, end = text.find("*** START OF"), text.find("*** END OF")
+    if start < 0 or end < start:
+        return text
+    return text[text.index("\n", start) + 1 : end].strip()
+
+
 def _builtin(name: str) -> Corpus:
     apt = "apt-get install -y python3.11-doc fortunes"
     if name == "verne":
@@ -86,6 +111,8 @@ def _builtin(name: str) -> Corpus:
             p for p in FORTUNES.glob("*") if p.is_file() and not p.is_symlink() and not p.suffix
         )
         return Corpus("builtin:fortunes", _read_files(files, "fortunes", apt), False)
+    if name in ("austen", "moby-dick"):
+        return _novels(name)
     if name in ("gsm-train", "gsm-eval"):
         from sparsec.sparsify.task import gsm_examples
 
@@ -94,7 +121,7 @@ def _builtin(name: str) -> Corpus:
         return Corpus(f"builtin:{name}", docs, examples=True)
     raise SparsecError(
         f"unknown built-in data builtin:{name}; use verne, python-tutorial, python-docs, "
-        "fortunes, gsm-train or gsm-eval"
+        "fortunes, austen, moby-dick, gsm-train or gsm-eval"
     )
 
 
