@@ -7,7 +7,12 @@ import dataclasses
 from pathlib import Path
 
 # Same as sparsec.sparsify.data's defaults (not imported: that module imports torch).
-DEFAULT_CALIBRATION = ["builtin:python-docs", "builtin:fortunes"]
+DEFAULT_CALIBRATION = [
+    "builtin:python-docs",
+    "builtin:fortunes",
+    "builtin:austen",
+    "builtin:moby-dick",
+]
 DEFAULT_TRAIN = DEFAULT_CALIBRATION
 DEFAULT_EVAL = ["builtin:verne", "builtin:python-tutorial"]
 DATA_HELP = (

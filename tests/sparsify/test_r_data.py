@@ -103,5 +103,5 @@ def test_moby_dick_drops_the_gutenberg_header_and_licence(library, tmp_path):
 
 
 def test_missing_novels_name_the_debian_packages(library):
-    with pytest.raises(SparsecError, match="r-cran-janeaustenr r-cran-tokenizers"):
+    with pytest.raises(SparsecError, match="fortunes r-cran-janeaustenr r-cran-tokenizers"):
         data.read_corpus("builtin:austen")
