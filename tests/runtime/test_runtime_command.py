@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import runtime_fake as fake
@@ -102,3 +105,21 @@ def test_inspect_runs_where_the_model_cannot(make_model, capsys):
 def test_inspect_rejects_non_model(libs, capsys):
     assert cli.main(["inspect", str(libs["ok"])]) == 1
     assert "is not a sparsec model (no SPARSEC1 trailer)" in capsys.readouterr().err
+
+
+def test_inspect_into_a_closed_pipe_stops_quietly(model_path):
+    # `sparsec inspect m.so | head -1`: the reader is gone before the table is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "sparsec.cli", "inspect", str(model_path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, what a shell reports for `cmd | head`
