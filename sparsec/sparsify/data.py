@@ -90,8 +90,12 @@ def _novels(name: str) -> Corpus:
         # One string a printed line, "" between paragraphs.
         docs = ["\n".join(map(str, lines)) for _, lines in sorted(books.items())]
     else:
-        text = str(read_r_data("tokenizers", DEBIAN_DATA)["mobydick"][0]).replace("\r\n", "\n")
-        docs = [_gutenberg_body(text)]
+        objects = read_r_data("tokenizers", DEBIAN_DATA)
+        if "mobydick" not in objects:
+            raise SparsecError(
+                f"R package tokenizers has no mobydick data set (it has {', '.join(objects)})"
+            )
+        docs = [_gutenberg_body(str(objects["mobydick"][0]).replace("\r\n", "\n"))]
     return Corpus(f"builtin:{name}", docs, examples=False)
 
 

@@ -102,6 +102,12 @@ def test_moby_dick_drops_the_gutenberg_header_and_licence(library, tmp_path):
     assert data.read_corpus("builtin:moby-dick").documents == ["Call me Ishmael."]
 
 
+def test_a_package_without_the_book_is_a_clear_error(library, tmp_path):
+    write_lazy_load(library, "tokenizers", {"other": np.array(["x"])}, tmp_path)
+    with pytest.raises(SparsecError, match="tokenizers has no mobydick data set .it has other"):
+        data.read_corpus("builtin:moby-dick")
+
+
 def test_missing_novels_name_the_debian_packages(library):
     with pytest.raises(SparsecError, match="fortunes r-cran-janeaustenr r-cran-tokenizers"):
         data.read_corpus("builtin:austen")
