@@ -4,12 +4,15 @@
     python benchmarks/sparsify_eval.py gsm MODEL_DIR|MODEL.so ...       # GSM-style task
     python benchmarks/sparsify_eval.py targets OUT_DIR [OUT_DIR ...]   # report.json checks
     python benchmarks/sparsify_eval.py plot OUT_DIR [...] -o curve.png # recovery curves
+    python benchmarks/sparsify_eval.py chat CHAT.jsonl MODEL_DIR ...    # chat behaviour
 
 ``ppl`` scores the same held-out text as ``sparsec sparsify`` (Verne + the Python
 tutorial, never used for calibration or training); a folder with quantization.json is
 scored with W8A8 fake quantization, as the compiler will run it. ``gsm`` is 0-shot greedy
 exact match of the final number on GSM-Symbolic problems from templates held out of
-training. Run long evaluations with ``nice -n 19``.
+training. ``chat`` scores the teacher's answers in held-out ``generate-data --chat``
+conversations (answer-token perplexity) and prints each model's greedy answers to a few
+fixed questions. Run long evaluations with ``nice -n 19``.
 """
 
 from __future__ import annotations
@@ -88,6 +91,54 @@ def cmd_gsm(args) -> None:
         print(json.dumps({"model": path, "gsm_accuracy": accuracy, "n": args.n}), flush=True)
 
 
+CHAT_QUESTIONS = (
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Write a short poem about the sea.",
+)
+
+
+def cmd_chat(args) -> None:
+    """Answer perplexity on held-out chat turns, and greedy answers to CHAT_QUESTIONS."""
+    import contextlib
+
+    import torch
+
+    from sparsec.sparsify.chat_data import answer_perplexity
+    from sparsec.sparsify.prune import prunable_linears
+    from sparsec.sparsify.quant import ActivationFakeQuant
+
+    torch.set_num_threads(args.threads)
+    lines = Path(args.conversations).read_text().splitlines()
+    conversations = [json.loads(line)["text"] for line in lines if line.strip()][: args.n]
+    for folder in args.models:
+        model, tokenizer = _load(folder)
+        quantized = (Path(folder) / "quantization.json").exists()
+        with (
+            ActivationFakeQuant(prunable_linears(model)) if quantized else contextlib.nullcontext()
+        ):
+            row = {"model": folder, "w8a8": quantized, "conversations": len(conversations)}
+            row["answer_perplexity"] = answer_perplexity(model, tokenizer, conversations)
+            row["answers"] = {}
+            for question in CHAT_QUESTIONS:
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": question}],
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                )["input_ids"]
+                with torch.no_grad():
+                    out = model.generate(
+                        ids,
+                        max_new_tokens=args.max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.eos_token_id,
+                    )
+                answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                row["answers"][question] = answer
+        print(json.dumps(row), flush=True)
+
+
 def cmd_targets(args) -> None:
     """Check each run's report.json against the general-text targets."""
     for folder in args.outputs:
@@ -155,6 +206,13 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument("--threads", type=int, default=2)
     g.set_defaults(func=cmd_gsm)
+    c = sub.add_parser("chat")
+    c.add_argument("conversations", help="a generate-data --chat file held out of training")
+    c.add_argument("models", nargs="+")
+    c.add_argument("--n", type=int, default=64, help="conversations scored")
+    c.add_argument("--max-new-tokens", type=int, default=40)
+    c.add_argument("--threads", type=int, default=2)
+    c.set_defaults(func=cmd_chat)
     t = sub.add_parser("targets")
     t.add_argument("outputs", nargs="+")
     t.set_defaults(func=cmd_targets)

@@ -72,6 +72,15 @@ def register(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    p.add_argument(
+        "--example-share",
+        type=float,
+        default=None,
+        metavar="F",
+        help="when --train mixes .jsonl examples (such as generate-data --chat turns) with "
+        "running text: the fraction F of training rows that are examples (default: their "
+        "share of the tokens)",
+    )
     p.add_argument("--teacher", default=None, help="distillation teacher (default: dense MODEL)")
     p.add_argument(
         "--output-loss",
@@ -150,7 +159,12 @@ def register(sub) -> None:
         default=DEFAULT_TRAIN,
         help="where openers are cut from (default: the default --train data)",
     )
-    g.add_argument("--length", type=int, default=256, help="tokens sampled per opener")
+    g.add_argument(
+        "--length",
+        type=int,
+        default=256,
+        help="tokens sampled per opener (with --chat: at most, per answer)",
+    )
     g.add_argument("--batch-size", type=int, default=16, help="samples generated together")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
@@ -160,6 +174,13 @@ def register(sub) -> None:
         action="store_true",
         help="sample under bfloat16 autocast (faster on CPUs with AVX512-BF16 or AMX; the "
         "samples come from a slightly perturbed model)",
+    )
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="sample chat turns instead: the model writes a user message (from its chat "
+        "template's user-turn start) and answers it; distilling on these keeps an "
+        "instruction-tuned model's chat behaviour. --prompts is not used",
     )
     g.add_argument("--resume", action="store_true", help="add to an existing OUTPUT")
     g.add_argument("--quiet", action="store_true")

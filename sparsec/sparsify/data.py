@@ -5,6 +5,9 @@ A data source is a path or a built-in name:
 * ``*.jsonl``: one JSON object a line, either ``{"text": ...}`` or
   ``{"question": ..., "answer": ...}`` (formatted as ``Question: q\\nAnswer: a``). Each
   record is one example: training pads examples instead of cutting windows across them.
+  A question/answer example ends with the end-of-text token; a ``{"text"}`` one is
+  trained on exactly as written (``generate-data --chat`` writes the end-of-turn token
+  into the text where the teacher ended its answer, and none where it was cut off).
 * any other file: plain UTF-8 text, cut into token windows.
 * ``builtin:verne``: Jules Verne's "In the year 2889" (shipped by ``reasoning-gym``).
 * ``builtin:python-tutorial``: the Python tutorial (Debian ``python3.11-doc``).
@@ -60,6 +63,8 @@ class Corpus:
     name: str
     documents: list[str]
     examples: bool  # True: one training example per document; False: running text
+    # Indices of the documents trained as written, without an end-of-text token after them.
+    as_written: frozenset[int] = frozenset()
 
 
 def _package_file(package: str, relative: str, install_hint: str) -> Path:
@@ -148,7 +153,7 @@ def read_corpus(source: str) -> Corpus:
     if not path.is_file():
         raise SparsecError(f"data file {source} does not exist")
     if path.suffix == ".jsonl":
-        docs = []
+        docs, as_written = [], set()
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -156,8 +161,10 @@ def read_corpus(source: str) -> Corpus:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SparsecError(f"{source}:{number}: not valid JSON ({e.msg})") from e
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                as_written.add(len(docs))
             docs.append(_record_text(record, f"{source}:{number}"))
-        corpus = Corpus(source, docs, examples=True)
+        corpus = Corpus(source, docs, examples=True, as_written=frozenset(as_written))
     else:
         corpus = Corpus(source, [path.read_text(encoding="utf-8", errors="replace")], False)
     if not any(doc.strip() for doc in corpus.documents):
@@ -173,34 +180,61 @@ def _record_text(record: object, where: str) -> str:
     raise SparsecError(f"{where}: expected an object with 'text' or 'question' and 'answer'")
 
 
+def check_example_share(share: float, corpora: list[Corpus]) -> float:
+    """``share`` if it is a fraction and ``corpora`` mix examples with running text."""
+    if not 0 <= share <= 1:
+        raise SparsecError(f"--example-share must be between 0 and 1, got {share}")
+    kinds = {c.examples for c in corpora}
+    if kinds != {True, False}:
+        only = "examples (.jsonl)" if True in kinds else "running text"
+        raise SparsecError(
+            "--example-share sets how often a training row is a .jsonl example rather than "
+            f"running text; the training data {', '.join(c.name for c in corpora)} is only "
+            f"{only}: drop --example-share or add the other kind"
+        )
+    return share
+
+
 class TokenData:
     """The tokenized sources: one running token stream plus the separate examples."""
 
-    def __init__(self, tokenizer, sources: list[str] | tuple[str, ...]):
+    def __init__(
+        self,
+        tokenizer,
+        sources: list[str] | tuple[str, ...],
+        example_share: float | None = None,
+    ):
+        """``example_share``: the fraction of training rows that are examples, when the
+        sources mix examples and running text (default: the examples' share of tokens)."""
         if not sources:
             raise SparsecError("no data sources given")
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         stream: list[int] = []
         text: list[int] = []  # the running-text sources only
         self.examples: list[list[int]] = []
-        for source in sources:
-            corpus = read_corpus(source)
-            for doc in corpus.documents:
+        corpora = [read_corpus(source) for source in sources]
+        for corpus in corpora:
+            for number, doc in enumerate(corpus.documents):
                 ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+                if number not in corpus.as_written:
+                    ids.append(self.eos)
                 if corpus.examples:
-                    self.examples.append(ids + [self.eos])
+                    self.examples.append(ids)
                 else:
-                    text.extend(ids + [self.eos])
-                stream.extend(ids + [self.eos])
+                    text.extend(ids)
+                stream.extend(ids)
         self.stream = torch.tensor(stream, dtype=torch.long)
         self.text = torch.tensor(text, dtype=torch.long)
         if self.stream.numel() < 2:
             raise SparsecError(f"data {', '.join(sources)} holds no text")
-        # With both kinds of source, a batch row is an example with this probability (the
-        # examples' share of all tokens) and a running-text window otherwise.
-        self.example_share = (
-            1.0 if self.text.numel() < 2 else sum(map(len, self.examples)) / len(stream)
-        )
+        # With both kinds of source, a batch row is an example with this probability (by
+        # default the examples' share of all tokens) and a running-text window otherwise.
+        if example_share is not None:
+            self.example_share = check_example_share(example_share, corpora)
+        elif self.text.numel() < 2:
+            self.example_share = 1.0
+        else:
+            self.example_share = sum(map(len, self.examples)) / len(stream)
 
     def truncation_note(self, seq_len: int) -> str | None:
         """A line for the log when training cuts examples to ``seq_len`` tokens."""

@@ -54,7 +54,8 @@ PRUNE_OPTIONS = tuple(
     "calibration_seq_len seed".split()
 )
 TRAIN_OPTIONS = tuple(
-    "train steps lr batch_size seq_len warmup teacher output_loss qat_steps smooth bf16".split()
+    "train steps lr batch_size seq_len example_share warmup teacher output_loss qat_steps "
+    "smooth bf16".split()
 )
 
 
@@ -75,6 +76,7 @@ class SparsifyOptions:
     lr: float | None = None
     batch_size: int = 4
     seq_len: int = 128
+    example_share: float | None = None  # fraction of training rows that are .jsonl examples
     warmup: float = 0.1
     teacher: str | None = None
     output_loss: str = "ce"  # next to SquareHead: "ce" (the paper's), "kl" (teacher logits), both
@@ -262,7 +264,7 @@ class Run:
         trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
         if "trainer" in self.tensors:
             trainer.load_state_dict(self.tensors["trainer"])
-        data = data_mod.TokenData(self.tokenizer, opts.train)
+        data = data_mod.TokenData(self.tokenizer, opts.train, opts.example_share)
         if note := data.truncation_note(opts.seq_len):
             _log(opts, note)
         curve_source, curve_tokens = next(iter(self.eval_tokens.items()))
@@ -329,8 +331,12 @@ class Run:
         if opts.resume and not self.checkpoint.exists():
             raise SparsecError(f"--resume: no checkpoint in {self.checkpoint.folder}")
         # Read every data source before the expensive work so bad files fail at once.
-        for source in [*opts.calibration, *(opts.train if opts.steps else []), *opts.eval]:
+        for source in [*opts.calibration, *opts.eval]:
             data_mod.read_corpus(source)
+        if opts.steps:
+            train = [data_mod.read_corpus(source) for source in opts.train]
+            if opts.example_share is not None:
+                data_mod.check_example_share(opts.example_share, train)
 
         self.model, self.tokenizer = load_model(opts.model, quiet=opts.quiet)
         self.linears = prunable_linears(self.model)

@@ -7,7 +7,9 @@ what the teacher knows, whatever files are available: the data-free recipe of LL
 (Liu et al. 2023). Measured here it did not help SquareHead distillation (see
 docs/sparsify.md). Each sample starts from an opener, the first few words of a random
 line of the ``prompts`` sources, and continues for ``length`` tokens sampled at
-``temperature`` from the nucleus ``top_p`` of the 64 likeliest tokens.
+``temperature`` from the nucleus ``top_p`` of the 64 likeliest tokens. With ``chat``
+the samples are instead whole chat turns, the user's message and the answer both
+sampled from the teacher (chat_data.py).
 
 Records (``{"text": ...}``, one a line, what ``--train FILE.jsonl`` reads) are appended
 as each batch finishes, so an interrupted run keeps what it made and ``resume``
@@ -47,6 +49,7 @@ class SampleOptions:
     top_p: float = 0.95
     seed: int = 0
     bf16: bool = False  # sample under bfloat16 autocast (see train.py)
+    chat: bool = False  # chat turns instead of continued openers (chat_data.py)
     resume: bool = False
     quiet: bool = False
 
@@ -116,14 +119,15 @@ def sample_next(logits: torch.Tensor, opts: SampleOptions, generator) -> torch.T
 
 
 @torch.no_grad()
-def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, seed: int):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids, mask = left_padded(tokenizer, prompts, pad)
-    generator = torch.Generator().manual_seed(seed)
+def sample_rows(model, ids, mask, length: int, opts: SampleOptions, generator, stop: set[int]):
+    """Up to ``length`` tokens sampled after each left-padded row of ``ids``; each row is
+    cut before its first ``stop`` token. Returns ``(rows, ends)``: the token lists and
+    the stop token that ended each row (None for a row cut at ``length``)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     new, cache, step_ids = [], None, ids
+    stops, done = torch.tensor(sorted(stop)), torch.zeros(ids.shape[0], dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.bf16):
-        for _ in range(opts.length):
+        for _ in range(length):
             out = model(
                 input_ids=step_ids,
                 attention_mask=mask,
@@ -136,13 +140,28 @@ def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, see
             new.append(step_ids)
             mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
             positions = positions[:, -1:] + 1
-    new = torch.cat(new, 1).tolist()
-    texts = []
-    for prompt, row in zip(prompts, new, strict=True):
-        if tokenizer.eos_token_id in row:  # a row that ended goes on sampling: cut it
-            row = row[: row.index(tokenizer.eos_token_id)]
-        texts.append(prompt + tokenizer.decode(row, skip_special_tokens=True))
-    return texts, _count_tokens(tokenizer, texts)
+            done |= torch.isin(step_ids[:, 0], stops)
+            if done.all():
+                break
+    rows, ends = [], []
+    for row in torch.cat(new, 1).tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), None)
+        rows.append(row if cut is None else row[:cut])
+        ends.append(None if cut is None else row[cut])
+    return rows, ends
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _sample_batch(model, tokenizer, prompts: list[str], opts: SampleOptions, seed: int):
+    ids, mask = left_padded(tokenizer, prompts, pad_id(tokenizer))
+    generator = torch.Generator().manual_seed(seed)
+    # A row that ended goes on sampling: it is cut at its end token.
+    rows, _ = sample_rows(model, ids, mask, opts.length, opts, generator, {tokenizer.eos_token_id})
+    pairs = zip(prompts, rows, strict=True)
+    return [p + tokenizer.decode(r, skip_special_tokens=True) for p, r in pairs]
 
 
 def generate_corpus(opts: SampleOptions) -> dict:
@@ -164,7 +183,20 @@ def generate_corpus(opts: SampleOptions) -> dict:
             f"{opts.batch_size}; resume with the --batch-size that made it"
         )
     batch = records // opts.batch_size
-    lines = opener_lines(opts.prompts)
+    if opts.chat:
+        from sparsec.sparsify.chat_data import chat_batch, user_turn_prefix
+
+        user_turn_prefix(tokenizer)  # a model without a chat template fails before sampling
+
+        def make_batch(seed: int) -> list[str]:
+            return chat_batch(model, tokenizer, opts, seed)
+    else:
+        lines = opener_lines(opts.prompts)
+
+        def make_batch(seed: int) -> list[str]:
+            prompts = openers(lines, opts.batch_size, seed)
+            return _sample_batch(model, tokenizer, prompts, opts, seed)
+
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(
         total=opts.tokens,
@@ -177,8 +209,8 @@ def generate_corpus(opts: SampleOptions) -> dict:
     with bar, GracefulInterrupt() as interrupt, opts.output.open("a", encoding="utf-8") as f:
         while made < opts.tokens:
             batch_seed = opts.seed * 1_000_003 + batch
-            prompts = openers(lines, opts.batch_size, batch_seed)
-            texts, tokens = _sample_batch(model, tokenizer, prompts, opts, batch_seed)
+            texts = make_batch(batch_seed)
+            tokens = _count_tokens(tokenizer, texts)
             f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
             f.flush()
             batch, records, made = batch + 1, records + len(texts), made + tokens

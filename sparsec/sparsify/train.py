@@ -77,8 +77,14 @@ class MaskedTrainer:
         self.config = config
         self.step = 0
         params = [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel over all parameters; the default (foreach) took 0.49 s of a
+        # 4.6 s SmolLM2 distillation step on one core, fused 0.16 s.
         self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999)
+            params,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            betas=(0.9, 0.999),
+            fused=True,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_then_decay(config.steps, config.warmup)

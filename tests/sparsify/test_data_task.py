@@ -69,7 +69,7 @@ def test_examples_cut_by_seq_len_are_reported(tiny_model, tmp_path):
 def test_mixed_sources_train_on_examples_and_text_by_token_share(tiny_model, tmp_path):
     _, tokenizer = tiny_model
     examples = tmp_path / "e.jsonl"
-    examples.write_text("\n".join(json.dumps({"text": "q" * 9}) for _ in range(20)))  # 200
+    examples.write_text("\n".join(json.dumps({"text": "q" * 10}) for _ in range(20)))  # 200
     text = tmp_path / "t.txt"
     text.write_text("z" * 599)  # 600 tokens with eos: examples are 1/4 of the tokens
     data = TokenData(tokenizer, [str(examples), str(text)])
@@ -79,6 +79,46 @@ def test_mixed_sources_train_on_examples_and_text_by_token_share(tiny_model, tmp
     from_text = (rows[:, 0] == z).float().mean().item()
     assert (rows[:, 0] == q).any() and 0.6 < from_text < 0.9
     assert ((rows == q).any(1) & (rows == z).any(1)).sum() == 0  # a row is one or the other
+
+
+def test_example_share_sets_the_mix_and_needs_both_kinds(tiny_model, tmp_path):
+    _, tokenizer = tiny_model
+    examples = tmp_path / "e.jsonl"
+    examples.write_text("\n".join(json.dumps({"text": "q" * 10}) for _ in range(20)))
+    text = tmp_path / "t.txt"
+    text.write_text("z" * 599)
+    data = TokenData(tokenizer, [str(examples), str(text)], example_share=0.75)
+    q = tokenizer.convert_tokens_to_ids("q")
+    first = torch.cat([data.batch(step, 8, 16, seed=0)[0][:, 0] for step in range(50)])
+    assert 0.65 < (first == q).float().mean().item() < 0.85  # 0.25 by token share
+    with pytest.raises(SparsecError, match="between 0 and 1, got 1.5"):
+        TokenData(tokenizer, [str(examples), str(text)], example_share=1.5)
+    with pytest.raises(SparsecError, match=r"t.txt is only running text: drop --example-share"):
+        TokenData(tokenizer, [str(text)], example_share=0.5)
+    with pytest.raises(SparsecError, match=r"is only examples \(.jsonl\)"):
+        TokenData(tokenizer, [str(examples)], example_share=0.5)
+
+
+def test_text_records_are_trained_as_written(tiny_model, tmp_path):
+    """A {"text"} record gets no end-of-text token (generate-data --chat writes its own
+    where an answer ended); a question/answer record and running text do."""
+    _, tokenizer = tiny_model
+    path = tmp_path / "d.jsonl"
+    records = [
+        {"text": "cut off mid"},
+        {"text": "done<|im_end|>"},
+        {"question": "q", "answer": "a"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    text = tmp_path / "t.txt"
+    text.write_text("running")
+    data = TokenData(tokenizer, [str(path), str(text)])
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut, done, qa = data.examples
+    assert cut == tokenizer("cut off mid", add_special_tokens=False)["input_ids"]
+    assert done[-1] == im_end and eos not in done  # the special token is one token
+    assert qa[-1] == eos
+    assert data.text.tolist()[-1] == eos
 
 
 def test_perplexity_matches_direct_computation(tiny_model):

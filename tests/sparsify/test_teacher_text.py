@@ -108,7 +108,7 @@ def test_the_sampling_loop_decodes_like_hf_generate(tiny_model):
     model, tokenizer = tiny_model
     prompts = ["Line 4 of", "the travellers walked on through"]
     opts = SampleOptions("m", "o.jsonl", 1, length=10, top_p=1e-6)
-    texts, _ = _sample_batch(model, tokenizer, prompts, opts, seed=0)
+    texts = _sample_batch(model, tokenizer, prompts, opts, seed=0)
     for prompt, text in zip(prompts, texts, strict=True):
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
