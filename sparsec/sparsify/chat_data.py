@@ -28,19 +28,27 @@ QUERY_LENGTH = 96  # tokens at most in a sampled user message
 _MARK = "\x00sparsec-user-message\x00"
 
 
-def user_turn_prefix(tokenizer) -> str:
-    """The rendered template up to where the user's message text begins (with the
-    template's default system prompt, if it has one)."""
+def _rendered(tokenizer, generation_prompt: bool = False) -> str:
+    """The chat template rendered for one user message, ``_MARK``."""
     if not getattr(tokenizer, "chat_template", None):
         raise SparsecError(
             "--chat needs a model whose tokenizer has a chat template (an instruction-tuned "
             "model); this one has none"
         )
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=False
+        [{"role": "user", "content": _MARK}],
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
     )
     if _MARK not in rendered:
         raise SparsecError("the model's chat template does not render the user's message")
+    return rendered
+
+
+def user_turn_prefix(tokenizer) -> str:
+    """The rendered template up to where the user's message text begins (with the
+    template's default system prompt, if it has one)."""
+    rendered = _rendered(tokenizer)
     return rendered[: rendered.index(_MARK)]
 
 
@@ -48,9 +56,7 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     """Tokens that end a turn: the end-of-text token and, when the template has one, the
     token right after a message's text (``<|im_end|>`` in ChatML)."""
     stop = {tokenizer.eos_token_id}
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=False
-    )
+    rendered = _rendered(tokenizer)
     after = rendered[rendered.index(_MARK) + len(_MARK) :]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     added = tokenizer.added_tokens_decoder  # id -> AddedToken, the special tokens among them
@@ -85,11 +91,7 @@ def chat_batch(model, tokenizer, opts: SampleOptions, seed: int) -> list[str]:
 
 def generation_prompt(tokenizer) -> str:
     """What the template adds to open the assistant's turn (``<|im_start|>assistant\\n``)."""
-    user_turn_prefix(tokenizer)  # the template exists and renders the message
-    message = [{"role": "user", "content": _MARK}]
-    closed = tokenizer.apply_chat_template(message, tokenize=False)
-    opened = tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-    return opened[len(closed) :]
+    return _rendered(tokenizer, generation_prompt=True)[len(_rendered(tokenizer)) :]
 
 
 @torch.no_grad()

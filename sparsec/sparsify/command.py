@@ -70,8 +70,15 @@ def register(sub) -> None:
     p.add_argument(
         "--lr", type=float, default=None, help="peak learning rate (default by sparsity)"
     )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128, help="training sequence length")
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="training sequences a step (default 1)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="training sequence length (default 512, the length perplexity is scored at)",
+    )
     p.add_argument(
         "--example-share",
         type=float,

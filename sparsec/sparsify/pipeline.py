@@ -74,8 +74,10 @@ class SparsifyOptions:
     train: list[str] = field(default_factory=lambda: list(data_mod.DEFAULT_TRAIN))
     steps: int = 0
     lr: float | None = None
-    batch_size: int = 4
-    seq_len: int = 128
+    # One 512-token sequence a step: the context length perplexity is scored at (and the
+    # paper's). Measured on SmolLM2 at 50%, Verne 1.5% better than 4 x 128, same tutorial.
+    batch_size: int = 1
+    seq_len: int = 512
     example_share: float | None = None  # fraction of training rows that are .jsonl examples
     warmup: float = 0.1
     teacher: str | None = None

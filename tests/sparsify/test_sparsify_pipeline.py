@@ -82,6 +82,8 @@ def test_end_to_end_writes_hf_folder_recipe_and_report(tiny_model_dir, text_file
         (dict(steps=4, qat_steps=5, int8=True), "must be between 1 and --steps \\(4\\)"),
         (dict(steps=4, qat_steps=2, int8=True, bf16=True), "--bf16 or --qat-steps, not both"),
         (dict(steps=4, output_loss="mse"), "unknown --output-loss 'mse'; use one of ce, kl"),
+        (dict(steps=4, example_share=0.5), "is only running text: drop --example-share"),
+        (dict(steps=4, example_share=1.5), "--example-share must be between 0 and 1"),
     ],
 )
 def test_bad_input_is_a_clear_error(tiny_model_dir, text_file, tmp_path, overrides, message):
@@ -216,7 +218,8 @@ def test_checkpoint_older_than_an_option_resumes_at_its_default(
     )
     state_file = tmp_path / "out.checkpoint" / "current" / "state.json"
     state = json.loads(state_file.read_text())
-    for newer in ("output_loss", "layer_sparsity", "owl_lambda"):  # absent before they existed
+    # Options absent from checkpoints made before they existed.
+    for newer in ("output_loss", "layer_sparsity", "owl_lambda", "example_share"):
         del state["options"][newer]
     state_file.write_text(json.dumps(state))
     with pytest.raises(SparsecError, match="'output_loss': 'ce'"):
