@@ -177,6 +177,7 @@ def cmd_plot(args) -> None:
         if opts.get("layer_sparsity", "uniform") != "uniform":
             label += f" {opts['layer_sparsity']}"
         label += f", loss {opts.get('output_loss', 'ce')}, {opts['steps']} steps"
+        label += f" of {opts['batch_size']} x {opts['seq_len']}"
         data = (Path(name.removeprefix("builtin:")).name for name in opts["train"])
         label += "\n    trained on " + " + ".join(data)
         ax.plot([p["step"] for p in points], [p["perplexity"] for p in points], "o-", label=label)
