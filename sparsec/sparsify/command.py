@@ -163,8 +163,8 @@ def register(sub) -> None:
         "--prompts",
         nargs="+",
         metavar="FILE",
-        default=DEFAULT_TRAIN,
-        help="where openers are cut from (default: the default --train data)",
+        default=None,
+        help="where openers are cut from (default: the default --train data); not with --chat",
     )
     g.add_argument(
         "--length",
@@ -187,7 +187,7 @@ def register(sub) -> None:
         action="store_true",
         help="sample chat turns instead: the model writes a user message (from its chat "
         "template's user-turn start) and answers it; distilling on these keeps an "
-        "instruction-tuned model's chat behaviour. --prompts is not used",
+        "instruction-tuned model's chat behaviour (not with --prompts)",
     )
     g.add_argument("--resume", action="store_true", help="add to an existing OUTPUT")
     g.add_argument("--quiet", action="store_true")
@@ -237,12 +237,18 @@ def _finetune(args) -> int:
 def _generate_data(args) -> int:
     import json
 
-    from sparsec.errors import require_compiler_stack
+    from sparsec.errors import SparsecError, require_compiler_stack
 
+    if args.chat and args.prompts:
+        raise SparsecError(
+            "--prompts is not used with --chat: the model writes the user messages itself; "
+            "drop one of them"
+        )
     require_compiler_stack()
     from sparsec.sparsify.teacher_text import SampleOptions, generate_corpus
 
+    prompts = tuple(args.prompts or DEFAULT_TRAIN)
     names = {f.name for f in dataclasses.fields(SampleOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    print(json.dumps(generate_corpus(SampleOptions(**{**values, "prompts": tuple(args.prompts)}))))
+    print(json.dumps(generate_corpus(SampleOptions(**{**values, "prompts": prompts}))))
     return 0

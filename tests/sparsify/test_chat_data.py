@@ -131,3 +131,11 @@ def test_answer_perplexity_scores_only_the_answers(tiny_model):
     assert answer_perplexity(model, tokenizer, conversations) == pytest.approx(expected, rel=1e-4)
     with pytest.raises(SparsecError, match="no assistant turn"):
         answer_perplexity(model, tokenizer, ["plain text"])
+
+
+def test_prompts_with_chat_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "chat.jsonl"
+    argv = ["generate-data", str(tiny_model_dir), "--chat", "--prompts", "x.txt"]
+    code = main([*argv, "--tokens", "10", "-o", str(out)])
+    assert code == 1 and "--prompts is not used with --chat" in capsys.readouterr().err
+    assert not out.exists()
