@@ -34,13 +34,24 @@ def _load(folder: str):
     return load_model(folder, quiet=True)
 
 
+def _as_compiled(model, folder: str):
+    """W8A8 fake quantization for a folder with quantization.json (as the compiler runs
+    it), nothing otherwise."""
+    import contextlib
+
+    from sparsec.sparsify.prune import prunable_linears
+    from sparsec.sparsify.quant import ActivationFakeQuant
+
+    if (Path(folder) / "quantization.json").exists():
+        return ActivationFakeQuant(prunable_linears(model))
+    return contextlib.nullcontext()
+
+
 def cmd_ppl(args) -> None:
     import torch
 
     from sparsec.sparsify.data import DEFAULT_EVAL, TokenData
     from sparsec.sparsify.perplexity import perplexity
-    from sparsec.sparsify.prune import prunable_linears
-    from sparsec.sparsify.quant import ActivationFakeQuant
 
     torch.set_num_threads(args.threads)
     for folder in args.models:
@@ -49,10 +60,7 @@ def cmd_ppl(args) -> None:
         row = {"model": folder, "w8a8": quantized}
         for source in DEFAULT_EVAL:
             tokens = TokenData(tokenizer, [source]).stream
-            if quantized:
-                with ActivationFakeQuant(prunable_linears(model)):
-                    row[source] = perplexity(model, tokens, max_tokens=args.tokens)
-            else:
+            with _as_compiled(model, folder):
                 row[source] = perplexity(model, tokens, max_tokens=args.tokens)
         print(json.dumps(row), flush=True)
 
@@ -79,14 +87,8 @@ def cmd_gsm(args) -> None:
                 correct += score_completion(out.text, ex)
             accuracy = correct / len(examples)
         else:
-            from sparsec.sparsify.prune import prunable_linears
-            from sparsec.sparsify.quant import ActivationFakeQuant
-
             model, tokenizer = _load(path)
-            if (Path(path) / "quantization.json").exists():
-                with ActivationFakeQuant(prunable_linears(model)):
-                    accuracy = gsm_accuracy(model, tokenizer, examples, args.max_new_tokens)
-            else:
+            with _as_compiled(model, path):
                 accuracy = gsm_accuracy(model, tokenizer, examples, args.max_new_tokens)
         print(json.dumps({"model": path, "gsm_accuracy": accuracy, "n": args.n}), flush=True)
 
@@ -100,13 +102,9 @@ CHAT_QUESTIONS = (
 
 def cmd_chat(args) -> None:
     """Answer perplexity on held-out chat turns, and greedy answers to CHAT_QUESTIONS."""
-    import contextlib
-
     import torch
 
     from sparsec.sparsify.chat_data import answer_perplexity
-    from sparsec.sparsify.prune import prunable_linears
-    from sparsec.sparsify.quant import ActivationFakeQuant
 
     torch.set_num_threads(args.threads)
     lines = Path(args.conversations).read_text().splitlines()
@@ -114,9 +112,7 @@ def cmd_chat(args) -> None:
     for folder in args.models:
         model, tokenizer = _load(folder)
         quantized = (Path(folder) / "quantization.json").exists()
-        with (
-            ActivationFakeQuant(prunable_linears(model)) if quantized else contextlib.nullcontext()
-        ):
+        with _as_compiled(model, folder):
             row = {"model": folder, "w8a8": quantized, "conversations": len(conversations)}
             row["answer_perplexity"] = answer_perplexity(model, tokenizer, conversations)
             row["answers"] = {}

@@ -161,9 +161,10 @@ def read_corpus(source: str) -> Corpus:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SparsecError(f"{source}:{number}: not valid JSON ({e.msg})") from e
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
+            text, written = _record_text(record, f"{source}:{number}")
+            if written:
                 as_written.add(len(docs))
-            docs.append(_record_text(record, f"{source}:{number}"))
+            docs.append(text)
         corpus = Corpus(source, docs, examples=True, as_written=frozenset(as_written))
     else:
         corpus = Corpus(source, [path.read_text(encoding="utf-8", errors="replace")], False)
@@ -172,11 +173,12 @@ def read_corpus(source: str) -> Corpus:
     return corpus
 
 
-def _record_text(record: object, where: str) -> str:
+def _record_text(record: object, where: str) -> tuple[str, bool]:
+    """The record's text, and whether it is trained as written (a ``{"text"}`` record)."""
     if isinstance(record, dict) and isinstance(record.get("text"), str):
-        return record["text"]
+        return record["text"], True
     if isinstance(record, dict) and "question" in record and "answer" in record:
-        return f"Question: {record['question']}\nAnswer: {record['answer']}"
+        return f"Question: {record['question']}\nAnswer: {record['answer']}", False
     raise SparsecError(f"{where}: expected an object with 'text' or 'question' and 'answer'")
 
 
