@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when
+# this is set (read at its first allocation, so before any command loads a model). Without
+# it every large activation is a fresh mmap faulted in 4 KB at a time: 225,000 page faults
+# a SmolLM2 distillation step, which then took 2.2 s instead of 1.95 s on 2 threads.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

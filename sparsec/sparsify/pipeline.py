@@ -34,7 +34,12 @@ from sparsec.sparsify.quant import (
     write_quantization_json,
 )
 from sparsec.sparsify.squarehead import OUTPUT_LOSSES, distillation_loss
-from sparsec.sparsify.train import MaskedTrainer, TrainConfig, require_bf16_cpu
+from sparsec.sparsify.train import (
+    MaskedTrainer,
+    TrainConfig,
+    bf16_linear_weights_,
+    require_bf16_cpu,
+)
 
 
 def default_lr(sparsity: float) -> float:
@@ -258,6 +263,8 @@ class Run:
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
+        if opts.bf16:
+            bf16_linear_weights_(teacher)
         lr = opts.lr if opts.lr is not None else default_lr(opts.sparsity)
         config = TrainConfig(
             opts.steps, lr, opts.warmup, opts.batch_size, opts.seq_len, opts.seed, bf16=opts.bf16

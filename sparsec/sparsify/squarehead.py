@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from sparsec.sparsify.head_loss import fused_head_loss
 from sparsec.sparsify.prune import decoder_layers
 
 EPS = 1e-6
@@ -91,25 +92,33 @@ def distillation_loss(
     token_mask: torch.Tensor,
     output_loss: str = "ce",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SquareHead + the output loss on one batch; returns the loss and its parts."""
+    """SquareHead + the output loss on one batch; returns the loss and its parts.
+
+    The output loss runs fused with the LM head (``head_loss``): the same values as
+    ``language_model_loss`` and ``logit_kl_loss`` on full logits, without materialising them.
+    """
     kl_term = output_loss in ("kl", "ce+kl")
     with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
-        if kl_term:
-            teacher_logits = teacher(
-                input_ids=input_ids, attention_mask=token_mask, use_cache=False
-            ).logits
-        else:  # only the hidden states are used: the decoder alone skips the LM head
-            teacher.get_decoder()(input_ids=input_ids, attention_mask=token_mask, use_cache=False)
+        teacher_final = teacher.get_decoder()(
+            input_ids=input_ids, attention_mask=token_mask, use_cache=False
+        ).last_hidden_state
     with record_layer_outputs(student) as student_hidden:
-        logits = student(input_ids=input_ids, attention_mask=token_mask, use_cache=False).logits
+        final = student.get_decoder()(
+            input_ids=input_ids, attention_mask=token_mask, use_cache=False
+        ).last_hidden_state
     feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
-    ce = language_model_loss(logits, input_ids, token_mask)
-    parts = {"squarehead": feature.item(), "ce": ce.item()}  # ce is logged even if not trained
-    loss = FEATURE_WEIGHT * feature
-    if output_loss != "kl":
-        loss = loss + CE_WEIGHT * ce
+    head, ce, kl = fused_head_loss(
+        final,
+        student.get_output_embeddings().weight,
+        input_ids,
+        token_mask,
+        ce_weight=CE_WEIGHT if output_loss != "kl" else 0.0,  # ce is logged even if not trained
+        kl_weight=CE_WEIGHT if kl_term else 0.0,
+        teacher_hidden=teacher_final if kl_term else None,
+        teacher_head_weight=teacher.get_output_embeddings().weight if kl_term else None,
+    )
+    loss = FEATURE_WEIGHT * feature + head
+    parts = {"squarehead": feature.item(), "ce": ce}
     if kl_term:
-        kl = logit_kl_loss(logits, teacher_logits, token_mask)
-        loss = loss + CE_WEIGHT * kl
-        parts["kl"] = kl.item()
+        parts["kl"] = kl
     return loss, {"loss": loss.item(), **parts}

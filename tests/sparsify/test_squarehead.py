@@ -23,6 +23,7 @@ from sparsec.sparsify.squarehead import (
 from sparsec.sparsify.train import (
     MaskedTrainer,
     TrainConfig,
+    bf16_linear_weights_,
     require_bf16_cpu,
     warmup_then_decay,
 )
@@ -179,3 +180,27 @@ def test_warmup_then_linear_decay():
     assert values[:2] == [0.5, 1.0]
     assert values[2] == 1.0 and values[-1] == pytest.approx(1 / 8)
     assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_teacher_weights_compute_what_autocast_does(tiny_model, tied):
+    from sparsec.testing import make_tiny_llama
+
+    if tied:
+        model = copy.deepcopy(tiny_model[0])
+    else:
+        model = make_tiny_llama(seed=1, tie_word_embeddings=False)[0]
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        bf16_linear_weights_(model)
+        got = model(input_ids=ids).logits
+    assert torch.equal(got, want)
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert layer.input_layernorm.weight.dtype == torch.float32
+    # A head tied to the embeddings stays float32; an untied one is a plain Linear.
+    assert model.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
