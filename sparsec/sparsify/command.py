@@ -37,6 +37,9 @@ def register(sub) -> None:
         "(W8A8). Writes a Hugging Face folder with exact zeros, recipe.yaml and "
         "report.md/report.json (per-layer sparsity, perplexity after each stage). "
         "Checkpoints go to OUTPUT.checkpoint; Ctrl-C saves one, --resume continues. "
+        "A MODEL that is already sparse (the output of an earlier sparsify) is pruned "
+        "further, with --teacher naming the dense model: gradual pruning in stages, "
+        "such as 50% then 70%. "
         f"Data sources: {DATA_HELP}.",
     )
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
@@ -88,7 +91,12 @@ def register(sub) -> None:
         "running text: the fraction F of training rows that are examples (default: their "
         "share of the tokens)",
     )
-    p.add_argument("--teacher", default=None, help="distillation teacher (default: dense MODEL)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="distillation teacher (default: dense MODEL); required when MODEL is already "
+        "sparse, as the dense reference",
+    )
     p.add_argument(
         "--output-loss",
         choices=["ce", "kl", "ce+kl"],

@@ -51,6 +51,10 @@ def default_lr(sparsity: float) -> float:
 
 
 SMOOTH_SAMPLES = 16  # calibration sequences for the smoothing statistics
+# A MODEL with this share of zero weights or more was pruned before: it is pruned further
+# (gradual pruning, as Sparse Llama's 70% models were made from its 50% ones) and the
+# report's "dense" row is the teacher's. Dense checkpoints have next to no exact zeros.
+SPARSE_INPUT = 0.05
 
 # Options that shape the one-shot model, and those that shape distillation: a checkpoint
 # taken before distillation began may be resumed with other training options.
@@ -167,19 +171,18 @@ class Run:
             raise KeyboardInterrupt
 
     # --- stages ------------------------------------------------------------------------
-    def evaluate(self, stage: str, quantized: bool = False) -> None:
+    def evaluate(self, stage: str, quantized: bool = False, model=None) -> None:
         if stage in self.state["perplexity"]:
             return
+        model = self.model if model is None else model
         results = {}
         started = time.monotonic()
         for source, tokens in self.eval_tokens.items():
             if quantized:
                 with ActivationFakeQuant(self.linears):
-                    results[source] = perplexity(
-                        self.model, tokens, max_tokens=self.opts.eval_tokens
-                    )
+                    results[source] = perplexity(model, tokens, max_tokens=self.opts.eval_tokens)
             else:
-                results[source] = perplexity(self.model, tokens, max_tokens=self.opts.eval_tokens)
+                results[source] = perplexity(model, tokens, max_tokens=self.opts.eval_tokens)
         self.state["perplexity"][stage] = results
         self.state["timings"][f"eval_{stage}"] = time.monotonic() - started
         shown = ", ".join(f"{Path(s).name} {p:.2f}" for s, p in results.items())
@@ -321,6 +324,27 @@ class Run:
         self.state["stage"] = "distilled"
         self.save()
 
+    def _check_input_sparsity(self) -> float:
+        """MODEL's fraction of zero weights; a sparse MODEL is pruned further (gradually)."""
+        opts = self.opts
+        zeros = sum(int((lin.weight == 0).sum()) for lin in self.linears.values())
+        sparsity = zeros / sum(lin.weight.numel() for lin in self.linears.values())
+        if sparsity < SPARSE_INPUT:
+            return sparsity
+        if sparsity > opts.sparsity + 0.005:
+            raise SparsecError(
+                f"{opts.model} is already {sparsity:.1%} sparse, more than --sparsity "
+                f"{opts.sparsity}: sparsify prunes further, never less; pass a higher --sparsity"
+            )
+        if opts.teacher is None:
+            raise SparsecError(
+                f"{opts.model} is already {sparsity:.1%} sparse: pass --teacher with the dense "
+                "model it was pruned from; it is the distillation teacher and the dense "
+                "reference of the report"
+            )
+        _log(opts, f"{opts.model} is {sparsity:.1%} sparse: pruning it further")
+        return sparsity
+
     def _load_teacher(self):
         from sparsec.models import load_model
 
@@ -351,6 +375,8 @@ class Run:
         self.linears = prunable_linears(self.model)
         for name, linear in self.linears.items():
             self.pattern.check_width(name, linear.in_features)
+        if not opts.resume:
+            self.state["input_sparsity"] = self._check_input_sparsity()
         if opts.resume:
             state, self.tensors = self.checkpoint.load()
             training_began = "trainer" in self.tensors or state["stage"] in ("distilled", "done")
@@ -376,6 +402,12 @@ class Run:
             self.teacher = copy.deepcopy(self.model)  # the dense model, before pruning
 
         with GracefulInterrupt() as self.interrupt:
+            if self.state.get("input_sparsity", 0.0) >= SPARSE_INPUT:
+                # Pruning further: the dense teacher is the reference, MODEL the start.
+                if "dense" not in self.state["perplexity"]:
+                    self.teacher = self._load_teacher()
+                    self.evaluate("dense", model=self.teacher)
+                self.evaluate("input")
             self.evaluate("dense")
             if self.state["stage"] == "start":
                 self.prune()

@@ -37,6 +37,7 @@ def recipe(opts, state: dict, version: str) -> dict:
             "prune": {
                 "method": opts.method,
                 "sparsity": opts.sparsity,
+                "from_sparsity": round(state.get("input_sparsity", 0.0), 6),
                 "pattern": opts.pattern,
                 **(
                     {
@@ -134,6 +135,7 @@ def write_report(folder: Path, opts, state: dict) -> None:
         "layers": state["final_layers"],
         "pruning": state["layers"],
         "overall_sparsity": _overall(state["final_layers"]),
+        "input_sparsity": state.get("input_sparsity", 0.0),
         "layer_sparsity": state.get("layer_sparsity"),
         "timings_s": state["timings"],
     }
@@ -166,6 +168,10 @@ def markdown(report: dict) -> str:
     ]
     for stage, results in ppl.items():
         cells = [f"{results[s]:.2f} ({results[s] / ppl['dense'][s]:.2f}x)" for s in sources]
+        if stage == "input":  # a model pruned before, pruned further by this run
+            stage = f"input ({report['input_sparsity']:.1%} sparse)"
+        elif stage == "dense" and "input" in ppl:
+            stage = "dense (teacher)"
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     curve = report["recovery_curve"]["points"]
     if curve:

@@ -383,3 +383,41 @@ def test_kl_distillation_is_recorded_and_logs_its_curve(
     stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
     assert stages[1]["squarehead_distillation"]["output_loss"] == "kl"
     assert "KL" in stages[1]["squarehead_distillation"]["loss"]["output"]
+
+
+def test_a_sparse_model_is_pruned_further_with_the_dense_teacher(
+    tiny_model_dir, text_file, tmp_path
+):
+    first = sparsify(options(tiny_model_dir, text_file, tmp_path / "s50", steps=2))
+    first_ppl = json.loads((first / "report.json").read_text())["perplexity"]
+
+    out = sparsify(
+        options(
+            first, text_file, tmp_path / "s70", sparsity=0.7, steps=2, teacher=str(tiny_model_dir)
+        )
+    )
+    report = json.loads((out / "report.json").read_text())
+    ppl = report["perplexity"]
+    assert list(ppl) == ["dense", "input", "one-shot", "distilled"]
+    source = str(text_file)
+    # "dense" is the teacher's, the same model the first stage started from; "input" is
+    # the first stage's result, reloaded.
+    assert ppl["dense"][source] == pytest.approx(first_ppl["dense"][source], rel=1e-5)
+    assert ppl["input"][source] == pytest.approx(first_ppl["distilled"][source], rel=1e-4)
+    assert report["input_sparsity"] == pytest.approx(0.5, abs=0.01)
+    for layer in report["pruning"]:
+        rows, cols = layer["shape"]
+        assert layer["sparsity"] == int(0.7 * rows * cols + 0.5) / (rows * cols)
+    assert "| input (50.0% sparse) |" in (out / "report.md").read_text()
+    assert "from_sparsity: 0.5" in (out / "recipe.yaml").read_text()
+
+
+def test_a_sparse_model_needs_its_dense_teacher_and_a_higher_sparsity(
+    tiny_model_dir, text_file, tmp_path
+):
+    first = sparsify(options(tiny_model_dir, text_file, tmp_path / "s50"))
+    with pytest.raises(SparsecError, match=r"already 50\.0% sparse: pass --teacher"):
+        sparsify(options(first, text_file, tmp_path / "a", sparsity=0.7, steps=1))
+    with pytest.raises(SparsecError, match="more than --sparsity 0.3"):
+        sparsify(options(first, text_file, tmp_path / "b", sparsity=0.3, teacher=str(first)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
