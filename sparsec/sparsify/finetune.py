@@ -15,7 +15,7 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
 from sparsec.sparsify.data import TokenData, read_corpus
-from sparsec.sparsify.squarehead import language_model_loss
+from sparsec.sparsify.head_loss import fused_head_loss
 from sparsec.sparsify.train import MaskedTrainer, TrainConfig, require_bf16_cpu
 
 
@@ -78,9 +78,13 @@ def finetune(
         checkpoint.save({"options": options, "step": trainer.step}, tensors)
 
     def loss_fn(ids, mask):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = language_model_loss(logits, ids, mask)
-        return loss, {"ce": loss.item()}
+        hidden = model.get_decoder()(
+            input_ids=ids, attention_mask=mask, use_cache=False
+        ).last_hidden_state
+        loss, ce, _ = fused_head_loss(
+            hidden, model.get_output_embeddings().weight, ids, mask, ce_weight=1.0
+        )
+        return loss, {"ce": ce}
 
     bar = tqdm(total=steps, initial=trainer.step, desc="finetune", disable=quiet, file=sys.stderr)
     last_save = time.monotonic()
