@@ -156,6 +156,17 @@ def cmd_targets(args) -> None:
             print(line)
 
 
+def _stage_before(folder: str, report: dict) -> dict | None:
+    """The report of the sparse model a staged run started from, if it is at hand."""
+    if report.get("input_sparsity", 0.0) < 0.05:
+        return None
+    model = Path(report["model"])
+    for candidate in (model, Path(folder).parent / model):
+        if (candidate / "report.json").is_file():
+            return json.loads((candidate / "report.json").read_text())
+    return None
+
+
 def cmd_plot(args) -> None:
     import matplotlib
 
@@ -176,7 +187,14 @@ def cmd_plot(args) -> None:
         label += f" of {opts['batch_size']} x {opts['seq_len']}"
         data = (Path(name.removeprefix("builtin:")).name for name in opts["train"])
         label += "\n    trained on " + " + ".join(data)
-        ax.plot([p["step"] for p in points], [p["perplexity"] for p in points], "o-", label=label)
+        steps = [p["step"] for p in points]
+        if before := _stage_before(folder, report):  # pruned in stages: draw both
+            first = before["options"]
+            label = f"{first['sparsity']:.0%}, {first['steps']} steps, then " + label
+            steps = [p["step"] for p in before["recovery_curve"]["points"]]
+            steps += [first["steps"] + p["step"] for p in points]
+            points = before["recovery_curve"]["points"] + points
+        ax.plot(steps, [p["perplexity"] for p in points], "o-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("SquareHead distillation steps")
     ax.set_ylabel(f"perplexity, first {tokens} tokens of {source} (log)")
