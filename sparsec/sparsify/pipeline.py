@@ -375,8 +375,8 @@ class Run:
         self.linears = prunable_linears(self.model)
         for name, linear in self.linears.items():
             self.pattern.check_width(name, linear.in_features)
-        if not opts.resume:
-            self.state["input_sparsity"] = self._check_input_sparsity()
+        # Checked on --resume too: a resumed staged run still needs its dense teacher.
+        self.state["input_sparsity"] = self._check_input_sparsity()
         if opts.resume:
             state, self.tensors = self.checkpoint.load()
             training_began = "trainer" in self.tensors or state["stage"] in ("distilled", "done")
