@@ -7,9 +7,10 @@ tokens x 49152). On the CPU the elementwise passes and the page faults of those 
 allocations cost more than the head's matmuls: profiled on 2 threads, 1.1-1.3 s of a
 3.2 s distillation step. Here the head runs a chunk of tokens at a time and the gradient
 of the logits is formed in the same pass (``softmax(s) - onehot`` for cross-entropy,
-``softmax(s) - softmax(t)`` for KL), turned into the gradients of the hidden states and
-of the head weight at once, and kept for the backward pass; no logits outlive a chunk.
-The same idea as Liger-Kernel's fused linear cross-entropy.
+``softmax(s) - softmax(t)`` for KL). Only that gradient outlives its chunk, in one buffer
+in the matmul dtype (bfloat16 under ``--bf16``); two matmuls turn it into the gradients
+of the hidden states and of the head weight, which the backward pass returns. The same
+idea as Liger-Kernel's fused linear cross-entropy.
 """
 
 from __future__ import annotations
