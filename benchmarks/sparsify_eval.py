@@ -158,7 +158,7 @@ def cmd_targets(args) -> None:
 
 def _stage_before(folder: str, report: dict) -> dict | None:
     """The report of the sparse model a staged run started from, if it is at hand."""
-    if report.get("input_sparsity", 0.0) < 0.05:
+    if "input" not in report["perplexity"]:  # the row only a staged run has
         return None
     model = Path(report["model"])
     for candidate in (model, Path(folder).parent / model):

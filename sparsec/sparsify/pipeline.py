@@ -327,8 +327,7 @@ class Run:
     def _check_input_sparsity(self) -> float:
         """MODEL's fraction of zero weights; a sparse MODEL is pruned further (gradually)."""
         opts = self.opts
-        zeros = sum(int((lin.weight == 0).sum()) for lin in self.linears.values())
-        sparsity = zeros / sum(lin.weight.numel() for lin in self.linears.values())
+        sparsity = report_mod.overall_sparsity(report_mod.layer_sparsity(self.linears))
         if sparsity < SPARSE_INPUT:
             return sparsity
         if sparsity > opts.sparsity + 0.005:

@@ -134,7 +134,7 @@ def write_report(folder: Path, opts, state: dict) -> None:
         "recovery_curve": {"source": state.get("curve_source"), "points": state["curve"]},
         "layers": state["final_layers"],
         "pruning": state["layers"],
-        "overall_sparsity": _overall(state["final_layers"]),
+        "overall_sparsity": overall_sparsity(state["final_layers"]),
         "input_sparsity": state.get("input_sparsity", 0.0),
         "layer_sparsity": state.get("layer_sparsity"),
         "timings_s": state["timings"],
@@ -145,7 +145,8 @@ def write_report(folder: Path, opts, state: dict) -> None:
         plot_curve(folder / "recovery.png", state["curve"], state.get("curve_source"), ppl)
 
 
-def _overall(layers: list[dict]) -> float:
+def overall_sparsity(layers: list[dict]) -> float:
+    """Fraction of zeros over all the weights ``layer_sparsity`` measured."""
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers)
     return zeros / sum(r["shape"][0] * r["shape"][1] for r in layers)
 
