@@ -156,15 +156,19 @@ def cmd_targets(args) -> None:
             print(line)
 
 
-def _stage_before(folder: str, report: dict) -> dict | None:
-    """The report of the sparse model a staged run started from, if it is at hand."""
-    if "input" not in report["perplexity"]:  # the row only a staged run has
-        return None
-    model = Path(report["model"])
-    for candidate in (model, Path(folder).parent / model):
-        if (candidate / "report.json").is_file():
-            return json.loads((candidate / "report.json").read_text())
-    return None
+def _earlier_stages(folder: str, report: dict) -> list[dict]:
+    """The reports of the sparse models a staged run started from, first stage first,
+    as far back as their folders are at hand."""
+    stages: list[dict] = []
+    while "input" in report["perplexity"]:  # the row only a staged run has
+        model = Path(report["model"])
+        found = [c for c in (model, Path(folder).parent / model) if (c / "report.json").is_file()]
+        if not found:
+            break
+        folder = str(found[0])
+        report = json.loads((found[0] / "report.json").read_text())
+        stages.insert(0, report)
+    return stages
 
 
 def cmd_plot(args) -> None:
@@ -188,12 +192,17 @@ def cmd_plot(args) -> None:
         data = (Path(name.removeprefix("builtin:")).name for name in opts["train"])
         label += "\n    trained on " + " + ".join(data)
         steps = [p["step"] for p in points]
-        if before := _stage_before(folder, report):  # pruned in stages: draw both
-            first = before["options"]
-            label = f"{first['sparsity']:.0%}, {first['steps']} steps, then " + label
-            steps = [p["step"] for p in before["recovery_curve"]["points"]]
-            steps += [first["steps"] + p["step"] for p in points]
-            points = before["recovery_curve"]["points"] + points
+        earlier = _earlier_stages(folder, report)
+        if earlier:  # pruned in stages: draw them end to end
+            for stage in reversed(earlier):
+                first = stage["options"]
+                label = f"{first['sparsity']:.0%}, {first['steps']} steps, then {label}"
+            steps, offset = [], 0
+            for stage in [*earlier, report]:
+                stage_points = stage["recovery_curve"]["points"]
+                steps += [offset + p["step"] for p in stage_points]
+                offset += stage["options"]["steps"]
+            points = [p for e in earlier for p in e["recovery_curve"]["points"]] + points
         ax.plot(steps, [p["perplexity"] for p in points], "o-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("SquareHead distillation steps")
