@@ -160,12 +160,14 @@ def _earlier_stages(folder: str, report: dict) -> list[dict]:
     """The reports of the sparse models a staged run started from, first stage first,
     as far back as their folders are at hand."""
     stages: list[dict] = []
+    seen = {Path(folder).resolve()}  # a run written over its own input must not loop
     while "input" in report["perplexity"]:  # the row only a staged run has
         model = Path(report["model"])
         found = [c for c in (model, Path(folder).parent / model) if (c / "report.json").is_file()]
-        if not found:
+        if not found or found[0].resolve() in seen:
             break
         folder = str(found[0])
+        seen.add(found[0].resolve())
         report = json.loads((found[0] / "report.json").read_text())
         stages.insert(0, report)
     return stages
@@ -180,7 +182,6 @@ def cmd_plot(args) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for folder in args.outputs:
         report = json.loads((Path(folder) / "report.json").read_text())
-        points = report["recovery_curve"]["points"]
         source = Path(report["recovery_curve"]["source"]).name
         tokens = report["options"]["curve_tokens"]
         opts = report["options"]
@@ -191,18 +192,16 @@ def cmd_plot(args) -> None:
         label += f" of {opts['batch_size']} x {opts['seq_len']}"
         data = (Path(name.removeprefix("builtin:")).name for name in opts["train"])
         label += "\n    trained on " + " + ".join(data)
-        steps = [p["step"] for p in points]
-        earlier = _earlier_stages(folder, report)
-        if earlier:  # pruned in stages: draw them end to end
-            for stage in reversed(earlier):
-                first = stage["options"]
-                label = f"{first['sparsity']:.0%}, {first['steps']} steps, then {label}"
-            steps, offset = [], 0
-            for stage in [*earlier, report]:
-                stage_points = stage["recovery_curve"]["points"]
-                steps += [offset + p["step"] for p in stage_points]
-                offset += stage["options"]["steps"]
-            points = [p for e in earlier for p in e["recovery_curve"]["points"]] + points
+        earlier = _earlier_stages(folder, report)  # pruned in stages: drawn end to end
+        for stage in reversed(earlier):
+            prior = stage["options"]
+            label = f"{prior['sparsity']:.0%}, {prior['steps']} steps, then {label}"
+        steps, points, offset = [], [], 0
+        for stage in [*earlier, report]:
+            stage_points = stage["recovery_curve"]["points"]
+            steps += [offset + p["step"] for p in stage_points]
+            points += stage_points
+            offset += stage["options"]["steps"]
         ax.plot(steps, [p["perplexity"] for p in points], "o-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("SquareHead distillation steps")
