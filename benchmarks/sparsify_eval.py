@@ -5,6 +5,7 @@
     python benchmarks/sparsify_eval.py targets OUT_DIR [OUT_DIR ...]   # report.json checks
     python benchmarks/sparsify_eval.py plot OUT_DIR [...] -o curve.png # recovery curves
     python benchmarks/sparsify_eval.py chat CHAT.jsonl MODEL_DIR ...    # chat behaviour
+    python benchmarks/sparsify_eval.py layers TEACHER MODEL_DIR ...     # per-layer error
 
 ``ppl`` scores the same held-out text as ``sparsec sparsify`` (Verne + the Python
 tutorial, never used for calibration or training); a folder with quantization.json is
@@ -12,7 +13,10 @@ scored with W8A8 fake quantization, as the compiler will run it. ``gsm`` is 0-sh
 exact match of the final number on GSM-Symbolic problems from templates held out of
 training. ``chat`` scores the teacher's answers in held-out ``generate-data --chat``
 conversations (answer-token perplexity) and prints each model's greedy answers to a few
-fixed questions. Run long evaluations with ``nice -n 19``.
+fixed questions. ``layers`` prints each decoder layer's SquareHead loss against the
+teacher on held-out windows, over all tokens and without each window's first token, and
+how much of the teacher's hidden-state energy that first token holds. Run long
+evaluations with ``nice -n 19``.
 """
 
 from __future__ import annotations
@@ -156,6 +160,38 @@ def cmd_targets(args) -> None:
             print(line)
 
 
+def cmd_layers(args) -> None:
+    import torch
+
+    from sparsec.sparsify.data import TokenData
+    from sparsec.sparsify.squarehead import record_layer_outputs, squarehead_layer_losses
+
+    torch.set_num_threads(args.threads)
+
+    def hidden_states(model, ids):
+        with torch.no_grad(), record_layer_outputs(model) as outputs:
+            model(input_ids=ids)
+        return [h.detach().clone() for h in outputs]
+
+    teacher, tokenizer = _load(args.teacher)
+    stream = TokenData(tokenizer, [args.source]).stream
+    ids = stream[: args.windows * 512].view(args.windows, 512)
+    every = torch.ones_like(ids)
+    not_first = every.clone()
+    not_first[:, 0] = 0
+    target = hidden_states(teacher, ids)
+    share = [(h[:, 0] ** 2).sum().item() / (h**2).sum().item() for h in target]
+    print("teacher: first token's share of hidden-state energy by layer")
+    print("  " + " ".join(f"{v:.2f}" for v in share))
+    for folder in args.models:
+        model, _ = _load(folder)
+        student = hidden_states(model, ids)
+        for name, mask in (("all tokens", every), ("without first", not_first)):
+            losses = squarehead_layer_losses(student, target, mask).tolist()
+            print(f"{folder} ({name}): sum {sum(losses):.3f}")
+            print("  " + " ".join(f"{v:.3f}" for v in losses))
+
+
 def _earlier_stages(folder: str, report: dict) -> list[dict]:
     """The reports of the sparse models a staged run started from, first stage first,
     as far back as their folders are at hand."""
@@ -236,6 +272,13 @@ def main(argv=None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=40)
     c.add_argument("--threads", type=int, default=2)
     c.set_defaults(func=cmd_chat)
+    la = sub.add_parser("layers")
+    la.add_argument("teacher")
+    la.add_argument("models", nargs="+")
+    la.add_argument("--source", default="builtin:verne")
+    la.add_argument("--windows", type=int, default=4, help="512-token windows scored")
+    la.add_argument("--threads", type=int, default=2)
+    la.set_defaults(func=cmd_layers)
     t = sub.add_parser("targets")
     t.add_argument("outputs", nargs="+")
     t.set_defaults(func=cmd_targets)
