@@ -80,7 +80,7 @@ def test_fused_head_loss_under_bf16_autocast_stays_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _, _ = fused_head_loss(h, weight, ids, mask, 1.0, 1.0, t_hidden, t_weight)
     got.backward()
-    assert float(got) == pytest.approx(float(want), rel=2e-2)
+    assert got.item() == pytest.approx(want.item(), rel=2e-2)
     assert h.grad.dtype == torch.float32
 
 
@@ -112,6 +112,6 @@ def test_distillation_gradients_match_the_full_logits_path(tiny_model, output_lo
     if output_loss != "ce":
         ref = ref + logit_kl_loss(logits, t_logits, mask)
     ref.backward()
-    assert parts["loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert parts["loss"] == pytest.approx(ref.item(), rel=1e-5)
     for name, param in student.named_parameters():
         torch.testing.assert_close(fused[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
