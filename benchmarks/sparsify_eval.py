@@ -171,10 +171,15 @@ def cmd_layers(args) -> None:
     def hidden_states(model, ids):
         with torch.no_grad(), record_layer_outputs(model) as outputs:
             model(input_ids=ids)
-        return [h.detach().clone() for h in outputs]
+        return list(outputs)
 
     teacher, tokenizer = _load(args.teacher)
     stream = TokenData(tokenizer, [args.source]).stream
+    if stream.numel() < args.windows * 512:
+        sys.exit(
+            f"{args.source} has {stream.numel()} tokens, fewer than --windows {args.windows} "
+            f"x 512; pass --windows {stream.numel() // 512} or less"
+        )
     ids = stream[: args.windows * 512].view(args.windows, 512)
     every = torch.ones_like(ids)
     not_first = every.clone()
