@@ -50,19 +50,34 @@ def test_compiled_logits_match_onnxruntime_and_pytorch(pipeline, tiny_model):
         np.testing.assert_allclose(got, model(torch.tensor([ids])).logits[0].numpy(), atol=ATOL)
 
 
+def _hf_greedy(model, tokenizer, ids, **kwargs):
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def test_generate_matches_hf_generate(pipeline, tiny_model):
     _, so = pipeline
     model, tokenizer = tiny_model
     ids = tokenizer("Once upon a time").input_ids
     out = runtime.load(so).generate(ids, max_new_tokens=48)
-    with torch.no_grad():
-        hf = model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=48,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, len(ids) :].tolist()
-    assert out.token_ids == hf
+    assert out.token_ids == _hf_greedy(model, tokenizer, ids)
+
+
+def test_repetition_penalty_matches_hf_generate(pipeline, tiny_model):
+    _, so = pipeline
+    model, tokenizer = tiny_model
+    ids = tokenizer("Once upon a time").input_ids
+    plain = runtime.load(so).generate(ids, max_new_tokens=48)
+    out = runtime.load(so).generate(ids, max_new_tokens=48, repetition_penalty=1.3)
+    assert out.token_ids == _hf_greedy(model, tokenizer, ids, repetition_penalty=1.3)
+    assert out.token_ids != plain.token_ids
 
 
 def test_compile_runs_the_passes_on_a_raw_export(tiny_onnx, tmp_path, tiny_model):
@@ -80,6 +95,9 @@ def test_run_and_inspect_commands(pipeline, capsys):
     assert main(["run", str(so), "Hello", "--max-new-tokens", "8"]) == 0
     captured = capsys.readouterr()
     assert "tok/s" in captured.err
+    args = ["run", str(so), "Hello", "--max-new-tokens", "8", "--repetition-penalty", "0"]
+    assert main(args) == 1
+    assert "repetition_penalty must be a finite number > 0" in capsys.readouterr().err
     assert main(["inspect", str(so)]) == 0
     out = capsys.readouterr().out
     assert "dense_f32" in out

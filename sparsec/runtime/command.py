@@ -25,6 +25,15 @@ def register(subparsers) -> None:
     run.add_argument("--top-p", type=float, default=None, metavar="P")
     run.add_argument("--seed", type=int, default=None, metavar="S")
     run.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        metavar="R",
+        help="divide the logits of tokens already in the prompt or output by R (multiply if "
+        "negative), as Hugging Face's repetition_penalty: 1.1-1.3 stops the loops small or "
+        "very sparse models fall into (default: off)",
+    )
+    run.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)"
     )
     run.add_argument(
@@ -66,6 +75,7 @@ def run_command(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
+            repetition_penalty=args.repetition_penalty,
             stop=args.stop,
             stream=True,
         )

@@ -220,6 +220,7 @@ class Model:
         seed: int | None = None,
         stop=None,
         stream: bool = False,
+        repetition_penalty: float | None = None,
     ) -> Generation | TextStream:
         """Generate up to ``max_new_tokens`` after ``prompt`` (text or token ids).
 
@@ -228,9 +229,11 @@ class Model:
         before it) or after ``max_new_tokens``. Every call starts from an empty cache.
         With ``stream=True`` returns a TextStream of text pieces (its ``.result`` is the
         Generation once exhausted); arguments are checked before it is returned.
+        ``repetition_penalty`` (> 1 discourages repeats) scales down the logits of tokens
+        already in the prompt or the output, as Hugging Face's argument of that name.
         """
         self._check_open()
-        sampler = Sampler(temperature, top_k, top_p, seed)
+        sampler = Sampler(temperature, top_k, top_p, seed, repetition_penalty)
         stops = StopStrings(normalize_stop(stop))
         if (
             not isinstance(max_new_tokens, numbers.Integral)
@@ -293,8 +296,10 @@ class Model:
         new_ids: list[int] = []
         text, emitted, finish, steps = "", 0, "length", 0
         t_first = None
+        sampler.see(prompt_ids)
         while True:
             token = sampler(logits)
+            sampler.see(token)
             new_ids.append(token)
             if t_first is None:
                 t_first = time.perf_counter()

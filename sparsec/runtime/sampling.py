@@ -1,6 +1,9 @@
 """Next-token choice from one row of logits, in numpy.
 
-temperature == 0 is greedy (argmax; ties go to the lowest id). Otherwise
+A repetition penalty comes first, as Hugging Face's ``repetition_penalty`` (CTRL, Keskar
+et al. 2019): the logit of every token already in the prompt or the output is divided by
+the penalty if positive and multiplied by it if negative (> 1 discourages repeats).
+Then temperature == 0 is greedy (argmax; ties go to the lowest id). Otherwise
 softmax(logits / temperature), restricted to the top_k largest logits (all tokens tied
 with the k-th are kept, as Hugging Face does), then to the smallest set of most likely
 tokens whose probability reaches top_p (ties in probability ordered by id), then one
@@ -22,7 +25,7 @@ _NUCLEUS_PREFILTER = 256
 _DRAW_BLOCK = 512
 
 
-def check_sampling(temperature, top_k, top_p, seed) -> None:
+def check_sampling(temperature, top_k, top_p, seed, repetition_penalty=None) -> None:
     """Raise SparsecError for parameters outside their domain."""
     if (
         not isinstance(temperature, numbers.Real)
@@ -43,20 +46,54 @@ def check_sampling(temperature, top_k, top_p, seed) -> None:
         raise SparsecError(f"top_p must be in (0, 1] (or None for 1), got {top_p!r}")
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise SparsecError(f"seed must be an integer or None, got {seed!r}")
+    if repetition_penalty is not None and (
+        not isinstance(repetition_penalty, numbers.Real)
+        or isinstance(repetition_penalty, bool)
+        or not math.isfinite(repetition_penalty)
+        or repetition_penalty <= 0
+    ):
+        raise SparsecError(
+            "repetition_penalty must be a finite number > 0 (1 or None = off; 1.1-1.3 "
+            f"discourages repeats), got {repetition_penalty!r}"
+        )
 
 
 class Sampler:
-    """Callable ``logits [V] -> token id``; one per generation (it owns the RNG)."""
+    """Callable ``logits [V] -> token id``; one per generation (it owns the RNG and, with a
+    repetition penalty, the set of tokens seen: ``see`` the prompt and each chosen token)."""
 
-    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=None):
-        check_sampling(temperature, top_k, top_p, seed)
+    def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=None, repetition_penalty=None):
+        check_sampling(temperature, top_k, top_p, seed, repetition_penalty)
+        self.penalty = (
+            None if repetition_penalty is None or repetition_penalty == 1 else repetition_penalty
+        )
+        self.seen: set[int] = set()
         self.greedy = temperature == 0
         self.temperature = float(temperature)
         self.top_k = None if top_k is None else int(top_k)
         self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
         self.rng = np.random.default_rng(seed)
 
+    def see(self, token_ids) -> None:
+        """Record tokens (the prompt, then each one chosen) for the repetition penalty."""
+        if self.penalty is not None:
+            self.seen.update(int(t) for t in np.atleast_1d(token_ids))
+
+    def penalize(self, logits: np.ndarray) -> np.ndarray:
+        """The logits with the repetition penalty applied (a copy; the input is untouched).
+
+        In the logits' own dtype, as Hugging Face computes it, so greedy choices agree.
+        """
+        if self.penalty is None or not self.seen:
+            return logits
+        ids = np.fromiter(self.seen, np.int64, len(self.seen))
+        out = logits.copy()
+        picked = out[ids]
+        out[ids] = np.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return out
+
     def __call__(self, logits: np.ndarray) -> int:
+        logits = self.penalize(logits)
         if self.greedy:
             return int(np.argmax(logits))  # first maximum = lowest id
         ids, weights = self._weights(logits)

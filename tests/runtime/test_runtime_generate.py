@@ -205,6 +205,25 @@ def test_sampling_matches_reference(model, weights, temperature, top_k, top_p):
     assert r.token_ids == expected
 
 
+def test_repetition_penalty_matches_reference(model, weights):
+    prompt, penalty = [fake.BOS, 1, 2, 1], 1.8
+    p = np.float32(penalty)
+    plain = model.generate(prompt, max_new_tokens=20)
+    r = model.generate(prompt, max_new_tokens=20, repetition_penalty=penalty)
+    ref, seen, expected = fake.Reference(weights), set(prompt), []
+    logits = ref.forward(prompt)[-1].astype(np.float32)
+    for _ in range(20):
+        ids = sorted(seen)
+        picked = logits[ids]
+        logits[ids] = np.where(picked < 0, picked * p, picked / p)
+        expected.append(int(np.argmax(logits)))
+        seen.add(expected[-1])
+        logits = ref.forward([expected[-1]])[-1].astype(np.float32)
+    assert r.token_ids == expected
+    assert r.token_ids != plain.token_ids  # the penalty changed the greedy path
+    assert len(set(r.token_ids)) > len(set(plain.token_ids))
+
+
 def test_seed_reproducibility(model):
     kwargs = dict(max_new_tokens=20, temperature=1.5, seed=123)
     a = model.generate("x", **kwargs)
@@ -258,6 +277,9 @@ def test_bad_prompts(model):
         (dict(temperature=1.0, top_k=0), "top_k must be an integer >= 1"),
         (dict(top_k=2.5), "top_k must be an integer >= 1"),
         (dict(seed="1"), "seed must be an integer or None"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+        (dict(repetition_penalty="1.2"), "repetition_penalty must be a finite number > 0"),
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
         (dict(stop=""), "stop must be a non-empty string or a list of them"),
         (dict(stop=["ok", 3]), "stop must be a non-empty string or a list of them"),

@@ -77,3 +77,33 @@ def test_draws_follow_the_distribution():
     counts = np.bincount([hot(logits) for _ in range(20000)], minlength=4) / 20000
     p = np.sqrt([0.1, 0.2, 0.3, 0.4])
     np.testing.assert_allclose(counts, p / p.sum(), atol=0.02)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = np.array([2.0, -1.0, 3.0, 0.5, -4.0], np.float32)
+    sampler = Sampler(0.0, repetition_penalty=2.0)
+    assert sampler(logits) == 2
+    sampler.see([2, 1])
+    sampler.see(4)
+    out = sampler.penalize(logits)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, np.float32([2.0, -2.0, 1.5, 0.5, -8.0]))
+    assert logits[2] == 3.0  # the caller's row is untouched (the native code owns it)
+    assert sampler(logits) == 0  # 2.0 now beats the penalized 1.5
+
+
+@pytest.mark.parametrize("penalty", [None, 1.0])
+def test_repetition_penalty_off(penalty):
+    logits = np.array([1.0, 3.0], np.float32)
+    sampler = Sampler(0.0, repetition_penalty=penalty)
+    sampler.see([1])
+    assert sampler.penalize(logits) is logits and sampler(logits) == 1
+
+
+def test_repetition_penalty_comes_before_temperature():
+    logits = np.log(np.array([0.5, 0.5]))
+    sampler = Sampler(2.0, repetition_penalty=1.5)
+    sampler.see([0])
+    x = np.array([logits[0] * 1.5, logits[1]]) / 2.0  # both logits are negative
+    p = np.exp(x - x.max())
+    np.testing.assert_allclose(sampler.distribution(sampler.penalize(logits))[1], p / p.sum())
