@@ -64,8 +64,12 @@ class Sampler:
 
     def __init__(self, temperature=0.0, top_k=None, top_p=None, seed=None, repetition_penalty=None):
         check_sampling(temperature, top_k, top_p, seed, repetition_penalty)
+        # A Python float, so float32 logits are scaled in float32 (a numpy float64 would
+        # promote them), as torch scales them in Hugging Face's processor.
         self.penalty = (
-            None if repetition_penalty is None or repetition_penalty == 1 else repetition_penalty
+            None
+            if repetition_penalty is None or repetition_penalty == 1
+            else float(repetition_penalty)
         )
         self.seen: set[int] = set()
         self.greedy = temperature == 0

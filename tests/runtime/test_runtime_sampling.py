@@ -90,6 +90,11 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
     np.testing.assert_array_equal(out, np.float32([2.0, -2.0, 1.5, 0.5, -8.0]))
     assert logits[2] == 3.0  # the caller's row is untouched (the native code owns it)
     assert sampler(logits) == 0  # 2.0 now beats the penalized 1.5
+    # a numpy float64 penalty scales in float32 too (not float64, then rounded)
+    odd = np.float32([np.nextafter(np.float32(1), np.float32(2)) * 7])
+    strong = Sampler(0.0, repetition_penalty=np.float64(1.1))
+    strong.see([0])
+    np.testing.assert_array_equal(strong.penalize(odd), odd / np.float32(1.1))
 
 
 @pytest.mark.parametrize("penalty", [None, 1.0])
