@@ -1,9 +1,10 @@
 """``sparsec compile``: an ONNX graph in, one native ``model.so`` out.
 
 Steps: load the graph (running the passes first on a raw export), lower it to a
-kernel program, pick and emit a kernel per layer, compile the module for AVX-512,
-link it with the thread pool and driver, and append weights + manifest
-(``sparsec.codegen.artifact``). The output is written atomically.
+kernel program, pick and emit a kernel per layer (``emit_model``); compile the module
+for AVX-512, link it with the thread pool and driver, read the CPU features the linked
+code needs (``isa_scan``) and append weights + manifest (``sparsec.codegen.artifact``)
+(``build_model``). The output is written atomically.
 """
 
 from __future__ import annotations
@@ -12,23 +13,19 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sparsec import __version__, contract
 from sparsec.errors import SparsecError
 
+if TYPE_CHECKING:
+    from sparsec.codegen.emit import Emitted
+
 NATIVE = Path(__file__).parent / "native"
 ABI_VERSION = 1
 DEFAULT_MAX_TOKENS = 64  # prefill chunk: rows of every scratch buffer
-
-
-def _cpuinfo_name(llvm_feature: str) -> str:
-    # LLVM spells the AVX-512 extensions without the underscore /proc/cpuinfo uses.
-    for suffix in ("vnni", "vbmi2", "bf16", "vbmi"):
-        if llvm_feature == f"avx512{suffix}":
-            return f"avx512_{suffix}" if suffix != "vbmi" else "avx512vbmi"
-    return llvm_feature
 
 
 def load_graph(path: str | os.PathLike, *, quiet: bool = False):
@@ -66,9 +63,21 @@ def default_chooser(cache: bool = True):
     return choose
 
 
-def compile_model(
+@dataclass
+class EmittedModel:
+    """A model's LLVM module, packed weights and manifest draft, before machine code:
+    ``build_model`` compiles it for the host; the kernel regression check also reads
+    the module's code for a fixed CPU (``benchmarks/kernel_regression.py``)."""
+
+    emitted: Emitted
+    manifest: dict
+    defines: dict[str, int]
+    source: str
+    start: float  # perf_counter() when the compile began
+
+
+def emit_model(
     src: str | os.PathLike,
-    out: str | os.PathLike,
     *,
     precision: str = "fp32",
     threads: int | None = None,
@@ -76,18 +85,16 @@ def compile_model(
     kernels: str = "auto",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     quiet: bool = False,
-) -> dict:
-    """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest."""
-    from sparsec.codegen import artifact, target
+    choose=None,
+) -> EmittedModel:
+    """Lower ``src`` (.onnx) and emit its kernels. ``choose(weight, precision, kernels)``
+    picks each linear layer's format (default: ``default_chooser``, timed on this host)."""
+    from sparsec.codegen import target
     from sparsec.codegen.emit import emit_program
     from sparsec.codegen.program import lower
     from sparsec.progress import stage
 
     start = time.perf_counter()
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
     if kernels not in ("auto", "dense", "bitmask"):
         raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
     target.require_features()
@@ -109,10 +116,8 @@ def compile_model(
             kernels=kernels,
             max_tokens=max_tokens,
             capacity=capacity,
-            choose=default_chooser(),
+            choose=choose or default_chooser(),
         )
-    with stage("compiling for AVX-512 (LLVM -O3)", quiet=quiet):
-        obj = target.compile_ir(emitted.module)
     defines = {
         "SPC_ABI": ABI_VERSION,
         "SPC_SCRATCH_BYTES": emitted.scratch_bytes,
@@ -125,7 +130,7 @@ def compile_model(
         "magic": "sparsec-model",
         "abi_version": ABI_VERSION,
         "sparsec_version": __version__,
-        "cpu_features": [_cpuinfo_name(f) for f in target.LLVM_FEATURES],
+        "cpu_features": [],  # read from the linked code by build_model
         "target": {"triple": "x86_64-unknown-linux-gnu", "cpu": target.target_cpu()},
         "config": cfg,
         "tokenizer": meta.get(contract.META_TOKENIZER),
@@ -150,17 +155,65 @@ def compile_model(
     }
     if not manifest["tokenizer"]:
         raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")
+    source = meta.get(contract.META_SOURCE) or str(src)
+    return EmittedModel(emitted, manifest, defines, source, start)
+
+
+def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False) -> dict:
+    """Compile ``em`` for this host, link it with the thread pool and driver, read the CPU
+    features its code needs, and write ``out`` (.so) atomically; returns the manifest."""
+    from sparsec.codegen import artifact, isa_scan, target
+    from sparsec.progress import stage
+
+    out = Path(out)
+    with stage("compiling for AVX-512 (LLVM -O3)", quiet=quiet):
+        obj = target.compile_ir(em.emitted.module)
+    manifest = dict(em.manifest)
     with stage("linking model.so", quiet=quiet), tempfile.TemporaryDirectory() as tmp:
         elf = target.link_shared(
             [obj],
             [NATIVE / "threadpool.c", NATIVE / "driver.c"],
             Path(tmp) / "model.elf",
-            extra_flags=[f"-D{k}={v}" for k, v in defines.items()] + [f"-I{NATIVE}"],
+            extra_flags=[f"-D{k}={v}" for k, v in em.defines.items()] + [f"-I{NATIVE}"],
         )
+        manifest["cpu_features"] = isa_scan.required_cpu_features(elf)
         manifest["compile"] = {
-            "seconds": round(time.perf_counter() - start, 1),
+            "seconds": round(time.perf_counter() - em.start, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": meta.get(contract.META_SOURCE) or str(src),
+            "source": em.source,
         }
-        artifact.write_artifact(elf, emitted.weights, manifest, out)
+        artifact.write_artifact(elf, em.emitted.weights, manifest, out)
     return manifest
+
+
+def _check_output(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
+
+
+def compile_model(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    threads: int | None = None,
+    max_context: int | None = None,
+    kernels: str = "auto",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    quiet: bool = False,
+    choose=None,
+) -> dict:
+    """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest."""
+    _check_output(Path(out))
+    em = emit_model(
+        src,
+        precision=precision,
+        threads=threads,
+        max_context=max_context,
+        kernels=kernels,
+        max_tokens=max_tokens,
+        quiet=quiet,
+        choose=choose,
+    )
+    return build_model(em, out, quiet=quiet)

@@ -26,8 +26,10 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CPUINFO, host_cpu_flags, normalize_feature  # one reader for both
 
-# LLVM feature names that the generated code may use. A .so built with these runs
-# on Zen 4 and on Intel Ice Lake / Sapphire Rapids or newer.
+# LLVM feature names that the generated code may use, and that a host must have to
+# compile (autotuning runs the kernels here): Zen 4, Intel Ice Lake / Sapphire Rapids or
+# newer. What one model.so needs is read from its code (isa_scan), usually fewer.
+# No BF16: no kernel uses it, and Ice Lake / Tiger Lake / Rocket Lake lack it.
 LLVM_FEATURES: tuple[str, ...] = (
     "avx512f",
     "avx512bw",
@@ -37,7 +39,6 @@ LLVM_FEATURES: tuple[str, ...] = (
     "avx512vnni",
     "avx512vbmi",
     "avx512vbmi2",
-    "avx512bf16",
     "fma",
     "avx2",
     "bmi2",
