@@ -149,6 +149,24 @@ class Model:
         self._owner = None
         self._position = 0
 
+    def rewind(self, position: int) -> None:
+        """Forget the cached tokens from ``position`` on; the next forward runs there.
+
+        The tokens before it stay cached, so a generation can go on from an earlier
+        point (regenerate an answer, roll back a draft) without recomputing the prefix,
+        and a benchmark can time the step at one context length again and again.
+        """
+        self._check_open()
+        if isinstance(position, bool) or not isinstance(position, int | np.integer):
+            raise SparsecError(f"rewind position must be an int, got {position!r}")
+        if not 0 <= position <= self._position:
+            raise SparsecError(
+                f"cannot rewind to position {position}: the cache holds {self._position} "
+                f"token(s); use 0..{self._position}"
+            )
+        self._owner = None  # a stream in progress can no longer trust the cache
+        self._position = int(position)
+
     def forward(self, token_ids, all_logits: bool = True) -> np.ndarray:
         """Run ``token_ids`` at positions ``position..``, append them to the cache.
 

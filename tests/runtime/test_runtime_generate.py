@@ -59,6 +59,38 @@ def test_chunked_forward_equals_one_token_at_a_time(model, weights):
     close(chunked, fake.Reference(weights).forward(ids))
 
 
+def test_rewind_reruns_from_an_earlier_position(model, weights):
+    ref = fake.Reference(weights)
+    prefix, a, b = [fake.BOS, 5, 17], [200, 3], [9, 8, 7]
+    model.forward(prefix + a)
+    model.rewind(len(prefix))
+    assert model.position == len(prefix)
+    # the cache after the prefix is overwritten: b sees the prefix, not a
+    close(model.forward(b), ref.forward(prefix + b)[len(prefix) :])
+    assert model.position == len(prefix) + len(b)
+    # ablation: without the rewind, b runs after a and its logits differ
+    model.reset()
+    model.forward(prefix + a)
+    assert not np.allclose(model.forward(b), ref.forward(prefix + b)[len(prefix) :], atol=1e-3)
+    # the same step at one position, again and again (how the kernel check times decode)
+    model.rewind(4)
+    first = model.forward([11])
+    model.rewind(4)
+    close(model.forward([11]), first)
+
+
+def test_rewind_errors(model):
+    model.forward([1, 2, 3])
+    with pytest.raises(SparsecError, match=r"cannot rewind to position 4: the cache holds 3"):
+        model.rewind(4)
+    with pytest.raises(SparsecError, match=r"cannot rewind to position -1.*use 0\.\.3"):
+        model.rewind(-1)
+    with pytest.raises(SparsecError, match="rewind position must be an int, got 1.5"):
+        model.rewind(1.5)
+    model.rewind(0)
+    assert model.position == 0
+
+
 def test_forward_errors(model):
     with pytest.raises(
         SparsecError, match=r"token_ids\[2\] = 260 is outside the vocabulary \[0, 260\)"
