@@ -1,30 +1,33 @@
-"""CI regression check of the generated linear kernels (part of .ci/run via tests/bench).
+"""CI regression check of the generated kernels: an A/B against the baseline commit.
 
-    .venv/bin/python benchmarks/kernel_regression.py --check     # compare with baselines
-    .venv/bin/python benchmarks/kernel_regression.py --update    # after an intended change
-    .venv/bin/python benchmarks/kernel_regression.py --study 5   # false alarms in 5 checks
+    .venv/bin/python benchmarks/kernel_regression.py --check      # what .ci/run runs
+    .venv/bin/python benchmarks/kernel_regression.py --update     # after an intended change
+    .venv/bin/python benchmarks/kernel_regression.py --study 5    # false alarms in 5 passes
 
-Kernels: SmolLM2-135M's linear shapes (576x576, 192x576, 1536x576, 576x1536) at 0, 50,
-70 and 90% sparsity in every format (dense/bitmask x fp32/int8), the int8 quantize
-kernels and the dense output layer (49152x576), emitted as ``sparsec compile`` emits
-them (max 64 tokens per call), with fixed random weights.
+The baseline is a commit, recorded in baselines/kernel_baseline.json. ``--check``
+extracts it into a temporary folder and builds the kernel suite there and in the working
+tree, each version with its own code in its own process (sparsec/bench/kernel_replay.py),
+then compares on this CPU, in this run (sparsec/bench/regression.py):
 
-1. Fingerprints (deterministic): instruction counts by class, stack spills/reloads and
-   code bytes of every kernel, compiled for a fixed LLVM cpu (znver4), against
-   baselines/kernel_fingerprints.json. Any difference fails and prints what changed,
-   grouped by change.
-2. Timings (statistical): decode time of each timed kernel (dense formats at sparsity 0,
-   bitmask formats at every sparsity; 1 token, 1 thread, weights replicated to a 24 MB
-   working set) as a ratio to the read-bandwidth probe reading the same number of bytes,
-   15 alternating samples; ratio = fastest kernel sample / fastest probe sample. Against
-   baselines/kernel_timings.json (each baseline ratio the median of 5 runs). A kernel
-   fails when its ratio is more than the tolerance (25%) above the baseline in its
-   measurement and in 2 re-measurements taken after the whole pass. ``--study N`` runs
-   the check N times on unchanged kernels and records single-measurement spread and
-   false alarms in the baseline's "study" list: the evidence for the tolerance.
+1. Code: every function the suite emits (SmolLM2-135M's linear kernels in every format
+   and sparsity, and every function of a 4-layer SmolLM2-shaped model compiled fp32 and
+   int8, dense and bitmask: embedding, norms, RoPE/KV write, attention, SwiGLU,
+   quantize, linears, forward body), as assembly for a fixed LLVM cpu (znver4). Any
+   difference from the baseline commit fails and is written as a diff to
+   out/kernel_regression/code.diff; the fingerprints in baselines/kernel_fingerprints.json
+   (instruction counts by class, spills, code bytes) must match as well.
+2. Time: each timed item (every bitmask kernel, every dense kernel at 0%, each model's
+   decode step on 1 and 2 threads and a 64-token prefill chunk) is measured 15 times per
+   side, the sides alternating; ratio = working-tree fastest / baseline fastest. An item
+   fails when the ratio is above 1 + tolerance in its measurement and in 2
+   re-measurements after the whole pass. Both sides run on the same CPU at the same time,
+   so a check made on another CPU than the baseline's is as fair as one made on the same.
 
-Exit status: 0 when everything matches, 1 on a regression, with a report naming each
-kernel, its baseline, the measurement and the spread.
+After an intended kernel change: commit it, run ``--update`` (records HEAD as the
+baseline commit and rewrites the fingerprints), and commit benchmarks/baselines/.
+
+Exit status: 0 when everything matches, 1 on a regression or a code change, 2 on a
+usage error; the report names each changed function and slower item.
 """
 
 from __future__ import annotations
@@ -38,14 +41,20 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from sparsec.bench import regression as reg  # noqa: E402
+from sparsec.errors import SparsecError  # noqa: E402
 
-BASELINES = Path(__file__).resolve().parent / "baselines"
+BASELINES = REPO / "benchmarks" / "baselines"
+BASELINE = BASELINES / "kernel_baseline.json"
 FINGERPRINTS = BASELINES / "kernel_fingerprints.json"
-TIMINGS = BASELINES / "kernel_timings.json"
+OUT = REPO / "out" / "kernel_regression"
 UPDATE_COMMAND = ".venv/bin/python benchmarks/kernel_regression.py --update"
+DEFAULT_TOLERANCE = 0.10
+# What the baseline commit must contain for --update: the code the suite is built from.
+CODE_PATHS = ["sparsec", "pyproject.toml"]
 
 
 def _environment() -> dict:
@@ -63,150 +72,224 @@ def _environment() -> dict:
     }
 
 
-def _timing_settings() -> dict:
-    return {
-        "threads": reg.TIMING_THREADS,
-        "n_tokens": 1,
-        "working_set_bytes": reg.WORKING_SET,
-        "samples": reg.SAMPLES,
-        "inner_reps": reg.INNER_REPS,
-        "reference": "read-bandwidth probe over the same number of bytes, alternated",
-    }
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
-def check_fingerprints(
-    specs, packs, emitter=reg.emit_kernel, baseline_path=FINGERPRINTS, log=print, subset=False
-) -> bool:
-    """True when every kernel's fingerprint equals the committed one. ``subset``: check
-    only the kernels of ``specs`` (tests), not that every baseline kernel still exists."""
+def _read_baseline(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        data["commit"], data["server"], data["tolerance"]  # noqa: B018
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SparsecError(
+            f"cannot read the kernel baseline {path} ({exc}); record one with {UPDATE_COMMAND}"
+        ) from exc
+    return data
+
+
+def check_fingerprints(current: dict, path: Path = FINGERPRINTS, subset: bool = False, log=print):
+    """True when every function's fingerprint equals the committed one. ``subset``: check
+    only the functions of ``current`` (a --only run), not that every baseline one exists."""
     from sparsec.bench.fingerprint import diff_fingerprints
 
-    baseline = json.loads(baseline_path.read_text())
-    current = reg.fingerprints(specs, packs, emitter, cpu=baseline["target_cpu"])
-    expected = baseline["kernels"]
+    baseline = json.loads(path.read_text())
+    expected = baseline["functions"]
     if subset:
         expected = {k: v for k, v in expected.items() if k in current}
     diff = diff_fingerprints(expected, current)
     if diff:
         log(
-            f"FAIL generated code changed ({len(diff)} distinct change(s); target cpu "
-            f"{baseline['target_cpu']}, baseline made with llvmlite "
-            f"{baseline['environment']['llvmlite']}):"
+            f"FAIL   fingerprints: {len(diff)} distinct change(s) against {path.name} "
+            f"(cpu {baseline['target_cpu']}, llvmlite {baseline['environment']['llvmlite']}):"
         )
         for line in diff:
-            log("  " + line)
-        log(f"If the change is intended, refresh the baselines: {UPDATE_COMMAND}")
+            log("         " + line)
         return False
-    log(f"ok     fingerprints: {len(current)} kernels identical to the baseline")
+    log(f"ok     fingerprints: {len(current)} functions equal to {path.name}")
     return True
 
 
-def check_timings(
-    specs, packs, emitter=reg.emit_kernel, baseline_path=TIMINGS, tolerance=None, log=print
-) -> bool:
-    baseline = json.loads(baseline_path.read_text())
-    tol = baseline["tolerance"] if tolerance is None else tolerance
-    timed = reg.timing_set(specs)
-    missing = [s.name for s in timed if s.name not in baseline["kernels"]]
-    if missing:
-        log(f"FAIL no timing baseline for {', '.join(missing)}; run {UPDATE_COMMAND}")
-        return False
-    lib = reg.TimingLibrary(timed, packs, emitter)
-    verdicts = reg.check_timings(lib, baseline["kernels"], timed, tol, log=log)
-    failed = [v for v in verdicts if v.failed]
-    changes = [v.change for v in verdicts]
+def run_check(args, baseline: dict, log=print) -> bool:
+    """The A/B check; True when nothing regressed."""
+    commit = reg.resolve_commit(REPO, args.baseline or baseline["commit"])
+    tolerance = baseline["tolerance"] if args.tolerance is None else args.tolerance
+    from sparsec.codegen.target import host_cpu_model
+
     log(
-        f"timings: {len(verdicts)} kernels, tolerance +{tol:.0%}, change vs baseline "
-        f"median {statistics.median(changes):+.0%} (min {min(changes):+.0%}, max "
-        f"{max(changes):+.0%}); baseline from {baseline['environment']['created']} on "
-        f"{baseline['environment']['host_cpu']}"
+        f"kernel check: working tree against baseline commit {commit[:12]} "
+        f"(recorded on {baseline['environment']['host_cpu']}); this CPU: {host_cpu_model()}"
+    )
+    side_args = ["--only", args.only] if args.only else []
+    if args.skip_timings:
+        side_args.append("--no-timing")
+    work_args = ["--emitter", args.emitter] if args.emitter else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkout = reg.temporary_checkout(REPO, commit)
+    try:
+        log("building the suite on both sides (each in its own process)...")
+        base, work = reg.start_pair(
+            REPO, Path(checkout.name), baseline["server"], args.out, side_args, work_args
+        )
+        try:
+            ok = _compare(args, base, work, tolerance, log)
+        finally:
+            base.close()
+            work.close()
+    finally:
+        checkout.cleanup()
+    return ok
+
+
+def _compare(args, base, work, tolerance: float, log) -> bool:
+    ok = check_fingerprints(
+        work.functions["fingerprints"], subset=bool(args.only or args.emitter), log=log
+    )
+    diff_path = args.out / "code.diff"
+    changed = reg.diff_code(base, work, diff_path)
+    if changed:
+        shown = ", ".join(changed[:12]) + (
+            f" and {len(changed) - 12} more" if len(changed) > 12 else ""
+        )
+        log(
+            f"FAIL   code: {len(changed)} of {len(work.functions['fingerprints'])} functions "
+            f"differ from the baseline commit: {shown}; diff in {diff_path}"
+        )
+        ok = False
+    else:
+        log(
+            f"ok     code: {len(work.functions['fingerprints'])} functions identical to the "
+            f"baseline commit (assembly in {args.out}/*/code.s)"
+        )
+    if args.skip_timings:
+        return ok
+    items, problems = reg.comparable_items(base, work)
+    for line in problems:
+        log(f"FAIL   {line}")
+    if problems:
+        log(
+            f"       the suite changed: commit it and record the new baseline with {UPDATE_COMMAND}"
+        )
+        ok = False
+    verdicts = reg.check_timings(base, work, items, tolerance, log=log)
+    failed = [v for v in verdicts if v.failed]
+    s = reg.summarize(verdicts)
+    log(
+        f"timings: {len(verdicts)} items, tolerance +{tolerance:.0%}, working tree vs baseline "
+        f"median {s['median']:+.1%} (min {s['min']:+.1%}, max {s['max']:+.1%})"
     )
     if failed:
         log(
-            f"FAIL {len(failed)} kernel(s) slower than baseline by more than {tol:.0%} "
-            "in every measurement: " + ", ".join(v.name for v in failed)
+            f"FAIL   {len(failed)} item(s) slower than the baseline commit by more than "
+            f"{tolerance:.0%} in every measurement: " + ", ".join(v.timing.name for v in failed)
         )
-        return False
-    return True
+        ok = False
+    return ok
 
 
-def update(specs, packs, tolerance: float, runs: int, keep_slower: bool = False) -> None:
-    """Write both baselines; each timing baseline is the median of ``runs`` full
-    measurements, so one noisy moment does not become the reference. ``keep_slower``:
-    per kernel, keep the existing baseline when it is the slower one, so the baseline
-    holds the slowest ordinary state of a shared machine seen so far (compute-bound
-    kernels move 10-20% between such states; the memory-bound probe does not)."""
+def update(args) -> None:
+    """Record HEAD as the baseline commit and write its fingerprints."""
+    from sparsec.bench.kernel_suite import FINGERPRINT_CPU, Suite
+
+    dirty = reg.changed_paths(REPO, CODE_PATHS)
+    if dirty:
+        raise SparsecError(
+            "--update records HEAD as the baseline commit, but the working tree differs from "
+            f"it in {', '.join(dirty[:5])}{' ...' if len(dirty) > 5 else ''}: commit the "
+            "change first"
+        )
+    commit = reg.git(REPO, "rev-parse", "HEAD")
+    suite = Suite(log=print)
+    try:
+        suite.build(timing=False)
+    finally:
+        suite.close()
     env = _environment()
-    fps = reg.fingerprints(specs, packs, cpu=reg.FINGERPRINT_CPU)
-    reg.write_json(
-        FINGERPRINTS, {"target_cpu": reg.FINGERPRINT_CPU, "environment": env, "kernels": fps}
-    )
-    print(f"wrote {FINGERPRINTS} ({len(fps)} kernels)")
-    timed = reg.timing_set(specs)
-    lib = reg.TimingLibrary(timed, packs)
-    measured: dict[str, list] = {s.name: [] for s in timed}
-    for r in range(runs):
-        for spec in timed:
-            measured[spec.name].append(lib.measure(spec))
-        print(f"  timing run {r + 1}/{runs} done", flush=True)
-    kernels = {}
-    for name, ts in measured.items():
-        ratios = [t.ratio for t in ts]
-        mid = sorted(ts, key=lambda t: t.ratio)[len(ts) // 2]
-        kernels[name] = {**mid.as_dict(), "run_ratios": [round(x, 4) for x in ratios]}
-        print(
-            f"  {name}: ratio {statistics.median(ratios):.3f} (runs {min(ratios):.3f}.."
-            f"{max(ratios):.3f})"
-        )
-    old = json.loads(TIMINGS.read_text()) if TIMINGS.is_file() else {}
-    if keep_slower:
-        for name, entry in (old.get("kernels") or {}).items():
-            if name in kernels and entry["ratio"] > kernels[name]["ratio"]:
-                print(f"  {name}: keeping the slower baseline {entry['ratio']:.3f}")
-                kernels[name] = entry
-    reg.write_json(
-        TIMINGS,
+    _write_json(
+        FINGERPRINTS,
         {
-            "tolerance": tolerance,
-            "settings": {**_timing_settings(), "baseline_runs": runs},
+            "target_cpu": FINGERPRINT_CPU,
             "environment": env,
-            "study": old.get("study") or [],  # kept: it documents how the tolerance was chosen
-            "kernels": kernels,
+            "functions": dict(sorted(suite.fingerprints.items())),
         },
     )
-    print(f"wrote {TIMINGS} ({len(kernels)} kernels)")
+    print(f"wrote {FINGERPRINTS} ({len(suite.fingerprints)} functions)")
+    old = json.loads(BASELINE.read_text()) if BASELINE.is_file() else {}
+    tolerance = args.tolerance or old.get("tolerance") or DEFAULT_TOLERANCE
+    _write_json(
+        BASELINE,
+        {
+            "commit": commit,
+            "server": reg.SERVER,
+            "tolerance": tolerance,
+            "settings": {
+                "samples_per_side": reg.SAMPLES,
+                "reps_per_sample_below_10ms": reg.REPS,
+                "confirmations": reg.CONFIRMATIONS,
+                "estimator": "working-tree fastest / baseline fastest of alternating samples",
+            },
+            "environment": env,
+            "study": old.get("study") or [],  # kept: the evidence for the tolerance
+        },
+    )
+    print(
+        f"recorded baseline commit {commit[:12]} in {BASELINE}; commit benchmarks/baselines/ "
+        "so that CI checks against it"
+    )
 
 
-def study(specs, packs, runs: int, tolerance: float | None) -> None:
-    """Run the timing check ``runs`` times against the committed baseline (unchanged
-    kernels, so every failure is a false alarm) and record how far single measurements
-    move and how many kernels would have failed: the evidence for the tolerance."""
-    data = json.loads(TIMINGS.read_text())
-    tol = data["tolerance"] if tolerance is None else tolerance
-    timed = reg.timing_set(specs)
-    lib = reg.TimingLibrary(timed, packs)
-    first: list[float] = []
-    false_failures = 0
-    flagged = 0
-    for r in range(runs):
-        verdicts = reg.check_timings(lib, data["kernels"], timed, tol, log=lambda _: None)
-        changes = [v.timing.ratio / v.baseline["ratio"] - 1 for v in verdicts]
-        first += changes
-        flagged += sum(bool(v.timing.confirmations) for v in verdicts)
-        failed = [v.name for v in verdicts if v.failed]
-        false_failures += len(failed)
-        print(
-            f"run {r + 1}/{runs} (load {os.getloadavg()[0]:.1f}): first measurements vs "
-            f"baseline median {statistics.median(changes):+.1%}, max {max(changes):+.1%}; "
-            f"{sum(c > tol for c in changes)} over +{tol:.0%}, failed after confirmation: "
-            f"{', '.join(failed) or 'none'}",
-            flush=True,
+def study(args, baseline: dict) -> None:
+    """Time unchanged kernels ``args.study`` times (every failure is a false alarm) and
+    record how far single measurements move: the evidence for the tolerance."""
+    commit = reg.resolve_commit(REPO, baseline["commit"])
+    tolerance = baseline["tolerance"] if args.tolerance is None else args.tolerance
+    checkout = reg.temporary_checkout(REPO, commit)
+    try:
+        side_args = ["--only", args.only] if args.only else []
+        base, work = reg.start_pair(
+            REPO, Path(checkout.name), baseline["server"], args.out, side_args
         )
+        try:
+            changed = reg.diff_code(base, work, args.out / "code.diff")
+            if changed:
+                raise SparsecError(
+                    f"--study needs the baseline's kernels unchanged; {len(changed)} functions "
+                    f"differ (see {args.out / 'code.diff'})"
+                )
+            items, _ = reg.comparable_items(base, work)
+            first: list[float] = []
+            by_item: dict[str, list[float]] = {}
+            flagged = false_failures = 0
+            for r in range(args.study):
+                verdicts = reg.check_timings(base, work, items, tolerance, log=lambda _: None)
+                changes = [v.timing.ratio - 1 for v in verdicts]
+                first += changes
+                for v in verdicts:
+                    by_item.setdefault(v.timing.name, []).append(v.timing.ratio - 1)
+                flagged += sum(bool(v.timing.confirmations) for v in verdicts)
+                failed = [v.timing.name for v in verdicts if v.failed]
+                false_failures += len(failed)
+                print(
+                    f"pass {r + 1}/{args.study} (load {os.getloadavg()[0]:.1f}): median "
+                    f"{statistics.median(changes):+.1%}, max {max(changes):+.1%}, min "
+                    f"{min(changes):+.1%}; {sum(c > tolerance for c in changes)} over "
+                    f"+{tolerance:.0%}; failed after re-measuring: {', '.join(failed) or 'none'}",
+                    flush=True,
+                )
+        finally:
+            base.close()
+            work.close()
+    finally:
+        checkout.cleanup()
     first.sort()
+    from sparsec.codegen.target import host_cpu_model
+
     summary = {
-        "runs": runs,
-        "kernels": len(timed),
-        "tolerance": tol,
+        "passes": args.study,
+        "items": len(items),
+        "tolerance": tolerance,
         "first_measurement_change": {
             "median": round(statistics.median(first), 4),
             "p95": round(first[int(0.95 * (len(first) - 1))], 4),
@@ -215,51 +298,90 @@ def study(specs, packs, runs: int, tolerance: float | None) -> None:
             "min": round(first[0], 4),
         },
         "first_measurements_over_tolerance": flagged,
+        "largest_first_measurements": {
+            name: round(max(changes), 4)
+            for name, changes in sorted(by_item.items(), key=lambda kv: -max(kv[1]))[:5]
+        },
         "false_failures_after_confirmation": false_failures,
-        "estimator": f"fastest kernel / fastest probe of {reg.SAMPLES} samples, deferred "
-        "confirmations",
+        "host_cpu": host_cpu_model(),
         "load_average": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if args.note:
+        summary["note"] = args.note
     print(json.dumps(summary))
-    studies = data.get("study") or []
-    data["study"] = (studies if isinstance(studies, list) else [studies]) + [summary]
-    reg.write_json(TIMINGS, data)
+    data = json.loads(BASELINE.read_text())
+    data["study"] = (data.get("study") or []) + [summary]
+    _write_json(BASELINE, data)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="See the module docstring (benchmarks/kernel_regression.py) and the README.",
+    )
     mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true", help="compare with the baselines")
-    mode.add_argument("--update", action="store_true", help="re-measure and write baselines")
-    mode.add_argument("--study", type=int, metavar="RUNS", help="repeat timings RUNS times")
+    mode.add_argument("--check", action="store_true", help="A/B against the baseline commit")
+    mode.add_argument(
+        "--update",
+        action="store_true",
+        help="record HEAD (committed, clean) as the baseline commit and write its fingerprints",
+    )
+    mode.add_argument(
+        "--study", type=int, metavar="PASSES", help="time unchanged kernels PASSES times"
+    )
     ap.add_argument(
         "--tolerance",
         type=float,
         default=None,
-        help=f"timing tolerance (default: the baseline's, {reg.DEFAULT_TOLERANCE})",
+        help=f"allowed slowdown, 0.10 = 10%% (default: the baseline file's, else "
+        f"{DEFAULT_TOLERANCE})",
     )
-    ap.add_argument("--skip-timings", action="store_true", help="fingerprints only")
-    ap.add_argument("--runs", type=int, default=5, help="timing runs a baseline is the median of")
+    ap.add_argument("--skip-timings", action="store_true", help="code and fingerprints only")
     ap.add_argument(
-        "--keep-slower",
-        action="store_true",
-        help="with --update: per kernel, keep the existing baseline if it is slower",
+        "--only",
+        metavar="REGEX",
+        default=None,
+        help="only the linear kernels / model variants whose name matches (default: all)",
     )
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="compare against this commit instead of the recorded one (e.g. main)",
+    )
+    ap.add_argument(
+        "--emitter",
+        metavar="FILE:FUNC",
+        default=None,
+        help="emit the working tree's linear kernels with FUNC(module, name, packed) from "
+        "FILE.py: try a kernel variant against the baseline (default: sparsec's)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=OUT, help=f"where assembly, diff and logs go (default {OUT})"
+    )
+    ap.add_argument("--note", default=None, help="with --study: a note stored with the result")
     args = ap.parse_args(argv)
+    if args.tolerance is not None and not 0 < args.tolerance < 10:
+        ap.error(f"--tolerance {args.tolerance} is outside (0, 10)")
+    if args.study is not None and args.study < 1:
+        ap.error("--study needs at least 1 pass")
     t0 = time.perf_counter()
-    specs = reg.kernel_set()
-    packs = reg.pack_all(specs)
-    if args.update:
-        update(specs, packs, args.tolerance or reg.DEFAULT_TOLERANCE, args.runs, args.keep_slower)
-        ok = True
-    elif args.study:
-        study(specs, packs, args.study, args.tolerance)
-        ok = True
-    else:
-        ok = check_fingerprints(specs, packs)
-        if not args.skip_timings:
-            ok = check_timings(specs, packs, tolerance=args.tolerance) and ok
+    try:
+        if args.update:
+            update(args)
+            return 0
+        baseline = _read_baseline(BASELINE)
+        if args.study:
+            study(args, baseline)
+            return 0
+        ok = run_check(args, baseline)
+    except SparsecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"kernel regression {'passed' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1
 

@@ -4,8 +4,7 @@ Decode on a CPU streams every weight once per token, so a decode step can be no 
 than ``bytes per token / read bandwidth``. ``ReadBandwidthProbe`` builds
 ``read_bandwidth.c`` (512-bit loads on N threads over a buffer far larger than the
 caches) with the system C compiler at first use, caches the library by source hash,
-and times reads of any buffer: the ceiling for ``sparsec bench``'s roofline, and the
-same-bytes reference that ``benchmarks/kernel_regression.py`` divides kernel times by.
+and times reads of any buffer: the ceiling for ``sparsec bench``'s roofline.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ any host for the same LLVM version and target cpu.
 
 from __future__ import annotations
 
+import io
 import re
-import struct
 from collections import Counter
 
 # Order = order of the diff and the JSON.
@@ -84,25 +84,68 @@ def _instructions(asm: str) -> dict[str, list[tuple[str, str]]]:
 
 def function_sizes(obj: bytes) -> dict[str, int]:
     """Symbol name -> size in bytes of every function symbol of an ELF64 object."""
-    if obj[:4] != b"\x7fELF" or obj[4] != 2:
-        raise ValueError("not an ELF64 object")
-    shoff = struct.unpack_from("<Q", obj, 0x28)[0]
-    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
-    sizes: dict[str, int] = {}
-    for _name, sh_type, _f, _a, offset, size, link, _i, _al, entsize in sections:
-        if sh_type != 2:  # SHT_SYMTAB
-            continue
-        strtab_offset = sections[link][4]
-        for k in range(size // entsize):
-            st_name, st_info, _o, _s, _v, st_size = struct.unpack_from(
-                "<IBBHQQ", obj, offset + k * entsize
-            )
-            if st_info & 0xF != 2:  # STT_FUNC
-                continue
-            end = obj.index(b"\0", strtab_offset + st_name)
-            sizes[obj[strtab_offset + st_name : end].decode()] = st_size
-    return sizes
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    try:
+        elf = ELFFile(io.BytesIO(obj))
+        if elf.elfclass != 64:
+            raise ValueError("not an ELF64 object")
+        tables = [s for s in elf.iter_sections() if isinstance(s, SymbolTableSection)]
+    except ELFError as exc:
+        raise ValueError(f"not an ELF64 object: {exc}") from exc
+    return {
+        sym.name: sym["st_size"]
+        for table in tables
+        if table["sh_type"] == "SHT_SYMTAB"
+        for sym in table.iter_symbols()
+        if sym["st_info"]["type"] == "STT_FUNC"
+    }
+
+
+def function_assembly(asm: str) -> dict[str, str]:
+    """Function name -> its assembly text: from the end of the previous function (so its
+    constant pools come with it) to its ``.size`` directive."""
+    texts: dict[str, str] = {}
+    chunk: list[str] = []
+    name = None
+    for line in asm.splitlines():
+        chunk.append(line)
+        if line and line[0] not in " \t":
+            label = line.split("#", 1)[0].strip()
+            if label.endswith(":") and not label.startswith("."):
+                name = label[:-1]
+        elif name and line.strip().startswith(".size") and line.split()[1] == f"{name},":
+            texts[name] = "\n".join(chunk) + "\n"
+            chunk, name = [], None
+    return texts
+
+
+_HASHED = re.compile(r"\b(spc_[a-z0-9_]+?)_[0-9a-f]{12}\b")
+_LOCAL_LABEL = re.compile(r"\.(LBB|LCPI|Lfunc_end|Ltmp)\d+(_\d+)?\b")
+
+
+def canonical_names(asm: str) -> dict[str, str]:
+    """Stable names for a module's functions: ``spc_<op>_<parameter hash>`` (ops.shared_kernel)
+    becomes ``spc_<op>_<n>`` in order of appearance, so a refactor that changes how an
+    op's parameters are spelled, but not its code, keeps the name."""
+    names: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for match in _HASHED.finditer(asm):
+        full, op = match.group(0), match.group(1)
+        if full not in names:
+            counts[op] += 1
+            names[full] = f"{op}_{counts[op]}"
+    return names
+
+
+def canonical_text(text: str, names: dict[str, str]) -> str:
+    """``text`` with hashed function names replaced (``canonical_names``) and local labels
+    stripped of the function's index in the module (``.LBB12_3`` -> ``.LBB_3``), so that
+    adding a function elsewhere in the module does not change this one's text."""
+    text = _HASHED.sub(lambda m: names.get(m.group(0), m.group(0)), text)
+    return _LOCAL_LABEL.sub(lambda m: f".{m.group(1)}{m.group(2) or ''}", text)
 
 
 def fingerprint_module(asm: str, obj: bytes) -> dict[str, dict[str, int]]:

@@ -1,350 +1,381 @@
-"""CI regression checks of the generated linear kernels (benchmarks/kernel_regression.py).
+"""The A/B kernel regression check: the working tree's kernels against the baseline commit's.
 
-A fixed kernel set (SmolLM2-135M's layer shapes at 0/50/70/90% sparsity, every format of
-``LINEAR_FORMATS``, plus the int8 activation-quantize kernels and the dense output layer)
-is emitted with fixed random weights and checked two ways against committed baselines:
+``benchmarks/kernel_regression.py`` is the command; this module holds its parts. The
+baseline is a commit (recorded by ``--update`` in ``benchmarks/baselines/``), not a
+table of times: the check extracts that commit into a temporary folder and starts one
+``kernel_replay`` process there and one in the working tree, so each version builds the
+suite (``kernel_suite``) with its own code, in a process of its own. Then, on this CPU,
+in this run:
 
-- Deterministic: the fingerprint of each kernel's machine code (``fingerprint.py``).
-  Any change fails with a per-kernel diff.
-- Statistical: each kernel's decode time (1 token, 1 thread, weights replicated to a
-  fixed working set) divided by the time the read-bandwidth probe needs for the same
-  number of bytes, measured alternately in the same run. Memory contention and CPU
-  frequency move both terms, so the ratio is far steadier on a shared machine than
-  either time. A kernel fails when its ratio exceeds the baseline's by more than the
-  tolerance in the first measurement and in every confirmation re-measurement.
+- Code: every function's assembly for the fixed LLVM cpu, working tree against
+  baseline commit; any difference is shown as a diff (a pure refactor shows none).
+  The committed fingerprints (instruction counts by class, spills, code bytes) are the
+  readable summary in the repository and are checked as well.
+- Time: each timed item is run ``SAMPLES`` times on each side, the sides alternating
+  (ABBA...), and the ratio is working-tree fastest / baseline fastest. Both sides see the
+  same CPU, frequency and neighbours, so the ratio holds on any machine; the CPU is not
+  part of the verdict. An item fails when its ratio is above 1 + tolerance in its
+  measurement and in ``CONFIRMATIONS`` re-measurements taken after the whole pass.
 """
 
 from __future__ import annotations
 
-import ctypes
+import difflib
+import json
 import os
-import zlib
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+from sparsec.errors import SparsecError
 
-# Kernels are emitted with the model compiler's prefill chunk, so the code is the code
-# that runs in a model.so (sparsec.codegen.compile.DEFAULT_MAX_TOKENS).
-MAX_TOKENS = 64
-SMOLLM2_SHAPES = {  # [out, in] of each distinct SmolLM2-135M linear layer
-    "q_o": (576, 576),
-    "k_v": (192, 576),
-    "gate_up": (1536, 576),
-    "down": (576, 1536),
-}
-LM_HEAD = ("lm_head", (49152, 576))
-SPARSITIES = (0.0, 0.5, 0.7, 0.9)
-# Fingerprints are taken for one fixed LLVM cpu, whatever the host, so the baseline
-# compares like with like on any machine (same llvmlite version).
-FINGERPRINT_CPU = "znver4"
-# Timing settings (see docs in benchmarks/kernel_regression.py for how they were chosen).
-TIMING_THREADS = 1
-WORKING_SET = 24 << 20
-SAMPLES = 15  # alternating kernel/probe measurements per kernel
-INNER_REPS = 3  # repetitions per measurement (the median is taken)
-DEFAULT_TOLERANCE = 0.25
-CONFIRMATIONS = 2  # re-measurements of a kernel over tolerance before it fails
+SAMPLES = 15  # alternating measurements per side and item
+CONFIRMATIONS = 2  # re-measurements of an item over tolerance before it fails
+FAST_ITEM_SECONDS = 0.01  # items faster than this run REPS times per measurement
+REPS = 3
+BUILD_TIMEOUT = 20 * 60  # seconds for a side to build its suite
+REQUEST_TIMEOUT = 5 * 60
+SERVER = ["-m", "sparsec.bench.kernel_replay"]  # how this version starts its side
+
+Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    role: str
-    fmt: str
-    shape: tuple[int, int]
-    sparsity: float
-
-    @property
-    def name(self) -> str:
-        out, inp = self.shape
-        return f"{self.fmt}_{self.role}_{out}x{inp}_s{round(self.sparsity * 100):02d}"
-
-    @property
-    def int8(self) -> bool:
-        return self.fmt.endswith("_i8")
+# --------------------------------------------------------------------------- git
 
 
-def kernel_set() -> list[KernelSpec]:
-    """Every (shape, sparsity, format) of the check, plus the dense output layer."""
-    from sparsec.codegen.linear import LINEAR_FORMATS
-
-    specs = [
-        KernelSpec(role, fmt, shape, sp)
-        for role, shape in SMOLLM2_SHAPES.items()
-        for sp in SPARSITIES
-        for fmt in LINEAR_FORMATS
-    ]
-    specs += [KernelSpec(LM_HEAD[0], fmt, LM_HEAD[1], 0.0) for fmt in ("dense_f32", "dense_i8")]
-    return specs
-
-
-def timing_set(specs: list[KernelSpec] | None = None) -> list[KernelSpec]:
-    """The kernels timed: a dense kernel's time does not depend on its zeros, so dense
-    formats are timed at sparsity 0 only; sparse formats at every sparsity."""
-    specs = kernel_set() if specs is None else specs
-    return [s for s in specs if s.fmt.startswith("bitmask") or s.sparsity == 0.0]
-
-
-def make_weight(spec: KernelSpec) -> np.ndarray:
-    """The spec's fixed random weight ([out, in] float32) with exactly its share of zeros."""
-    rng = np.random.default_rng(zlib.crc32(f"{spec.role}{spec.shape}{spec.sparsity}".encode()))
-    w = (rng.standard_normal(spec.shape) * 0.05).astype(np.float32)
-    k = int(round(spec.sparsity * w.size))
-    if k:
-        w.reshape(-1)[rng.choice(w.size, size=k, replace=False)] = 0.0
-    return w
-
-
-Emitter = Callable[[object, str, object], object]  # (module, name, packed) -> ir.Function
-
-
-def emit_kernel(module, name: str, packed):
-    """The kernel as the model compiler emits it."""
-    from sparsec.codegen.linear import emit_linear
-
-    return emit_linear(module, name, packed, max_tokens=MAX_TOKENS)
-
-
-def _build_module(specs: list[KernelSpec], packs: dict, emitter: Emitter):
-    from llvmlite import ir
-
-    from sparsec.codegen.linear import emit_quantize_tokens
-
-    module = ir.Module(name="kernel_regression")
-    for spec in specs:
-        emitter(module, spec.name, packs[spec.name])
-    for in_features in sorted({s.shape[1] for s in specs if s.int8}):
-        emit_quantize_tokens(module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS)
-    return module
-
-
-def pack_all(specs: list[KernelSpec]) -> dict:
-    from sparsec.codegen.linear import pack_linear
-
-    weights: dict = {}
-    packs = {}
-    for spec in specs:
-        key = (spec.role, spec.shape, spec.sparsity)
-        if key not in weights:
-            weights[key] = make_weight(spec)
-        packs[spec.name] = pack_linear(weights[key], spec.fmt)
-    return packs
-
-
-@contextmanager
-def _target_cpu(cpu: str):
-    old = os.environ.get("SPARSEC_TARGET_CPU")
-    os.environ["SPARSEC_TARGET_CPU"] = cpu
+def git(repo: Path, *args: str) -> str:
     try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPARSEC_TARGET_CPU", None)
-        else:
-            os.environ["SPARSEC_TARGET_CPU"] = old
+        proc = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise SparsecError(f"the kernel check needs git: {exc}") from exc
+    if proc.returncode != 0:
+        raise SparsecError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout.rstrip("\n")
 
 
-def fingerprints(
-    specs: list[KernelSpec], packs: dict, emitter: Emitter = emit_kernel, cpu: str = FINGERPRINT_CPU
-) -> dict[str, dict[str, int]]:
-    """Kernel name (and ``quantize_<in>``) -> fingerprint, compiled for ``cpu``."""
-    from sparsec.bench.fingerprint import fingerprint_module
-    from sparsec.codegen import target
+def resolve_commit(repo: Path, rev: str) -> str:
+    """The full id of commit ``rev``, or a one-line error saying how to get it."""
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except SparsecError:
+        raise SparsecError(
+            f"the baseline commit {rev} is not in the repository at {repo} (a shallow or "
+            f"partial clone?): fetch it (git fetch --unshallow, or git fetch origin {rev}) "
+            "or record a new baseline with --update"
+        ) from None
 
-    module = _build_module(specs, packs, emitter)
-    with _target_cpu(cpu):
-        asm = target.emit_assembly(module)
-        obj = target.compile_ir(module)
-    wanted = {s.name for s in specs} | {f"quantize_{s.shape[1]}" for s in specs if s.int8}
-    fps = fingerprint_module(asm, obj)
-    return {name: fps[name] for name in sorted(wanted)}
+
+def extract(repo: Path, commit: str, dest: Path) -> Path:
+    """The files of ``commit`` written to ``dest`` (git archive: the repository itself is
+    left untouched, also when the check is interrupted)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.Popen(
+        ["git", "-C", str(repo), "archive", "--format=tar", commit], stdout=subprocess.PIPE
+    )
+    untar = subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=False)
+    archive.stdout.close()
+    if archive.wait() != 0 or untar.returncode != 0:
+        raise SparsecError(f"could not extract commit {commit} into {dest}")
+    return dest
+
+
+def changed_paths(repo: Path, paths: list[str]) -> list[str]:
+    """Files under ``paths`` that differ from HEAD (staged, unstaged or untracked)."""
+    out = git(repo, "status", "--porcelain", "--untracked-files=all", "--", *paths)
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- sides
+
+
+class Side:
+    """One code version's ``kernel_replay`` process (see that module for the protocol)."""
+
+    def __init__(
+        self,
+        label: str,
+        root: Path,
+        out: Path,
+        server: list[str],
+        extra_args: list[str] = (),
+    ):
+        self.label = label
+        self.root = root
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in ("functions.json", "code.s"):
+            (out / stale).unlink(missing_ok=True)
+        self.log_path = out / "build.log"
+        self._log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+        env.pop("SPARSEC_TARGET_CPU", None)  # each side compiles for this host
+        cmd = [sys.executable, *server, "--out", str(out), *extra_args]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.functions: dict = {}
+
+    def _fail(self, what: str) -> SparsecError:
+        self.close()
+        tail = self.log_path.read_text().strip().splitlines()[-15:]
+        log = "\n".join("    " + line for line in tail)
+        return SparsecError(f"the {self.label} side {what}; last lines of {self.log_path}:\n{log}")
+
+    def receive(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise self._fail(f"did not answer within {timeout:.0f} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise self._fail(f"exited (status {self.proc.wait()})")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise self._fail(f"failed: {msg['error']}")
+        return msg
+
+    def wait_ready(self) -> None:
+        from sparsec.bench.kernel_replay import PROTOCOL
+
+        msg = self.receive(BUILD_TIMEOUT)
+        if msg.get("ready") != PROTOCOL:
+            raise self._fail(f"speaks protocol {msg.get('ready')}, this check {PROTOCOL}")
+        package = Path(msg.get("package", "")).resolve()
+        if not package.is_relative_to(self.root.resolve()):
+            # e.g. an installed sparsec shadowing a checkout that has none
+            raise self._fail(f"imported sparsec from {package}, not from {self.root}")
+        self.functions = json.loads((self.out / "functions.json").read_text())
+
+    def send(self, request: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise self._fail("closed its input") from None
+
+    def request(self, request: dict) -> dict:
+        self.send(request)
+        return self.receive(REQUEST_TIMEOUT)
+
+    def time(self, item: str, reps: int) -> float:
+        return float(self.request({"op": "time", "item": item, "reps": reps})["seconds"])
+
+    def close(self) -> None:
+        """Ask a ready side to quit (it cleans up its temporary models); stop one that
+        is still building, since it reads no requests until it is ready."""
+        if self.proc.poll() is None:
+            try:
+                if self.functions:
+                    self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                    self.proc.stdin.close()
+                    self.proc.wait(timeout=30)
+                else:
+                    self.proc.terminate()
+                    self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_pair(
+    repo: Path,
+    baseline_root: Path,
+    baseline_server: list[str],
+    out: Path,
+    args: list[str],
+    work_args: list[str] = (),
+) -> tuple[Side, Side]:
+    """Both sides, building in parallel; returns (baseline, working tree) once ready."""
+    if baseline_server[:1] == ["-m"]:
+        module = baseline_root / (baseline_server[1].replace(".", "/") + ".py")
+        if not module.is_file():
+            raise SparsecError(
+                f"the baseline commit has no {module.relative_to(baseline_root)}: it predates "
+                "the A/B kernel check; compare against a later commit"
+            )
+    base = Side("baseline", baseline_root, out / "baseline", baseline_server, args)
+    try:
+        work = Side("working-tree", repo, out / "working-tree", SERVER, [*args, *work_args])
+    except BaseException:
+        base.close()
+        raise
+    try:
+        base.wait_ready()
+        work.wait_ready()
+    except BaseException:
+        base.close()
+        work.close()
+        raise
+    return base, work
+
+
+# --------------------------------------------------------------------------- code
+
+
+def diff_code(base: Side, work: Side, out: Path) -> list[str]:
+    """Names of the functions whose assembly differs (or exists on one side only); the
+    unified diff goes to ``out``."""
+    from sparsec.bench.kernel_replay import read_code
+
+    a, b = read_code(base.out / "code.s"), read_code(work.out / "code.s")
+    changed = []
+    chunks = []
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) == b.get(name):
+            continue
+        changed.append(name)
+        chunks += difflib.unified_diff(
+            a.get(name, "").splitlines(keepends=True),
+            b.get(name, "").splitlines(keepends=True),
+            f"baseline/{name}",
+            f"working-tree/{name}",
+            n=2,
+        )
+    out.write_text("".join(chunks))
+    return changed
 
 
 # --------------------------------------------------------------------------- timing
 
 
 @dataclass
-class KernelTiming:
-    """One kernel's measurement: ``samples`` alternating timings of the kernel (all its
-    copies once) and of the probe reading as many bytes.
-
-    ``ratio`` = fastest kernel time / fastest probe time. On a shared machine noise only
-    ever adds time, and it comes in bursts (another process on the core or its SMT
-    sibling) that hit compute-bound kernels far harder than the memory-bound probe, so
-    per-sample ratios are bimodal; the two minimums are the uncontended speeds and
-    were the steadiest estimator in repeated runs (see benchmarks/kernel_regression.py).
-    """
+class ABTiming:
+    """One item measured on both sides: per sample, the fastest run's seconds per call."""
 
     name: str
-    nbytes: int  # bytes read per sample (weights x copies)
-    copies: int
-    kernel_seconds: list[float]  # per sample, all copies
-    probe_seconds: list[float]
+    nbytes: int
+    base: list[float] = field(default_factory=list)
+    work: list[float] = field(default_factory=list)
     confirmations: list[float] = field(default_factory=list)  # ratios of re-measurements
 
     @property
     def ratio(self) -> float:
-        return min(self.kernel_seconds) / min(self.probe_seconds)
+        """Working tree over baseline, each side's fastest sample (noise only adds time)."""
+        return min(self.work) / min(self.base)
 
     @property
     def sample_ratios(self) -> list[float]:
-        return [k / p for k, p in zip(self.kernel_seconds, self.probe_seconds, strict=True)]
-
-    @property
-    def kernel_us(self) -> float:
-        """Fastest time of one call."""
-        return min(self.kernel_seconds) / self.copies * 1e6
-
-    @property
-    def probe_gbps(self) -> float:
-        return self.nbytes / min(self.probe_seconds) / 1e9
-
-    def as_dict(self) -> dict:
-        r = self.sample_ratios
-        return {
-            "ratio": round(self.ratio, 4),
-            "sample_ratio_min": round(min(r), 4),
-            "sample_ratio_max": round(max(r), 4),
-            "kernel_us": round(self.kernel_us, 2),
-            "probe_gbps": round(self.probe_gbps, 2),
-            "bytes": self.nbytes,
-            "copies": self.copies,
-            "samples": len(r),
-        }
+        return [w / b for w, b in zip(self.work, self.base, strict=True)]
 
 
-class TimingLibrary:
-    """The timed kernels compiled into one library with the kernel timer, and the probe."""
-
-    def __init__(self, specs: list[KernelSpec], packs: dict, emitter: Emitter = emit_kernel):
-        from sparsec.bench.bandwidth import ReadBandwidthProbe
-        from sparsec.codegen import target
-        from sparsec.codegen.autotune import TIMER_SOURCE, bind_timer
-
-        self.specs = specs
-        self.packs = packs
-        module = _build_module(specs, packs, emitter)
-        self.lib = bind_timer(target.build_and_load(module, [TIMER_SOURCE]))
-        self.probe = ReadBandwidthProbe()
-
-    def _address(self, name: str) -> int:
-        return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
-
-    def _time(self, calls: list[tuple[int, int, list[int]]], reps: int) -> np.ndarray:
-        from sparsec.codegen.autotune import time_calls
-
-        return time_calls(self.lib, calls, 1, TIMING_THREADS, reps)
-
-    def measure(self, spec: KernelSpec, samples: int = SAMPLES) -> KernelTiming:
-        from sparsec.bench.bandwidth import aligned_buffer
-        from sparsec.codegen.linear import quantized_row_bytes
-
-        packed = self.packs[spec.name]
-        size = packed.data.nbytes
-        copies = max(1, -(-WORKING_SET // size))
-        # One aligned buffer holds the copies back to back (each 64-byte aligned).
-        blob = aligned_buffer(copies * size)
-        for i in range(copies):
-            blob[i * size : (i + 1) * size] = packed.data
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, spec.shape[1])).astype(np.float32)
-        y = np.zeros((1, spec.shape[0]), np.float32)
-        xq = np.zeros((1, quantized_row_bytes(spec.shape[1])), np.uint8)
-        xs = np.zeros(1, np.float32)
-        fn = self._address(spec.name)
-        if spec.int8:
-            quant = self._address(f"quantize_{spec.shape[1]}")
-            self._time([(quant, 0, [x.ctypes.data, xq.ctypes.data, xs.ctypes.data, 0])], 1)
-            args = [xq.ctypes.data, xs.ctypes.data, y.ctypes.data]
-            kind = 1
-        else:
-            args = [x.ctypes.data, y.ctypes.data, 0]
-            kind = 0
-        calls = [(fn, kind, [blob.ctypes.data + i * size, *args]) for i in range(copies)]
-        ref = aligned_buffer(blob.nbytes)  # the probe reads as many bytes, elsewhere
-        self._time(calls, 1)  # warm up: page faults, code, frequency
-        self.probe.time_read(ref, TIMING_THREADS, 1)
-        kernel_s, probe_s = [], []
-        for _ in range(samples):
-            kernel_s.append(float(self._time(calls, INNER_REPS).min()))
-            probe_s.append(float(self.probe.time_read(ref, TIMING_THREADS, INNER_REPS).min()))
-        return KernelTiming(spec.name, blob.nbytes, copies, kernel_s, probe_s)
-
-
-# --------------------------------------------------------------------------- checks
+def measure(base: Side, work: Side, name: str, nbytes: int, samples: int = SAMPLES) -> ABTiming:
+    """Warm both sides up, then ``samples`` alternating measurements (A B, B A, ...)."""
+    for side in (base, work):
+        side.send({"op": "prepare", "item": name})
+    for side in (base, work):
+        side.receive(REQUEST_TIMEOUT)
+    first = max(side.time(name, 1) for side in (base, work))
+    reps = REPS if first < FAST_ITEM_SECONDS else 1
+    t = ABTiming(name, nbytes)
+    for i in range(samples):
+        for side in (base, work) if i % 2 == 0 else (work, base):
+            (t.base if side is base else t.work).append(side.time(name, reps))
+    return t
 
 
 @dataclass
-class TimingVerdict:
-    name: str
-    baseline: dict
-    timing: KernelTiming
+class Verdict:
+    timing: ABTiming
     tolerance: float
 
     @property
-    def best(self) -> float:
-        return min([self.timing.ratio, *self.timing.confirmations])
-
-    @property
     def change(self) -> float:
-        """Best measured ratio over the baseline's, minus 1 (+0.30 = 30% slower)."""
-        return self.best / self.baseline["ratio"] - 1
+        """Best measured ratio minus 1 (+0.30 = the working tree is 30% slower)."""
+        return min([self.timing.ratio, *self.timing.confirmations]) - 1
 
     @property
     def failed(self) -> bool:
         return self.change > self.tolerance
 
     def line(self) -> str:
-        t, b = self.timing, self.baseline
+        t = self.timing
         r = t.sample_ratios
+        status = "FAIL" if self.failed else ("faster" if self.change < -self.tolerance else "ok")
         confirm = (
-            " confirmations " + ", ".join(f"{c:.3f}" for c in t.confirmations)
+            " (re-measured " + ", ".join(f"{c - 1:+.0%}" for c in t.confirmations) + ")"
             if t.confirmations
             else ""
         )
-        status = "FAIL" if self.failed else ("faster" if self.change < -self.tolerance else "ok")
+        work_s = min(t.work)
+        speed = f", {t.nbytes / work_s / 1e9:.1f} GB/s" if t.nbytes else ""
         return (
-            f"{status:6} {self.name}: ratio {t.ratio:.3f} (per-sample spread {min(r):.3f}.."
-            f"{max(r):.3f}, {len(r)} samples){confirm} vs baseline {b['ratio']:.3f} "
-            f"(spread {b['sample_ratio_min']:.3f}..{b['sample_ratio_max']:.3f}): "
-            f"{self.change:+.0%}; kernel {t.kernel_us:.1f} us/call "
-            f"({t.nbytes / t.copies / t.kernel_us / 1e3:.1f} GB/s), probe "
-            f"{t.probe_gbps:.1f} GB/s over {t.nbytes >> 20} MB"
+            f"{status:6} {t.name}: {_us(min(t.base))} -> {_us(work_s)} "
+            f"{t.ratio - 1:+.1%}{confirm}; per-sample ratio {min(r):.3f}..{max(r):.3f} "
+            f"over {len(r)} samples{speed}"
         )
 
 
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f} us" if seconds < 1e-2 else f"{seconds * 1e3:.2f} ms"
+
+
 def check_timings(
-    lib: TimingLibrary,
-    baseline: dict[str, dict],
-    specs: list[KernelSpec],
+    base: Side,
+    work: Side,
+    items: dict[str, int],
     tolerance: float,
     confirmations: int = CONFIRMATIONS,
-    log: Callable[[str], None] = print,
-) -> list[TimingVerdict]:
-    """Measure every kernel, then re-measure the ones over tolerance, up to
-    ``confirmations`` more passes. Re-measuring after the whole pass, not right away,
-    puts seconds between the measurements, so one burst of load on the machine cannot
-    fail a kernel on its own."""
-    verdicts = [
-        TimingVerdict(spec.name, baseline[spec.name], lib.measure(spec), tolerance)
-        for spec in specs
-    ]
-    by_name = {spec.name: spec for spec in specs}
+    log: Log = print,
+) -> list[Verdict]:
+    """Measure every item (name -> bytes per call), then re-measure the ones over
+    tolerance, up to ``confirmations`` more passes. Re-measuring after the whole pass,
+    not right away, puts seconds between the measurements, so one burst of load on the
+    machine cannot fail an item on its own."""
+    verdicts = [Verdict(measure(base, work, n, b), tolerance) for n, b in items.items()]
     for _ in range(confirmations):
-        suspects = [v for v in verdicts if v.failed]
-        for v in suspects:
-            v.timing.confirmations.append(lib.measure(by_name[v.name]).ratio)
+        for v in [v for v in verdicts if v.failed]:
+            again = measure(base, work, v.timing.name, v.timing.nbytes)
+            v.timing.confirmations.append(again.ratio)
     for v in verdicts:
         log(v.line())
     return verdicts
 
 
-def write_json(path: Path, data: dict) -> None:
-    import json
+def comparable_items(base: Side, work: Side) -> tuple[dict[str, int], list[str]]:
+    """Items both sides time with the same definition (name -> bytes), and a line for
+    each one that cannot be compared."""
+    a, b = base.functions["items"], work.functions["items"]
+    same, problems = {}, []
+    for name in sorted(set(a) | set(b)):
+        if name not in a:
+            problems.append(f"{name}: new timed item, not at the baseline commit")
+        elif name not in b:
+            problems.append(f"{name}: timed at the baseline commit, no longer in the suite")
+        elif a[name]["key"] != b[name]["key"]:
+            problems.append(f"{name}: measures something else than at the baseline commit")
+        else:
+            same[name] = b[name]["bytes"]
+    return same, problems
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+
+def summarize(verdicts: list[Verdict]) -> dict:
+    changes = sorted(v.timing.ratio - 1 for v in verdicts)
+    return {
+        "median": round(statistics.median(changes), 4),
+        "p95": round(changes[int(0.95 * (len(changes) - 1))], 4),
+        "max": round(changes[-1], 4),
+        "min": round(changes[0], 4),
+    }
+
+
+def temporary_checkout(repo: Path, commit: str) -> tempfile.TemporaryDirectory:
+    tmp = tempfile.TemporaryDirectory(prefix=f"sparsec-baseline-{commit[:10]}-")
+    try:
+        extract(repo, commit, Path(tmp.name))
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return tmp

@@ -193,6 +193,15 @@ def emit_assembly(module_or_text, *, optimize: bool = True) -> str:
     return target_machine().emit_assembly(mod)
 
 
+def compile_ir_and_assembly(module_or_text) -> tuple[bytes, str]:
+    """``compile_ir`` and ``emit_assembly`` of the module. Two O3 runs on purpose: code
+    generation rewrites the IR it runs on, and an object emitted from the same optimized
+    module, a clone of it or its printed text differs in code bytes (measured: 6530
+    against 6546 for a dense 576x576 kernel) from what ``compile_ir`` puts in a model."""
+    text = str(module_or_text)
+    return compile_ir(text), emit_assembly(text)
+
+
 # --------------------------------------------------------------------------- linking
 
 

@@ -1,0 +1,357 @@
+"""The kernels the CI regression check tracks, as this version of sparsec generates them.
+
+``benchmarks/kernel_regression.py`` builds this suite twice, from the baseline commit
+and from the working tree, each in a process of its own (``kernel_replay``), and
+compares the two. Everything is at SmolLM2-135M's real shapes, with fixed weights:
+
+- Linear kernels: the four distinct layer shapes (576x576, 192x576, 1536x576, 576x1536)
+  at 0/50/70/90% sparsity in every format of ``LINEAR_FORMATS``, the int8
+  activation-quantize kernels and the dense output layer (49152x576), emitted as
+  ``sparsec compile`` emits them (64 tokens per call at most).
+- Model compiles: a 4-layer SmolLM2-shaped model (70% of every decoder Linear zeroed)
+  compiled fp32 and int8, with dense and with bitmask decoder layers (the output layer
+  dense, as autotuning picks it): every function LLVM emits for a model (embedding,
+  norms, RoPE/KV write, attention, SwiGLU, quantize, linears, the forward body).
+
+Per function: the fingerprint and the assembly text for one fixed LLVM cpu
+(``FINGERPRINT_CPU``), so they are the same on every host. Timed items, on this host's
+code (``kernel_timing``): each bitmask kernel at every sparsity and each dense kernel
+at 0% (a dense kernel's time does not depend on its zeros), and each model's decode
+step on 1 and 2 threads and a prefill chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsec.bench.kernel_timing import (
+    DECODE_POSITION,
+    KERNEL_THREADS,
+    STEPS,
+    WORKING_SET,
+    LinearTiming,
+    StepTiming,
+)
+
+# Kernels are emitted with the model compiler's prefill chunk, so the code is the code
+# that runs in a model.so (sparsec.codegen.compile.DEFAULT_MAX_TOKENS).
+MAX_TOKENS = 64
+SMOLLM2_SHAPES = {  # [out, in] of each distinct SmolLM2-135M linear layer
+    "q_o": (576, 576),
+    "k_v": (192, 576),
+    "gate_up": (1536, 576),
+    "down": (576, 1536),
+}
+LM_HEAD = ("lm_head", (49152, 576))
+SPARSITIES = (0.0, 0.5, 0.7, 0.9)
+# Fingerprints and code text are made for one fixed LLVM cpu, whatever the host, so
+# they compare like with like on any machine (same llvmlite version).
+FINGERPRINT_CPU = "znver4"
+
+# SmolLM2-135M's configuration with 4 of its 30 layers: every op kernel at its real
+# shape, in a compile of seconds.
+MODEL_CONFIG = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+)
+MODEL_SPARSITY = 0.7
+MODEL_CAPACITY = 1024
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    role: str
+    fmt: str
+    shape: tuple[int, int]
+    sparsity: float
+
+    @property
+    def name(self) -> str:
+        out, inp = self.shape
+        return f"{self.fmt}_{self.role}_{out}x{inp}_s{round(self.sparsity * 100):02d}"
+
+    @property
+    def int8(self) -> bool:
+        return self.fmt.endswith("_i8")
+
+
+def kernel_set() -> list[KernelSpec]:
+    """Every (shape, sparsity, format) of the check, plus the dense output layer."""
+    from sparsec.codegen.linear import LINEAR_FORMATS
+
+    specs = [
+        KernelSpec(role, fmt, shape, sp)
+        for role, shape in SMOLLM2_SHAPES.items()
+        for sp in SPARSITIES
+        for fmt in LINEAR_FORMATS
+    ]
+    specs += [KernelSpec(LM_HEAD[0], fmt, LM_HEAD[1], 0.0) for fmt in ("dense_f32", "dense_i8")]
+    return specs
+
+
+def is_timed(spec: KernelSpec) -> bool:
+    """A dense kernel's time does not depend on its zeros: timed at sparsity 0 only."""
+    return spec.fmt.startswith("bitmask") or spec.sparsity == 0.0
+
+
+def make_weight(spec: KernelSpec) -> np.ndarray:
+    """The spec's fixed random weight ([out, in] float32) with exactly its share of zeros."""
+    rng = np.random.default_rng(zlib.crc32(f"{spec.role}{spec.shape}{spec.sparsity}".encode()))
+    w = (rng.standard_normal(spec.shape) * 0.05).astype(np.float32)
+    k = int(round(spec.sparsity * w.size))
+    if k:
+        w.reshape(-1)[rng.choice(w.size, size=k, replace=False)] = 0.0
+    return w
+
+
+Emitter = Callable[[object, str, object], object]  # (module, name, packed) -> ir.Function
+
+
+def emit_kernel(module, name: str, packed):
+    """The kernel as the model compiler emits it."""
+    from sparsec.codegen.linear import emit_linear
+
+    return emit_linear(module, name, packed, max_tokens=MAX_TOKENS)
+
+
+def pack_all(specs: list[KernelSpec]) -> dict:
+    from sparsec.codegen.linear import pack_linear
+
+    weights: dict = {}
+    packs = {}
+    for spec in specs:
+        key = (spec.role, spec.shape, spec.sparsity)
+        if key not in weights:
+            weights[key] = make_weight(spec)
+        packs[spec.name] = pack_linear(weights[key], spec.fmt)
+    return packs
+
+
+def linear_module(specs: list[KernelSpec], packs: dict, emitter: Emitter = emit_kernel):
+    """One LLVM module with every spec's kernel and the quantize kernels they need."""
+    from llvmlite import ir
+
+    from sparsec.codegen.linear import emit_quantize_tokens
+
+    module = ir.Module(name="kernel_regression")
+    for spec in specs:
+        emitter(module, spec.name, packs[spec.name])
+    for in_features in sorted({s.shape[1] for s in specs if s.int8}):
+        emit_quantize_tokens(module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS)
+    return module
+
+
+@contextmanager
+def fixed_cpu(cpu: str = FINGERPRINT_CPU):
+    """Compile for LLVM cpu ``cpu`` inside the block, whatever the host."""
+    old = os.environ.get("SPARSEC_TARGET_CPU")
+    os.environ["SPARSEC_TARGET_CPU"] = cpu
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPARSEC_TARGET_CPU", None)
+        else:
+            os.environ["SPARSEC_TARGET_CPU"] = old
+
+
+@dataclass(frozen=True)
+class CompiledCode:
+    """What one module compiles to for ``FINGERPRINT_CPU``: per function, its fingerprint
+    and assembly text, under stable names (``fingerprint.canonical_names``)."""
+
+    fingerprints: dict[str, dict[str, int]]
+    assembly: dict[str, str]
+
+
+def compiled_code(module, prefix: str = "") -> CompiledCode:
+    from sparsec.bench.fingerprint import (
+        canonical_names,
+        canonical_text,
+        fingerprint_module,
+        function_assembly,
+    )
+    from sparsec.codegen import target
+
+    with fixed_cpu():
+        obj, asm = target.compile_ir_and_assembly(module)
+    names = canonical_names(asm)
+    fps = fingerprint_module(asm, obj)
+    texts = function_assembly(asm)
+
+    def key(name: str) -> str:
+        return prefix + names.get(name, name)
+
+    return CompiledCode(
+        {key(n): fp for n, fp in fps.items()},
+        {key(n): canonical_text(t, names) for n, t in texts.items()},
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    precision: str  # fp32 | int8
+    kernels: str  # dense | bitmask (decoder layers; the output layer is always dense)
+
+    @property
+    def name(self) -> str:
+        return f"model_{'i8' if self.precision == 'int8' else 'f32'}_{self.kernels}"
+
+    def choose(self, weight, precision: str, kernels: str) -> str:
+        """The format autotuning picks on a 70%-sparse model, fixed so the code is too:
+        bitmask for sparse layers in the bitmask variant, dense for the rest."""
+        from sparsec.codegen.autotune import DENSE_ONLY_BELOW
+
+        suffix = "i8" if precision == "int8" else "f32"
+        sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+        sparse = self.kernels == "bitmask" and sparsity >= DENSE_ONLY_BELOW
+        return f"{'bitmask' if sparse else 'dense'}_{suffix}"
+
+
+MODEL_VARIANTS = tuple(ModelVariant(p, k) for p in ("fp32", "int8") for k in ("dense", "bitmask"))
+
+
+def model_graph(out: Path) -> Path:
+    """The suite's model as an optimized graph (sparsec.testing.build_contract_graph)."""
+    import onnx_ir as ir
+
+    from sparsec.testing import build_contract_graph, make_tiny_llama, zero_smallest
+
+    model, tokenizer = make_tiny_llama(seed=0, **MODEL_CONFIG)
+    zero_smallest(model, MODEL_SPARSITY)
+    ir.save(build_contract_graph(model, tokenizer), out)
+    return out
+
+
+# --------------------------------------------------------------------------- timed items
+
+
+@dataclass(frozen=True)
+class Item:
+    """A timed call. ``key`` says what it measures (its inputs, not this version's
+    outputs): the check compares two versions' items only when their keys agree."""
+
+    name: str
+    key: str
+    nbytes: int  # weight bytes one call reads (for GB/s in the report), 0 if unknown
+
+
+class Suite:
+    """This version's suite, built (``build``), then timed item by item (``time``).
+
+    ``only``: a regular expression; just the linear kernels and model variants whose
+    name it matches (searched) are built. ``emitter`` emits the linear kernels (a variant
+    to try against the baseline; default: sparsec's)."""
+
+    def __init__(self, only: str | None = None, emitter: Emitter = emit_kernel, log=print):
+        pattern = re.compile(only) if only else None
+        self.specs = [s for s in kernel_set() if not pattern or pattern.search(s.name)]
+        self.variants = [v for v in MODEL_VARIANTS if not pattern or pattern.search(v.name)]
+        self.emitter = emitter
+        self.log = log
+        self.fingerprints: dict[str, dict[str, int]] = {}
+        self.assembly: dict[str, str] = {}
+        self.items: dict[str, Item] = {}
+        self._linear: LinearTiming | None = None
+        self._steps: StepTiming | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="sparsec-kernel-suite-")
+
+    def build(self, timing: bool = True) -> None:
+        """Compile everything for the fixed cpu (fingerprints, text) and, with ``timing``,
+        for this host (the timed code)."""
+        t0 = time.perf_counter()
+        if self.specs:
+            packs = pack_all(self.specs)
+            code = compiled_code(linear_module(self.specs, packs, self.emitter))
+            self._add(code)
+            timed = [s for s in self.specs if is_timed(s)]
+            if timing and timed:
+                for s in timed:
+                    key = [
+                        s.fmt,
+                        list(s.shape),
+                        s.sparsity,
+                        MAX_TOKENS,
+                        KERNEL_THREADS,
+                        WORKING_SET,
+                    ]
+                    self.items[s.name] = Item(s.name, json.dumps(key), packs[s.name].data.nbytes)
+                self._linear = LinearTiming(linear_module(timed, packs, self.emitter), timed, packs)
+            self.log(f"linear kernels: {len(self.specs)} built ({time.perf_counter() - t0:.0f} s)")
+        if self.variants:
+            self._build_models(timing)
+
+    def _add(self, code: CompiledCode) -> None:
+        self.fingerprints.update(code.fingerprints)
+        self.assembly.update(code.assembly)
+
+    def _build_models(self, timing: bool) -> None:
+        from sparsec.codegen.compile import build_model, emit_model
+
+        tmp = Path(self._tmp.name)
+        graph = model_graph(tmp / "graph.onnx")
+        libraries = {}
+        for v in self.variants:
+            t0 = time.perf_counter()
+            em = emit_model(
+                graph,
+                precision=v.precision,
+                max_context=MODEL_CAPACITY,
+                kernels="auto",
+                quiet=True,
+                choose=v.choose,
+            )
+            self._add(compiled_code(em.emitted.module, prefix=f"{v.name}/"))
+            if timing:
+                manifest = build_model(em, tmp / f"{v.name}.so", quiet=True)
+                libraries[v.name] = tmp / f"{v.name}.so"
+                layer_bytes = sum(layer["bytes"] for layer in manifest["layers"])
+                for kind, threads in STEPS:
+                    name = f"{v.name}:{kind}@{threads}t"
+                    key = [MODEL_CONFIG, MODEL_SPARSITY, MODEL_CAPACITY, v.precision, v.kernels]
+                    key += [kind, threads, DECODE_POSITION]
+                    nbytes = layer_bytes if kind == "decode" else 0
+                    self.items[name] = Item(name, json.dumps(key), nbytes)
+            self.log(f"{v.name}: compiled ({time.perf_counter() - t0:.0f} s)")
+        if timing:
+            self._steps = StepTiming(libraries)
+
+    def _timer(self, name: str):
+        if name not in self.items:
+            raise KeyError(f"no timed item {name!r}")
+        return self._steps if ":" in name else self._linear
+
+    def prepare(self, name: str) -> None:
+        self._timer(name).prepare(name)
+
+    def time(self, name: str, reps: int) -> float:
+        """Fastest of ``reps`` runs of item ``name``, in seconds per call."""
+        return self._timer(name).time(name, reps)
+
+    def close(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+        self._tmp.cleanup()
