@@ -82,11 +82,16 @@ def _write_json(path: Path, data: dict) -> None:
 def _read_baseline(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-        data["commit"], data["server"], data["tolerance"]  # noqa: B018
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise SparsecError(
             f"cannot read the kernel baseline {path} ({exc}); record one with {UPDATE_COMMAND}"
         ) from exc
+    missing = [k for k in ("commit", "server", "tolerance", "environment") if k not in data]
+    if missing:
+        raise SparsecError(
+            f"the kernel baseline {path} has no {', '.join(missing)}; record it again with "
+            f"{UPDATE_COMMAND}"
+        )
     return data
 
 

@@ -141,7 +141,10 @@ class Side:
         line = self.proc.stdout.readline()
         if not line:
             raise self._fail(f"exited (status {self.proc.wait()})")
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise self._fail(f"answered {line[:80]!r}, not a protocol line") from None
         if "error" in msg:
             raise self._fail(f"failed: {msg['error']}")
         return msg
