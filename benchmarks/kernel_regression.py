@@ -19,7 +19,7 @@ then compares on this CPU, in this run (sparsec/bench/regression.py):
 2. Time: each timed item (every bitmask kernel, every dense kernel at 0%, each model's
    decode step on 1 and 2 threads and a 64-token prefill chunk) is measured 15 times per
    side, the sides alternating; ratio = working-tree fastest / baseline fastest. An item
-   fails when the ratio is above 1 + tolerance in its measurement and in 2
+   fails when the ratio is above 1 + tolerance in its measurement and in 3
    re-measurements after the whole pass. Both sides run on the same CPU at the same time,
    so a check made on another CPU than the baseline's is as fair as one made on the same.
 

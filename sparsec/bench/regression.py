@@ -35,7 +35,7 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 
 SAMPLES = 15  # alternating measurements per side and item
-CONFIRMATIONS = 2  # re-measurements of an item over tolerance before it fails
+CONFIRMATIONS = 3  # re-measurements of an item over tolerance before it fails
 FAST_ITEM_SECONDS = 0.01  # items faster than this run REPS times per measurement
 REPS = 3
 BUILD_TIMEOUT = 20 * 60  # seconds for a side to build its suite
