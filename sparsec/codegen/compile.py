@@ -192,28 +192,8 @@ def _check_output(out: Path) -> None:
         raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
 
 
-def compile_model(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    precision: str = "fp32",
-    threads: int | None = None,
-    max_context: int | None = None,
-    kernels: str = "auto",
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    quiet: bool = False,
-    choose=None,
-) -> dict:
-    """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest."""
+def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
+    """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest. ``options``: those
+    of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose)."""
     _check_output(Path(out))
-    em = emit_model(
-        src,
-        precision=precision,
-        threads=threads,
-        max_context=max_context,
-        kernels=kernels,
-        max_tokens=max_tokens,
-        quiet=quiet,
-        choose=choose,
-    )
-    return build_model(em, out, quiet=quiet)
+    return build_model(emit_model(src, **options), out, quiet=options.get("quiet", False))

@@ -1,4 +1,5 @@
-"""Machine-code fingerprints: instruction classes, stack traffic, symbol sizes, diffs."""
+"""Machine-code fingerprints: instruction classes, stack traffic, symbol sizes, diffs; the
+per-function assembly text the kernel check compares, under stable names."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import tempfile
 from pathlib import Path
 
 from sparsec.bench.fingerprint import (
+    canonical_names,
+    canonical_text,
     diff_fingerprints,
     fingerprint_module,
+    function_assembly,
     function_sizes,
 )
 
@@ -108,3 +112,57 @@ def _empty_elf() -> bytes:
     from sparsec.codegen import target
 
     return target.compile_ir(ir.Module())
+
+
+MODULE = """\
+\t.text
+\t.section\t.rodata.cst4,"aM",@progbits,4
+.LCPI3_0:
+\t.long\t0x3727c5ac
+\t.text
+\t.globl\tspc_rmsnorm_0123456789ab
+spc_rmsnorm_0123456789ab:
+\tvbroadcastss\t.LCPI3_0(%rip), %zmm0
+\tjne\t.LBB3_2
+.LBB3_2:
+\tretq
+.Lfunc_end3:
+\t.size\tspc_rmsnorm_0123456789ab, .Lfunc_end3-spc_rmsnorm_0123456789ab
+\t.globl\tbody
+body:
+\tcallq\tspc_rmsnorm_0123456789ab
+\tcallq\tspc_rmsnorm_ba9876543210
+\tretq
+.Lfunc_end4:
+\t.size\tbody, .Lfunc_end4-body
+\t.section\t".note.GNU-stack","",@progbits
+"""
+
+
+def test_function_assembly_keeps_each_functions_constants():
+    texts = function_assembly(MODULE)
+    assert list(texts) == ["spc_rmsnorm_0123456789ab", "body"]
+    assert ".LCPI3_0:" in texts["spc_rmsnorm_0123456789ab"]  # its constant pool
+    assert texts["body"].splitlines()[0] == "\t.globl\tbody"
+    assert "GNU-stack" not in "".join(texts.values())  # the module tail is no function
+
+
+def test_canonical_names_and_text_ignore_hashes_and_module_position():
+    names = canonical_names(MODULE)
+    assert names == {
+        "spc_rmsnorm_0123456789ab": "spc_rmsnorm_1",
+        "spc_rmsnorm_ba9876543210": "spc_rmsnorm_2",
+    }
+    texts = function_assembly(MODULE)
+    body = canonical_text(texts["body"], names)
+    assert "callq\tspc_rmsnorm_1\n\tcallq\tspc_rmsnorm_2" in body
+    norm = canonical_text(texts["spc_rmsnorm_0123456789ab"], names)
+    # the same function placed elsewhere in a module (other label indices) reads the same
+    moved = canonical_text(
+        texts["spc_rmsnorm_0123456789ab"].replace("3_", "7_").replace("end3", "end7"), names
+    )
+    assert norm == moved and ".LBB_2:" in norm and ".LCPI_0" in norm
+    # ablation: without canonicalizing, the moved copy differs
+    assert texts["spc_rmsnorm_0123456789ab"] != texts["spc_rmsnorm_0123456789ab"].replace(
+        "3_", "7_"
+    )
