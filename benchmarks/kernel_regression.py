@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -149,6 +150,8 @@ def run_check(args, baseline: dict, log=print) -> bool:
 
 
 def _compare(args, base, work, tolerance: float, log) -> bool:
+    if not work.functions["fingerprints"]:
+        raise SparsecError(f"--only {args.only!r} matches no kernel or model variant of the suite")
     ok = check_fingerprints(
         work.functions["fingerprints"], subset=bool(args.only or args.emitter), log=log
     )
@@ -371,6 +374,15 @@ def main(argv=None) -> int:
         ap.error(f"--tolerance {args.tolerance} is outside (0, 10)")
     if args.study is not None and args.study < 1:
         ap.error("--study needs at least 1 pass")
+    if args.emitter is not None:
+        path, _, func = args.emitter.rpartition(":")
+        if not path or not func or not Path(path).is_file():
+            ap.error(f"--emitter {args.emitter!r}: expected an existing FILE.py:FUNCTION")
+    if args.only is not None:
+        try:
+            re.compile(args.only)
+        except re.error as exc:
+            ap.error(f"--only {args.only!r} is not a regular expression: {exc}")
     t0 = time.perf_counter()
     try:
         if args.update:

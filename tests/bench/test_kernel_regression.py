@@ -97,6 +97,28 @@ def test_missing_baseline_commit_is_a_clear_error(kr, capsys, tmp_path):
     assert "git fetch" in log
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--check", "--only", "("], "--only '(' is not a regular expression"),
+        (["--check", "--emitter", "/nonexistent.py:f"], "expected an existing FILE.py:FUNCTION"),
+        (["--check", "--tolerance", "0"], "--tolerance 0.0 is outside (0, 10)"),
+        (["--study", "0"], "--study needs at least 1 pass"),
+    ],
+)
+def test_usage_errors(kr, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        kr.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_only_that_matches_nothing_is_a_clear_error(kr, capsys, tmp_path):
+    code, log = run(kr, capsys, "--check", "--only", "^no_such_kernel$", "--out", str(tmp_path))
+    assert code == 1
+    assert "error: --only '^no_such_kernel$' matches no kernel or model variant" in log
+
+
 # --------------------------------------------------------------------------- verdicts
 
 
