@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,20 +132,9 @@ def run_check(args, baseline: dict, log=print) -> bool:
         side_args.append("--no-timing")
     work_args = ["--emitter", args.emitter] if args.emitter else []
     args.out.mkdir(parents=True, exist_ok=True)
-    checkout = reg.temporary_checkout(REPO, commit)
-    try:
-        log("building the suite on both sides (each in its own process)...")
-        base, work = reg.start_pair(
-            REPO, Path(checkout.name), baseline["server"], args.out, side_args, work_args
-        )
-        try:
-            ok = _compare(args, base, work, tolerance, log)
-        finally:
-            base.close()
-            work.close()
-    finally:
-        checkout.cleanup()
-    return ok
+    log("building the suite on both sides (each in its own process)...")
+    with reg.sides(REPO, commit, baseline["server"], args.out, side_args, work_args) as (b, w):
+        return _compare(args, b, w, tolerance, log)
 
 
 def _compare(args, base, work, tolerance: float, log) -> bool:
@@ -181,9 +169,12 @@ def _compare(args, base, work, tolerance: float, log) -> bool:
             f"       the suite changed: commit it and record the new baseline with {UPDATE_COMMAND}"
         )
         ok = False
+    if not items:
+        log("timings: no timed item in this selection")
+        return ok
     verdicts = reg.check_timings(base, work, items, tolerance, log=log)
     failed = [v for v in verdicts if v.failed]
-    s = reg.summarize(verdicts)
+    s = reg.summarize([v.timing.ratio - 1 for v in verdicts])
     log(
         f"timings: {len(verdicts)} items, tolerance +{tolerance:.0%}, working tree vs baseline "
         f"median {s['median']:+.1%} (min {s['min']:+.1%}, max {s['max']:+.1%})"
@@ -253,58 +244,42 @@ def study(args, baseline: dict) -> None:
     record how far single measurements move: the evidence for the tolerance."""
     commit = reg.resolve_commit(REPO, baseline["commit"])
     tolerance = baseline["tolerance"] if args.tolerance is None else args.tolerance
-    checkout = reg.temporary_checkout(REPO, commit)
-    try:
-        side_args = ["--only", args.only] if args.only else []
-        base, work = reg.start_pair(
-            REPO, Path(checkout.name), baseline["server"], args.out, side_args
-        )
-        try:
-            changed = reg.diff_code(base, work, args.out / "code.diff")
-            if changed:
-                raise SparsecError(
-                    f"--study needs the baseline's kernels unchanged; {len(changed)} functions "
-                    f"differ (see {args.out / 'code.diff'})"
-                )
-            items, _ = reg.comparable_items(base, work)
-            first: list[float] = []
-            by_item: dict[str, list[float]] = {}
-            flagged = false_failures = 0
-            for r in range(args.study):
-                verdicts = reg.check_timings(base, work, items, tolerance, log=lambda _: None)
-                changes = [v.timing.ratio - 1 for v in verdicts]
-                first += changes
-                for v in verdicts:
-                    by_item.setdefault(v.timing.name, []).append(v.timing.ratio - 1)
-                flagged += sum(bool(v.timing.confirmations) for v in verdicts)
-                failed = [v.timing.name for v in verdicts if v.failed]
-                false_failures += len(failed)
-                print(
-                    f"pass {r + 1}/{args.study} (load {os.getloadavg()[0]:.1f}): median "
-                    f"{statistics.median(changes):+.1%}, max {max(changes):+.1%}, min "
-                    f"{min(changes):+.1%}; {sum(c > tolerance for c in changes)} over "
-                    f"+{tolerance:.0%}; failed after re-measuring: {', '.join(failed) or 'none'}",
-                    flush=True,
-                )
-        finally:
-            base.close()
-            work.close()
-    finally:
-        checkout.cleanup()
-    first.sort()
+    side_args = ["--only", args.only] if args.only else []
+    by_item: dict[str, list[float]] = {}  # first-measurement changes per item
+    flagged = false_failures = 0
+    with reg.sides(REPO, commit, baseline["server"], args.out, side_args) as (base, work):
+        changed = reg.diff_code(base, work, args.out / "code.diff")
+        if changed:
+            raise SparsecError(
+                f"--study needs the baseline's kernels unchanged; {len(changed)} functions "
+                f"differ (see {args.out / 'code.diff'})"
+            )
+        items, _ = reg.comparable_items(base, work)
+        if not items:
+            raise SparsecError("--study: no timed item in this selection")
+        for r in range(args.study):
+            verdicts = reg.check_timings(base, work, items, tolerance, log=lambda _: None)
+            changes = [v.timing.ratio - 1 for v in verdicts]
+            for v, c in zip(verdicts, changes, strict=True):
+                by_item.setdefault(v.timing.name, []).append(c)
+            flagged += sum(bool(v.timing.confirmations) for v in verdicts)
+            failed = [v.timing.name for v in verdicts if v.failed]
+            false_failures += len(failed)
+            s = reg.summarize(changes)
+            print(
+                f"pass {r + 1}/{args.study} (load {os.getloadavg()[0]:.1f}): median "
+                f"{s['median']:+.1%}, max {s['max']:+.1%}, min {s['min']:+.1%}; "
+                f"{sum(c > tolerance for c in changes)} over +{tolerance:.0%}; failed after "
+                f"re-measuring: {', '.join(failed) or 'none'}",
+                flush=True,
+            )
     from sparsec.codegen.target import host_cpu_model
 
     summary = {
         "passes": args.study,
         "items": len(items),
         "tolerance": tolerance,
-        "first_measurement_change": {
-            "median": round(statistics.median(first), 4),
-            "p95": round(first[int(0.95 * (len(first) - 1))], 4),
-            "p99": round(first[int(0.99 * (len(first) - 1))], 4),
-            "max": round(first[-1], 4),
-            "min": round(first[0], 4),
-        },
+        "first_measurement_change": reg.summarize([c for cs in by_item.values() for c in cs]),
         "first_measurements_over_tolerance": flagged,
         "largest_first_measurements": {
             name: round(max(changes), 4)

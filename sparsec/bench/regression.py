@@ -28,7 +28,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,21 +365,36 @@ def comparable_items(base: Side, work: Side) -> tuple[dict[str, int], list[str]]
     return same, problems
 
 
-def summarize(verdicts: list[Verdict]) -> dict:
-    changes = sorted(v.timing.ratio - 1 for v in verdicts)
+def summarize(changes: list[float]) -> dict:
+    """Median, p95, p99 and extremes of ratio changes (``ratio - 1``); empty -> {}."""
+    if not changes:
+        return {}
+    c = sorted(changes)
     return {
-        "median": round(statistics.median(changes), 4),
-        "p95": round(changes[int(0.95 * (len(changes) - 1))], 4),
-        "max": round(changes[-1], 4),
-        "min": round(changes[0], 4),
+        "median": round(statistics.median(c), 4),
+        "p95": round(c[int(0.95 * (len(c) - 1))], 4),
+        "p99": round(c[int(0.99 * (len(c) - 1))], 4),
+        "max": round(c[-1], 4),
+        "min": round(c[0], 4),
     }
 
 
-def temporary_checkout(repo: Path, commit: str) -> tempfile.TemporaryDirectory:
-    tmp = tempfile.TemporaryDirectory(prefix=f"sparsec-baseline-{commit[:10]}-")
-    try:
-        extract(repo, commit, Path(tmp.name))
-    except BaseException:
-        tmp.cleanup()
-        raise
-    return tmp
+@contextmanager
+def sides(
+    repo: Path,
+    commit: str,
+    server: list[str],
+    out: Path,
+    args: list[str],
+    work_args: list[str] = (),
+) -> Iterator[tuple[Side, Side]]:
+    """(baseline, working tree) sides, ready: ``commit`` extracted into a temporary
+    folder, both suites built in parallel; everything stopped and removed on exit."""
+    with tempfile.TemporaryDirectory(prefix=f"sparsec-baseline-{commit[:10]}-") as tmp:
+        extract(repo, commit, Path(tmp))
+        base, work = start_pair(repo, Path(tmp), server, out, args, work_args)
+        try:
+            yield base, work
+        finally:
+            base.close()
+            work.close()

@@ -145,9 +145,7 @@ class Model:
 
     def reset(self) -> None:
         """Empty the KV cache. (Slots past the position are never read, so no memset.)"""
-        self._check_open()
-        self._owner = None
-        self._position = 0
+        self.rewind(0)
 
     def rewind(self, position: int) -> None:
         """Forget the cached tokens from ``position`` on; the next forward runs there.
