@@ -5,6 +5,12 @@ Stages meet only at files; these constants are what those files promise each oth
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+
+from sparsec.errors import SparsecError
+
 # --- exported graph (sparsec export) -------------------------------------------------
 INPUT_IDS = "input_ids"  # int64 [batch, seq]
 ATTENTION_MASK = "attention_mask"  # int64 [batch, past + seq]
@@ -30,7 +36,7 @@ def present_value(layer: int) -> str:
 
 # --- model metadata (metadata_props of every sparsec .onnx) --------------------------
 META_FORMAT = "sparsec.format"  # "exported" | "optimized"
-META_CONFIG = "sparsec.config"  # JSON: the model config (see ModelConfig)
+META_CONFIG = "sparsec.config"  # JSON: ModelConfig.to_json() (below)
 META_TOKENIZER = "sparsec.tokenizer"  # tokenizer.json text
 META_CHAT_TEMPLATE = "sparsec.chat_template"  # Jinja chat template, may be absent
 META_GENERATION = "sparsec.generation"  # JSON: bos/eos token ids
@@ -41,3 +47,248 @@ META_SPARSITY = "sparsec.sparsity"  # JSON per weight: shape, sparsity, pattern 
 # --- custom op domain of the optimized graph -----------------------------------------
 DOMAIN = "sparsec"
 DOMAIN_VERSION = 1
+
+
+# --- KV-cache names ------------------------------------------------------------------
+_CACHE_NAME = re.compile(r"(past_key_values|present)\.(\d+)\.(key|value)")
+
+
+@dataclass(frozen=True)
+class CacheName:
+    """A parsed KV-cache graph name: ``past_key_values.3.key`` -> ("past", 3, "key")."""
+
+    io: str  # "past" (graph input) | "present" (graph output)
+    layer: int
+    kind: str  # "key" | "value"
+
+
+def parse_cache_name(name: str | None) -> CacheName | None:
+    """The cache name's parts, or None when ``name`` is not a KV-cache name."""
+    match = _CACHE_NAME.fullmatch(name or "")
+    if match is None:
+        return None
+    io = "past" if match[1] == "past_key_values" else "present"
+    return CacheName(io, int(match[2]), match[3])
+
+
+# --- the model description (sparsec.config) --------------------------------------------
+# The one place that knows how model families differ. Every stage reads a ModelConfig:
+# export builds it from the Hugging Face config (refusing what no stage supports), writes
+# it as the sparsec.config JSON, and optimize, compile and the runtime read it back.
+
+# What the stages support today, per field. A family is only listed once every stage
+# (sparsify, export, passes, codegen, runtime) handles it end to end.
+SUPPORTED: dict[str, tuple] = {
+    "family": ("llama",),
+    "norm": ("rms",),
+    "activation": ("silu",),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "qk_norm": (False,),
+    "rope.type": ("default",),
+    "rope.partial_rotary_factor": (1.0,),
+    "sliding_window": (None,),
+}
+
+
+class ConfigError(SparsecError):
+    """A sparsec.config that is malformed (a field missing or of the wrong type)."""
+
+
+@dataclass(frozen=True)
+class RoPE:
+    """Rotary position embedding parameters."""
+
+    theta: float
+    type: str = "default"  # Hugging Face rope_type: default, llama3, linear, ...
+    partial_rotary_factor: float = 1.0  # the share of head_dim that is rotated
+    scaling: tuple[tuple[str, float], ...] = ()  # rope_type's own parameters, sorted
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer, as every sparsec stage needs to know it."""
+
+    family: str  # Hugging Face model_type: "llama", ...
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    norm: str  # "rms": RMSNorm with a weight
+    norm_eps: float
+    activation: str  # the gated MLP's activation: "silu" (SwiGLU)
+    attention_bias: bool  # q/k/v projections carry a bias
+    mlp_bias: bool  # the MLP's Linears carry a bias
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE
+    rope: RoPE
+    sliding_window: int | None  # attend to the last N positions only; None: all
+
+    # -- derived sizes ------------------------------------------------------------------
+    @property
+    def q_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def kv_cache_shape(self, capacity: int) -> list[int]:
+        """The runtime's KV cache: [layers, 2 (key, value), kv heads, capacity, head_dim]."""
+        return [self.num_hidden_layers, 2, self.num_key_value_heads, capacity, self.head_dim]
+
+    # -- reading ------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, config) -> ModelConfig:
+        """The description of a Hugging Face ``PretrainedConfig``; refuses what sparsec
+        does not support, naming the field."""
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+        rope_type = params.pop("rope_type", params.pop("type", "default"))
+        partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        heads = config.num_attention_heads
+        result = cls(
+            family=config.model_type,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(config.tie_word_embeddings),
+            norm="rms",
+            norm_eps=float(config.rms_norm_eps),
+            activation=config.hidden_act,
+            attention_bias=bool(getattr(config, "attention_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=False,
+            rope=RoPE(
+                theta=float(theta),
+                type=str(rope_type),
+                partial_rotary_factor=float(partial),
+                scaling=tuple(sorted((str(k), v) for k, v in params.items())),
+            ),
+            sliding_window=getattr(config, "sliding_window", None),
+        )
+        result.check_supported()
+        return result
+
+    @classmethod
+    def from_dict(cls, d) -> ModelConfig:
+        """Parse the sparsec.config JSON object; ConfigError names a bad field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"sparsec.config is {type(d).__name__}, expected a JSON object")
+        if "family" not in d and "architecture" in d:
+            d = _from_legacy(d)
+        values = {}
+        for f in fields(cls):
+            if f.name not in d:
+                raise ConfigError(f"sparsec.config has no field {f.name!r}")
+            values[f.name] = d[f.name]
+        rope = values["rope"]
+        if not isinstance(rope, dict) or "theta" not in rope:
+            raise ConfigError("sparsec.config field 'rope' must be an object with 'theta'")
+        values["rope"] = RoPE(
+            theta=rope["theta"],
+            type=rope.get("type", "default"),
+            partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
+            scaling=tuple(sorted((rope.get("scaling") or {}).items())),
+        )
+        result = cls(**values)
+        result._check_types()
+        return result
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"sparsec.config is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+    # -- writing ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rope"]["scaling"] = dict(self.rope.scaling)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected int > 0")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm"):
+            if type(getattr(self, name)) is not bool:
+                raise ConfigError(f"sparsec.config field {name!r} must be true or false")
+        for name, value in (("norm_eps", self.norm_eps), ("rope.theta", self.rope.theta)):
+            if type(value) not in (int, float) or value <= 0:
+                raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected > 0")
+        for name in ("family", "norm", "activation"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"sparsec.config field {name!r} must be a string")
+        window = self.sliding_window
+        if window is not None and (type(window) is not int or window <= 0):
+            raise ConfigError(f"sparsec.config field 'sliding_window' is {window!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"sparsec.config: {self.num_attention_heads} attention heads are not a "
+                f"multiple of {self.num_key_value_heads} key/value heads"
+            )
+
+    def check_supported(self) -> None:
+        """Refuse, up front, a value that some stage does not handle."""
+        self._check_types()
+        for field_name, supported in SUPPORTED.items():
+            owner, _, attr = field_name.rpartition(".")
+            value = getattr(getattr(self, owner) if owner else self, attr)
+            if value not in supported:
+                raise SparsecError(
+                    f"unsupported model: {field_name} = {value!r} "
+                    f"(supported: {', '.join(map(repr, supported))})"
+                )
+
+
+def _from_legacy(d: dict) -> dict:
+    """The flat Llama-only layout that sparsec wrote before ModelConfig (same sizes)."""
+    d = dict(d)
+    family = d.pop("architecture")
+    eps = d.pop("rms_norm_eps", None)
+    theta = d.pop("rope_theta", None)
+    return {
+        **d,
+        "family": family,
+        "norm": "rms",
+        "norm_eps": eps,
+        "activation": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "qk_norm": False,
+        "rope": {"theta": theta},
+        "sliding_window": None,
+    }
+
+
+def graph_config(metadata) -> ModelConfig | None:
+    """The ModelConfig in a graph's ``metadata_props``, None when it has none;
+    ConfigError when it is malformed."""
+    text = metadata.get(META_CONFIG)
+    return None if text is None else ModelConfig.from_json(text)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsec import contract
+from sparsec.contract import ModelConfig
 from sparsec.errors import SparsecError
 from sparsec.onnx_io import check_writable, save_atomic
 
@@ -28,7 +29,7 @@ def _cache_wrapper(model):
     import torch
     from transformers.cache_utils import DynamicCache
 
-    n_layers = model.config.num_hidden_layers
+    n_layers = ModelConfig.from_hf(model.config).num_hidden_layers
 
     class LlamaWithFlatCache(torch.nn.Module):
         def __init__(self, inner):
@@ -66,15 +67,13 @@ def _io_names(n_layers: int) -> tuple[list[str], list[str]]:
 def _example_inputs(config, batch: int, seq: int, past: int, seed: int = 0):
     import torch
 
-    from sparsec.models import model_config_dict
-
-    cfg = model_config_dict(config)
+    cfg = ModelConfig.from_hf(config)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv_shape = (batch, cfg["num_key_value_heads"], past, cfg["head_dim"])
-    kv = [torch.randn(kv_shape, generator=g) for _ in range(2 * cfg["num_hidden_layers"])]
+    kv_shape = (batch, cfg.num_key_value_heads, past, cfg.head_dim)
+    kv = [torch.randn(kv_shape, generator=g) for _ in range(2 * cfg.num_hidden_layers)]
     return ids, mask, pos, kv
 
 
@@ -93,14 +92,14 @@ def export_model(
     import torch
 
     from sparsec.export_quant import insert_weight_dequantize, quantized_linears
-    from sparsec.models import model_config_dict, tokenizer_assets
+    from sparsec.models import tokenizer_assets
     from sparsec.sparsify.quant import ActivationFakeQuant
 
     out = Path(out)
     check_writable(out)
     config = model.config
-    cfg = model_config_dict(config)
-    n_layers = cfg["num_hidden_layers"]
+    cfg = ModelConfig.from_hf(config)
+    n_layers = cfg.num_hidden_layers
     wrapper = _cache_wrapper(model).eval()
     ids, mask, pos, kv = _example_inputs(config, _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST)
     batch = torch.export.Dim("batch")
@@ -137,7 +136,7 @@ def export_model(
     assets = tokenizer_assets(tokenizer)
     meta = onnx_model.metadata_props
     meta[contract.META_FORMAT] = "exported"
-    meta[contract.META_CONFIG] = json.dumps(cfg)
+    meta[contract.META_CONFIG] = cfg.to_json()
     meta[contract.META_TOKENIZER] = assets["tokenizer"]
     if assets["chat_template"]:
         meta[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
@@ -249,11 +248,9 @@ def greedy_onnx(
     token ids in ``suppress`` are never chosen."""
     import numpy as np
 
-    from sparsec.models import model_config_dict
-
-    cfg = model_config_dict(config)
-    kv_shape = (1, cfg["num_key_value_heads"], 0, cfg["head_dim"])
-    past = [np.zeros(kv_shape, np.float32) for _ in range(2 * cfg["num_hidden_layers"])]
+    cfg = ModelConfig.from_hf(config)
+    kv_shape = (1, cfg.num_key_value_heads, 0, cfg.head_dim)
+    past = [np.zeros(kv_shape, np.float32) for _ in range(2 * cfg.num_hidden_layers)]
     tokens = list(prompt)
     step_ids = np.array([prompt], dtype=np.int64)
     new = []

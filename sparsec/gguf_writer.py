@@ -49,27 +49,27 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, dtype: str = "f32") -> 
     """Write ``model`` (HF Llama) and its BPE tokenizer to ``out`` as GGUF F32/F16."""
     import gguf
 
-    from sparsec.models import model_config_dict
+    from sparsec.contract import ModelConfig
 
-    cfg = model_config_dict(model.config)
+    cfg = ModelConfig.from_hf(model.config)
     out = Path(out)
     np_dtype = {"f32": np.float32, "f16": np.float16}[dtype]
     w = gguf.GGUFWriter(str(out), "llama")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_dimension_count(cfg["head_dim"])
-    w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_vocab_size(cfg["vocab_size"])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope.theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     tokens, types, merges = _tokenizer_vocab(tokenizer)
-    if len(tokens) < cfg["vocab_size"]:
-        tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg["vocab_size"])]
-        types += [5] * (cfg["vocab_size"] - len(types))
+    if len(tokens) < cfg.vocab_size:
+        tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
+        types += [5] * (cfg.vocab_size - len(types))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -84,13 +84,13 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, dtype: str = "f32") -> 
         w.add_chat_template(tokenizer.chat_template)
 
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
 
     def add(name: str, arr: np.ndarray, keep_f32: bool = False) -> None:
         w.add_tensor(name, np.ascontiguousarray(arr.astype(np.float32 if keep_f32 else np_dtype)))
 
     add("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], keep_f32=True)
         add(f"blk.{i}.attn_q.weight", _permute_rotary(sd[p + "self_attn.q_proj.weight"], n_head))
@@ -102,7 +102,7 @@ def write_gguf(model, tokenizer, out: str | os.PathLike, dtype: str = "f32") -> 
         add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
         add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
     add("output_norm.weight", sd["model.norm.weight"], keep_f32=True)
-    if not cfg["tie_word_embeddings"]:
+    if not cfg.tie_word_embeddings:
         add("output.weight", sd["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()

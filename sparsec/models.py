@@ -16,9 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsec.contract import SUPPORTED, ModelConfig
 from sparsec.errors import SparsecError, require_compiler_stack
-
-SUPPORTED_ARCHITECTURES = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,10 @@ def resolve(source: str | os.PathLike) -> ModelSource:
 
 
 def _check_architecture(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type not in SUPPORTED["family"]:
         raise SparsecError(
             f"unsupported architecture {model_type!r} in {where}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"supported: {', '.join(SUPPORTED['family'])}"
         )
 
 
@@ -144,6 +143,10 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
         except Exception as e:
             raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
         _check_architecture(getattr(config, "model_type", None), str(src.folder))
+        try:  # refuse what no stage supports before reading the weights
+            ModelConfig.from_hf(config)
+        except SparsecError as e:
+            raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.folder)
             model = LlamaForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
@@ -152,31 +155,6 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
     model = model.float().eval()
     model.config.use_cache = True
     return model, tokenizer
-
-
-def model_config_dict(config) -> dict:
-    """The model config as the graph contract's ``sparsec.config`` JSON."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    if rope.get("rope_type", "default") != "default":
-        raise SparsecError(
-            f"unsupported RoPE scaling {rope.get('rope_type')!r}; supported: default"
-        )
-    return {
-        "architecture": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": getattr(config, "head_dim", None)
-        or config.hidden_size // config.num_attention_heads,
-        "rms_norm_eps": float(config.rms_norm_eps),
-        "rope_theta": float(rope_theta),
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": bool(config.tie_word_embeddings),
-    }
 
 
 def tokenizer_assets(tokenizer) -> dict:

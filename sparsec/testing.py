@@ -121,11 +121,11 @@ def build_contract_graph(model, tokenizer):
     import onnx_ir as ir
 
     from sparsec import contract
-    from sparsec.models import model_config_dict, tokenizer_assets
+    from sparsec.models import tokenizer_assets
 
-    cfg = model_config_dict(model.config)
+    cfg = contract.ModelConfig.from_hf(model.config)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    L, KVH, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    L, KVH, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     inits: list = []
 
     def const(name, arr):
@@ -146,11 +146,11 @@ def build_contract_graph(model, tokenizer):
         for i in range(L)
         for name in (contract.past_key, contract.past_value)
     ]
-    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-    angles = np.arange(cfg["max_position_embeddings"])[:, None] * inv_freq[None]
+    inv_freq = 1.0 / cfg.rope.theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(cfg.max_position_embeddings)[:, None] * inv_freq[None]
     cos = const("cos_cache", np.cos(angles).astype(np.float32))
     sin = const("sin_cache", np.sin(angles).astype(np.float32))
-    eps = cfg["rms_norm_eps"]
+    eps = cfg.norm_eps
     embed = sd["model.embed_tokens.weight"]
     x = node("Gather", [const("embed", embed), ids])
     h = node(
@@ -170,7 +170,7 @@ def build_contract_graph(model, tokenizer):
             "CachedAttention",
             [q, k, v, pasts[2 * i], pasts[2 * i + 1], pos, cos, sin],
             {
-                "num_heads": cfg["num_attention_heads"],
+                "num_heads": cfg.num_attention_heads,
                 "kv_num_heads": KVH,
                 "scale": float(hd**-0.5),
             },
@@ -224,7 +224,7 @@ def build_contract_graph(model, tokenizer):
     model_ir.metadata_props.update(
         {
             contract.META_FORMAT: "optimized",
-            contract.META_CONFIG: json.dumps(cfg),
+            contract.META_CONFIG: cfg.to_json(),
             contract.META_TOKENIZER: assets["tokenizer"],
             contract.META_GENERATION: json.dumps(assets["generation"]),
             contract.META_SOURCE: "build_contract_graph",

@@ -33,7 +33,7 @@ def _ort_logits(opt_path, ids, capacity=128, cfg=None):
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
             feeds[inp.name] = np.zeros(
-                (1, cfg["num_key_value_heads"], capacity, cfg["head_dim"]), np.float32
+                (1, cfg.num_key_value_heads, capacity, cfg.head_dim), np.float32
             )
     return sess.run([contract.LOGITS], feeds)[0][0]
 

@@ -68,8 +68,7 @@ def machine_info(load_before, load_after) -> dict:
 
 def _kv_bytes_per_token(cfg, kv_bytes: int, avg_context: float) -> int:
     # A decode step reads the keys and values of every cached position, in every layer.
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * kv_bytes * avg_context)
+    return int(2 * cfg.num_hidden_layers * cfg.kv_width * kv_bytes * avg_context)
 
 
 def _reference_tokens(measured) -> dict:
@@ -108,9 +107,7 @@ def build_report(
     load_before,
     load_after,
 ) -> dict:
-    cfg = variants[0].model.config
-    from sparsec.models import model_config_dict
-
+    cfg = variants[0].config
     avg_context = len(prompt) + opts.new_tokens / 2
     refs = _reference_tokens(measured)
     results = []
@@ -176,7 +173,7 @@ def build_report(
         "duration_seconds": round(time.time() - started, 1),
         "model": {
             "source": str(opts.model),
-            "config": model_config_dict(cfg),
+            "config": cfg.to_dict(),
             "variants": [v.describe() for v in variants],
         },
         "machine": machine_info(load_before, load_after),

@@ -139,7 +139,7 @@ def run_bench(opts: BenchOptions) -> dict:
     vs = variants.load_variants(opts.model, opts.sparsities, opts.cache_dir)
     tok = vs[0].tokenizer
     prompt = tok(opts.prompt).input_ids
-    model_max = vs[0].model.config.max_position_embeddings
+    model_max = vs[0].config.max_position_embeddings
     if len(prompt) + opts.new_tokens > model_max:
         prompt = prompt[: max(1, model_max - opts.new_tokens)]
     max_context = _max_context(opts, len(prompt), model_max)

@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsec.contract import ModelConfig
 from sparsec.errors import SparsecError
 
 
@@ -34,6 +35,10 @@ class Variant:
     folder: Path  # artifact cache of this variant
     report: dict | None = None  # sparsify report.json, when there is one
     paths: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_hf(self.model.config)
 
     def describe(self) -> dict:
         return {
@@ -73,10 +78,10 @@ def weights_hash(model, tokenizer) -> str:
     """blake2b over the config, the tokenizer and every tensor of the state dict (names,
     shapes and bytes): the key of every artifact made from the variant (a model.so or a
     GGUF carries the tokenizer too)."""
-    from sparsec.models import model_config_dict, tokenizer_assets
+    from sparsec.models import tokenizer_assets
 
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(model_config_dict(model.config), sort_keys=True).encode())
+    h.update(ModelConfig.from_hf(model.config).to_json().encode())
     h.update(json.dumps(tokenizer_assets(tokenizer), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         arr = t.detach().contiguous().float().numpy()

@@ -101,10 +101,10 @@ def emit_model(
     model = load_graph(src, quiet=quiet)
     prog = lower(model)
     cfg = prog.config
-    capacity = int(max_context or cfg["max_position_embeddings"])
-    if not 1 <= capacity <= cfg["max_position_embeddings"]:
+    capacity = int(max_context or cfg.max_position_embeddings)
+    if not 1 <= capacity <= cfg.max_position_embeddings:
         raise SparsecError(
-            f"--max-context {capacity} is outside 1..{cfg['max_position_embeddings']} "
+            f"--max-context {capacity} is outside 1..{cfg.max_position_embeddings} "
             "(the model's max_position_embeddings)"
         )
     if prog.activation_quant and precision == "fp32":
@@ -123,7 +123,7 @@ def emit_model(
         "SPC_SCRATCH_BYTES": emitted.scratch_bytes,
         "SPC_MAX_TOKENS": max_tokens,
         "SPC_CAPACITY": capacity,
-        "SPC_VOCAB": cfg["vocab_size"],
+        "SPC_VOCAB": cfg.vocab_size,
     }
     meta = model.metadata_props
     manifest = {
@@ -132,7 +132,7 @@ def emit_model(
         "sparsec_version": __version__,
         "cpu_features": [],  # read from the linked code by build_model
         "target": {"triple": "x86_64-unknown-linux-gnu", "cpu": target.target_cpu()},
-        "config": cfg,
+        "config": cfg.to_dict(),
         "tokenizer": meta.get(contract.META_TOKENIZER),
         "chat_template": meta.get(contract.META_CHAT_TEMPLATE),
         "generation": json.loads(meta.get(contract.META_GENERATION, "{}")),
@@ -141,13 +141,7 @@ def emit_model(
         "max_tokens_per_call": max_tokens,
         "default_threads": int(threads or min(os.cpu_count() or 1, 8)),
         "kv_cache": {
-            "shape": [
-                cfg["num_hidden_layers"],
-                2,
-                cfg["num_key_value_heads"],
-                capacity,
-                cfg["head_dim"],
-            ],
+            "shape": cfg.kv_cache_shape(capacity),
             "dtype": "float32",
         },
         "layers": [asdict(layer) for layer in emitted.layers],

@@ -129,7 +129,7 @@ class _Emitter:
         self.table_offsets = {n: self.blob.add(t) for n, t in self.tables.items()}
         self.layers: list[LayerRecord] = []
         cfg = prog.config
-        self.kv_layer_floats = cfg["num_key_value_heads"] * capacity * cfg["head_dim"]
+        self.kv_layer_floats = cfg.num_key_value_heads * capacity * cfg.head_dim
         max_in = max((ins.args["x"].width for ins in prog.linears()), default=0)
         # One quantized-activation region serves every int8 linear: each is quantized
         # right before its linear, so their lifetimes never overlap.
@@ -303,7 +303,7 @@ class _Emitter:
             self.module,
             ops.emit_embedding,
             vocab=ins.args["vocab"],
-            dim=cfg["hidden_size"],
+            dim=cfg.hidden_size,
             **self._embedding_layout(),
         )
         if self.shared_head:

@@ -62,7 +62,7 @@ class Instr:
 
 @dataclass
 class Program:
-    config: dict
+    config: contract.ModelConfig
     buffers: dict[str, int] = field(default_factory=dict)  # name -> row width (floats)
     instrs: list[Instr] = field(default_factory=list)
     tables: dict[str, np.ndarray] = field(default_factory=dict)  # non-linear constants
@@ -92,7 +92,9 @@ class _Lowering:
             raise SparsecError(
                 "the graph has no sparsec.config metadata: export it with `sparsec export`"
             )
-        self.prog = Program(config=json.loads(meta[contract.META_CONFIG]))
+        config = contract.graph_config(meta)
+        config.check_supported()
+        self.prog = Program(config=config)
         self.prog.sparsity = json.loads(meta.get(contract.META_SPARSITY, "{}"))
         self.views: dict[str, View] = {}
         self.counter = 0
@@ -285,20 +287,24 @@ class _Lowering:
             raise SparsecError(
                 f"node {node.name!r}: q, k and v must come from MatMuls on the same input"
             )
-        match = re.fullmatch(r"past_key_values\.(\d+)\.key", node.inputs[3].name)
-        if match is None or node.inputs[4].name != contract.past_value(int(match[1])):
+        cache = contract.parse_cache_name(node.inputs[3].name)
+        if (
+            cache is None
+            or (cache.io, cache.kind) != ("past", "key")
+            or node.inputs[4].name != contract.past_value(cache.layer)
+        ):
             raise SparsecError(f"node {node.name!r}: the cache inputs must be graph inputs")
         if node.inputs[5].name != contract.POSITION_IDS:
             raise SparsecError(f"node {node.name!r}: positions must be the position_ids input")
-        layer = int(match[1])
+        layer = cache.layer
         cfg = self.prog.config
         heads, kv_heads = int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads"))
         head_dim = q.width // heads
         scale = float(_attr(node, "scale", 1.0 / np.sqrt(head_dim)))
         if (heads, kv_heads, head_dim) != (
-            cfg["num_attention_heads"],
-            cfg["num_key_value_heads"],
-            cfg["head_dim"],
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
         ):
             raise SparsecError(f"node {node.name!r}: attention shape disagrees with sparsec.config")
         cos = _const(node.inputs[6], "cos_cache").astype(np.float32)
@@ -306,7 +312,7 @@ class _Lowering:
         self.prog.tables.setdefault("rope.cos", cos)
         self.prog.tables.setdefault("rope.sin", sin)
         if (
-            cos.shape != (cfg["max_position_embeddings"], head_dim // 2)
+            cos.shape != (cfg.max_position_embeddings, head_dim // 2)
             and cos.shape[1] != head_dim // 2
         ):
             raise SparsecError(f"node {node.name!r}: cos_cache must be [positions, head_dim/2]")

@@ -31,7 +31,6 @@ fuses. The report says which layer failed and why.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -306,7 +305,7 @@ def validate(
                 feeds[v.name] = np.ones((batch, past + seq), np.int64)
             elif v.name == contract.POSITION_IDS:
                 feeds[v.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
-            elif v.name.startswith("past_key_values."):
+            elif contract.parse_cache_name(v.name) is not None:
                 shape = (batch, v.shape[1], past, v.shape[3])
                 feeds[v.name] = rng.standard_normal(shape, dtype=np.float32)
             else:
@@ -394,13 +393,6 @@ def _rewrite(model: ir.Model, layers: list[Layer], heads: int, kv_heads: int) ->
         graph.inputs.remove(mask)
 
 
-def _config(model: ir.Model) -> dict:
-    try:
-        return json.loads(model.metadata_props.get(contract.META_CONFIG, "{}"))
-    except ValueError:
-        return {}
-
-
 class CachedAttentionPass(ir.passes.InPlacePass):
     """Attention + KV append -> ``sparsec.CachedAttention`` on in-place cache buffers."""
 
@@ -417,7 +409,10 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         self._result = ir.passes.PassResult(model, modified=False)
         graph = model.graph
         n_layers = sum(
-            1 for v in graph.outputs if v.name.startswith("present.") and v.name.endswith(".key")
+            1
+            for v in graph.outputs
+            if (name := contract.parse_cache_name(v.name)) is not None
+            and (name.io, name.kind) == ("present", "key")
         )
         if n_layers == 0:
             return self._fail("no present.{i}.key outputs: not a graph with a KV cache")
@@ -445,13 +440,10 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         if not isinstance(q_width, int) or q_width % head_dim:
             return self._fail(f"query projection {layers[0].q_proj.name!r} has no static width")
         heads = q_width // head_dim
-        config = _config(model)
-        expected = (
-            config.get("num_attention_heads"),
-            config.get("num_key_value_heads"),
-            config.get("head_dim"),
-        )
-        if config and expected != (heads, kv_heads, head_dim):
+        config = contract.graph_config(model.metadata_props)
+        if config is not None and (heads, kv_heads, head_dim) != (
+            expected := (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        ):
             return self._fail(
                 f"heads/kv heads/head size {heads}/{kv_heads}/{head_dim} disagree with "
                 f"sparsec.config {expected}"
@@ -468,7 +460,7 @@ class CachedAttentionPass(ir.passes.InPlacePass):
                 + "; ".join(problems[:3])
             )
         if self.validate:
-            vocab = config.get("vocab_size") or _vocab(graph)
+            vocab = config.vocab_size if config else _vocab(graph)
             try:
                 problems = validate(model, layers, heads, kv_heads, vocab)
             except Exception as e:  # onnxruntime refusing the graph, out of memory, ...

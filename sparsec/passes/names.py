@@ -12,15 +12,11 @@ roles keeps its name. Only names change.
 
 from __future__ import annotations
 
-import re
-
 import onnx_ir as ir
 
 from sparsec import contract
 from sparsec.passes._graph import is_op, unique_name, value_names
 from sparsec.passes.report import PassReport
-
-_LAYER = re.compile(r"present\.(\d+)\.key")
 
 
 def weight_initializers(value: ir.Value) -> tuple[ir.Value, ir.Value | None] | None:
@@ -70,10 +66,10 @@ def assign_roles(graph: ir.Graph) -> tuple[dict, dict]:
     layer = None
     for node in graph:
         if is_op(node, "CachedAttention", contract.DOMAIN):
-            match = _LAYER.fullmatch(node.outputs[1].name or "")
-            if match is None:
+            cache = contract.parse_cache_name(node.outputs[1].name)
+            if cache is None or (cache.io, cache.kind) != ("present", "key"):
                 continue
-            layer = int(match[1])
+            layer = cache.layer
             nodes[id(node)] = f"layers.{layer}.self_attn"
             for value, role in zip(node.inputs[:3], ("q_proj", "k_proj", "v_proj"), strict=False):
                 mm = _matmul_of(value)

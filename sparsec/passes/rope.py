@@ -20,8 +20,6 @@ Positions at or beyond ``max_position_embeddings`` are outside the tables.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
@@ -126,14 +124,8 @@ class _RoPE(pattern.RewriteRuleClassBase):
 
 
 def max_positions(model: ir.Model) -> int | None:
-    text = model.metadata_props.get(contract.META_CONFIG)
-    if not text:
-        return None
-    try:
-        value = json.loads(text).get("max_position_embeddings")
-    except (ValueError, AttributeError):
-        return None
-    return int(value) if isinstance(value, int) and value > 0 else None
+    config = contract.graph_config(model.metadata_props)
+    return None if config is None else config.max_position_embeddings
 
 
 class RoPEPass(RuleSetPass):

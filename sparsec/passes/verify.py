@@ -9,12 +9,12 @@ the cached tokens hold garbage that must stay unread and unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from sparsec import contract
+from sparsec.errors import SparsecError
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,11 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30))
 
 
-def _config(model) -> dict:
-    return json.loads(model.metadata_props[contract.META_CONFIG])
+def _config(model) -> contract.ModelConfig:
+    cfg = contract.graph_config(model.metadata_props)
+    if cfg is None:
+        raise SparsecError("the exported graph has no sparsec.config metadata")
+    return cfg
 
 
 def compare(exported, optimized, *, engine: str = "onnxruntime", cases=CASES, seed: int = 0):
@@ -65,11 +68,7 @@ def compare(exported, optimized, *, engine: str = "onnxruntime", cases=CASES, se
     from sparsec.passes import reference
 
     cfg = _config(exported)
-    layers, kv_heads, head_dim = (
-        cfg["num_hidden_layers"],
-        cfg["num_key_value_heads"],
-        cfg["head_dim"],
-    )
+    layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     ref_session = _session(exported)
     ref_names = [o.name for o in ref_session.get_outputs()]
     if engine == "onnxruntime":
@@ -90,7 +89,7 @@ def compare(exported, optimized, *, engine: str = "onnxruntime", cases=CASES, se
     for case in cases:
         b, s, p = case.batch, case.seq, case.past
         capacity = p + s + 1 + SPARE
-        ids = rng.integers(0, cfg["vocab_size"], (b, s + 1), dtype=np.int64)
+        ids = rng.integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int64)
         past = [
             rng.standard_normal((b, kv_heads, p, head_dim), dtype=np.float32)
             for _ in range(2 * layers)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsec.contract import ConfigError, ModelConfig
 from sparsec.errors import SparsecError
 
 MAGIC = "sparsec-model"
@@ -52,6 +53,10 @@ class Artifact:
     file_size: int
     manifest_offset: int
     manifest: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["config"])  # checked by read_artifact
 
     @property
     def weights_offset(self) -> int:
@@ -183,9 +188,10 @@ def validate_manifest(m: dict) -> None:
     target = _check(m, "target", dict, "")
     _check(target, "triple", _STR, "target.")
     _check(target, "cpu", _STR, "target.")
-    config = _check(m, "config", dict, "")
-    for key in ("vocab_size", "num_hidden_layers", "num_key_value_heads", "head_dim"):
-        _check(config, key, _INT, "config.", positive=True)
+    try:
+        config = ModelConfig.from_dict(_check(m, "config", dict, ""))
+    except ConfigError as e:
+        raise ManifestError(f"field 'config': {e}") from e
     _check(m, "tokenizer", _STR, "")
     _check(m, "chat_template", _STR, "", nullable=True)
     gen = _check(m, "generation", dict, "")
@@ -199,13 +205,7 @@ def validate_manifest(m: dict) -> None:
     _check(m, "default_threads", _INT, "", positive=True)
     kv = _check(m, "kv_cache", dict, "")
     shape = _check(kv, "shape", list, "kv_cache.")
-    expected = [
-        config["num_hidden_layers"],
-        2,
-        config["num_key_value_heads"],
-        max_context,
-        config["head_dim"],
-    ]
+    expected = config.kv_cache_shape(max_context)
     if shape != expected:
         raise ManifestError(
             f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, head_dim] "

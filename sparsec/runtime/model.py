@@ -109,12 +109,12 @@ class Model:
         m = artifact.manifest
         self.path = artifact.path
         self.manifest = m
-        self.config: dict = m["config"]
+        self.config = artifact.config
         self.tokenizer = tokenizer
         self.threads = n_threads
         self.max_context: int = m["max_context"]
         self.max_tokens_per_call: int = m["max_tokens_per_call"]
-        self.vocab_size: int = m["config"]["vocab_size"]
+        self.vocab_size: int = self.config.vocab_size
         gen = m["generation"]
         eos = gen["eos_token_id"]
         self.eos_token_ids = frozenset(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from sparsec.contract import ModelConfig
 from sparsec.errors import SparsecError
 from sparsec.runtime.artifact import Artifact
 from sparsec.runtime.cpu import missing_cpu_features
@@ -53,7 +54,7 @@ def summarize(artifact: Artifact) -> dict:
         "file_size": artifact.file_size,
         "sparsec_version": m["sparsec_version"],
         "abi_version": m["abi_version"],
-        "config": m["config"],
+        "config": artifact.config.to_dict(),  # older layouts read as today's
         "precision": m["precision"],
         "target": m["target"],
         "cpu_features": m["cpu_features"],
@@ -88,19 +89,11 @@ def human_bytes(n: int) -> str:
 
 
 def format_summary(s: dict) -> str:
-    c = s["config"]
-    model = ", ".join(
-        f"{label} {c[key]}"
-        for label, key in (
-            ("layers", "num_hidden_layers"),
-            ("hidden", "hidden_size"),
-            ("heads", "num_attention_heads"),
-            ("kv heads", "num_key_value_heads"),
-            ("head_dim", "head_dim"),
-            ("mlp", "intermediate_size"),
-            ("vocab", "vocab_size"),
-        )
-        if key in c
+    c = ModelConfig.from_dict(s["config"])
+    model = (
+        f"layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads}, "
+        f"kv heads {c.num_key_value_heads}, head_dim {c.head_dim}, mlp {c.intermediate_size}, "
+        f"vocab {c.vocab_size}"
     )
     missing = s["host_missing_cpu_features"]
     host = (
@@ -112,7 +105,7 @@ def format_summary(s: dict) -> str:
     )
     w, comp, sp = s["weights"], s["compile"], s["sparse"]
     rows = [
-        ("model", f"{c.get('architecture', '?')}: {model}"),
+        ("model", f"{c.family}: {model}"),
         ("precision", s["precision"]),
         ("target", f"{s['target']['triple']}, cpu {s['target']['cpu']}"),
         ("cpu features", f"{' '.join(s['cpu_features']) or '(none)'} ({host})"),

@@ -44,9 +44,10 @@ def test_metadata_carries_config_and_tokenizer(tiny_onnx, tiny_model):
     model, tokenizer = tiny_model
     meta = {p.key: p.value for p in onnx.load(tiny_onnx).metadata_props}
     assert meta[contract.META_FORMAT] == "exported"
-    cfg = json.loads(meta[contract.META_CONFIG])
-    assert cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == 16
-    assert cfg["rope_theta"] == pytest.approx(model.config.rope_parameters["rope_theta"])
+    cfg = contract.ModelConfig.from_json(meta[contract.META_CONFIG])
+    assert cfg == contract.ModelConfig.from_hf(model.config)
+    assert cfg.num_key_value_heads == 2 and cfg.head_dim == 16
+    assert cfg.rope.theta == pytest.approx(model.config.rope_parameters["rope_theta"])
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(meta[contract.META_TOKENIZER])

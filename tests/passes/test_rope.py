@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from passes_helpers import assert_pass_preserves, ops
 
@@ -30,8 +28,8 @@ def test_fuses_q_and_k_of_every_layer(exported):
     assert len({id(n.inputs[1]) for n in ropes}) == 1
     assert all(n.inputs[3].name == contract.POSITION_IDS for n in ropes)
     cos = ropes[0].inputs[1].const_value.numpy()
-    cfg = json.loads(model.metadata_props[contract.META_CONFIG])
-    assert cos.shape == (cfg["max_position_embeddings"], cfg["head_dim"] // 2)
+    cfg = contract.graph_config(model.metadata_props)
+    assert cos.shape == (cfg.max_position_embeddings, cfg.head_dim // 2)
 
 
 def test_tables_are_the_float32_angles():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsec.contract import ModelConfig, RoPE
+
 HERE = Path(__file__).parent
 SOURCE = HERE / "fake_model.c"
 
@@ -94,20 +96,26 @@ def manifest(**overrides) -> dict:
         "sparsec_version": "0.1.0",
         "cpu_features": ["avx512f", "avx512bw", "avx512_vnni"],
         "target": {"triple": f"{platform.machine()}-unknown-linux-gnu", "cpu": "znver4"},
-        "config": {
-            "architecture": "FakeForTests",
-            "vocab_size": V,
-            "hidden_size": D,
-            "intermediate_size": 0,
-            "num_hidden_layers": L,
-            "num_attention_heads": KVH,
-            "num_key_value_heads": KVH,
-            "head_dim": HD,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": C,
-            "tie_word_embeddings": False,
-        },
+        "config": ModelConfig(
+            family="fake",
+            vocab_size=V,
+            hidden_size=D,
+            intermediate_size=D,
+            num_hidden_layers=L,
+            num_attention_heads=KVH,
+            num_key_value_heads=KVH,
+            head_dim=HD,
+            max_position_embeddings=C,
+            tie_word_embeddings=False,
+            norm="rms",
+            norm_eps=1e-5,
+            activation="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            qk_norm=False,
+            rope=RoPE(theta=10000.0),
+            sliding_window=None,
+        ).to_dict(),
         "tokenizer": make_tokenizer_json(),
         "chat_template": CHAT_TEMPLATE,
         "generation": {"bos_token_id": BOS, "eos_token_id": EOS},

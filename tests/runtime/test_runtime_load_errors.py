@@ -81,7 +81,7 @@ def test_corrupt_manifest_json(model_path, tmp_path):
         (lambda m: m["weights"].__setitem__("offset", 100), "is not 4096-aligned"),
         (lambda m: m["weights"].__setitem__("size", 10**9), "overlap the manifest"),
         (lambda m: m["kv_cache"].__setitem__("shape", [1, 2, 3, 4, 5]), "expected [L, 2, KVH"),
-        (lambda m: m["config"].__setitem__("vocab_size", "260"), "config.vocab_size"),
+        (lambda m: m["config"].__setitem__("vocab_size", "260"), "'vocab_size' is '260'"),
         (lambda m: m.__setitem__("tokenizer", "{not json"), "its tokenizer does not parse"),
     ],
 )

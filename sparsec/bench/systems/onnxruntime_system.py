@@ -42,7 +42,7 @@ class OnnxRuntimeSystem(System):
             else variants.onnx_dynamic_int8(self.variant)
         )
         self.artifact = str(path)
-        self._weight_bytes = _matmul_weight_bytes(path, self.variant.model.config.hidden_size)
+        self._weight_bytes = _matmul_weight_bytes(path, self.variant.config.hidden_size)
 
     def _load(self, threads: int) -> None:
         import onnxruntime as ort

@@ -8,6 +8,7 @@ import numpy as np
 
 from sparsec.bench import variants
 from sparsec.bench.systems.base import System
+from sparsec.contract import ModelConfig
 
 
 class SparsecSystem(System):
@@ -55,4 +56,5 @@ class SparsecSystem(System):
 
     def weight_bytes_per_token(self) -> int:
         layers = sum(layer["bytes"] for layer in self.manifest["layers"])
-        return layers + 4 * self.manifest["config"]["hidden_size"]  # + one embedding row
+        hidden = ModelConfig.from_dict(self.manifest["config"]).hidden_size
+        return layers + 4 * hidden  # + one embedding row

@@ -73,4 +73,4 @@ class TorchEagerSystem(System):
             for m in self.variant.model.modules()
             if isinstance(m, torch.nn.Linear)
         )
-        return linears + 4 * self.variant.model.config.hidden_size
+        return linears + 4 * self.variant.config.hidden_size

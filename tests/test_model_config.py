@@ -1,0 +1,197 @@
+"""ModelConfig: the one model description every stage reads (sparsec.config)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+from sparsec import contract, models
+from sparsec.contract import ConfigError, ModelConfig, RoPE, parse_cache_name
+from sparsec.errors import SparsecError
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaConfig(**{**base, **overrides})
+
+
+def test_from_hf_reads_every_field():
+    cfg = ModelConfig.from_hf(tiny_llama_config(rope_theta=50000.0, rms_norm_eps=1e-6))
+    assert (cfg.family, cfg.num_hidden_layers, cfg.num_attention_heads) == ("llama", 2, 4)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.q_width, cfg.kv_width) == (2, 8, 32, 16)
+    assert cfg.rope == RoPE(theta=50000.0)
+    assert (cfg.norm, cfg.norm_eps, cfg.activation) == ("rms", 1e-6, "silu")
+    assert not (cfg.attention_bias or cfg.mlp_bias or cfg.qk_norm)
+    assert cfg.sliding_window is None and cfg.tie_word_embeddings is False
+    assert cfg.kv_cache_shape(100) == [2, 2, 2, 100, 8]
+
+
+def test_json_round_trip():
+    cfg = ModelConfig.from_hf(tiny_llama_config())
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["rope"] == {
+        "theta": 10000.0,
+        "type": "default",
+        "partial_rotary_factor": 1.0,
+        "scaling": {},
+    }
+
+
+@given(
+    layers=st.integers(1, 64),
+    kv_heads=st.integers(1, 8),
+    group=st.integers(1, 8),
+    head_dim=st.sampled_from([8, 64, 128, 256]),
+    theta=st.floats(1.0, 1e7),
+    window=st.one_of(st.none(), st.integers(1, 1 << 16)),
+    scaling=st.dictionaries(st.sampled_from(["factor", "low_freq_factor"]), st.floats(0.5, 64)),
+)
+def test_any_config_round_trips(layers, kv_heads, group, head_dim, theta, window, scaling):
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=1000,
+        hidden_size=kv_heads * group * head_dim,
+        intermediate_size=3 * head_dim,
+        num_hidden_layers=layers,
+        num_attention_heads=kv_heads * group,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        norm="rms",
+        norm_eps=1e-5,
+        activation="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        qk_norm=False,
+        rope=RoPE(theta=theta, scaling=tuple(sorted(scaling.items()))),
+        sliding_window=window,
+    )
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_the_layout_written_before_model_config_still_reads():
+    """Graphs and artifacts made by earlier sparsec versions carry the flat Llama layout."""
+    cfg = ModelConfig.from_hf(tiny_llama_config())
+    legacy = {
+        "architecture": "llama",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+    }
+    assert ModelConfig.from_dict(legacy) == cfg
+
+
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        (
+            tiny_llama_config(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            ),
+            "rope.type = 'llama3' (supported: 'default')",
+        ),
+        (tiny_llama_config(attention_bias=True), "attention_bias = True (supported: False)"),
+        (tiny_llama_config(mlp_bias=True), "mlp_bias = True (supported: False)"),
+        (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu')"),
+        (Qwen2Config(num_hidden_layers=1), "family = 'qwen2' (supported: 'llama')"),
+        (MistralConfig(num_hidden_layers=1), "family = 'mistral'"),
+    ],
+)
+def test_unsupported_values_are_refused_naming_the_field(hf, message):
+    with pytest.raises(SparsecError, match="unsupported model: ") as e:
+        ModelConfig.from_hf(hf)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("head_dim"), "has no field 'head_dim'"),
+        (lambda d: d.__setitem__("num_hidden_layers", "2"), "'num_hidden_layers' is '2'"),
+        (lambda d: d.__setitem__("num_key_value_heads", 3), "not a multiple of 3"),
+        (lambda d: d.__setitem__("rope", 10000.0), "'rope' must be an object"),
+        (lambda d: d.__setitem__("sliding_window", 0), "'sliding_window' is 0"),
+        (lambda d: d.__setitem__("qk_norm", 1), "'qk_norm' must be true or false"),
+    ],
+)
+def test_malformed_config_names_the_field(edit, message):
+    d = ModelConfig.from_hf(tiny_llama_config()).to_dict()
+    edit(d)
+    with pytest.raises(ConfigError, match="sparsec.config") as e:
+        ModelConfig.from_dict(d)
+    assert message in str(e.value)
+
+
+def test_unsupported_config_folder_is_refused_before_its_weights_load(tmp_path):
+    """Only config.json: the refusal must come from the description, not a missing file."""
+    folder = tmp_path / "llama3"
+    folder.mkdir()
+    tiny_llama_config(attention_bias=True).save_pretrained(folder)
+    with pytest.raises(SparsecError, match=r"config\.json: unsupported model: attention_bias"):
+        models.load_model(folder)
+
+
+def test_compile_refuses_a_graph_whose_config_no_stage_supports(tiny_model):
+    """The code generator trusts the description only for what it supports."""
+    from sparsec.codegen.program import lower
+    from sparsec.testing import build_contract_graph
+
+    graph = build_contract_graph(*tiny_model)
+    lower(graph)  # the description as exported: accepted
+    d = json.loads(graph.metadata_props[contract.META_CONFIG])
+    d["sliding_window"] = 16
+    graph.metadata_props[contract.META_CONFIG] = json.dumps(d)
+    with pytest.raises(SparsecError, match="sliding_window = 16 .supported: None."):
+        lower(graph)
+
+
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        ("past_key_values.0.key", ("past", 0, "key")),
+        ("past_key_values.29.value", ("past", 29, "value")),
+        ("present.3.key", ("present", 3, "key")),
+        ("present.3.keys", None),
+        ("past_key_values.x.key", None),
+        ("logits", None),
+        (None, None),
+    ],
+)
+def test_cache_names(name, parsed):
+    got = parse_cache_name(name)
+    assert (got and (got.io, got.layer, got.kind)) == parsed
+    if parsed is not None:
+        make = {
+            ("past", "key"): contract.past_key,
+            ("past", "value"): contract.past_value,
+            ("present", "key"): contract.present_key,
+            ("present", "value"): contract.present_value,
+        }[(got.io, got.kind)]
+        assert make(got.layer) == name
