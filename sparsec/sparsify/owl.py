@@ -16,12 +16,8 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError
-from sparsec.sparsify.prune import (
-    LayerInputs,
-    capture_first_layer_inputs,
-    decoder_layers,
-    run_layer,
-)
+from sparsec.sparsify.layer_walk import decoder_layers
+from sparsec.sparsify.prune import LayerInputs, capture_first_layer_inputs, run_layer
 
 OUTLIER_M = 5.0  # the paper's threshold for Llama models
 OWL_LAMBDA = 0.08  # the paper's spread: densities within target ± 0.08

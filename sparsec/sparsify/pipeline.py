@@ -23,10 +23,11 @@ from sparsec.errors import SparsecError
 from sparsec.sparsify import data as data_mod
 from sparsec.sparsify import report as report_mod
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
+from sparsec.sparsify.layer_walk import decoder_layers, prunable_linears
 from sparsec.sparsify.owl import OWL_LAMBDA, check_owl_lambda, outlier_ratios, owl_sparsities
 from sparsec.sparsify.patterns import check_sparsity, parse_pattern
 from sparsec.sparsify.perplexity import perplexity
-from sparsec.sparsify.prune import decoder_layers, prunable_linears, prune_model
+from sparsec.sparsify.prune import prune_model
 from sparsec.sparsify.quant import (
     ActivationFakeQuant,
     QuantAwareLinears,
@@ -255,10 +256,10 @@ class Run:
         batches = data_mod.TokenData(self.tokenizer, opts.calibration).windows(
             samples, opts.calibration_seq_len, opts.seed
         )
-        smooth_(self.model, activation_maxima(self.model, batches))
+        count = smooth_(self.model, activation_maxima(self.model, batches))
         self.state["smoothed"] = True
         self.state["timings"]["smooth"] = time.monotonic() - started
-        _log(opts, f"smoothed the W8A8 inputs on {samples} calibration sequences")
+        _log(opts, f"smoothed {count} W8A8 inputs on {samples} calibration sequences")
 
     def distill(self) -> None:
         opts = self.opts

@@ -105,7 +105,8 @@ def recipe(opts, state: dict, version: str) -> dict:
                     "activations": "int8 symmetric per token (inputs of the pruned Linears)",
                     "quantization_aware_steps": opts.qat_steps,
                     "smoothing": (
-                        "SmoothQuant, alpha 0.5, folded into the RMSNorm and up_proj weights"
+                        "SmoothQuant, alpha 0.5, folded into the norm weights before the q/k/v "
+                        "and gate/up Linears and into up_proj's rows"
                         if opts.smooth
                         else "none"
                     ),

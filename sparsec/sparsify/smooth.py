@@ -6,11 +6,15 @@ Smoothing divides each input channel ``j`` of a Linear's input by
 ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` and multiplies the weight's column
 ``j`` by it, which leaves the float model unchanged and moves the outliers into the
 (per-output-channel quantized) weights. The division is folded into what produces the
-input, so the graph keeps its ops and the compiler needs nothing new:
+input, so the graph keeps its ops and the compiler needs nothing new. Which inputs allow
+that is read off one traced forward (``layer_walk.trace_groups``), not from module
+names: an input that is a 1-D parameter times something (a norm's weight) or a Linear's
+output times something (a gated MLP's ``up``). On a Llama layer:
 
 - q/k/v input: the ``input_layernorm`` weight;
 - gate/up input: the ``post_attention_layernorm`` weight;
-- down input (``silu(gate) * up``): the rows of ``up_proj``.
+- down input (``silu(gate) * up``): the rows of ``up_proj``;
+- o_proj's input (attention output) has no such factor and is not smoothed.
 
 Zeros stay zeros (columns and rows are only scaled), so the sparsity is unchanged.
 Measured on the 50% SmolLM2 sparsify output: W8A8 perplexity 36.96 -> 36.17 (Verne) and
@@ -23,32 +27,25 @@ import torch
 from torch import nn
 
 from sparsec.errors import SparsecError
+from sparsec.sparsify.layer_walk import InputSource, trace_groups
 
 ALPHA = 0.5
 
 
-def _parts(layer) -> tuple:
-    try:
-        at, mlp = layer.self_attn, layer.mlp
-        return (
-            layer.input_layernorm,
-            (at.q_proj, at.k_proj, at.v_proj),
-            layer.post_attention_layernorm,
-            (mlp.gate_proj, mlp.up_proj),
-            mlp.up_proj,
-            mlp.down_proj,
-        )
-    except AttributeError as exc:
-        raise SparsecError(
-            f"smoothing needs Llama-style decoder layers ({exc}); pass --no-smoothing"
-        ) from exc
-
-
 @torch.no_grad()
 def activation_maxima(model: nn.Module, batches: torch.Tensor, batch_size: int = 4) -> list:
-    """Per layer, ``max |x_j|`` over the calibration tokens at the three smoothed inputs."""
-    layers = list(model.model.layers)
-    maxima = [[None, None, None] for _ in layers]
+    """Per decoder layer, ``[(group, source, max |x_j|)]`` over the calibration tokens,
+    for every Linear group whose input can be smoothed (see the module docstring)."""
+    sites = [
+        [(group, source) for group, source in layer if source is not None]
+        for layer in trace_groups(model, batches[:1])
+    ]
+    if not any(sites):
+        raise SparsecError(
+            "no Linear input of this model can be smoothed (none is a norm weight or a "
+            "Linear output times something); pass --no-smoothing"
+        )
+    maxima: list[list] = [[None] * len(layer) for layer in sites]
     handles = []
 
     def recorder(i: int, k: int):
@@ -59,10 +56,10 @@ def activation_maxima(model: nn.Module, batches: torch.Tensor, batch_size: int =
 
         return hook
 
-    for i, layer in enumerate(layers):
-        _, qkv, _, gate_up, _, down = _parts(layer)
-        for k, module in enumerate((qkv[0], gate_up[0], down)):
-            handles.append(module.register_forward_pre_hook(recorder(i, k)))
+    for i, layer in enumerate(sites):
+        for k, (group, _) in enumerate(layer):
+            first = next(iter(group.values()))
+            handles.append(first.register_forward_pre_hook(recorder(i, k)))
     try:
         model.eval()
         for start in range(0, len(batches), batch_size):
@@ -70,7 +67,10 @@ def activation_maxima(model: nn.Module, batches: torch.Tensor, batch_size: int =
     finally:
         for handle in handles:
             handle.remove()
-    return maxima
+    return [
+        [(group, source, x) for (group, source), x in zip(layer, xs, strict=True)]
+        for layer, xs in zip(sites, maxima, strict=True)
+    ]
 
 
 def _factors(x_max: torch.Tensor, linears, alpha: float) -> torch.Tensor:
@@ -79,21 +79,28 @@ def _factors(x_max: torch.Tensor, linears, alpha: float) -> torch.Tensor:
     return s.clamp(min=1e-5)
 
 
+def _fold(source: InputSource, s: torch.Tensor) -> None:
+    """Divide the input's channels by ``s`` where the input is made."""
+    if source.parameter is not None:
+        source.parameter.div_(s.to(source.parameter.dtype))
+        return
+    rows = source.linear
+    rows.weight.div_(s.to(rows.weight.dtype)[:, None])
+    if rows.bias is not None:
+        rows.bias.div_(s.to(rows.bias.dtype))
+
+
 @torch.no_grad()
-def smooth_(model: nn.Module, maxima: list, alpha: float = ALPHA) -> None:
-    """Fold the smoothing factors into ``model`` in place (float outputs unchanged)."""
-    for layer, (x_attn, x_mlp, x_down) in zip(model.model.layers, maxima, strict=True):
-        norm1, qkv, norm2, gate_up, up, down = _parts(layer)
-        s = _factors(x_attn, qkv, alpha)
-        norm1.weight.div_(s.to(norm1.weight.dtype))
-        for lin in qkv:
-            lin.weight.mul_(s.to(lin.weight.dtype))
-        s = _factors(x_mlp, gate_up, alpha)
-        norm2.weight.div_(s.to(norm2.weight.dtype))
-        for lin in gate_up:
-            lin.weight.mul_(s.to(lin.weight.dtype))
-        s = _factors(x_down, (down,), alpha)
-        up.weight.div_(s.to(up.weight.dtype)[:, None])
-        if up.bias is not None:
-            up.bias.div_(s.to(up.bias.dtype))
-        down.weight.mul_(s.to(down.weight.dtype))
+def smooth_(model: nn.Module, maxima: list, alpha: float = ALPHA) -> int:
+    """Fold the smoothing factors into ``model`` in place (float outputs unchanged);
+    returns how many Linear inputs were smoothed."""
+    count = 0
+    for layer in maxima:
+        for group, source, x_max in layer:  # in execution order, as measured
+            linears = list(group.values())
+            s = _factors(x_max, linears, alpha)
+            _fold(source, s)
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype))
+            count += 1
+    return count

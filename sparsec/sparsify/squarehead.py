@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparsec.sparsify.head_loss import fused_head_loss
-from sparsec.sparsify.prune import decoder_layers
+from sparsec.sparsify.layer_walk import decoder_layers
 
 EPS = 1e-6
 FEATURE_WEIGHT = 1.0

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from test_sparsify_pipeline import options
 
 from sparsec.errors import SparsecError
+from sparsec.sparsify.layer_walk import decoder_layers
 from sparsec.sparsify.owl import outlier_ratios, owl_sparsities
 from sparsec.sparsify.pipeline import sparsify
-from sparsec.sparsify.prune import decoder_layers
 
 
 def test_sparsities_keep_the_mean_and_spread_by_outliers():

@@ -61,7 +61,7 @@ def test_weight_quant_is_per_output_channel_and_keeps_zeros():
 def test_quantize_weights_in_place_and_json(tiny_model, tmp_path):
     import copy
 
-    from sparsec.sparsify.prune import prunable_linears
+    from sparsec.sparsify.layer_walk import prunable_linears
 
     model = copy.deepcopy(tiny_model[0])
     linears = prunable_linears(model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsec.sparsify.prune import prunable_linears
+from sparsec.sparsify.layer_walk import prunable_linears
 from sparsec.sparsify.quant import ActivationFakeQuant, quantize_weights_
 from sparsec.sparsify.smooth import activation_maxima, smooth_
 from sparsec.testing import make_tiny_llama, zero_smallest
@@ -66,6 +66,8 @@ def test_float_outputs_and_zeros_unchanged_and_w8a8_error_drops():
 
 
 def test_maxima_cover_the_three_smoothed_inputs():
+    """Found from the traced forward, not from names: each norm's weight before q/k/v and
+    gate/up, the rows of up_proj before down_proj; o_proj's input has no such factor."""
     model, _ = make_tiny_llama(seed=2)
     calib = torch.randint(
         0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0)
@@ -73,7 +75,48 @@ def test_maxima_cover_the_three_smoothed_inputs():
     maxima = activation_maxima(model, calib, batch_size=2)
     cfg = model.config
     assert len(maxima) == cfg.num_hidden_layers
-    for attn, mlp, down in maxima:
+    for layer, sites in zip(model.model.layers, maxima, strict=True):
+        assert [list(group) for group, _, _ in sites] == [
+            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ["mlp.gate_proj", "mlp.up_proj"],
+            ["mlp.down_proj"],
+        ]
+        (_, attn_src, attn), (_, mlp_src, mlp), (_, down_src, down) = sites
+        assert attn_src.parameter is layer.input_layernorm.weight
+        assert mlp_src.parameter is layer.post_attention_layernorm.weight
+        assert down_src.linear is layer.mlp.up_proj and down_src.parameter is None
         assert attn.shape == (cfg.hidden_size,) and mlp.shape == (cfg.hidden_size,)
         assert down.shape == (cfg.intermediate_size,)
         assert bool((attn > 0).all()) and bool((down >= 0).all())
+
+
+def test_a_layout_without_a_foldable_input_is_refused():
+    """A plain (not gated) MLP after a norm with no weight: nothing to fold into."""
+    import pytest
+    from transformers import LlamaConfig
+
+    from sparsec.errors import SparsecError
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc_in, self.fc_out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+        def forward(self, x, **_):
+            return (x + self.fc_out(torch.relu(self.fc_in(torch.tanh(x)))),)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = LlamaConfig(num_hidden_layers=2, vocab_size=10)
+            self.embed = torch.nn.Embedding(10, 8)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, input_ids, use_cache=False):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = layer(x)[0]
+            return x
+
+    with pytest.raises(SparsecError, match="no Linear input of this model can be smoothed"):
+        activation_maxima(Toy(), torch.randint(0, 10, (2, 5)))

@@ -144,7 +144,8 @@ def test_staged_llama_layer_equals_rerunning_the_layer(tiny_model):
     """The cached-activation path prunes exactly like re-running the layer per group."""
     import copy
 
-    from sparsec.sparsify.prune import capture_first_layer_inputs, decoder_layers, prune_layer
+    from sparsec.sparsify.layer_walk import decoder_layers
+    from sparsec.sparsify.prune import capture_first_layer_inputs, prune_layer
 
     model = tiny_model[0]
     calibration = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))

@@ -104,17 +104,22 @@ def test_empty_data_file(tiny_model_dir, text_file, tmp_path):
 
 
 def test_model_without_linears_is_a_clear_error():
-    from sparsec.sparsify.prune import prunable_linears
+    from transformers import LlamaConfig
+
+    from sparsec.sparsify.layer_walk import prunable_linears
 
     class NoLinears(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, layers: int):
             super().__init__()
+            self.config = LlamaConfig(num_hidden_layers=2)
             self.model = torch.nn.Module()
-            self.model.layers = torch.nn.ModuleList([torch.nn.LayerNorm(4)])
+            self.model.layers = torch.nn.ModuleList([torch.nn.LayerNorm(4)] * layers)
 
     with pytest.raises(SparsecError, match="no Linear layers"):
-        prunable_linears(NoLinears())
-    with pytest.raises(SparsecError, match="no decoder layers"):
+        prunable_linears(NoLinears(2))
+    with pytest.raises(SparsecError, match=r"no list of 2 decoder layers \(num_hidden_layers\)"):
+        prunable_linears(NoLinears(3))
+    with pytest.raises(SparsecError, match="not a Hugging Face causal LM"):
         prunable_linears(torch.nn.Linear(3, 3))
 
 

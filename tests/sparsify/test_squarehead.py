@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sparsec.errors import SparsecError
+from sparsec.sparsify.layer_walk import prunable_linears
 from sparsec.sparsify.patterns import parse_pattern
-from sparsec.sparsify.prune import prunable_linears, prune_model
+from sparsec.sparsify.prune import prune_model
 from sparsec.sparsify.squarehead import (
     EPS,
     distillation_loss,
