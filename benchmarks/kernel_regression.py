@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         "--emitter",
         metavar="FILE:FUNC",
         default=None,
-        help="emit the working tree's linear kernels with FUNC(module, name, packed) from "
+        help="emit the working tree's linear kernels with FUNC(module, name, packed, target) from "
         "FILE.py: try a kernel variant against the baseline (default: sparsec's)",
     )
     ap.add_argument(

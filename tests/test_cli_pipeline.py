@@ -10,6 +10,7 @@ import torch
 
 from sparsec import contract, runtime
 from sparsec.cli import main
+from sparsec.codegen import target
 
 ATOL = 1e-3  # the issue's bound vs onnxruntime; measured ~2e-6
 
@@ -102,3 +103,23 @@ def test_run_and_inspect_commands(pipeline, capsys):
     out = capsys.readouterr().out
     assert "dense_f32" in out
     assert "rows of the tied LM head (float32, stored once)" in out
+
+
+def test_compile_for_a_named_target_cpu(pipeline, tmp_path, tiny_model, capsys):
+    """--target-cpu: scheduled and tuned for that CPU (recorded), same numbers here."""
+    opt, default_so = pipeline
+    so = tmp_path / "spr.so"
+    args = ["compile", str(opt), "-o", str(so), "--max-context", "64"]
+    assert main([*args, "--target", "avx512", "--target-cpu", "sapphirerapids"]) == 0
+    rt = runtime.load(so)
+    assert rt.manifest["target"]["cpu"] == "sapphirerapids"
+    assert rt.manifest["target"]["isa"] == "avx512"
+    assert runtime.load(default_so).manifest["target"]["cpu"] == target.host_target().cpu
+    model, tokenizer = tiny_model
+    ids = tokenizer("a named cpu").input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(rt.forward(ids), ref, atol=ATOL)
+    capsys.readouterr()
+    assert main([*args, "--target-cpu", "Zen 4"]) == 1
+    assert "--target-cpu 'Zen 4' is not an LLVM cpu name" in capsys.readouterr().err

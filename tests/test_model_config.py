@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,30 +13,23 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config
 from sparsec import contract, models
 from sparsec.contract import ConfigError, ModelConfig, RoPE, parse_cache_name
 from sparsec.errors import SparsecError
+from sparsec.testing import TINY_CONFIG
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaConfig(**{**base, **overrides})
+    return LlamaConfig(**{**TINY_CONFIG, **overrides})
 
 
 def test_from_hf_reads_every_field():
     cfg = ModelConfig.from_hf(tiny_llama_config(rope_theta=50000.0, rms_norm_eps=1e-6))
     assert (cfg.family, cfg.num_hidden_layers, cfg.num_attention_heads) == ("llama", 2, 4)
-    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.q_width, cfg.kv_width) == (2, 8, 32, 16)
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.q_width, cfg.kv_width) == (2, 16, 64, 32)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (272, 64, 128)
     assert cfg.rope == RoPE(theta=50000.0)
     assert (cfg.norm, cfg.norm_eps, cfg.activation) == ("rms", 1e-6, "silu")
     assert not (cfg.attention_bias or cfg.mlp_bias or cfg.qk_norm)
-    assert cfg.sliding_window is None and cfg.tie_word_embeddings is False
-    assert cfg.kv_cache_shape(100) == [2, 2, 2, 100, 8]
+    assert cfg.sliding_window is None and cfg.tie_word_embeddings is True
+    assert cfg.kv_cache_shape(100) == [2, 2, 2, 100, 16]
 
 
 def test_json_round_trip():
@@ -59,23 +53,13 @@ def test_json_round_trip():
     scaling=st.dictionaries(st.sampled_from(["factor", "low_freq_factor"]), st.floats(0.5, 64)),
 )
 def test_any_config_round_trips(layers, kv_heads, group, head_dim, theta, window, scaling):
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=1000,
+    cfg = dataclasses.replace(
+        ModelConfig.from_hf(tiny_llama_config()),
         hidden_size=kv_heads * group * head_dim,
-        intermediate_size=3 * head_dim,
         num_hidden_layers=layers,
         num_attention_heads=kv_heads * group,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        norm="rms",
-        norm_eps=1e-5,
-        activation="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        qk_norm=False,
         rope=RoPE(theta=theta, scaling=tuple(sorted(scaling.items()))),
         sliding_window=window,
     )
@@ -87,17 +71,17 @@ def test_the_layout_written_before_model_config_still_reads():
     cfg = ModelConfig.from_hf(tiny_llama_config())
     legacy = {
         "architecture": "llama",
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 48,
+        "vocab_size": 272,
+        "hidden_size": 64,
+        "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 8,
-        "rms_norm_eps": 1e-6,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": 128,
-        "tie_word_embeddings": False,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
     }
     assert ModelConfig.from_dict(legacy) == cfg
 
@@ -112,7 +96,7 @@ def test_the_layout_written_before_model_config_still_reads():
                     "factor": 8.0,
                     "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 64,
+                    "original_max_position_embeddings": 128,
                 }
             ),
             "rope.type = 'llama3' (supported: 'default')",

@@ -22,14 +22,13 @@ step on 1 and 2 threads and a prefill chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,14 +123,23 @@ def make_weight(spec: KernelSpec) -> np.ndarray:
     return w
 
 
-Emitter = Callable[[object, str, object], object]  # (module, name, packed) -> ir.Function
+# (module, name, packed, target) -> ir.Function
+Emitter = Callable[[object, str, object, object], object]
 
 
-def emit_kernel(module, name: str, packed):
-    """The kernel as the model compiler emits it."""
+def emit_kernel(module, name: str, packed, target):
+    """The kernel as the model compiler emits it for ``target``."""
     from sparsec.codegen.linear import emit_linear
 
-    return emit_linear(module, name, packed, max_tokens=MAX_TOKENS)
+    return emit_linear(module, name, packed, max_tokens=MAX_TOKENS, target=target)
+
+
+def code_target():
+    """What the compared code is compiled for, on every host: the AVX-512 ISA scheduled
+    and tuned for ``FINGERPRINT_CPU``."""
+    from sparsec.codegen.target import AVX512, Target
+
+    return Target(AVX512, FINGERPRINT_CPU)
 
 
 def pack_all(specs: list[KernelSpec]) -> dict:
@@ -147,32 +155,19 @@ def pack_all(specs: list[KernelSpec]) -> dict:
     return packs
 
 
-def linear_module(specs: list[KernelSpec], packs: dict, emitter: Emitter = emit_kernel):
-    """One LLVM module with every spec's kernel and the quantize kernels they need."""
+def linear_module(specs: list[KernelSpec], packs: dict, emitter: Emitter, target):
+    """One LLVM module with every spec's kernel for ``target`` and the quantize kernels
+    they need."""
     from llvmlite import ir
 
     from sparsec.codegen.linear import emit_quantize_tokens
 
     module = ir.Module(name="kernel_regression")
     for spec in specs:
-        emitter(module, spec.name, packs[spec.name])
+        emitter(module, spec.name, packs[spec.name], target)
     for in_features in sorted({s.shape[1] for s in specs if s.int8}):
         emit_quantize_tokens(module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS)
     return module
-
-
-@contextmanager
-def fixed_cpu(cpu: str = FINGERPRINT_CPU):
-    """Compile for LLVM cpu ``cpu`` inside the block, whatever the host."""
-    old = os.environ.get("SPARSEC_TARGET_CPU")
-    os.environ["SPARSEC_TARGET_CPU"] = cpu
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPARSEC_TARGET_CPU", None)
-        else:
-            os.environ["SPARSEC_TARGET_CPU"] = old
 
 
 @dataclass(frozen=True)
@@ -193,8 +188,7 @@ def compiled_code(module, prefix: str = "") -> CompiledCode:
     )
     from sparsec.codegen import target
 
-    with fixed_cpu():
-        obj, asm = target.compile_ir_and_assembly(module)
+    obj, asm = target.compile_ir_and_assembly(module, code_target())
     names = canonical_names(asm)
     fps = fingerprint_module(asm, obj)
     texts = function_assembly(asm)
@@ -282,10 +276,12 @@ class Suite:
     def build(self, timing: bool = True) -> None:
         """Compile everything for the fixed cpu (fingerprints, text) and, with ``timing``,
         for this host (the timed code)."""
+        from sparsec.codegen.target import default_target
+
         t0 = time.perf_counter()
         if self.specs:
             packs = pack_all(self.specs)
-            code = compiled_code(linear_module(self.specs, packs, self.emitter))
+            code = compiled_code(linear_module(self.specs, packs, self.emitter, code_target()))
             self._add(code)
             timed = [s for s in self.specs if is_timed(s)]
             if timing and timed:
@@ -299,7 +295,8 @@ class Suite:
                         WORKING_SET,
                     ]
                     self.items[s.name] = Item(s.name, json.dumps(key), packs[s.name].data.nbytes)
-                self._linear = LinearTiming(linear_module(timed, packs, self.emitter), timed, packs)
+                module = linear_module(timed, packs, self.emitter, default_target())
+                self._linear = LinearTiming(module, timed, packs)
             self.log(f"linear kernels: {len(self.specs)} built ({time.perf_counter() - t0:.0f} s)")
         if self.variants:
             self._build_models(timing)
@@ -310,22 +307,29 @@ class Suite:
 
     def _build_models(self, timing: bool) -> None:
         from sparsec.codegen.compile import build_model, emit_model
+        from sparsec.codegen.target import default_target
 
         tmp = Path(self._tmp.name)
         graph = model_graph(tmp / "graph.onnx")
         libraries = {}
         for v in self.variants:
             t0 = time.perf_counter()
-            em = emit_model(
-                graph,
+            options = dict(
                 precision=v.precision,
                 max_context=MODEL_CAPACITY,
                 kernels="auto",
                 quiet=True,
                 choose=v.choose,
             )
+            em = emit_model(graph, **options, target=code_target())
             self._add(compiled_code(em.emitted.module, prefix=f"{v.name}/"))
             if timing:
+                # The timed build is this host's: emitted again only if its tuning differs.
+                host = default_target()
+                if host.tuning == em.target.tuning:
+                    em = dataclasses.replace(em, target=host)
+                else:
+                    em = emit_model(graph, **options, target=host)
                 manifest = build_model(em, tmp / f"{v.name}.so", quiet=True)
                 libraries[v.name] = tmp / f"{v.name}.so"
                 layer_bytes = sum(layer["bytes"] for layer in manifest["layers"])

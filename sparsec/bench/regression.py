@@ -116,7 +116,7 @@ class Side:
         self.log_path = out / "build.log"
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
-        env.pop("SPARSEC_TARGET_CPU", None)  # each side compiles for this host
+        env.pop("SPARSEC_TARGET_CPU", None)  # older sides read it; each builds for this host
         cmd = [sys.executable, *server, "--out", str(out), *extra_args]
         self.proc = subprocess.Popen(
             cmd,

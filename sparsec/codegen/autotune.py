@@ -24,7 +24,7 @@ from llvmlite import ir
 
 from sparsec.codegen import target
 from sparsec.codegen.linear_kernel import emit_linear_kernel
-from sparsec.codegen.linear_pack import LINEAR_FORMATS, PackedLinear, pack_linear
+from sparsec.codegen.linear_pack import PackedLinear, pack_linear
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.errors import SparsecError
 
@@ -79,11 +79,20 @@ class LinearLibrary:
     int8 shapes also get a quantize kernel ``<name>_quant``.
     """
 
-    def __init__(self, specs, max_tokens: int, accumulate: bool = False, out: Path | None = None):
+    def __init__(
+        self,
+        specs,
+        max_tokens: int,
+        accumulate: bool = False,
+        out: Path | None = None,
+        tgt: target.Target | None = None,
+    ):
         module = ir.Module()
         self.packed = {}
         for name, packed in specs:
-            emit_linear_kernel(module, name, packed, max_tokens=max_tokens, accumulate=accumulate)
+            emit_linear_kernel(
+                module, name, packed, max_tokens=max_tokens, accumulate=accumulate, target=tgt
+            )
             if packed.precision == "int8":
                 emit_quantize_tokens(
                     module, f"{name}_quant", packed.in_features, max_tokens=max_tokens
@@ -91,9 +100,9 @@ class LinearLibrary:
             self.packed[name] = packed
         self.max_tokens = max_tokens
         if out is None:
-            lib = target.build_and_load(module, [TIMER_SOURCE])
+            lib = target.build_and_load(module, [TIMER_SOURCE], tgt)
         else:
-            lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out))
+            lib = target.load_library(target.build_library(module, [TIMER_SOURCE], out, tgt))
         self.lib = bind_timer(lib)
 
     def address(self, name: str) -> int:
@@ -127,26 +136,40 @@ class LinearLibrary:
 
 
 @functools.cache
-def _library(fmt: str, out_features: int, in_features: int, max_tokens: int) -> LinearLibrary:
-    dummy = pack_linear(np.zeros((out_features, in_features), np.float32), fmt)
-    return LinearLibrary([("lin", dummy)], max_tokens)
+def _library(
+    fmt: str, out_features: int, in_features: int, max_tokens: int, tgt: target.Target
+) -> LinearLibrary:
+    dummy = pack_linear(np.zeros((out_features, in_features), np.float32), fmt, tgt.isa)
+    return LinearLibrary([("lin", dummy)], max_tokens, tgt=tgt)
 
 
 def measure_linear(
-    packed: PackedLinear, *, n_tokens: int = 1, nthreads: int = 1, reps: int = 7
+    packed: PackedLinear,
+    *,
+    n_tokens: int = 1,
+    nthreads: int = 1,
+    reps: int = 7,
+    tgt: target.Target | None = None,
 ) -> float:
     """Median seconds of one call of ``packed``'s kernel on this host (weights not in L2)."""
-    return measure_linears([packed], n_tokens=n_tokens, nthreads=nthreads, reps=reps)[0]
+    return measure_linears([packed], n_tokens=n_tokens, nthreads=nthreads, reps=reps, tgt=tgt)[0]
 
 
 def measure_linears(
-    packs: list[PackedLinear], *, n_tokens: int = 1, nthreads: int = 1, reps: int = 7
+    packs: list[PackedLinear],
+    *,
+    n_tokens: int = 1,
+    nthreads: int = 1,
+    reps: int = 7,
+    tgt: target.Target | None = None,
 ) -> list[float]:
-    """Median seconds per call of each kernel; repetitions alternate between the kernels
-    so that load from other processes hits all candidates alike."""
+    """Median seconds per call of each kernel, built for ``tgt`` (default: this host's),
+    run here; repetitions alternate between the kernels so that load from other
+    processes hits all candidates alike."""
+    tgt = tgt or target.default_target()
     benches = []
     for packed in packs:
-        lib = _library(packed.fmt, packed.out_features, packed.in_features, max(n_tokens, 1))
+        lib = _library(packed.fmt, packed.out_features, packed.in_features, max(n_tokens, 1), tgt)
         copies = max(1, min(64, TIMING_WORKING_SET // max(packed.data.nbytes, 1)))
         keep = [packed.data.copy() for _ in range(copies)]
         rng = np.random.default_rng(0)
@@ -198,13 +221,17 @@ def choose_linear_format(
     nthreads: int = 1,
     reps: int = 7,
     use_cache: bool = True,
+    tgt: target.Target | None = None,
 ) -> str:
     """The linear format for ``weight`` ([out, in] float32) at ``precision`` fp32|int8.
 
-    ``allowed``: "dense" or "bitmask" force that family; "auto" times both on this host
-    (decode shape ``n_tokens`` by default) and returns the faster one.
+    ``allowed``: "dense" or "bitmask" force that family; "auto" times both, built for
+    ``tgt`` (default: this host's target), on this host (decode shape ``n_tokens`` by
+    default) and returns the faster one.
     """
     from sparsec import __version__
+
+    tgt = tgt or target.default_target()
 
     suffix = {"fp32": "f32", "int8": "i8"}.get(precision)
     if suffix is None:
@@ -213,7 +240,7 @@ def choose_linear_format(
         return f"{allowed}_{suffix}"
     if allowed != "auto":
         raise SparsecError(f"unknown linear kernel choice {allowed!r}; use auto, dense or bitmask")
-    candidates = [f for f in LINEAR_FORMATS if f.endswith("_" + suffix)]
+    candidates = [f for f in tgt.isa.formats if f.endswith("_" + suffix)]
     w = np.asarray(weight, dtype=np.float32)
     sparsity = round(1.0 - np.count_nonzero(w) / max(w.size, 1), 2)
     if sparsity < DENSE_ONLY_BELOW:
@@ -229,6 +256,8 @@ def choose_linear_format(
             n_tokens,
             nthreads,
             target.host_cpu_model(),
+            tgt.isa.name,
+            tgt.cpu,
             __version__,
         ]
     )
@@ -238,7 +267,11 @@ def choose_linear_format(
         if hit and hit.get("format") in candidates:
             return hit["format"]
     seconds = measure_linears(
-        [pack_linear(w, fmt) for fmt in candidates], n_tokens=n_tokens, nthreads=nthreads, reps=reps
+        [pack_linear(w, fmt, tgt.isa) for fmt in candidates],
+        n_tokens=n_tokens,
+        nthreads=nthreads,
+        reps=reps,
+        tgt=tgt,
     )
     times = dict(zip(candidates, seconds, strict=True))
     best = min(times, key=times.get)

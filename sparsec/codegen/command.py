@@ -8,7 +8,7 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser(
         "compile",
-        help="compile an ONNX graph into one native model.so (AVX-512)",
+        help="compile an ONNX graph into one native model.so (AVX-512; --target)",
         description="Compile a sparsec ONNX graph (raw `sparsec export` output, or "
         "`sparsec optimize` output) into one shared library: AVX-512 kernels specialized "
         "to every layer's shape, precision and sparsity, the whole forward step, the "
@@ -39,14 +39,31 @@ def register(sub) -> None:
         default=None,
         help="KV-cache capacity in tokens (default: the model's max_position_embeddings)",
     )
+    p.add_argument(
+        "--target",
+        choices=("auto", "avx512"),
+        default="auto",
+        help="instruction set of the kernels: auto picks the best this CPU runs (today "
+        "avx512: AVX-512 with VNNI/VBMI2, AMD Zen 4 or Intel Ice Lake and newer). The CPU "
+        "compiling must have it: --kernels auto times candidates here. Default auto.",
+    )
+    p.add_argument(
+        "--target-cpu",
+        default=None,
+        metavar="NAME",
+        help="LLVM cpu name the code is scheduled and tuned for (e.g. znver4, "
+        "sapphirerapids); the ISA stays --target's. Default: this CPU.",
+    )
     p.set_defaults(func=_compile)
 
 
 def _compile(args) -> int:
     from sparsec.codegen.compile import compile_model
+    from sparsec.codegen.target import host_target
     from sparsec.errors import require_compiler_stack
 
     require_compiler_stack()
+    target = host_target(args.target, args.target_cpu)
     manifest = compile_model(
         args.model,
         args.output,
@@ -54,6 +71,7 @@ def _compile(args) -> int:
         threads=args.threads,
         max_context=args.max_context,
         kernels=args.kernels,
+        target=target,
     )
     out = Path(args.output)
     n_sparse = sum(1 for layer in manifest["layers"] if "bitmask" in layer["kernel"])

@@ -22,6 +22,7 @@ from sparsec.errors import SparsecError
 
 if TYPE_CHECKING:
     from sparsec.codegen.emit import Emitted
+    from sparsec.codegen.target import Target
 
 NATIVE = Path(__file__).parent / "native"
 ABI_VERSION = 1
@@ -54,11 +55,12 @@ def load_graph(path: str | os.PathLike, *, quiet: bool = False):
     return model
 
 
-def default_chooser(cache: bool = True):
+def default_chooser(cache: bool = True, target=None):
+    """Each layer's format, timed on this host for ``target`` (default: this host's)."""
     from sparsec.codegen import linear
 
     def choose(weight, precision: str, kernels: str) -> str:
-        return linear.choose_linear_format(weight, precision, kernels, use_cache=cache)
+        return linear.choose_linear_format(weight, precision, kernels, use_cache=cache, tgt=target)
 
     return choose
 
@@ -70,6 +72,7 @@ class EmittedModel:
     the module's code for a fixed CPU (``benchmarks/kernel_regression.py``)."""
 
     emitted: Emitted
+    target: Target
     manifest: dict
     defines: dict[str, int]
     source: str
@@ -86,18 +89,20 @@ def emit_model(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     quiet: bool = False,
     choose=None,
+    target: Target | None = None,
 ) -> EmittedModel:
-    """Lower ``src`` (.onnx) and emit its kernels. ``choose(weight, precision, kernels)``
-    picks each linear layer's format (default: ``default_chooser``, timed on this host)."""
-    from sparsec.codegen import target
+    """Lower ``src`` (.onnx) and emit its kernels for ``target`` (default: this host's,
+    ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear layer's
+    format (default: ``default_chooser``, timed on this host)."""
     from sparsec.codegen.emit import emit_program
     from sparsec.codegen.program import lower
+    from sparsec.codegen.target import host_target
     from sparsec.progress import stage
 
     start = time.perf_counter()
     if kernels not in ("auto", "dense", "bitmask"):
         raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
-    target.require_features()
+    tgt = target or host_target()
     model = load_graph(src, quiet=quiet)
     prog = lower(model)
     cfg = prog.config
@@ -116,7 +121,8 @@ def emit_model(
             kernels=kernels,
             max_tokens=max_tokens,
             capacity=capacity,
-            choose=choose or default_chooser(),
+            choose=choose or default_chooser(target=tgt),
+            target=tgt,
         )
     defines = {
         "SPC_ABI": ABI_VERSION,
@@ -131,7 +137,7 @@ def emit_model(
         "abi_version": ABI_VERSION,
         "sparsec_version": __version__,
         "cpu_features": [],  # read from the linked code by build_model
-        "target": {"triple": "x86_64-unknown-linux-gnu", "cpu": target.target_cpu()},
+        "target": tgt.describe(),
         "config": cfg.to_dict(),
         "tokenizer": meta.get(contract.META_TOKENIZER),
         "chat_template": meta.get(contract.META_CHAT_TEMPLATE),
@@ -150,18 +156,19 @@ def emit_model(
     if not manifest["tokenizer"]:
         raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")
     source = meta.get(contract.META_SOURCE) or str(src)
-    return EmittedModel(emitted, manifest, defines, source, start)
+    return EmittedModel(emitted, tgt, manifest, defines, source, start)
 
 
 def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False) -> dict:
-    """Compile ``em`` for this host, link it with the thread pool and driver, read the CPU
-    features its code needs, and write ``out`` (.so) atomically; returns the manifest."""
+    """Compile ``em`` for its target, link it with the thread pool and driver, read the
+    CPU features its code needs, and write ``out`` (.so) atomically; returns the manifest."""
     from sparsec.codegen import artifact, isa_scan, target
     from sparsec.progress import stage
 
     out = Path(out)
-    with stage("compiling for AVX-512 (LLVM -O3)", quiet=quiet):
-        obj = target.compile_ir(em.emitted.module)
+    tgt = em.target
+    with stage(f"compiling for {tgt.isa.name}, cpu {tgt.cpu} (LLVM -O3)", quiet=quiet):
+        obj = target.compile_ir(em.emitted.module, target=tgt)
     manifest = dict(em.manifest)
     with stage("linking model.so", quiet=quiet), tempfile.TemporaryDirectory() as tmp:
         elf = target.link_shared(
@@ -169,6 +176,7 @@ def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False
             [NATIVE / "threadpool.c", NATIVE / "driver.c"],
             Path(tmp) / "model.elf",
             extra_flags=[f"-D{k}={v}" for k, v in em.defines.items()] + [f"-I{NATIVE}"],
+            target=tgt,
         )
         manifest["cpu_features"] = isa_scan.required_cpu_features(elf)
         manifest["compile"] = {
@@ -188,6 +196,7 @@ def _check_output(out: Path) -> None:
 
 def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest. ``options``: those
-    of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose)."""
+    of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose,
+    target)."""
     _check_output(Path(out))
     return build_model(emit_model(src, **options), out, quiet=options.get("quiet", False))

@@ -16,7 +16,7 @@ from llvmlite import ir
 from sparsec.codegen import linear, ops
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
-from sparsec.codegen.target import declare_function
+from sparsec.codegen.target import Target, declare_function
 from sparsec.errors import SparsecError
 
 ALIGN = 64
@@ -111,16 +111,25 @@ def _allocate_scratch(prog: Program, max_tokens: int, reserved: int) -> tuple[di
 
 class _Emitter:
     def __init__(
-        self, prog: Program, *, precision: str, kernels: str, max_tokens: int, capacity: int, choose
+        self,
+        prog: Program,
+        *,
+        precision: str,
+        kernels: str,
+        max_tokens: int,
+        capacity: int,
+        choose,
+        target: Target,
     ):
         self.prog = prog
+        self.target = target
         self.precision = precision
         self.kernels = kernels
         self.max_tokens = max_tokens
         self.capacity = capacity
         self.choose = choose
         self.module = ir.Module(name="sparsec_model")
-        self.module.triple = "x86_64-unknown-linux-gnu"
+        self.module.triple = target.triple
         self.blob = WeightsBlob()
         self.tables = dict(prog.tables)
         # (LM head instr, its packed weights, blob offset if it also serves the embedding)
@@ -141,6 +150,10 @@ class _Emitter:
         self.linear_kernels: dict[tuple, ir.Function] = {}
 
     # -- kernels -------------------------------------------------------------------------
+    def _shared_kernel(self, emit, **params) -> ir.Function:
+        """The op kernel ``emit(**params)`` for this target's ISA, emitted once."""
+        return ops.shared_kernel(self.module, emit, isa=self.target.isa, **params)
+
     def _kname(self, op: str) -> str:
         self.n_kernels += 1
         return f"k{self.n_kernels:04d}_{op}"
@@ -186,8 +199,8 @@ class _Emitter:
         if pre_quantized and fmt.endswith("_i8"):
             q = np.concatenate([wt.int8 for wt in weights], axis=0)
             s = np.concatenate([wt.scale for wt in weights], axis=0)
-            return linear.pack_linear_quantized(q, s, fmt)
-        return linear.pack_linear(w, fmt)
+            return linear.pack_linear_quantized(q, s, fmt, self.target.isa)
+        return linear.pack_linear(w, fmt, self.target.isa)
 
     def _linear_kernel(self, ins: Instr):
         a = ins.args
@@ -213,6 +226,7 @@ class _Emitter:
                 max_tokens=self.max_tokens,
                 x_stride=x_stride,
                 y_stride=y_stride,
+                target=self.target,
             )
             self.linear_kernels[key] = fn
         nnz = int(np.count_nonzero(w))
@@ -291,16 +305,16 @@ class _Emitter:
             return {"layout": "rows"}
         packed = self.shared_head[1]
         if packed.fmt == "dense_f32":
-            return {"layout": "dense_f32"}
+            return {"layout": "dense_f32", "rows": packed.rows}
         return {
             "layout": "dense_i8",
             "scale_at": packed.sections["scale"] - packed.sections["weights"],
+            "rows": packed.rows,
         }
 
     def emit_embed(self, ins: Instr) -> None:
         cfg = self.prog.config
-        fn = ops.shared_kernel(
-            self.module,
+        fn = self._shared_kernel(
             ops.emit_embedding,
             vocab=ins.args["vocab"],
             dim=cfg.hidden_size,
@@ -315,15 +329,12 @@ class _Emitter:
 
     def emit_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.shared_kernel(
-            self.module, ops.emit_rmsnorm, dim=a["x"].width, eps=a["eps"], residual=False
-        )
+        fn = self._shared_kernel(ops.emit_rmsnorm, dim=a["x"].width, eps=a["eps"], residual=False)
         self.call(fn, [self.ptr(a["x"]), self.table(a["w"]), self.ptr(a["y"])])
 
     def emit_skip_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.shared_kernel(
-            self.module,
+        fn = self._shared_kernel(
             ops.emit_rmsnorm,
             dim=a["resid"].width,
             eps=a["eps"],
@@ -334,11 +345,11 @@ class _Emitter:
         )
 
     def emit_add(self, ins: Instr) -> None:
-        fn = ops.shared_kernel(self.module, ops.emit_residual_add, dim=ins.args["acc"].width)
+        fn = self._shared_kernel(ops.emit_residual_add, dim=ins.args["acc"].width)
         self.call(fn, [self.ptr(ins.args["acc"]), self.ptr(ins.args["x"])])
 
     def emit_swiglu_act(self, ins: Instr) -> None:
-        fn = ops.shared_kernel(self.module, ops.emit_swiglu_act, ffn_dim=ins.args["ffn"])
+        fn = self._shared_kernel(ops.emit_swiglu_act, ffn_dim=ins.args["ffn"])
         self.call(fn, [self.ptr(ins.args["gu"]), self.ptr(ins.args["h"])])
 
     def _attn_common(self, a: dict) -> dict:
@@ -357,8 +368,7 @@ class _Emitter:
 
     def emit_rope_kv(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.shared_kernel(
-            self.module,
+        fn = self._shared_kernel(
             ops.emit_rope_kv_write,
             **self._attn_common(a),
             q_offset=a["q_offset"],
@@ -380,8 +390,7 @@ class _Emitter:
 
     def emit_attention(self, ins: Instr) -> None:
         a = ins.args
-        fn = ops.shared_kernel(
-            self.module,
+        fn = self._shared_kernel(
             ops.emit_attention,
             **self._attn_common(a),
             scale=a["scale"],
@@ -417,8 +426,7 @@ class _Emitter:
         if is_int8:
             xq = self.f["scratch"]
             xs = b.bitcast(b.gep(self.f["scratch"], [ir.Constant(I64, self.xq_bytes)]), F32P)
-            qfn = ops.shared_kernel(
-                self.module,
+            qfn = self._shared_kernel(
                 emit_quantize_tokens,
                 in_features=a["x"].width,
                 max_tokens=self.max_tokens,
@@ -454,9 +462,17 @@ def _pattern(prog: Program, weights, w: np.ndarray) -> str:
 
 
 def emit_program(
-    prog: Program, *, precision: str, kernels: str, max_tokens: int, capacity: int, choose
+    prog: Program,
+    *,
+    precision: str,
+    kernels: str,
+    max_tokens: int,
+    capacity: int,
+    choose,
+    target: Target,
 ) -> Emitted:
-    """Emit ``prog`` as an LLVM module and pack its weights (see module docstring)."""
+    """Emit ``prog`` as an LLVM module for ``target`` and pack its weights (see module
+    docstring)."""
     if precision not in ("fp32", "int8"):
         raise SparsecError(f"unknown precision {precision!r}; choose fp32 or int8")
     return _Emitter(
@@ -466,4 +482,5 @@ def emit_program(
         max_tokens=max_tokens,
         capacity=capacity,
         choose=choose,
+        target=target,
     ).emit()

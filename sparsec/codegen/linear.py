@@ -37,6 +37,7 @@ from sparsec.codegen.quantize import (
     quantize_weight_rows,
     quantized_row_bytes,
 )
+from sparsec.codegen.target import Target
 
 __all__ = [
     "LINEAR_FORMATS",
@@ -64,12 +65,14 @@ def emit_linear(
     accumulate: bool = False,
     x_stride: int | None = None,
     y_stride: int | None = None,
+    target: Target | None = None,
 ) -> ir.Function:
     """Emit the kernel ``name`` computing ``packed``'s layer into ``module``.
 
     ``x_stride``: elements between token rows of x (int8: bytes between rows of xq,
     default ``quantized_row_bytes(in)``); ``y_stride``: floats between rows of y.
-    ``accumulate``: ``y += x @ W.T`` (fuses the residual add).
+    ``accumulate``: ``y += x @ W.T`` (fuses the residual add). ``target``: the ISA and
+    CPU tuning (default: this host's).
     """
     return emit_linear_kernel(
         module,
@@ -79,6 +82,7 @@ def emit_linear(
         accumulate=accumulate,
         x_stride=x_stride,
         y_stride=y_stride,
+        target=target,
     )
 
 

@@ -21,70 +21,52 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from sparsec.codegen.linear_ir import (
+from sparsec.codegen.irbuild import (
     F32,
     I8,
     I16,
     I32,
     I64,
-    V16F32,
-    V16I1,
-    V16I32,
-    V64I1,
-    V64I8,
     Var,
     balanced_thread_range,
+    const,
     for_range,
     gep_bytes,
     i32,
     i64,
     intrinsic,
     load_vec,
-    masked_load_f32,
-    masked_store_f32,
+    masked_load,
+    masked_store,
     new_function,
     splat,
-    store_vec,
+    store,
     thread_range,
-    vconst,
+    vectors,
 )
-from sparsec.codegen.linear_pack import ROWS, PackedLinear
+from sparsec.codegen.linear_pack import PackedLinear
 from sparsec.codegen.quantize import quantized_row_bytes
+from sparsec.codegen.target import AVX512, Target, default_target
 from sparsec.errors import SparsecError
 
-# Token tile sizes, largest first; n_tokens is covered greedily (e.g. 13 = 8 + 4 + 1).
-TOKEN_TILES = (8, 4, 1)
-# Row blocks computed together in multi-token tiles (register tiling over rows too:
-# a tile of T tokens x G blocks needs T + G loads per T * G multiply-adds). Measured on
-# the 30-layer stack at 16-64 tokens: 1.3-1.7x over G = 1. int8 stays at 2 because its
-# broadcasts need registers (G = 3 spills).
-BLOCK_GROUP = {"fp32": 3, "int8": 2}
-# Decode: row blocks streamed together (sharing each broadcast activation), and
-# independent accumulators along the input split among them (FMA/VNNI latency).
-# Several weight streams in flight beat one: measured on the 30-layer stack from DRAM at
-# 2 threads, against one block with 4 accumulators: bitmask fp32 (70%) 1.21x with 6
-# blocks, dense fp32 1.15x and dense int8 1.17x with 4; bitmask int8 is best alone
-# (vpexpandb throughput bound, 0.93x with 2).
-DECODE_GROUP = {"dense_f32": 4, "bitmask_f32": 6, "dense_i8": 4, "bitmask_i8": 1}
-DECODE_ACCUMULATORS = 4
-VEC_BYTES = 64
-# Software prefetch distance ahead of each weight stream, in bytes. Shorter for bitmask
-# fp32, whose 6 interleaved decode streams would otherwise evict each other's lines
-# (measured 1.05x with 512 over 2048; the other formats are flat within noise).
-PREFETCH_BYTES = {"dense_f32": 2048, "bitmask_f32": 512, "dense_i8": 2048, "bitmask_i8": 2048}
+# The tiling constants (token tiles, row-block groups, decode accumulators, prefetch
+# distance) are per-CPU data: ``Target.tuning`` (tuning.py).
 
 
 class _Format:
     """What differs between the four formats, as IR-emitting hooks."""
 
-    def __init__(self, packed: PackedLinear, b: ir.IRBuilder, w):
+    def __init__(self, packed: PackedLinear, b: ir.IRBuilder, w, target: Target):
         self.p = packed
         self.b = b
         self.w = w
+        self.tuning = target.tuning
+        self.vec_bytes = target.isa.vector_bytes
+        self.v = v = vectors(target.isa)
         self.int8 = packed.precision == "int8"
         self.sparse = packed.fmt.startswith("bitmask")
-        self.acc_type = V16I32 if self.int8 else V16F32
-        self.wvec_type = V64I8 if self.int8 else V16F32
+        self.acc_type = v.i32 if self.int8 else v.f32
+        self.wvec_type = v.i8 if self.int8 else v.f32
         self.mask_type = ir.IntType(64) if self.int8 else I16
 
     # -- weight stream of one block --------------------------------------------------
@@ -92,7 +74,7 @@ class _Format:
         """State for streaming block ``blk64``'s weights from step 0."""
         b, p = self.b, self.p
         if not self.sparse:
-            off = b.add(i64(p.sections["weights"]), b.mul(blk64, i64(p.k_steps * VEC_BYTES)))
+            off = b.add(i64(p.sections["weights"]), b.mul(blk64, i64(p.k_steps * self.vec_bytes)))
             return {"base": gep_bytes(b, self.w, off)}
         table = gep_bytes(b, self.w, p.sections["table"], I64)
         stream = gep_bytes(b, self.w, b.load(b.gep(table, [blk64], inbounds=True)))
@@ -116,25 +98,30 @@ class _Format:
             vec = intrinsic(
                 b,
                 "llvm.masked.expandload.v64i8",
-                V64I8,
-                [vptr, b.bitcast(mask, V64I1), vconst(V64I8, 0)],
+                self.v.i8,
+                [vptr, b.bitcast(mask, self.v.mask_i8), const(self.v.i8, 0)],
             )
             count = intrinsic(b, "llvm.ctpop.i64", mask.type, [mask])
         else:
             vec = intrinsic(
                 b,
                 "llvm.masked.expandload.v16f32",
-                V16F32,
-                [b.bitcast(vptr, F32.as_pointer()), b.bitcast(mask, V16I1), vconst(V16F32, 0.0)],
+                self.v.f32,
+                [
+                    b.bitcast(vptr, F32.as_pointer()),
+                    b.bitcast(mask, self.v.mask),
+                    const(self.v.f32, 0.0),
+                ],
             )
             count = b.mul(intrinsic(b, "llvm.ctpop.i16", I16, [mask]), ir.Constant(I16, 4))
         state["values"].set(b.gep(vptr, [b.zext(count, I64)], inbounds=True))
         return vec
 
     def prefetch(self, ptr):
-        """Prefetch PREFETCH_BYTES ahead of ``ptr`` (may point past the blob: never faults)."""
+        """Prefetch the tuning's distance ahead of ``ptr`` (may point past the blob: never
+        faults)."""
         b = self.b
-        distance = i64(PREFETCH_BYTES[self.p.fmt])
+        distance = i64(self.tuning.prefetch_bytes[self.p.fmt])
         ahead = b.gep(b.bitcast(ptr, I8.as_pointer()), [distance])  # not inbounds
         # llvm.prefetch(ptr, rw = 0 read, locality = 3, cache = 1 data)
         intrinsic(b, "llvm.prefetch.p0", ir.VoidType(), [ahead, i32(0), i32(3), i32(1)])
@@ -145,20 +132,20 @@ class _Format:
         b = self.b
         if self.int8:
             word = b.load(b.gep(b.bitcast(xrow, I32.as_pointer()), [k], inbounds=True), align=1)
-            return b.bitcast(splat(b, word, V16I32), V64I8)
-        return splat(b, b.load(b.gep(xrow, [k], inbounds=True), align=4), V16F32)
+            return b.bitcast(splat(b, word, self.v.lanes), self.v.i8)
+        return splat(b, b.load(b.gep(xrow, [k], inbounds=True), align=4), self.v.lanes)
 
     def madd(self, acc, xv, wv):
         if self.int8:
             # vpdpbusd: unsigned bytes (activations + 128) times signed bytes (weights)
-            return intrinsic(self.b, "llvm.x86.avx512.vpdpbusd.512", V16I32, [acc, xv, wv])
-        return intrinsic(self.b, "llvm.fma.v16f32", V16F32, [xv, wv, acc])
+            return intrinsic(self.b, "llvm.x86.avx512.vpdpbusd.512", self.v.i32, [acc, xv, wv])
+        return intrinsic(self.b, "llvm.fma.v16f32", self.v.f32, [xv, wv, acc])
 
     def acc_init(self, blk64, first: bool):
         if self.int8 and first:  # bias = -128 * rowsum(q) undoes the activation offset
-            off = self.b.add(i64(self.p.sections["bias"]), self.b.mul(blk64, i64(VEC_BYTES)))
-            return load_vec(self.b, gep_bytes(self.b, self.w, off), V16I32)
-        return vconst(self.acc_type, 0 if self.int8 else 0.0)
+            off = self.b.add(i64(self.p.sections["bias"]), self.b.mul(blk64, i64(self.vec_bytes)))
+            return load_vec(self.b, gep_bytes(self.b, self.w, off), self.v.i32)
+        return const(self.acc_type, 0 if self.int8 else 0.0)
 
     def add(self, a, c):
         return self.b.add(a, c) if self.int8 else self.b.fadd(a, c)
@@ -168,10 +155,11 @@ class _Format:
         if not self.int8:
             return acc
         b = self.b
-        off = b.add(i64(self.p.sections["scale"]), b.mul(blk64, i64(VEC_BYTES)))
-        wscale = load_vec(b, gep_bytes(b, self.w, off), V16F32)
+        off = b.add(i64(self.p.sections["scale"]), b.mul(blk64, i64(self.vec_bytes)))
+        wscale = load_vec(b, gep_bytes(b, self.w, off), self.v.f32)
         xs = b.load(b.gep(xscale, [tok64], inbounds=True))
-        return b.fmul(b.fmul(b.sitofp(acc, V16F32), wscale), splat(b, xs, V16F32))
+        f32 = self.v.f32
+        return b.fmul(b.fmul(b.sitofp(acc, f32), wscale), splat(b, xs, self.v.lanes))
 
 
 def emit_linear_kernel(
@@ -183,8 +171,15 @@ def emit_linear_kernel(
     accumulate: bool = False,
     x_stride: int | None = None,
     y_stride: int | None = None,
+    target: Target | None = None,
 ) -> ir.Function:
     p = packed
+    target = target or default_target()
+    if target.isa != AVX512 or p.rows != target.isa.lanes_f32:
+        # The vector types below are AVX-512's; another ISA gets its own renderer.
+        raise SparsecError(
+            f"linear kernel {name}: no {target.isa.name} renderer for {p.rows}-row blocks"
+        )
     if max_tokens < 1:
         raise SparsecError(f"max_tokens must be >= 1, got {max_tokens} (linear kernel {name})")
     int8 = p.precision == "int8"
@@ -209,7 +204,7 @@ def emit_linear_kernel(
         w, x, xscale, y, n, tid, nthreads = fn.args
     else:
         (w, x, y, n, tid, nthreads), xscale = fn.args, None
-    fmt = _Format(p, b, w)
+    fmt = _Format(p, b, w, target)
 
     nblk = p.nblocks
     if fmt.sparse:
@@ -218,10 +213,10 @@ def emit_linear_kernel(
     else:
         blk_lo, blk_hi = thread_range(b, nblk, tid, nthreads)
 
-    tail_rows = p.out_features - (nblk - 1) * ROWS
+    tail_rows = p.out_features - (nblk - 1) * p.rows
 
     def store_mask(blk):
-        if tail_rows == ROWS:
+        if tail_rows == p.rows:
             return None
         # the last block has padded rows: masked loads/stores of y
         last = b.icmp_signed("==", blk, i32(nblk - 1))
@@ -268,13 +263,14 @@ def emit_linear_kernel(
             blocks(blk, 1, tiles)
 
     # Decode (one token) and prefill get separate loop nests: they want different
-    # row-block groupings (see DECODE_GROUP and BLOCK_GROUP).
+    # row-block groupings (see Tuning.decode_group and Tuning.block_group).
+    tuning = target.tuning
     is_decode = b.icmp_signed("==", n, i32(1))
     with b.if_else(is_decode) as (decode, prefill):
         with decode:
-            block_loops(DECODE_GROUP[p.fmt], (1,))
+            block_loops(tuning.decode_group[p.fmt], (1,))
         with prefill:
-            block_loops(BLOCK_GROUP[p.precision], TOKEN_TILES)
+            block_loops(tuning.block_group[p.precision], tuning.token_tiles)
     b.ret_void()
     return fn
 
@@ -283,7 +279,7 @@ def _emit_tile(b, fmt, tile, t0, blks, x, x_stride, y, y_stride, xscale, accumul
     """Outputs of the row blocks ``blks`` ((index, store mask) pairs) for tokens t0 ..
     t0+tile-1: each weight vector is fetched once and used for every token."""
     p = fmt.p
-    unroll = max(1, DECODE_ACCUMULATORS // len(blks)) if tile == 1 else 1
+    unroll = max(1, fmt.tuning.decode_accumulators // len(blks)) if tile == 1 else 1
     unroll = max(1, min(unroll, p.k_steps))
     toks = [b.sext(b.add(t0, i32(i)), I64) for i in range(tile)]
     xrows = [b.gep(x, [b.mul(t, i64(x_stride))], inbounds=True) for t in toks]
@@ -320,13 +316,13 @@ def _emit_tile(b, fmt, tile, t0, blks, x, x_stride, y, y_stride, xscale, accumul
             for u in range(1, unroll):
                 acc = fmt.add(acc, accs[g][i][u].get())
             out = fmt.finish(acc, blk64, xscale, toks[i])
-            offset = b.add(b.mul(toks[i], i64(y_stride)), b.mul(blk64, i64(ROWS)))
+            offset = b.add(b.mul(toks[i], i64(y_stride)), b.mul(blk64, i64(p.rows)))
             yptr = b.gep(y, [offset], inbounds=True)
             if mask is None:
                 if accumulate:
-                    out = b.fadd(load_vec(b, yptr, V16F32), out)
-                store_vec(b, out, yptr)
+                    out = b.fadd(load_vec(b, yptr, fmt.v.f32), out)
+                store(b, out, yptr)
             else:
                 if accumulate:
-                    out = b.fadd(masked_load_f32(b, yptr, mask), out)
-                masked_store_f32(b, out, yptr, mask)
+                    out = b.fadd(masked_load(b, yptr, mask, fmt.v.f32), out)
+                masked_store(b, out, yptr, mask)

@@ -1,8 +1,9 @@
 """Packed weight layouts of the linear kernels, their packing and a numpy reference.
 
-All formats group output rows in blocks of 16 ("rows in lanes"): lane r of a 512-bit
-vector belongs to output row ``16*block + r``, so the kernels broadcast activations and
-never reduce horizontally, and the last block is zero padded.
+All formats group output rows in blocks of R = the ISA's float32 lanes (16 for
+AVX-512; ``PackedLinear.rows``), "rows in lanes": lane r of a vector belongs to output
+row ``R*block + r``, so the kernels broadcast activations and never reduce
+horizontally, and the last block is zero padded. Below, R = 16.
 
 - ``dense_f32``: ``[block][in][16]`` float32; one 64-byte vector per input column.
 - ``bitmask_f32``: per block a stream ``masks u16[in]`` (bit r: row r nonzero in that
@@ -25,10 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsec.codegen.quantize import ACT_OFFSET, quantize_tokens_reference, quantize_weight_rows
+from sparsec.codegen.target import AVX512, Isa
 from sparsec.errors import SparsecError
 
 LINEAR_FORMATS = ("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8")
-ROWS = 16  # output rows per block (lanes of a 512-bit vector of int32/float32)
 ALIGN = 64
 
 
@@ -45,6 +46,7 @@ class PackedLinear:
     # Byte offsets of the sections inside ``data`` (see the module docstring):
     # "weights" (dense) or "table" (sparse); "bias" and "scale" for int8 formats.
     sections: dict[str, int] = field(default_factory=dict)
+    rows: int = 16  # output rows per block: the packing ISA's float32 lanes
 
     @property
     def kernel_key(self) -> tuple:
@@ -54,11 +56,17 @@ class PackedLinear:
         sparse structure is read from ``data`` at run time): emit one kernel per key and
         call it with each layer's ``w`` pointer to keep compile time down.
         """
-        return (self.fmt, self.out_features, self.in_features, tuple(sorted(self.sections.items())))
+        return (
+            self.fmt,
+            self.out_features,
+            self.in_features,
+            tuple(sorted(self.sections.items())),
+            self.rows,
+        )
 
     @property
     def nblocks(self) -> int:
-        return -(-self.out_features // ROWS)
+        return -(-self.out_features // self.rows)
 
     @property
     def precision(self) -> str:
@@ -93,10 +101,10 @@ class _Blob:
         return data.copy()
 
 
-def _padded_rows(w: np.ndarray, cols: int | None = None) -> np.ndarray:
+def _padded_rows(w: np.ndarray, rows: int, cols: int | None = None) -> np.ndarray:
     out, inp = w.shape
     cols = inp if cols is None else cols
-    padded = np.zeros((-(-out // ROWS) * ROWS, cols), dtype=w.dtype)
+    padded = np.zeros((-(-out // rows) * rows, cols), dtype=w.dtype)
     padded[:out, :inp] = w
     return padded
 
@@ -130,7 +138,7 @@ def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[by
     return offsets.tobytes(), bytes(streams)
 
 
-def _pack(fmt, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
+def _pack(fmt, rows, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
     blob = _Blob()
     sections = {}
     for name, raw in extra_sections:
@@ -155,36 +163,45 @@ def _pack(fmt, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
         nnz=nnz,
         sparsity=1.0 - nnz / total if total else 0.0,
         sections=sections,
+        rows=rows,
     )
 
 
-def _check(weight: np.ndarray, fmt: str) -> np.ndarray:
+def _check(weight: np.ndarray, fmt: str, isa: Isa) -> np.ndarray:
     if fmt not in LINEAR_FORMATS:
         raise SparsecError(f"unknown linear format {fmt!r}; use one of {', '.join(LINEAR_FORMATS)}")
+    if fmt not in isa.formats:
+        raise SparsecError(
+            f"linear format {fmt!r} has no {isa.name} kernel; use one of {', '.join(isa.formats)}"
+        )
     w = np.asarray(weight)
     if w.ndim != 2 or 0 in w.shape:
         raise SparsecError(f"linear weight must be a non-empty 2-D [out, in] array, got {w.shape}")
     return w
 
 
-def pack_linear(weight: np.ndarray, fmt: str) -> PackedLinear:
-    """Pack a float32 ``[out, in]`` weight; int8 formats quantize per output row first."""
-    w = _check(weight, fmt)
+def pack_linear(weight: np.ndarray, fmt: str, isa: Isa = AVX512) -> PackedLinear:
+    """Pack a float32 ``[out, in]`` weight for ``isa``; int8 formats quantize per output
+    row first."""
+    w = _check(weight, fmt, isa)
     if fmt.endswith("_i8"):
         q, scale = quantize_weight_rows(w)
-        return pack_linear_quantized(q, scale, fmt)
+        return pack_linear_quantized(q, scale, fmt, isa)
     if not np.all(np.isfinite(w)):
         raise SparsecError("linear weight contains NaN or Inf; fix the model weights")
     w = w.astype(np.float32)
     nnz = int(np.count_nonzero(w))
     out, inp = w.shape
-    blocks = _padded_rows(w).reshape(-1, ROWS, inp).transpose(0, 2, 1)  # [blk, in, 16]
-    return _pack(fmt, np.ascontiguousarray(blocks), out, inp, nnz)
+    rows = isa.lanes_f32
+    blocks = _padded_rows(w, rows).reshape(-1, rows, inp).transpose(0, 2, 1)  # [blk, in, 16]
+    return _pack(fmt, rows, np.ascontiguousarray(blocks), out, inp, nnz)
 
 
-def pack_linear_quantized(q: np.ndarray, scale: np.ndarray, fmt: str) -> PackedLinear:
+def pack_linear_quantized(
+    q: np.ndarray, scale: np.ndarray, fmt: str, isa: Isa = AVX512
+) -> PackedLinear:
     """Pack already quantized int8 weights ``q [out, in]`` with per-row ``scale [out]``."""
-    q = _check(q, fmt)
+    q = _check(q, fmt, isa)
     if not fmt.endswith("_i8"):
         raise SparsecError(f"pack_linear_quantized needs an int8 format, not {fmt!r}")
     if q.dtype != np.int8 or np.any(q == -128):
@@ -194,14 +211,16 @@ def pack_linear_quantized(q: np.ndarray, scale: np.ndarray, fmt: str) -> PackedL
         raise SparsecError(f"weight scale has shape {scale.shape}, expected ({q.shape[0]},)")
     out, inp = q.shape
     kq = -(-inp // 4)
-    qp = _padded_rows(q, kq * 4)  # [out_pad, kq*4]
+    rows = isa.lanes_f32
+    qp = _padded_rows(q, rows, kq * 4)  # [out_pad, kq*4]
     bias = -ACT_OFFSET * qp.astype(np.int32).sum(axis=1, dtype=np.int32)
     scale_p = np.zeros(qp.shape[0], dtype=np.float32)
     scale_p[:out] = scale
     # [blk, kq, 16 rows, 4 cols] -> lanes = 64 bytes per column quad
-    blocks = qp.reshape(-1, ROWS, kq, 4).transpose(0, 2, 1, 3).reshape(-1, kq, ROWS * 4)
+    blocks = qp.reshape(-1, rows, kq, 4).transpose(0, 2, 1, 3).reshape(-1, kq, rows * 4)
     extra = (("bias", bias.astype(np.int32).tobytes()), ("scale", scale_p.tobytes()))
-    return _pack(fmt, np.ascontiguousarray(blocks), out, inp, int(np.count_nonzero(q)), extra)
+    nnz = int(np.count_nonzero(q))
+    return _pack(fmt, rows, np.ascontiguousarray(blocks), out, inp, nnz, extra)
 
 
 def _section(packed: PackedLinear, name: str, dtype, count: int) -> np.ndarray:
@@ -212,7 +231,8 @@ def _section(packed: PackedLinear, name: str, dtype, count: int) -> np.ndarray:
 def unpack_blocks(packed: PackedLinear) -> np.ndarray:
     """The block array ``[nblk, k_steps, lanes]`` (float32 or int8) decoded from ``data``."""
     nblk, k = packed.nblocks, packed.k_steps
-    dtype, lanes = (np.float32, ROWS) if packed.precision == "fp32" else (np.int8, ROWS * 4)
+    rows = packed.rows
+    dtype, lanes = (np.float32, rows) if packed.precision == "fp32" else (np.int8, rows * 4)
     if packed.fmt.startswith("dense"):
         return _section(packed, "weights", dtype, nblk * k * lanes).reshape(nblk, k, lanes)
     mask_dtype = np.uint16 if packed.fmt == "bitmask_f32" else np.uint64
@@ -236,12 +256,13 @@ def unpack_weight(packed: PackedLinear) -> np.ndarray:
     out, inp = packed.out_features, packed.in_features
     if packed.precision == "fp32":
         return blocks.transpose(0, 2, 1).reshape(-1, inp)[:out]
-    q = blocks.reshape(packed.nblocks, packed.k_steps, ROWS, 4).transpose(0, 2, 1, 3)
-    return q.reshape(packed.nblocks * ROWS, -1)[:out, :inp]
+    q = blocks.reshape(packed.nblocks, packed.k_steps, packed.rows, 4).transpose(0, 2, 1, 3)
+    return q.reshape(packed.nblocks * packed.rows, -1)[:out, :inp]
 
 
 def weight_scale(packed: PackedLinear) -> np.ndarray:
-    return _section(packed, "scale", np.float32, packed.nblocks * ROWS)[: packed.out_features]
+    count = packed.nblocks * packed.rows
+    return _section(packed, "scale", np.float32, count)[: packed.out_features]
 
 
 def reference_linear(

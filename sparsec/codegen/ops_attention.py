@@ -25,20 +25,15 @@ import math
 
 from llvmlite import ir
 
-from sparsec.codegen.vmath import (
+from sparsec.codegen.irbuild import (
     F32,
     FPTR,
     I32,
     I64,
-    VW,
     broadcast_lane,
     check_positive,
     const,
     entry_alloca,
-    fma,
-    fmax,
-    hmax,
-    hsum,
     i64,
     kernel_function,
     load,
@@ -48,11 +43,11 @@ from sparsec.codegen.vmath import (
     splat,
     store,
     thread_share,
-    transpose_sums,
-    vexp,
     vtype,
     widen,
 )
+from sparsec.codegen.target import AVX512, Isa
+from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp
 from sparsec.errors import SparsecError
 
 
@@ -77,6 +72,7 @@ def emit_rope_kv_write(
     q_offset: int,
     k_offset: int,
     v_offset: int,
+    isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(float* qkv, const float* cos, const float* sin, float* k_cache,
     float* v_cache, int32 position, int32 n, tid, nthreads)``.
@@ -90,6 +86,7 @@ def emit_rope_kv_write(
     if head_dim % 2:
         raise SparsecError(f"head_dim={head_dim} must be even for rotate-half RoPE")
     half = head_dim // 2
+    lanes = isa.lanes_f32
     fn = kernel_function(module, name, [FPTR] * 5 + [I32] * 4)
     qkv, cos, sin, k_cache, v_cache, position, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -97,7 +94,7 @@ def emit_rope_kv_write(
     begin, end = thread_share(b, b.mul(b.sext(n, I64), i64(per_token)), tid, nthreads)
 
     def rotate(x, cos_row, sin_row, dsts):
-        for off, width in span_chunks(half):
+        for off, width in span_chunks(half, lanes):
             x1 = load(b, ptr_add(b, x, off), width)
             x2 = load(b, ptr_add(b, x, half + off), width)
             c = load(b, ptr_add(b, cos_row, off), width)
@@ -127,7 +124,7 @@ def emit_rope_kv_write(
                 rotate(k, cos_row, sin_row, [k, ptr_add(b, k_cache, slot)])
                 v = ptr_add(b, row, b.add(i64(v_offset), col))
                 v_slot = ptr_add(b, v_cache, slot)
-                for off, width in span_chunks(head_dim):
+                for off, width in span_chunks(head_dim, lanes):
                     store(b, load(b, ptr_add(b, v, off), width), ptr_add(b, v_slot, off))
     b.ret_void()
     return fn
@@ -144,6 +141,7 @@ def emit_attention(
     scale: float,
     qkv_stride: int,
     q_offset: int,
+    isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const float* qkv, const float* k_cache, const float* v_cache,
     float* out[n, num_heads*head_dim], int32 position, int32 n, tid, nthreads)``.
@@ -168,7 +166,7 @@ def emit_attention(
     fn = kernel_function(module, name, [FPTR] * 4 + [I32] * 4)
     qkv, k_cache, v_cache, out, position, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    state = _GroupState(b, group, head_dim)
+    state = _GroupState(b, group, head_dim, isa.lanes_f32)
     n64 = b.sext(n, I64)
     begin, end = thread_share(b, b.mul(n64, i64(num_heads)), tid, nthreads)
 
@@ -224,9 +222,10 @@ class _GroupState:
     copied into fixed stack slots that LLVM promotes to registers.
     """
 
-    def __init__(self, b: ir.IRBuilder, group: int, head_dim: int):
+    def __init__(self, b: ir.IRBuilder, group: int, head_dim: int, lanes: int):
         self.head_dim = head_dim
-        self.chunks = span_chunks(head_dim)
+        self.lanes = lanes  # of one vector: keys per block, lanes of the running sum
+        self.chunks = span_chunks(head_dim, lanes)
         self.b = b
 
         def array(ty, count):
@@ -234,12 +233,12 @@ class _GroupState:
 
         self.q_arr = array(F32, group * head_dim)
         self.max_arr = array(F32, group)
-        self.total_arr = array(vtype(VW), group)
+        self.total_arr = array(vtype(lanes), group)
         self.acc_arr = array(F32, group * 2 * head_dim)
         # The working copy of one head's state.
         self.q = [entry_alloca(b, vtype(w)) for _, w in self.chunks]
         self.max = entry_alloca(b, F32)
-        self.total = entry_alloca(b, vtype(VW))
+        self.total = entry_alloca(b, vtype(lanes))
         self.acc = [[entry_alloca(b, vtype(w)) for _, w in self.chunks] for _ in range(2)]
 
     def _places(self, r: ir.Value):
@@ -269,7 +268,7 @@ class _GroupState:
 
 def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
     """Attention of ``count`` consecutive heads (one kv group) of one query at ``pos``."""
-    hd, chunks = state.head_dim, state.chunks
+    hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     with loop(b, i64(0), count, name="init") as r:
         src = ptr_add(b, q, b.mul(r, i64(hd)))
         for k, (off, w) in enumerate(chunks):
@@ -278,18 +277,18 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
             for half in range(2):
                 b.store(const(vtype(w), 0.0), state.acc[half][k])
         b.store(const(F32, -math.inf), state.max)
-        b.store(const(vtype(VW), 0.0), state.total)
+        b.store(const(vtype(lanes), 0.0), state.total)
         state.save(r)
 
-    chunk_keys = max(VW, CHUNK_BYTES // (2 * 4 * hd) // VW * VW)
+    chunk_keys = max(lanes, CHUNK_BYTES // (2 * 4 * hd) // lanes * lanes)
     nkeys = b.add(pos, i64(1))
-    nfull = b.and_(nkeys, i64(-VW))
+    nfull = b.and_(nkeys, i64(-lanes))
     with loop(b, i64(0), nfull, chunk_keys, name="chunk") as c0:
         c_end = b.add(c0, i64(chunk_keys))
         c_end = b.select(b.icmp_signed("<", nfull, c_end), nfull, c_end)
         with loop(b, i64(0), count, name="head") as r:
             state.load(r)
-            with loop(b, c0, c_end, VW, name="keys") as j0:
+            with loop(b, c0, c_end, lanes, name="keys") as j0:
                 _key_block(b, state, keys, values, j0, pos, masked=False)
             state.save(r)
     with b.if_then(b.icmp_signed("<", nfull, nkeys)):
@@ -310,9 +309,9 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
 def _key_block(b, state, keys, values, j0, pos, *, masked):
     """Fold keys j0..j0+15 into the working state. ``masked``: keys past ``pos`` (the
     causal limit) get weight 0 and are never read (their loads use slot ``pos``)."""
-    hd, chunks = state.head_dim, state.chunks
+    hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     slots = []
-    for lane in range(VW):
+    for lane in range(lanes):
         j = b.add(j0, i64(lane))
         if masked:
             j = b.select(b.icmp_signed("<=", j, pos), j, pos)
@@ -326,24 +325,24 @@ def _key_block(b, state, keys, values, j0, pos, *, masked):
         part = None
         for (off, w), qc in zip(chunks, qs, strict=True):
             kc = load(b, ptr_add(b, k_row, off), w)
-            if w == VW:
+            if w == lanes:
                 part = b.fmul(qc, kc) if part is None else fma(b, qc, kc, part)
             else:
-                tail = widen(b, b.fmul(qc, kc))
+                tail = widen(b, b.fmul(qc, kc), lanes)
                 part = tail if part is None else b.fadd(part, tail)
         partials.append(part)
     scores = transpose_sums(b, partials)
     if masked:
-        lanes = ir.Constant(ir.VectorType(I64, VW), list(range(VW)))
-        in_range = b.icmp_signed("<=", b.add(splat(b, j0, VW), lanes), splat(b, pos, VW))
-        scores = b.select(in_range, scores, const(vtype(VW), -math.inf))
+        offsets = ir.Constant(ir.VectorType(I64, lanes), list(range(lanes)))
+        in_range = b.icmp_signed("<=", b.add(splat(b, j0, lanes), offsets), splat(b, pos, lanes))
+        scores = b.select(in_range, scores, const(vtype(lanes), -math.inf))
 
     old_max = b.load(state.max)
     new_max = fmax(b, old_max, hmax(b, scores))
     b.store(new_max, state.max)
     alpha = vexp(b, b.fsub(old_max, new_max))
-    weights = vexp(b, b.fsub(scores, splat(b, new_max, VW)))
-    b.store(fma(b, b.load(state.total), splat(b, alpha, VW), weights), state.total)
+    weights = vexp(b, b.fsub(scores, splat(b, new_max, lanes)))
+    b.store(fma(b, b.load(state.total), splat(b, alpha, lanes), weights), state.total)
 
     for k, (off, w) in enumerate(chunks):
         slots_k = (state.acc[0][k], state.acc[1][k])

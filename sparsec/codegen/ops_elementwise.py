@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from sparsec.codegen.linear_pack import ROWS
-from sparsec.codegen.vmath import (
+from sparsec.codegen.irbuild import (
     FPTR,
+    I8PTR,
     I32,
     I32PTR,
     I64,
@@ -25,16 +25,16 @@ from sparsec.codegen.vmath import (
     load,
     loop,
     ptr_add,
-    silu_mul,
     store,
     thread_share,
     vtype,
 )
+from sparsec.codegen.target import AVX512, Isa
+from sparsec.codegen.vmath import silu_mul
 
 # Columns per work unit of the elementwise kernels: 1 KiB of each operand, enough
 # work to be worth a unit, small enough that one decode row splits across threads.
 ELEMENTWISE_BLOCK = 256
-I8PTR = ir.IntType(8).as_pointer()
 
 
 EMBEDDING_LAYOUTS = ("rows", "dense_f32", "dense_i8")
@@ -48,6 +48,8 @@ def emit_embedding(
     dim: int,
     layout: str = "rows",
     scale_at: int = 0,
+    rows: int = 0,
+    isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const void* table, const int32_t* tokens, float* out[n, dim],
     int32 n, int32 tid, int32 nthreads)``: out[i] = row tokens[i] of the table.
@@ -55,10 +57,11 @@ def emit_embedding(
     ``layout`` says what ``table`` points at:
 
     - ``rows``: a float32 ``[vocab, dim]`` matrix.
-    - ``dense_f32``: a tied LM head's weights in the linear layout ``[vocab/16][dim][16]``,
+    - ``dense_f32``: a tied LM head's weights in the linear layout ``[vocab/R][dim][R]``
+      (R = ``rows``, the packed blocks' rows: 16 on AVX-512),
       so the model stores that matrix once; a row is read at a 64-byte stride, 36 KiB a
       token for SmolLM2, nothing next to the weights a decode step streams.
-    - ``dense_i8``: a tied int8 LM head's weights, ``[vocab/16][dim/4][16][4]`` int8, with
+    - ``dense_i8``: a tied int8 LM head's weights, ``[vocab/R][dim/4][R][4]`` int8, with
       its float32 per-row scales ``scale_at`` bytes after ``table``; a row is
       ``q * scale``, the head's own int8 grid (9 KiB a token for SmolLM2).
 
@@ -68,6 +71,8 @@ def emit_embedding(
     check_positive(vocab=vocab, dim=dim)
     if layout not in EMBEDDING_LAYOUTS:
         raise ValueError(f"embedding layout must be one of {EMBEDDING_LAYOUTS}, not {layout!r}")
+    if layout != "rows":
+        check_positive(rows=rows)
     fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
     table, tokens, out, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -79,48 +84,52 @@ def emit_embedding(
         with b.if_else(in_range) as (valid, invalid):
             with valid:
                 t = b.zext(token, I64)
-                block, lane = b.udiv(t, i64(ROWS)), b.urem(t, i64(ROWS))
                 if layout == "dense_f32":
-                    src = ptr_add(b, table, b.add(b.mul(block, i64(dim * ROWS)), lane))
+                    block, lane = b.udiv(t, i64(rows)), b.urem(t, i64(rows))
+                    src = ptr_add(b, table, b.add(b.mul(block, i64(dim * rows)), lane))
                     with loop(b, i64(0), i64(dim), name="col") as col:
-                        value = b.load(ptr_add(b, src, b.mul(col, i64(ROWS))))
+                        value = b.load(ptr_add(b, src, b.mul(col, i64(rows))))
                         b.store(value, ptr_add(b, dst, col))
                 elif layout == "dense_i8":
-                    _dequantize_vnni_row(b, table, block, lane, dst, dim=dim, scale_at=scale_at)
+                    block, lane = b.udiv(t, i64(rows)), b.urem(t, i64(rows))
+                    _dequantize_vnni_row(
+                        b, table, block, lane, dst, dim=dim, scale_at=scale_at, rows=rows
+                    )
                 else:
                     src = ptr_add(b, table, b.mul(t, i64(dim)))
 
                     def copy(off, width, src=src):
                         store(b, load(b, ptr_add(b, src, off), width), ptr_add(b, dst, off))
 
-                    for_span(b, dim, copy, name="copy")
+                    for_span(b, dim, copy, lanes=isa.lanes_f32, name="copy")
             with invalid:
                 for_span(
                     b,
                     dim,
                     lambda off, width: store(b, const(vtype(width), 0.0), ptr_add(b, dst, off)),
+                    lanes=isa.lanes_f32,
                     name="zero",
                 )
     b.ret_void()
     return fn
 
 
-def _dequantize_vnni_row(b, table, block, lane, dst, *, dim: int, scale_at: int) -> None:
+def _dequantize_vnni_row(b, table, block, lane, dst, *, dim: int, scale_at: int, rows: int):
     """dst[c] = q[row, c] * scale[row] for the row in ``lane`` of ``block`` of a
-    ``dense_i8`` weight: column c sits at byte ``(c/4)*64 + lane*4 + c%4`` of the block."""
+    ``dense_i8`` weight: column c sits at byte ``(c/4)*4R + lane*4 + c%4`` of the block."""
     base = b.bitcast(table, I8PTR)
     quads = -(-dim // 4)
-    row = b.add(b.mul(block, i64(ROWS)), lane)
+    row = b.add(b.mul(block, i64(rows)), lane)
     scales = b.bitcast(ptr_add(b, base, i64(scale_at)), FPTR)
     scale = b.load(ptr_add(b, scales, row))
-    src = ptr_add(b, base, b.add(b.mul(block, i64(quads * ROWS * 4)), b.mul(lane, i64(4))))
+    src = ptr_add(b, base, b.add(b.mul(block, i64(quads * rows * 4)), b.mul(lane, i64(4))))
     with loop(b, i64(0), i64(dim), name="col") as col:
-        byte = b.add(b.mul(b.udiv(col, i64(4)), i64(ROWS * 4)), b.urem(col, i64(4)))
+        byte = b.add(b.mul(b.udiv(col, i64(4)), i64(rows * 4)), b.urem(col, i64(4)))
         q = b.sitofp(b.load(ptr_add(b, src, byte)), ir.FloatType())
         b.store(b.fmul(q, scale), ptr_add(b, dst, col))
 
 
-def emit_residual_add(module: ir.Module, name: str, *, dim: int) -> ir.Function:
+def emit_residual_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
     """``void name(float* acc[n, dim], const float* x[n, dim], int32 n, tid, nthreads)``:
     acc += x."""
     check_positive(dim=dim)
@@ -136,14 +145,16 @@ def emit_residual_add(module: ir.Module, name: str, *, dim: int) -> ir.Function:
             pa = ptr_add(b, a_row, off)
             store(b, b.fadd(load(b, pa, width), load(b, ptr_add(b, x_row, off), width)), pa)
 
-        for_span(b, length, add, name="add")
+        for_span(b, length, add, lanes=isa.lanes_f32, name="add")
 
     for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
     b.ret_void()
     return fn
 
 
-def emit_swiglu_act(module: ir.Module, name: str, *, ffn_dim: int) -> ir.Function:
+def emit_swiglu_act(
+    module: ir.Module, name: str, *, ffn_dim: int, isa: Isa = AVX512
+) -> ir.Function:
     """``void name(const float* gu[n, 2*ffn_dim], float* h[n, ffn_dim], int32 n, tid,
     nthreads)``: h = silu(gate) * up with gate = gu[:, :ffn_dim], up = gu[:, ffn_dim:]."""
     check_positive(ffn_dim=ffn_dim)
@@ -161,7 +172,7 @@ def emit_swiglu_act(module: ir.Module, name: str, *, ffn_dim: int) -> ir.Functio
             u = load(b, ptr_add(b, up, off), width)
             store(b, silu_mul(b, g, u), ptr_add(b, dst, off))
 
-        for_span(b, length, act, name="act")
+        for_span(b, length, act, lanes=isa.lanes_f32, name="act")
 
     for_row_blocks(b, n, ffn_dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
     b.ret_void()

@@ -11,19 +11,16 @@ import math
 
 from llvmlite import ir
 
-from sparsec.codegen.vmath import (
+from sparsec.codegen.irbuild import (
     F32,
     FPTR,
     I32,
     I64,
-    VW,
     check_positive,
     const,
     entry_alloca,
     for_span,
-    hsum,
     i64,
-    intrinsic,
     kernel_function,
     load,
     loop,
@@ -31,14 +28,17 @@ from sparsec.codegen.vmath import (
     splat,
     store,
     thread_share,
+    vector_intrinsic,
     vtype,
     widen,
 )
+from sparsec.codegen.target import AVX512, Isa
+from sparsec.codegen.vmath import hsum
 from sparsec.errors import SparsecError
 
 
 def emit_rmsnorm(
-    module: ir.Module, name: str, *, dim: int, eps: float, residual: bool
+    module: ir.Module, name: str, *, dim: int, eps: float, residual: bool, isa: Isa = AVX512
 ) -> ir.Function:
     """RMSNorm over rows of ``dim`` floats.
 
@@ -60,13 +60,14 @@ def emit_rmsnorm(
     else:
         (src, weight, y), delta = ptrs, None
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    sumsq = entry_alloca(b, vtype(VW))
+    lanes = isa.lanes_f32
+    sumsq = entry_alloca(b, vtype(lanes))
     begin, end = thread_share(b, b.sext(n, I64), tid, nthreads)
     with loop(b, begin, end, name="row") as row:
         base = b.mul(row, i64(dim))
         x_row, y_row = ptr_add(b, src, base), ptr_add(b, y, base)
         d_row = ptr_add(b, delta, base) if residual else None
-        b.store(const(vtype(VW), 0.0), sumsq)
+        b.store(const(vtype(lanes), 0.0), sumsq)
 
         def square(off, width):
             px = ptr_add(b, x_row, off)
@@ -74,17 +75,17 @@ def emit_rmsnorm(
             if residual:
                 v = b.fadd(v, load(b, ptr_add(b, d_row, off), width))
                 store(b, v, px)
-            b.store(b.fadd(b.load(sumsq), widen(b, b.fmul(v, v))), sumsq)
+            b.store(b.fadd(b.load(sumsq), widen(b, b.fmul(v, v), lanes)), sumsq)
 
-        for_span(b, dim, square, name="sq")
+        for_span(b, dim, square, lanes=lanes, name="sq")
         mean = b.fmul(hsum(b, b.load(sumsq)), const(F32, 1.0 / dim))
-        rms = intrinsic(b, "llvm.sqrt", F32, [b.fadd(mean, const(F32, float(eps)))])
+        rms = vector_intrinsic(b, "llvm.sqrt", F32, [b.fadd(mean, const(F32, float(eps)))])
         inv = b.fdiv(const(F32, 1.0), rms)
 
         def scale(off, width):
             v = b.fmul(load(b, ptr_add(b, x_row, off), width), splat(b, inv, width))
             store(b, b.fmul(v, load(b, ptr_add(b, weight, off), width)), ptr_add(b, y_row, off))
 
-        for_span(b, dim, scale, name="scale")
+        for_span(b, dim, scale, lanes=lanes, name="scale")
     b.ret_void()
     return fn

@@ -14,17 +14,13 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 
-from sparsec.codegen.linear_ir import (
+from sparsec.codegen.irbuild import (
     F32,
     I8,
-    I16,
     I32,
     I64,
-    V16F32,
-    V16I1,
-    V16I8,
-    V16I32,
     Var,
+    const,
     f32,
     for_range,
     gep_bytes,
@@ -32,13 +28,15 @@ from sparsec.codegen.linear_ir import (
     i64,
     intrinsic,
     load_vec,
-    masked_load_f32,
+    masked_load,
     new_function,
     splat,
-    store_vec,
+    store,
     thread_range,
-    vconst,
+    vector_intrinsic,
+    vectors,
 )
+from sparsec.codegen.target import AVX512, Isa
 
 QUANT_MAX = 127
 # Unsigned offset added to quantized activations for vpdpbusd (u8 x s8).
@@ -78,16 +76,21 @@ def emit_quantize_tokens(
     *,
     max_tokens: int,
     x_stride: int | None = None,
+    isa: Isa = AVX512,
 ) -> ir.Function:
     """Emit ``void name(const float* x, uint8_t* xq, float* xscale, i32 n, i32 tid, i32 nt)``.
 
     Token rows are split evenly over threads. ``xq`` rows are ``quantized_row_bytes``
-    apart and hold ``q + 128``, padding included (so padded columns read as 0).
+    apart and hold ``q + 128``, padding included (so padded columns read as 0). Rows
+    are read in chunks of the ISA's float32 lanes (L below; 16 on AVX-512).
     """
     del max_tokens  # n is a runtime value; kept for a uniform emitter signature
+    v = vectors(isa)
+    lanes = v.lanes
     x_stride = in_features if x_stride is None else x_stride
     q_stride = quantized_row_bytes(in_features)
-    full, tail = divmod(in_features, 16)
+    full, tail = divmod(in_features, lanes)
+    lane_bits = ir.IntType(lanes)
     fn, b = new_function(
         module,
         name,
@@ -96,49 +99,50 @@ def emit_quantize_tokens(
     )
     x, xq, xscale, n, tid, nthreads = fn.args
     t0, t1 = thread_range(b, n, tid, nthreads)
-    tail_mask = ir.Constant(I16, (1 << tail) - 1)
+    tail_mask = ir.Constant(lane_bits, (1 << tail) - 1)
 
     chunks = full + (1 if tail else 0)
     with for_range(b, t0, t1, name="tok") as t:
         t64 = b.sext(t, I64)
         row = b.gep(x, [b.mul(t64, i64(x_stride))], inbounds=True)
         qrow = b.gep(xq, [b.mul(t64, i64(q_stride))], inbounds=True)
-        vmax = Var(b, V16F32, vconst(V16F32, 0.0), "vmax")
+        vmax = Var(b, v.f32, const(v.f32, 0.0), "vmax")
         with for_range(b, 0, i32(chunks), name="cmax") as c:
-            v = _chunk_dynamic(b, row, c, full, tail_mask)
+            x_chunk = _chunk_dynamic(b, row, c, full, tail_mask, v)
             vmax.set(
-                intrinsic(
+                vector_intrinsic(
                     b,
-                    "llvm.maxnum.v16f32",
-                    V16F32,
-                    [vmax.get(), intrinsic(b, "llvm.fabs.v16f32", V16F32, [v])],
+                    "llvm.maxnum",
+                    v.f32,
+                    [vmax.get(), vector_intrinsic(b, "llvm.fabs", v.f32, [x_chunk])],
                 )
             )
-        m = intrinsic(b, "llvm.vector.reduce.fmax.v16f32", F32, [vmax.get()])
+        m = intrinsic(b, f"llvm.vector.reduce.fmax.v{lanes}f32", F32, [vmax.get()])
         s = b.fdiv(m, f32(float(QUANT_MAX)))
         b.store(s, b.gep(xscale, [t64], inbounds=True))
-        s_vec = splat(b, s, V16F32)
-        zero_scale = splat(b, b.fcmp_ordered("==", s, f32(0.0)), V16I1)
+        s_vec = splat(b, s, lanes)
+        zero_scale = splat(b, b.fcmp_ordered("==", s, f32(0.0)), lanes)
         with for_range(b, 0, i32(chunks), name="cq") as c:
-            v = _chunk_dynamic(b, row, c, full, tail_mask)
-            r = intrinsic(b, "llvm.roundeven.v16f32", V16F32, [b.fdiv(v, s_vec)])
-            r = intrinsic(b, "llvm.minnum.v16f32", V16F32, [r, vconst(V16F32, float(QUANT_MAX))])
-            r = intrinsic(b, "llvm.maxnum.v16f32", V16F32, [r, vconst(V16F32, -float(QUANT_MAX))])
-            qi = b.add(b.fptosi(r, V16I32), vconst(V16I32, ACT_OFFSET))
-            qi = b.select(zero_scale, vconst(V16I32, ACT_OFFSET), qi)
-            dst = b.gep(qrow, [b.mul(b.sext(c, I64), i64(16))], inbounds=True)
-            store_vec(b, b.trunc(qi, V16I8), dst, align=1)
-        # Padding after the last 16-column chunk up to the row stride reads as q = 0.
-        for off in range(chunks * 16, q_stride, 16):
-            store_vec(b, vconst(V16I8, ACT_OFFSET), gep_bytes(b, qrow, off), align=1)
+            x_chunk = _chunk_dynamic(b, row, c, full, tail_mask, v)
+            r = vector_intrinsic(b, "llvm.roundeven", v.f32, [b.fdiv(x_chunk, s_vec)])
+            r = vector_intrinsic(b, "llvm.minnum", v.f32, [r, const(v.f32, float(QUANT_MAX))])
+            r = vector_intrinsic(b, "llvm.maxnum", v.f32, [r, const(v.f32, -float(QUANT_MAX))])
+            qi = b.add(b.fptosi(r, v.i32), const(v.i32, ACT_OFFSET))
+            qi = b.select(zero_scale, const(v.i32, ACT_OFFSET), qi)
+            dst = b.gep(qrow, [b.mul(b.sext(c, I64), i64(lanes))], inbounds=True)
+            store(b, b.trunc(qi, v.i8_lanes), dst, align=1)
+        # Padding after the last L-column chunk up to the row stride reads as q = 0.
+        for off in range(chunks * lanes, q_stride, lanes):
+            store(b, const(v.i8_lanes, ACT_OFFSET), gep_bytes(b, qrow, off), align=1)
     b.ret_void()
     return fn
 
 
-def _chunk_dynamic(b: ir.IRBuilder, row, c, full: int, tail_mask):
-    """The 16 floats of chunk ``c`` (runtime index) of ``row``; the tail chunk is masked."""
-    ptr = b.gep(row, [b.mul(b.sext(c, I64), i64(16))], inbounds=True)
+def _chunk_dynamic(b: ir.IRBuilder, row, c, full: int, tail_mask, v):
+    """The L floats of chunk ``c`` (runtime index) of ``row``; the tail chunk is masked."""
+    ptr = b.gep(row, [b.mul(b.sext(c, I64), i64(v.lanes))], inbounds=True)
     if tail_mask.constant == 0:
-        return load_vec(b, ptr, V16F32)
-    mask = b.select(b.icmp_signed("<", c, i32(full)), ir.Constant(I16, 0xFFFF), tail_mask)
-    return masked_load_f32(b, ptr, mask)
+        return load_vec(b, ptr, v.f32)
+    every = ir.Constant(tail_mask.type, (1 << v.lanes) - 1)
+    mask = b.select(b.icmp_signed("<", c, i32(full)), every, tail_mask)
+    return masked_load(b, ptr, mask, v.f32)

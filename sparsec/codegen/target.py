@@ -1,14 +1,18 @@
-"""The code generation target: host CPU checks, LLVM object emission, shared-library linking.
+"""The code generation target: the ISA and CPU code is made for, host CPU checks, LLVM
+object emission, shared-library linking.
 
-Every kernel sparsec emits is llvmlite IR written with explicit AVX-512 vector types
-(``<16 x float>``, ``<64 x i8>``). This module turns such IR into machine code for a
-fixed AVX-512 feature set, and links the objects (plus any helper C files) into the
-one ``.so`` the runtime loads.
+``Target`` is the one place that knows the ISA: its LLVM triple, cpu and features,
+vector width, rows per packed block, the linear-kernel formats it supports, and the
+per-CPU tuning of its kernels (``tuning.py``). Emission, packing, compiling and linking
+take a ``Target``; ``host_target()`` is the one this machine runs (``sparsec compile
+--target``/``--target-cpu`` choose another).
 
-Why the feature string is spelled out: an empty cpu/features string makes LLVM
-target baseline x86-64 and the vectors get legalized into SSE2 code without a single
-zmm register. And why each function carries ``"prefer-vector-width"="512"``: several
-Intel tunings prefer 256-bit vectors and would otherwise split our 512-bit operations.
+Every kernel sparsec emits is llvmlite IR written with explicit vector types
+(``<16 x float>``, ``<64 x i8>``) of the target's width. Why the feature string is
+spelled out: an empty cpu/features string makes LLVM target baseline x86-64 and the
+vectors get legalized into SSE2 code without a single zmm register. And why each
+function carries ``"prefer-vector-width"``: several Intel tunings prefer 256-bit vectors
+and would otherwise split our 512-bit operations.
 """
 
 from __future__ import annotations
@@ -21,39 +25,98 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from sparsec.codegen.tuning import Tuning, tuning_for
 from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import CPUINFO, host_cpu_flags, normalize_feature  # one reader for both
 
-# LLVM feature names that the generated code may use, and that a host must have to
-# compile (autotuning runs the kernels here): Zen 4, Intel Ice Lake / Sapphire Rapids or
-# newer. What one model.so needs is read from its code (isa_scan), usually fewer.
-# No BF16: no kernel uses it, and Ice Lake / Tiger Lake / Rocket Lake lack it.
-LLVM_FEATURES: tuple[str, ...] = (
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512dq",
-    "avx512cd",
-    "avx512vnni",
-    "avx512vbmi",
-    "avx512vbmi2",
-    "fma",
-    "avx2",
-    "bmi2",
-    "popcnt",
-)
-FEATURE_STRING = ",".join("+" + f for f in LLVM_FEATURES)
 
-# Function attributes that keep LLVM on 512-bit registers (see module docstring).
-VECTOR_WIDTH_ATTRIBUTES = '"prefer-vector-width"="512" "min-legal-vector-width"="512"'
+@dataclass(frozen=True)
+class Isa:
+    """An instruction set sparsec emits code for (capability flags of one renderer)."""
 
-# The same ISA for helper C sources (thread pool etc.), so intrinsics there may use it.
-GCC_FEATURE_FLAGS: tuple[str, ...] = (
-    *("-m" + f for f in LLVM_FEATURES),
-    "-mprefer-vector-width=512",
+    name: str
+    # LLVM feature names the generated code may use, and that a host must have to compile
+    # (autotuning runs the kernels here). What one model.so needs is read from its code
+    # (isa_scan), usually fewer.
+    features: tuple[str, ...]
+    vector_bits: int
+    formats: tuple[str, ...]  # the linear-kernel formats (linear_pack.py) it has kernels for
+    scheduling_cpu: str  # LLVM cpu for scheduling when the host's is unknown ("generic")
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.vector_bits // 8
+
+    @property
+    def lanes_f32(self) -> int:
+        """float32 (or int32) lanes of one vector: the output rows of a packed block."""
+        return self.vector_bits // 32
+
+    @property
+    def feature_string(self) -> str:
+        return ",".join("+" + f for f in self.features)
+
+    @property
+    def vector_width_attributes(self) -> str:
+        """Function attributes that keep LLVM on full-width registers (module docstring)."""
+        return (
+            f'"prefer-vector-width"="{self.vector_bits}" '
+            f'"min-legal-vector-width"="{self.vector_bits}"'
+        )
+
+    @property
+    def gcc_flags(self) -> tuple[str, ...]:
+        """The same ISA for helper C sources (thread pool etc.), so they may use it too."""
+        return (*("-m" + f for f in self.features), f"-mprefer-vector-width={self.vector_bits}")
+
+
+# Zen 4, Intel Ice Lake / Sapphire Rapids or newer. No BF16: no kernel uses it, and Ice
+# Lake / Tiger Lake / Rocket Lake lack it.
+AVX512 = Isa(
+    name="avx512",
+    features=(
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512cd",
+        "avx512vnni",
+        "avx512vbmi",
+        "avx512vbmi2",
+        "fma",
+        "avx2",
+        "bmi2",
+        "popcnt",
+    ),
+    vector_bits=512,
+    formats=("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8"),
+    scheduling_cpu="znver4",
 )
+ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512,)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """An ISA on one CPU model: what the code uses, and whose tuning it gets."""
+
+    isa: Isa
+    cpu: str  # LLVM cpu name: the scheduling model and the tuning key
+    triple: str = "x86_64-unknown-linux-gnu"
+
+    @property
+    def tuning(self) -> Tuning:
+        return tuning_for(self.cpu)
+
+    def describe(self) -> dict:
+        """The manifest's ``target`` field."""
+        return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name}
+
+
+# Kept as names for the callers that only need the AVX-512 ISA's features.
+LLVM_FEATURES: tuple[str, ...] = AVX512.features
 
 
 def _read_cpuinfo(path: Path) -> str:
@@ -115,48 +178,65 @@ def _llvm():
     return llvm
 
 
-def target_cpu() -> str:
-    """The LLVM cpu name used for scheduling (SPARSEC_TARGET_CPU overrides the host's)."""
-    override = os.environ.get("SPARSEC_TARGET_CPU")
-    if override:
-        return override
+def _host_cpu_name(isa: Isa) -> str:
     name = _llvm().get_host_cpu_name()
     # "generic" would drop the tuning model; the features string carries the ISA anyway.
-    return name if name and name != "generic" else "znver4"
+    return name if name and name != "generic" else isa.scheduling_cpu
+
+
+def host_target(name: str = "auto", cpu: str | None = None, *, check_host: bool = True) -> Target:
+    """The target ``sparsec compile --target NAME --target-cpu CPU`` builds for.
+
+    ``auto``: the best ISA this host runs (today: avx512). ``cpu`` None: this host's CPU.
+    ``check_host``: refuse an ISA this host lacks (compiling autotunes by running the
+    kernels here, so today every compile needs it).
+    """
+    if name != "auto" and name not in ISAS:
+        raise SparsecError(f"unknown --target {name!r}; choose auto or {', '.join(ISAS)}")
+    isa = AVX512 if name == "auto" else ISAS[name]
+    if check_host:
+        require_features(isa.features)
+    if cpu is not None and not re.fullmatch(r"[a-z][a-z0-9_.-]*", cpu):
+        raise SparsecError(
+            f"--target-cpu {cpu!r} is not an LLVM cpu name (e.g. znver4, sapphirerapids)"
+        )
+    return Target(isa, cpu or _host_cpu_name(isa))
 
 
 @functools.cache
-def _target_machine(cpu: str):
+def default_target() -> Target:
+    """This host's CPU with the AVX-512 ISA, unchecked: for tests, autotuning and tools
+    that build throwaway kernels here."""
+    return Target(AVX512, _host_cpu_name(AVX512))
+
+
+@functools.cache
+def target_machine(target: Target | None = None):
+    """The (cached) LLVM TargetMachine of ``target`` (default: ``default_target()``)."""
+    target = target or default_target()
     llvm = _llvm()
-    triple = llvm.get_process_triple()
-    target = llvm.Target.from_triple(triple)
-    return target.create_target_machine(
-        cpu=cpu, features=FEATURE_STRING, opt=3, reloc="pic", codemodel="default"
+    return llvm.Target.from_triple(target.triple).create_target_machine(
+        cpu=target.cpu, features=target.isa.feature_string, opt=3, reloc="pic", codemodel="default"
     )
 
 
-def target_machine():
-    """The (cached) LLVM TargetMachine for AVX-512 code on the host triple."""
-    return _target_machine(target_cpu())
-
-
-def _add_vector_width_attributes(ir_text: str) -> str:
-    """Append the 512-bit width attributes to every function definition in ``ir_text``."""
+def _add_vector_width_attributes(ir_text: str, isa: Isa) -> str:
+    """Append the ISA's width attributes to every function definition in ``ir_text``."""
 
     def fix(match: re.Match) -> str:
         header = match.group(1)
         if "prefer-vector-width" in header:
             return match.group(0)
-        return f"{header} {VECTOR_WIDTH_ATTRIBUTES}{match.group(2)}"
+        return f"{header} {isa.vector_width_attributes}{match.group(2)}"
 
     # llvmlite prints "define ... (args) attrs" then "{" on the next line (or same line).
     return re.sub(r"^(define [^\n{]*?)(\s*\{)", fix, ir_text, flags=re.MULTILINE)
 
 
-def _parse_optimized(module_or_text, optimize: bool):
+def _parse_optimized(module_or_text, optimize: bool, target: Target):
     llvm = _llvm()
-    tm = target_machine()
-    text = _add_vector_width_attributes(str(module_or_text))
+    tm = target_machine(target)
+    text = _add_vector_width_attributes(str(module_or_text), target.isa)
     try:
         mod = llvm.parse_assembly(text)
         mod.verify()
@@ -176,30 +256,32 @@ def _parse_optimized(module_or_text, optimize: bool):
     return mod
 
 
-def optimized_ir(module_or_text) -> str:
+def optimized_ir(module_or_text, target: Target | None = None) -> str:
     """The IR after the O3 pipeline (for inspecting what LLVM made of a kernel)."""
-    return str(_parse_optimized(module_or_text, optimize=True))
+    return str(_parse_optimized(module_or_text, True, target or default_target()))
 
 
-def compile_ir(module_or_text, *, optimize: bool = True) -> bytes:
-    """Compile an llvmlite ``ir.Module`` (or IR text) into an ELF object for this target."""
-    mod = _parse_optimized(module_or_text, optimize)
-    return target_machine().emit_object(mod)
+def compile_ir(module_or_text, *, optimize: bool = True, target: Target | None = None) -> bytes:
+    """Compile an llvmlite ``ir.Module`` (or IR text) into an ELF object for ``target``."""
+    target = target or default_target()
+    mod = _parse_optimized(module_or_text, optimize, target)
+    return target_machine(target).emit_object(mod)
 
 
-def emit_assembly(module_or_text, *, optimize: bool = True) -> str:
+def emit_assembly(module_or_text, *, optimize: bool = True, target: Target | None = None) -> str:
     """The assembly of the module (CI fingerprints of generated code, zmm checks)."""
-    mod = _parse_optimized(module_or_text, optimize)
-    return target_machine().emit_assembly(mod)
+    target = target or default_target()
+    mod = _parse_optimized(module_or_text, optimize, target)
+    return target_machine(target).emit_assembly(mod)
 
 
-def compile_ir_and_assembly(module_or_text) -> tuple[bytes, str]:
+def compile_ir_and_assembly(module_or_text, target: Target | None = None) -> tuple[bytes, str]:
     """``compile_ir`` and ``emit_assembly`` of the module. Two O3 runs on purpose: code
     generation rewrites the IR it runs on, and an object emitted from the same optimized
     module, a clone of it or its printed text differs in code bytes (measured: 6530
     against 6546 for a dense 576x576 kernel) from what ``compile_ir`` puts in a model."""
     text = str(module_or_text)
-    return compile_ir(text), emit_assembly(text)
+    return compile_ir(text, target=target), emit_assembly(text, target=target)
 
 
 # --------------------------------------------------------------------------- linking
@@ -220,8 +302,10 @@ def link_shared(
     c_sources: Sequence[Path] = (),
     out: Path | str = "model.so",
     extra_flags: Sequence[str] = (),
+    target: Target | None = None,
 ) -> Path:
     """Link object files (bytes) and C sources into the shared library ``out``."""
+    target = target or default_target()
     out = Path(out)
     cc = find_cc()
     with tempfile.TemporaryDirectory(prefix="sparsec-link-") as tmp:
@@ -242,7 +326,7 @@ def link_shared(
             "-O2",
             "-pthread",
             "-fPIC",
-            *GCC_FEATURE_FLAGS,
+            *target.isa.gcc_flags,
             *[str(s) for s in c_sources],
             *obj_paths,
             "-o",
@@ -265,10 +349,13 @@ def link_shared(
 
 
 def build_library(
-    ir_module, c_sources: Sequence[Path] = (), out: Path | str = "kernels.so"
+    ir_module,
+    c_sources: Sequence[Path] = (),
+    out: Path | str = "kernels.so",
+    target: Target | None = None,
 ) -> Path:
     """Compile ``ir_module`` and link it with ``c_sources`` into the .so ``out``."""
-    return link_shared([compile_ir(ir_module)], c_sources, out)
+    return link_shared([compile_ir(ir_module, target=target)], c_sources, out, target=target)
 
 
 def load_library(path: Path | str) -> ctypes.CDLL:
@@ -279,14 +366,16 @@ def load_library(path: Path | str) -> ctypes.CDLL:
         raise SparsecError(f"cannot load the compiled library {path}: {exc}") from exc
 
 
-def build_and_load(ir_module, c_sources: Sequence[Path] = ()) -> ctypes.CDLL:
+def build_and_load(
+    ir_module, c_sources: Sequence[Path] = (), target: Target | None = None
+) -> ctypes.CDLL:
     """Build a throwaway library (tests, autotuning, benchmarks) and load it.
 
     The file is deleted once loaded (the mapping outlives it), so the many libraries an
     autotuned compile builds leave nothing behind in the temp directory.
     """
     with tempfile.TemporaryDirectory(prefix="sparsec-build-") as tmp:
-        return load_library(build_library(ir_module, c_sources, Path(tmp) / "kernels.so"))
+        return load_library(build_library(ir_module, c_sources, Path(tmp) / "kernels.so", target))
 
 
 def declare_function(module, name: str, fnty):

@@ -21,7 +21,7 @@ from test_ops_support import (
 )
 
 from sparsec.codegen import ops
-from sparsec.codegen.vmath import I32, I64, VOID, i64
+from sparsec.codegen.irbuild import I32, I64, VOID, i64
 from sparsec.errors import SparsecError
 
 CAPACITY = 80

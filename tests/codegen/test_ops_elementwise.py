@@ -38,13 +38,20 @@ def model(request, tmp_path_factory):
         tmp_path_factory.mktemp(f"elementwise-{request.param}"),
         {
             "emb": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"]),
-            "emb16": p(ops.emit_embedding, vocab=s["vocab"], dim=s["dim"], layout="dense_f32"),
+            "emb16": p(
+                ops.emit_embedding,
+                vocab=s["vocab"],
+                dim=s["dim"],
+                layout="dense_f32",
+                rows=head_i8.rows,
+            ),
             "emb_i8": p(
                 ops.emit_embedding,
                 vocab=s["vocab"],
                 dim=s["dim"],
                 layout="dense_i8",
                 scale_at=scale_at,
+                rows=head_i8.rows,
             ),
             "rms": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=False),
             "rms_res": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=True),

@@ -7,18 +7,21 @@ import pytest
 from llvmlite import ir
 from test_ops_support import build_kernels
 
-from sparsec.codegen import vmath
-from sparsec.codegen.vmath import FPTR, I64, VW, kernel_function, load, ptr_add, store
+from sparsec.codegen import irbuild, vmath
+from sparsec.codegen.irbuild import FPTR, I64, kernel_function, load, ptr_add, store
+from sparsec.codegen.target import AVX512
+
+VW = AVX512.lanes_f32
 
 
 def _emit_map(op):
     """void name(const float* x, float* y, i32 count): y = op(x), 16 lanes at a time."""
 
     def emit(module, name):
-        fn = kernel_function(module, name, [FPTR, FPTR, vmath.I32])
+        fn = kernel_function(module, name, [FPTR, FPTR, irbuild.I32])
         x, y, count = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
-        with vmath.loop(b, vmath.i64(0), b.sext(count, I64), VW) as i:
+        with irbuild.loop(b, irbuild.i64(0), b.sext(count, I64), VW) as i:
             store(b, op(b, load(b, ptr_add(b, x, i), VW)), ptr_add(b, y, i))
         b.ret_void()
         return fn
@@ -27,10 +30,10 @@ def _emit_map(op):
 
 
 def _emit_scalar_exp(module, name):
-    fn = kernel_function(module, name, [FPTR, FPTR, vmath.I32])
+    fn = kernel_function(module, name, [FPTR, FPTR, irbuild.I32])
     x, y, count = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    with vmath.loop(b, vmath.i64(0), b.sext(count, I64)) as i:
+    with irbuild.loop(b, irbuild.i64(0), b.sext(count, I64)) as i:
         b.store(vmath.vexp(b, b.load(ptr_add(b, x, i))), ptr_add(b, y, i))
     b.ret_void()
     return fn
@@ -38,7 +41,7 @@ def _emit_scalar_exp(module, name):
 
 def _emit_transpose_sums(module, name):
     """y[16] = row sums of x[16, 16] via transpose_sums; z = hsum(x[0]), hmax(x[0])."""
-    fn = kernel_function(module, name, [FPTR, FPTR, vmath.I32])
+    fn = kernel_function(module, name, [FPTR, FPTR, irbuild.I32])
     x, y, _ = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     rows = [load(b, ptr_add(b, x, VW * r), VW) for r in range(VW)]
@@ -55,7 +58,7 @@ def kernels(tmp_path_factory):
         tmp_path_factory.mktemp("vmath"),
         {
             "vexp16": _emit_map(vmath.vexp),
-            "silu16": _emit_map(lambda b, v: vmath.silu_mul(b, v, vmath.const(v.type, 1.0))),
+            "silu16": _emit_map(lambda b, v: vmath.silu_mul(b, v, irbuild.const(v.type, 1.0))),
             "vexp1": _emit_scalar_exp,
             "tsum": _emit_transpose_sums,
         },
@@ -120,7 +123,9 @@ def test_transpose_sums_hsum_hmax(kernels):
 
 def test_span_chunks_cover_exactly():
     for length in [1, 5, 15, 16, 17, 31, 45, 64, 576, 1536]:
-        chunks = vmath.span_chunks(length)
+        chunks = irbuild.span_chunks(length, VW)
         covered = [off + k for off, w in chunks for k in range(w)]
         assert covered == list(range(length))
         assert all(w in (16, 8, 4, 1) for _, w in chunks)
+    # an 8-lane ISA: full vectors of 8, then 4 and 1
+    assert irbuild.span_chunks(13, 8) == [(0, 8), (8, 4), (12, 1)]

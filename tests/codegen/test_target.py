@@ -120,3 +120,78 @@ def test_linear_kernels_use_avx512_instructions():
         for m in mnemonics:
             assert m in asm, f"{fmt}: no {m} in the generated code"
         assert "ymm" not in asm.replace("vzeroupper", ""), f"{fmt}: 256-bit code"
+
+
+# --------------------------------------------------------------------------- Target
+
+
+def test_host_target_is_the_avx512_isa_on_this_cpu():
+    t = target.host_target()
+    assert t.isa is target.AVX512 and t.isa.lanes_f32 == 16 and t.isa.vector_bytes == 64
+    assert t.cpu == target.default_target().cpu and t.cpu not in ("", "generic")
+    assert target.host_target("avx512", "sapphirerapids").cpu == "sapphirerapids"
+    assert t.describe() == {"triple": t.triple, "cpu": t.cpu, "isa": "avx512"}
+
+
+@pytest.mark.parametrize(
+    "name, cpu, message",
+    [
+        ("avx2", None, "unknown --target 'avx2'; choose auto or avx512"),
+        ("auto", "Zen 4", "--target-cpu 'Zen 4' is not an LLVM cpu name"),
+    ],
+)
+def test_bad_target_is_named(name, cpu, message):
+    with pytest.raises(SparsecError, match=message):
+        target.host_target(name, cpu)
+
+
+def test_the_target_cpu_schedules_the_code():
+    """Same IR, two CPUs: the scheduling model is the target's, not the host's."""
+    from sparsec.codegen.linear import emit_linear, pack_linear
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    module = ir.Module()
+    emit_linear(module, "k", pack_linear(w, "dense_f32"), max_tokens=4)
+
+    def asm(cpu):
+        return target.emit_assembly(str(module), target=target.Target(target.AVX512, cpu))
+
+    assert asm("znver4") != asm("sapphirerapids")
+    assert asm("znver4") == asm("znver4")
+
+
+def test_tuning_is_the_target_cpus(monkeypatch):
+    """A CPU with a tuning row gets other code than one without (ablation: the row)."""
+    from sparsec.codegen import tuning
+    from sparsec.codegen.linear import emit_linear, pack_linear
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    w[np.abs(w) < 1.0] = 0.0
+    packed = pack_linear(w, "bitmask_f32")
+
+    def ir_for(cpu):
+        module = ir.Module()
+        emit_linear(module, "k", packed, max_tokens=4, target=target.Target(target.AVX512, cpu))
+        return str(module)
+
+    assert ir_for("testcpu") == ir_for("znver4")  # no row: DEFAULT for both
+    row = tuning.Tuning(decode_group={**tuning.DEFAULT.decode_group, "bitmask_f32": 1})
+    monkeypatch.setitem(tuning.TUNINGS, "testcpu", row)
+    assert target.Target(target.AVX512, "testcpu").tuning is row
+    assert ir_for("testcpu") != ir_for("znver4")
+
+
+def test_packing_follows_the_isa_and_emission_refuses_an_isa_without_a_renderer():
+    """The block rows are the ISA's lanes: a 256-bit ISA packs 8-row blocks."""
+    from sparsec.codegen.linear import emit_linear, pack_linear, unpack_weight
+
+    narrow = target.Isa("test256", ("avx2",), 256, ("dense_f32",), "znver4")
+    w = np.random.default_rng(1).standard_normal((20, 12)).astype(np.float32)
+    packed = pack_linear(w, "dense_f32", narrow)
+    assert packed.rows == 8 and packed.nblocks == 3
+    assert np.array_equal(unpack_weight(packed), w)
+    assert pack_linear(w, "dense_f32").nblocks == 2
+    with pytest.raises(SparsecError, match="'bitmask_f32' has no test256 kernel"):
+        pack_linear(w, "bitmask_f32", narrow)
+    with pytest.raises(SparsecError, match="no test256 renderer for 8-row blocks"):
+        emit_linear(ir.Module(), "k", packed, max_tokens=1, target=target.Target(narrow, "x"))

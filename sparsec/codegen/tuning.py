@@ -1,0 +1,58 @@
+"""Per-CPU tuning of the linear kernels, as data.
+
+The loop structure of ``linear_kernel.py`` is fixed; how many row blocks it streams at
+once, how many accumulators it splits the input over and how far ahead it prefetches
+are measured constants, and the best values differ between microarchitectures. Each
+``Tuning`` is one CPU's set, keyed by the LLVM cpu name of the ``Target``; a CPU
+without a row gets ``DEFAULT``. Add a row only with the measurement behind it (the
+kernel regression check's ``--emitter`` A/B and ``sparsec bench``), and say on which
+CPU in the comment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Tuning:
+    # Token tile sizes, largest first; n_tokens is covered greedily (e.g. 13 = 8 + 4 + 1).
+    token_tiles: tuple[int, ...] = (8, 4, 1)
+    # Row blocks computed together in multi-token tiles (register tiling over rows too:
+    # a tile of T tokens x G blocks needs T + G loads per T * G multiply-adds). Measured
+    # on the 30-layer stack at 16-64 tokens: 1.3-1.7x over G = 1. int8 stays at 2 because
+    # its broadcasts need registers (G = 3 spills).
+    block_group: dict[str, int] = field(default_factory=lambda: {"fp32": 3, "int8": 2})
+    # Decode: row blocks streamed together (sharing each broadcast activation). Several
+    # weight streams in flight beat one: measured on the 30-layer stack from DRAM at 2
+    # threads, against one block with 4 accumulators: bitmask fp32 (70%) 1.21x with 6
+    # blocks, dense fp32 1.15x and dense int8 1.17x with 4; bitmask int8 is best alone
+    # (vpexpandb throughput bound, 0.93x with 2).
+    decode_group: dict[str, int] = field(
+        default_factory=lambda: {"dense_f32": 4, "bitmask_f32": 6, "dense_i8": 4, "bitmask_i8": 1}
+    )
+    # Decode: independent accumulators along the input, split among the streamed blocks
+    # (hides the FMA/VNNI latency).
+    decode_accumulators: int = 4
+    # Software prefetch distance ahead of each weight stream, in bytes. Shorter for
+    # bitmask fp32, whose 6 interleaved decode streams would otherwise evict each other's
+    # lines (measured 1.05x with 512 over 2048; the other formats are flat within noise).
+    prefetch_bytes: dict[str, int] = field(
+        default_factory=lambda: {
+            "dense_f32": 2048,
+            "bitmask_f32": 512,
+            "dense_i8": 2048,
+            "bitmask_i8": 2048,
+        }
+    )
+
+
+# The measurements above were made on the AVX-512 machines of sessions 1-10 (Intel Xeon,
+# Sapphire Rapids class, and AMD EPYC Zen 4); no CPU has a measured set of its own yet.
+DEFAULT = Tuning()
+TUNINGS: dict[str, Tuning] = {}
+
+
+def tuning_for(cpu: str) -> Tuning:
+    """The tuning of the LLVM cpu ``cpu`` (``DEFAULT`` when it has no row)."""
+    return TUNINGS.get(cpu, DEFAULT)
