@@ -1,4 +1,4 @@
-"""Lift a Hugging Face Llama model to ONNX with its KV cache (torch dynamo exporter).
+"""Lift a Hugging Face causal LM to ONNX with its KV cache (torch dynamo exporter).
 
 The exported graph follows docs/graph-contract.md section 1, and carries the model
 config and tokenizer in its metadata so every later stage is self-contained.
@@ -31,7 +31,7 @@ def _cache_wrapper(model):
 
     n_layers = ModelConfig.from_hf(model.config).num_hidden_layers
 
-    class LlamaWithFlatCache(torch.nn.Module):
+    class WithFlatCache(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -52,7 +52,7 @@ def _cache_wrapper(model):
                 flat += [layer.keys, layer.values]
             return tuple(flat)
 
-    return LlamaWithFlatCache(model)
+    return WithFlatCache(model)
 
 
 def _io_names(n_layers: int) -> tuple[list[str], list[str]]:

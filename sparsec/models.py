@@ -1,6 +1,7 @@
 """Where models come from: Hugging Face folders, GGUF files and built-in names.
 
-``load_model(source)`` returns a float32 ``LlamaForCausalLM`` in eval mode and its
+``load_model(source)`` returns a float32 causal LM (the family's Hugging Face class, e.g.
+``LlamaForCausalLM``) in eval mode and its
 tokenizer, whatever the source. ``sparsec convert`` writes any source as a Hugging Face
 folder. torch and transformers are imported inside the functions so the CLI stays
 light.
@@ -111,11 +112,11 @@ def _check_gguf(src: ModelSource) -> None:
 
 
 def load_model(source: str | os.PathLike, *, quiet: bool = False):
-    """Load MODEL as a float32 ``LlamaForCausalLM`` in eval mode plus its tokenizer."""
+    """Load MODEL as a float32 causal LM in eval mode plus its tokenizer."""
     require_compiler_stack()
     import torch
     import transformers
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(source)
     if quiet:
@@ -124,7 +125,7 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
         _check_gguf(src)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
-            gguf_model = LlamaForCausalLM.from_pretrained(
+            gguf_model = AutoModelForCausalLM.from_pretrained(
                 src.folder, gguf_file=src.gguf_file, dtype=torch.float32
             )
         except Exception as e:
@@ -134,7 +135,7 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
         config = gguf_model.config
         config.quantization_config = None
         del config.quantization_config
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
     else:
@@ -149,7 +150,7 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
             raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.folder)
-            model = LlamaForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
         except Exception as e:
             raise SparsecError(f"cannot load model from {src.folder}: {e}") from e
     model = model.float().eval()
