@@ -146,13 +146,19 @@ class ModelConfig:
     def from_hf(cls, config) -> ModelConfig:
         """The description of a Hugging Face ``PretrainedConfig``; refuses what sparsec
         does not support, naming the field."""
+        family = getattr(config, "model_type", None)
+        if family not in SUPPORTED["family"]:  # before reading fields it may not have
+            raise SparsecError(
+                f"unsupported model: family = {family!r} "
+                f"(supported: {', '.join(map(repr, SUPPORTED['family']))})"
+            )
         params = dict(getattr(config, "rope_parameters", None) or {})
         theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
         rope_type = params.pop("rope_type", params.pop("type", "default"))
         partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         heads = config.num_attention_heads
         result = cls(
-            family=config.model_type,
+            family=family,
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,

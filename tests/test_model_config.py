@@ -8,7 +8,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from sparsec import contract, models
 from sparsec.contract import ConfigError, ModelConfig, RoPE, parse_cache_name
@@ -106,6 +106,7 @@ def test_the_layout_written_before_model_config_still_reads():
         (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu')"),
         (Qwen2Config(num_hidden_layers=1), "family = 'qwen2' (supported: 'llama')"),
         (MistralConfig(num_hidden_layers=1), "family = 'mistral'"),
+        (GPT2Config(n_layer=1), "family = 'gpt2'"),  # no rms_norm_eps: refused first
     ],
 )
 def test_unsupported_values_are_refused_naming_the_field(hf, message):
