@@ -45,6 +45,10 @@ class Isa:
     vector_bits: int
     formats: tuple[str, ...]  # the linear-kernel formats (linear_pack.py) it has kernels for
     scheduling_cpu: str  # LLVM cpu for scheduling when the host's is unknown ("generic")
+    # The LLVM cpu whose ISA the features extend. The target's own cpu only tunes
+    # (function attribute "tune-cpu"): a cpu name brings its whole ISA with it
+    # (sapphirerapids: AVX512-FP16, AMX), which the code must not use.
+    base_cpu: str = "x86-64-v4"
 
     @property
     def vector_bytes(self) -> int:
@@ -215,19 +219,22 @@ def target_machine(target: Target | None = None):
     """The (cached) LLVM TargetMachine of ``target`` (default: ``default_target()``)."""
     target = target or default_target()
     llvm = _llvm()
+    isa = target.isa
     return llvm.Target.from_triple(target.triple).create_target_machine(
-        cpu=target.cpu, features=target.isa.feature_string, opt=3, reloc="pic", codemodel="default"
+        cpu=isa.base_cpu, features=isa.feature_string, opt=3, reloc="pic", codemodel="default"
     )
 
 
-def _add_vector_width_attributes(ir_text: str, isa: Isa) -> str:
-    """Append the ISA's width attributes to every function definition in ``ir_text``."""
+def _add_function_attributes(ir_text: str, target: Target) -> str:
+    """Append the ISA's width attributes and the target cpu's tuning to every function
+    definition in ``ir_text``."""
+    attributes = f'{target.isa.vector_width_attributes} "tune-cpu"="{target.cpu}"'
 
     def fix(match: re.Match) -> str:
         header = match.group(1)
         if "prefer-vector-width" in header:
             return match.group(0)
-        return f"{header} {isa.vector_width_attributes}{match.group(2)}"
+        return f"{header} {attributes}{match.group(2)}"
 
     # llvmlite prints "define ... (args) attrs" then "{" on the next line (or same line).
     return re.sub(r"^(define [^\n{]*?)(\s*\{)", fix, ir_text, flags=re.MULTILINE)
@@ -236,7 +243,7 @@ def _add_vector_width_attributes(ir_text: str, isa: Isa) -> str:
 def _parse_optimized(module_or_text, optimize: bool, target: Target):
     llvm = _llvm()
     tm = target_machine(target)
-    text = _add_vector_width_attributes(str(module_or_text), target.isa)
+    text = _add_function_attributes(str(module_or_text), target)
     try:
         mod = llvm.parse_assembly(text)
         mod.verify()

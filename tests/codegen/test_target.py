@@ -195,3 +195,20 @@ def test_packing_follows_the_isa_and_emission_refuses_an_isa_without_a_renderer(
         pack_linear(w, "bitmask_f32", narrow)
     with pytest.raises(SparsecError, match="no test256 renderer for 8-row blocks"):
         emit_linear(ir.Module(), "k", packed, max_tokens=1, target=target.Target(narrow, "x"))
+
+
+def test_the_isa_is_pinned_whatever_the_target_cpu():
+    """--target-cpu sapphirerapids tunes, but brings no AVX512-FP16 (not in the ISA): a
+    half-precision add is widened to float32 instead of becoming vaddph."""
+    half = ir.VectorType(ir.HalfType(), 32)
+    m = ir.Module()
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [half.as_pointer()] * 2), "add_half")
+    b = ir.IRBuilder(fn.append_basic_block())
+    x, y = fn.args
+    b.store(b.fadd(b.load(x, align=2), b.load(y, align=2)), y, align=2)
+    b.ret_void()
+    spr = target.Target(target.AVX512, "sapphirerapids")
+    assert "vaddph" not in target.emit_assembly(m, target=spr)
+    assert "vcvtph2ps" in target.emit_assembly(m, target=spr)
+    fp16 = target.Isa("fp16", (*target.AVX512.features, "avx512fp16"), 512, (), "znver4")
+    assert "vaddph" in target.emit_assembly(m, target=target.Target(fp16, "sapphirerapids"))
