@@ -107,7 +107,11 @@ def format_summary(s: dict) -> str:
     rows = [
         ("model", f"{c.family}: {model}"),
         ("precision", s["precision"]),
-        ("target", f"{s['target']['triple']}, cpu {s['target']['cpu']}"),
+        (
+            "target",
+            f"{s['target']['triple']}, {s['target'].get('isa', 'avx512')}, "
+            f"cpu {s['target']['cpu']}",
+        ),
         ("cpu features", f"{' '.join(s['cpu_features']) or '(none)'} ({host})"),
         (
             "context",
