@@ -200,11 +200,36 @@ def host_target(name: str = "auto", cpu: str | None = None, *, check_host: bool 
     isa = AVX512 if name == "auto" else ISAS[name]
     if check_host:
         require_features(isa.features)
-    if cpu is not None and not re.fullmatch(r"[a-z][a-z0-9_.-]*", cpu):
+    if cpu is not None and not (re.fullmatch(r"[a-z][a-z0-9_.-]*", cpu) and _llvm_knows(cpu)):
         raise SparsecError(
             f"--target-cpu {cpu!r} is not an LLVM cpu name (e.g. znver4, sapphirerapids)"
         )
     return Target(isa, cpu or _host_cpu_name(isa))
+
+
+@functools.cache
+def _llvm_knows(cpu: str) -> bool:
+    """Whether LLVM has a model of ``cpu``. LLVM only warns on stderr about an unknown
+    one ("is not a recognized processor") and carries on untuned, so the warning is
+    caught from a throwaway compile, made as the code is: a known base cpu and the
+    probed one as "tune-cpu" (an unknown machine cpu makes LLVM abort the process)."""
+    llvm = _llvm()
+    module = llvm.parse_assembly(
+        f'define void @f() #0 {{\n  ret void\n}}\nattributes #0 = {{ "tune-cpu"="{cpu}" }}\n'
+    )
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(write_end, 2)
+        triple = llvm.get_process_triple()
+        machine = llvm.Target.from_triple(triple).create_target_machine(cpu=AVX512.base_cpu)
+        machine.emit_assembly(module)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as warnings:
+        return b"not a recognized processor" not in warnings.read()
 
 
 @functools.cache

@@ -138,6 +138,7 @@ def test_host_target_is_the_avx512_isa_on_this_cpu():
     [
         ("avx2", None, "unknown --target 'avx2'; choose auto or avx512"),
         ("auto", "Zen 4", "--target-cpu 'Zen 4' is not an LLVM cpu name"),
+        ("auto", "znver9", "--target-cpu 'znver9' is not an LLVM cpu name"),
     ],
 )
 def test_bad_target_is_named(name, cpu, message):
