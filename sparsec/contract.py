@@ -102,7 +102,7 @@ class RoPE:
     theta: float
     type: str = "default"  # Hugging Face rope_type: default, llama3, linear, ...
     partial_rotary_factor: float = 1.0  # the share of head_dim that is rotated
-    scaling: tuple[tuple[str, float], ...] = ()  # rope_type's own parameters, sorted
+    scaling: tuple[tuple[str, object], ...] = ()  # rope_type's own parameters, sorted
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,8 @@ class ModelConfig:
         rope = values["rope"]
         if not isinstance(rope, dict) or "theta" not in rope:
             raise ConfigError("sparsec.config field 'rope' must be an object with 'theta'")
+        if not isinstance(rope.get("scaling") or {}, dict):
+            raise ConfigError("sparsec.config field 'rope.scaling' must be an object")
         values["rope"] = RoPE(
             theta=rope["theta"],
             type=rope.get("type", "default"),
@@ -248,9 +250,20 @@ class ModelConfig:
         for name, value in (("norm_eps", self.norm_eps), ("rope.theta", self.rope.theta)):
             if type(value) not in (int, float) or value <= 0:
                 raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected > 0")
-        for name in ("family", "norm", "activation"):
-            if not isinstance(getattr(self, name), str):
+        for name, value in (
+            ("family", self.family),
+            ("norm", self.norm),
+            ("activation", self.activation),
+            ("rope.type", self.rope.type),
+        ):
+            if not isinstance(value, str):
                 raise ConfigError(f"sparsec.config field {name!r} must be a string")
+        partial = self.rope.partial_rotary_factor
+        if type(partial) not in (int, float) or not 0 < partial <= 1:
+            raise ConfigError(
+                f"sparsec.config field 'rope.partial_rotary_factor' is {partial!r}, "
+                "expected a number in (0, 1]"
+            )
         window = self.sliding_window
         if window is not None and (type(window) is not int or window <= 0):
             raise ConfigError(f"sparsec.config field 'sliding_window' is {window!r}")

@@ -124,6 +124,12 @@ def test_unsupported_values_are_refused_naming_the_field(hf, message):
         (lambda d: d.__setitem__("rope", 10000.0), "'rope' must be an object"),
         (lambda d: d.__setitem__("sliding_window", 0), "'sliding_window' is 0"),
         (lambda d: d.__setitem__("qk_norm", 1), "'qk_norm' must be true or false"),
+        (lambda d: d["rope"].__setitem__("scaling", [1, 2]), "'rope.scaling' must be an object"),
+        (lambda d: d["rope"].__setitem__("type", 3), "'rope.type' must be a string"),
+        (
+            lambda d: d["rope"].__setitem__("partial_rotary_factor", 0),
+            "'rope.partial_rotary_factor' is 0",
+        ),
     ],
 )
 def test_malformed_config_names_the_field(edit, message):
