@@ -1,8 +1,9 @@
 """How far each model family gets through export -> optimize -> compile today.
 
 For planning the model-families work: each case builds a tiny random model from the
-family's transformers config class, lifts the ``ModelConfig`` refusal for the probed
-values only (``contract.SUPPORTED``, in this process), and runs the stages, printing
+family's transformers config class (``sparsec.testing.TINY_CONFIG`` sizes), lifts the
+``ModelConfig`` refusal for the probed values only (``contract.SUPPORTED``, in this
+process), and runs the stages, printing
 one JSON line per case: the stage reached, the fusions that did not happen and why,
 and, when it compiles, max |Δlogits| against transformers (teacher-forced, 30 tokens).
 A refusal lifted here is not support: the families issue lifts it with the tests.
@@ -20,20 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BASE = dict(
-    vocab_size=272,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    bos_token_id=256,
-    eos_token_id=257,
-    pad_token_id=257,
-    tie_word_embeddings=True,
-)
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -74,13 +61,13 @@ def probe(case: str) -> dict:
     from sparsec.codegen.compile import compile_model
     from sparsec.export import export_model
     from sparsec.passes import optimize_file
-    from sparsec.testing import make_byte_tokenizer
+    from sparsec.testing import TINY_CONFIG, make_byte_tokenizer
 
     config_class, overrides, allow = CASES[case]
     for field, value in allow.items():
         contract.SUPPORTED[field] = (*contract.SUPPORTED[field], value)
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**{**BASE, **overrides})
+    config = getattr(transformers, config_class)(**{**TINY_CONFIG, **overrides})
     model_class = getattr(transformers, config_class.replace("Config", "ForCausalLM"))
     model = model_class(config).float().eval()
     ids = list(range(40, 70))

@@ -119,10 +119,6 @@ class Target:
         return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name}
 
 
-# Kept as names for the callers that only need the AVX-512 ISA's features.
-LLVM_FEATURES: tuple[str, ...] = AVX512.features
-
-
 def _read_cpuinfo(path: Path) -> str:
     try:
         return path.read_text()
@@ -142,7 +138,7 @@ def host_cpu_model(cpuinfo: Path = CPUINFO) -> str:
 
 
 def missing_features(
-    features: Iterable[str] = LLVM_FEATURES, available: Iterable[str] | None = None
+    features: Iterable[str] = AVX512.features, available: Iterable[str] | None = None
 ) -> list[str]:
     """The features (LLVM or cpuinfo spelling) that the CPU does not have, in input order."""
     have = host_cpu_flags() if available is None else {normalize_feature(f) for f in available}
@@ -150,7 +146,7 @@ def missing_features(
 
 
 def require_features(
-    features: Iterable[str] = LLVM_FEATURES, available: Iterable[str] | None = None
+    features: Iterable[str] = AVX512.features, available: Iterable[str] | None = None
 ) -> None:
     """Raise SparsecError naming every required CPU feature the host lacks.
 

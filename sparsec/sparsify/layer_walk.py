@@ -62,34 +62,39 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+def _group_by_input(calls) -> list[tuple[dict[str, nn.Linear], torch.Tensor]]:
+    """``(name, Linear, input)`` calls in run order -> ``({name: Linear}, input)`` per
+    input tensor, in the order the tensors were first read."""
+    groups: dict[int, tuple[dict[str, nn.Linear], torch.Tensor]] = {}
+    for name, module, x in calls:
+        group, _ = groups.setdefault(id(x), ({}, x))
+        if any(name in g for g, _ in groups.values()):
+            raise SparsecError(f"Linear {name!r} runs more than once in a decoder layer")
+        group[name] = module
+    return list(groups.values())
+
+
 @torch.no_grad()
 def linear_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[dict]:
     """The layer's Linears, ``{name: Linear}`` per group of those reading the same
     tensor, groups in the order the forward first runs them (one traced forward)."""
-    names = {id(m): n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    seen: list[tuple[str, torch.Tensor]] = []  # the inputs are kept so no id is reused
+    linears = {id(m): (n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    calls: list[tuple] = []  # the inputs are kept so no id is reused
 
     def record(module, args):
-        seen.append((names[id(module)], args[0]))
+        calls.append((*linears[id(module)], args[0]))
 
-    modules = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-    handles = [m.register_forward_pre_hook(record, prepend=True) for m in modules]
+    handles = [m.register_forward_pre_hook(record, prepend=True) for _, m in linears.values()]
     try:
         layer(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
-    groups: dict[int, dict[str, nn.Linear]] = {}
-    by_name = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    for name, x in seen:
-        group = groups.setdefault(id(x), {})
-        if name in group or any(name in g for g in groups.values() if g is not group):
-            raise SparsecError(f"Linear {name!r} runs more than once in a decoder layer")
-        group[name] = by_name[name]
-    missing = set(by_name) - {n for g in groups.values() for n in g}
+    groups = [group for group, _ in _group_by_input(calls)]
+    missing = {n for n, _ in linears.values()} - {n for g in groups for n in g}
     if missing:
         raise SparsecError(f"decoder layer Linears never run by its forward: {sorted(missing)}")
-    return list(groups.values())
+    return groups
 
 
 def walk_layer(
@@ -123,12 +128,7 @@ def walk_layer(
         return out[0] if isinstance(out, tuple) else out
 
     chunks = [greenlet(forward) for _ in hidden]
-    handles = [
-        m.register_forward_pre_hook(at_group)
-        for group in groups
-        for m in group.values()
-        if id(m) in firsts
-    ]
+    handles = [next(iter(g.values())).register_forward_pre_hook(at_group) for g in groups]
     # Grad mode is per thread, and the greenlets share this one: it is set here, once,
     # around all of them (a ``no_grad`` entered in each would leak out of the last).
     with torch.no_grad():
@@ -210,19 +210,10 @@ def trace_groups(model: nn.Module, input_ids: torch.Tensor) -> list[list[tuple]]
     finally:
         for h in handles:
             h.remove()
-    result = []
-    for calls in seen:
-        groups: dict[int, dict] = {}
-        for name, module, x in calls:
-            groups.setdefault(id(x), {})[name] = module
-        inputs = {id(x): x for _, _, x in calls}
-        result.append(
-            [
-                (group, _source(inputs[key], producers.made_by, by_weight))
-                for key, group in groups.items()
-            ]
-        )
-    return result
+    return [
+        [(group, _source(x, producers.made_by, by_weight)) for group, x in _group_by_input(calls)]
+        for calls in seen
+    ]
 
 
 def _source(x: torch.Tensor, made_by: dict, by_weight: dict) -> InputSource | None:

@@ -37,7 +37,7 @@ def test_host_flags_parse_and_normalize(tmp_path):
 
 
 def test_missing_feature_raises_naming_it():
-    have = [f for f in target.LLVM_FEATURES if f not in ("avx512vnni", "avx512vbmi2")]
+    have = [f for f in target.AVX512.features if f not in ("avx512vnni", "avx512vbmi2")]
     with pytest.raises(SparsecError, match="avx512vnni, avx512vbmi2"):
         target.require_features(available=have)
     # cpuinfo spelling is accepted too
