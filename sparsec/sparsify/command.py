@@ -113,7 +113,7 @@ def register(sub) -> None:
         dest="smooth",
         action="store_false",
         help="with --int8: skip the SmoothQuant-style smoothing of the quantized Linears' "
-        "inputs (folded into the norm weights and the gated MLP's up_proj rows; on by default)",
+        "inputs (folded into the norm weights and the gated MLP's up rows; on by default)",
     )
     p.add_argument(
         "--qat-steps",

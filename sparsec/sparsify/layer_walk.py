@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from sparsec.contract import ModelConfig
 from sparsec.errors import SparsecError
 
 
@@ -28,7 +27,17 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"{type(model).__name__} is not a Hugging Face causal LM (no .config); "
             "sparsec sparsify needs one"
         )
-    n_layers = ModelConfig.from_hf(model.config).num_hidden_layers
+    # Read off the config itself, not ``ModelConfig.from_hf``: whether sparsec supports
+    # the family is ``load_model``'s question; the walk only needs the layer count.
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise SparsecError(
+            f"{type(model).__name__}'s config has no num_hidden_layers; sparsec sparsify "
+            "needs a decoder-only causal LM"
+        )
     for path, module in model.named_modules():
         if (
             isinstance(module, nn.ModuleList)
@@ -157,14 +166,20 @@ _MULTIPLY = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__r
 class InputSource:
     """What a Linear group's input is the product of, when a per-channel scale of that
     input can be folded exactly into a weight: a 1-D parameter (a norm's weight), or the
-    rows of a Linear (the ``up`` of a gated MLP, its output times the activation)."""
+    rows of a Linear (the ``up`` of a gated MLP, its output times the activation).
+
+    ``rows``: the Linear's output rows the input is, where it is a slice of a wider output
+    (Phi-3's ``gate_up_proj``: the up half of the rows); None: all of them.
+    """
 
     parameter: nn.Parameter | None = None
     linear: nn.Linear | None = None
+    rows: slice | None = None
 
 
 class _Producers(TorchFunctionMode):
-    """Records, for every tensor an op returns, the op and its arguments."""
+    """Records, for every tensor an op returns (alone or in a tuple, as ``chunk`` and
+    ``split`` do), the op and its arguments."""
 
     def __init__(self):
         super().__init__()
@@ -173,9 +188,10 @@ class _Producers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.made_by[id(out)] = (func, args)
-            self.keep.append(out)
+        for tensor in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.made_by[id(tensor)] = (func, args)
+                self.keep.append(tensor)
         return out
 
 
@@ -225,11 +241,44 @@ def _source(x: torch.Tensor, made_by: dict, by_weight: dict) -> InputSource | No
         if isinstance(operand, nn.Parameter) and operand.shape == (width,):
             return InputSource(parameter=operand)
     for operand in args:
-        if not isinstance(operand, torch.Tensor):
+        if not isinstance(operand, torch.Tensor) or operand.shape[-1] != width:
             continue
-        op, op_args = made_by.get(id(operand), (None, ()))
-        if op is nn.functional.linear or op is torch._C._nn.linear:
-            linear = by_weight.get(id(op_args[1])) if len(op_args) > 1 else None
-            if linear is not None and linear.out_features == width:
-                return InputSource(linear=linear)
+        found = _linear_rows(operand, made_by, by_weight)
+        if found is not None:
+            return found
     return None
+
+
+def _is_linear(func) -> bool:
+    return func is nn.functional.linear or func is torch._C._nn.linear
+
+
+def _linear_rows(t: torch.Tensor, made_by: dict, by_weight: dict) -> InputSource | None:
+    """``t`` as (a slice of) a decoder Linear's output: all its rows, or, where ``t`` is a
+    view of that output holding a contiguous run of its last axis (``chunk``, ``split``,
+    ``[..., a:b]``, ``narrow``: Phi-3's up half of ``gate_up_proj``), those rows. A view
+    that is not such a run (interleaved halves) is not foldable into rows: None."""
+    op, op_args = made_by.get(id(t), (None, ()))
+    whole, rows = t, None
+    if not _is_linear(op):  # a view of a Linear's output?
+        whole = op_args[0] if op_args and isinstance(op_args[0], torch.Tensor) else None
+        if whole is None:
+            return None
+        op, op_args = made_by.get(id(whole), (None, ()))
+        if not _is_linear(op):
+            return None
+        start = t.storage_offset() - whole.storage_offset()
+        if not (
+            t.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            and t.shape[:-1] == whole.shape[:-1]
+            and t.stride() == whole.stride()
+            and whole.stride(-1) == 1
+            and 0 <= start
+            and start + t.shape[-1] <= whole.shape[-1]
+        ):
+            return None
+        rows = slice(start, start + t.shape[-1])
+    linear = by_weight.get(id(op_args[1])) if len(op_args) > 1 else None
+    if linear is None or linear.out_features != whole.shape[-1]:
+        return None
+    return InputSource(linear=linear, rows=rows)

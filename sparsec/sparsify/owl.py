@@ -60,13 +60,13 @@ def outlier_ratios(
     model: nn.Module, calibration: torch.Tensor, m: float = OUTLIER_M, chunk: int = 4
 ) -> list[float]:
     """Each decoder layer's share of weights scoring above ``m`` x its mean Wanda score."""
-    inputs = capture_first_layer_inputs(model, calibration, chunk)
+    captured = capture_first_layer_inputs(model, calibration, chunk)
+    hidden = captured.hidden
     ratios = []
-    for layer in decoder_layers(model):
+    for i, layer in enumerate(decoder_layers(model)):
         linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
-        squares, outputs = _mean_input_squares(layer, linears, inputs)
+        squares, hidden = _mean_input_squares(layer, linears, captured.at_layer(i, hidden))
         ratios.append(_layer_outlier_ratio(linears, squares, m))
-        inputs = LayerInputs(outputs, inputs.kwargs)
     return ratios
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from sparsec.errors import SparsecError
 from sparsec.sparsify.layer_walk import (
     decoder_layers,
+    find_decoder_layers,
     linear_groups,
     prunable_linears,
     walk_layer,
@@ -38,22 +39,53 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]  # [chunk, seq, hidden] each
     kwargs: list[dict] = field(default_factory=list)  # attention mask, RoPE, ... per chunk
+    # From ``capture_first_layer_inputs``: every decoder layer's own kwargs per chunk. They
+    # may differ by layer (a sliding-window layer's attention mask is not a full one's).
+    by_layer: list[list[dict]] = field(default_factory=list)
+
+    def at_layer(self, i: int, hidden: list[torch.Tensor]) -> LayerInputs:
+        """``hidden`` entering decoder layer ``i``, with that layer's own kwargs."""
+        return LayerInputs(hidden, self.by_layer[i] if self.by_layer else self.kwargs)
+
+
+def _skip(*args, **kwargs):
+    """A decoder layer's forward, replaced while the inputs are captured: the identity."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @torch.no_grad()
 def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, chunk: int):
-    """Run the embedding only and catch what decoder layer 0 receives."""
-    first = decoder_layers(model)[0]
-    captured = LayerInputs([], [])
+    """Run the embedding only and catch what decoder layer 0 receives, and the keyword
+    arguments the model passes each decoder layer (``by_layer``).
 
-    def catch(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append(kwargs)
-        raise _StopForward
+    The layers do not run (each returns its input): the kwargs (masks, RoPE tables) do
+    not depend on the hidden states, and a model may give its layers different ones
+    (Qwen2 with sliding-window layers after full-attention ones, Gemma-style
+    interleaving), so layer 0's are not reused for the others.
+    """
+    layers = decoder_layers(model)
+    captured = LayerInputs([], [], [[] for _ in layers])
 
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    def catcher(i: int):
+        def catch(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+            if i == 0:
+                captured.hidden.append(hidden.detach())
+            captured.by_layer[i].append(kept)
+            if i == len(layers) - 1:
+                raise _StopForward
+
+        return catch
+
+    handles = [
+        layer.register_forward_pre_hook(catcher(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    own_forward = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's
+    for layer in layers:
+        layer.forward = _skip
     try:
         for start in range(0, calibration.shape[0], chunk):
             try:
@@ -61,7 +93,16 @@ def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, chun
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for layer, forward in zip(layers, own_forward, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+    if not all(len(chunks) == len(captured.hidden) for chunks in captured.by_layer):
+        raise SparsecError("the model did not run every decoder layer on the calibration text")
+    captured.kwargs = captured.by_layer[0]
     return captured
 
 
@@ -189,16 +230,16 @@ def prune_model(
     resuming passes the saved inputs of ``start_layer`` as ``start_inputs``.
     """
     prunable_linears(model)  # fail early on models without Linears
-    layers = decoder_layers(model)
+    path, layers = find_decoder_layers(model)
     per_layer = [sparsity] * len(layers) if isinstance(sparsity, float | int) else sparsity
     if len(per_layer) != len(layers):
         raise SparsecError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder layers")
-    inputs = capture_first_layer_inputs(model, calibration, chunk)
-    if start_inputs is not None:
-        inputs.hidden = list(start_inputs)
+    captured = capture_first_layer_inputs(model, calibration, chunk)
+    hidden = captured.hidden if start_inputs is None else list(start_inputs)
     for i in range(start_layer, len(layers)):
         reports, masks, inputs = prune_layer(
-            layers[i], inputs, per_layer[i], pattern, f"model.layers.{i}", method
+            layers[i], captured.at_layer(i, hidden), per_layer[i], pattern, f"{path}.{i}", method
         )
+        hidden = inputs.hidden
         if on_layer is not None:
             on_layer(i, reports, masks, inputs)

@@ -106,7 +106,8 @@ def recipe(opts, state: dict, version: str) -> dict:
                     "quantization_aware_steps": opts.qat_steps,
                     "smoothing": (
                         "SmoothQuant, alpha 0.5, folded into the norm weights before the q/k/v "
-                        "and gate/up Linears and into up_proj's rows"
+                        "and gate/up Linears and into the gated MLP's up rows (up_proj, or the "
+                        "up half of a fused gate_up_proj)"
                         if opts.smooth
                         else "none"
                     ),

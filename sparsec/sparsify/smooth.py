@@ -16,6 +16,11 @@ output times something (a gated MLP's ``up``). On a Llama layer:
 - down input (``silu(gate) * up``): the rows of ``up_proj``;
 - o_proj's input (attention output) has no such factor and is not smoothed.
 
+A fused ``gate_up_proj`` (Phi-3) is one Linear whose output is split into the gate and up
+halves: down's input is then folded into the up half of its rows only (``InputSource.rows``;
+the gate half goes through the activation, which a scale does not commute with). Biases
+are untouched by the column scaling (Qwen2's q/k/v) and divided with the rows they add to.
+
 Zeros stay zeros (columns and rows are only scaled), so the sparsity is unchanged.
 Measured on the 50% SmolLM2 sparsify output: W8A8 perplexity 36.96 -> 36.17 (Verne) and
 14.55 -> 14.36 (tutorial) against 35.86 / 14.15 in float.
@@ -84,10 +89,11 @@ def _fold(source: InputSource, s: torch.Tensor) -> None:
     if source.parameter is not None:
         source.parameter.div_(s.to(source.parameter.dtype))
         return
-    rows = source.linear
-    rows.weight.div_(s.to(rows.weight.dtype)[:, None])
-    if rows.bias is not None:
-        rows.bias.div_(s.to(rows.bias.dtype))
+    linear = source.linear
+    rows = source.rows if source.rows is not None else slice(None)
+    linear.weight[rows].div_(s.to(linear.weight.dtype)[:, None])
+    if linear.bias is not None:
+        linear.bias[rows].div_(s.to(linear.bias.dtype))
 
 
 @torch.no_grad()
