@@ -158,14 +158,41 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
     return model, tokenizer
 
 
-def tokenizer_assets(tokenizer) -> dict:
-    """tokenizer.json text, chat template and special ids, for embedding in artifacts."""
+def _token_id_list(value) -> list[int]:
+    """``value`` (an id, a list of ids or None) as a list of its non-negative int ids."""
+    values = value if isinstance(value, list | tuple) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> int | list[int] | None:
+    """The ids that end generation: the tokenizer's eos first (chat templates render it
+    as ``eos_token``), then ``generation_config.eos_token_id``'s (instruct models end a
+    turn with those: Llama 3.x's <|eot_id|>, Phi-3's <|end|>), without repeats.
+    A single id stays an int (as older artifacts store it); None when there is none."""
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(generation_config, dict):
+        gen_eos = generation_config.get("eos_token_id")
+    ids: list[int] = []
+    for i in _token_id_list(tokenizer.eos_token_id) + _token_id_list(gen_eos):
+        if i not in ids:
+            ids.append(i)
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+def tokenizer_assets(tokenizer, generation_config=None) -> dict:
+    """tokenizer.json text, chat template and special ids, for embedding in artifacts.
+
+    Pass the model's ``generation_config`` so that every id it stops on is stored too
+    (see eos_token_ids); without it only the tokenizer's eos is.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
         tokenizer, "_tokenizer", None
     )
     if backend is None:
         raise SparsecError("the model's tokenizer is not a fast (tokenizers) tokenizer")
-    eos = tokenizer.eos_token_id
+    eos = eos_token_ids(tokenizer, generation_config)
     return {
         "tokenizer": backend.to_str(),
         "chat_template": getattr(tokenizer, "chat_template", None),

@@ -8,6 +8,8 @@ buffers, then numpy sampling on the logits row; nothing else is allocated per to
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import os
 import time
@@ -117,9 +119,11 @@ class Model:
         self.vocab_size: int = self.config.vocab_size
         gen = m["generation"]
         eos = gen["eos_token_id"]
-        self.eos_token_ids = frozenset(
-            [] if eos is None else eos if isinstance(eos, list) else [eos]
-        )
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        # Generation stops on any of these; the first is the tokenizer's own eos (export
+        # stores it before generation_config's), the one a chat template calls eos_token.
+        self.eos_token_ids = frozenset(eos)
+        self.eos_token_id: int | None = eos[0] if eos else None
         self.bos_token_id: int | None = gen["bos_token_id"]
         self.weights_memory = weights_memory  # "file mapping" or "huge pages" (see load)
 
@@ -275,9 +279,29 @@ class Model:
         pieces = self._generate(owner, ids, int(max_new_tokens), sampler, stops)
         return TextStream(pieces) if stream else run_to_end(pieces)
 
-    def chat(self, messages, add_generation_prompt: bool = True, **generate_kwargs):
-        """generate() on ``messages`` rendered with the model's chat template."""
+    def chat(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        *,
+        template_kwargs: dict | None = None,
+        **generate_kwargs,
+    ):
+        """generate() on ``messages`` rendered with the model's chat template.
+
+        ``template_kwargs`` are extra template variables, as the extra keyword arguments
+        of Hugging Face's ``apply_chat_template``: e.g. ``{"enable_thinking": False}``
+        (Qwen3), ``{"date_string": "26 Jul 2024"}`` (Llama 3.x) or ``{"tools": [...]}``.
+        The other keyword arguments go to generate() (max_new_tokens, stop, stream...).
+        """
         self._check_open()
+        variables = _check_template_kwargs(template_kwargs)
+        unknown = sorted(set(generate_kwargs) - _generate_arguments())
+        if unknown:
+            raise SparsecError(
+                f"chat() got unknown argument(s) {', '.join(unknown)}; template variables "
+                f"go in template_kwargs, e.g. template_kwargs={{{unknown[0]!r}: ...}}"
+            )
         template = self.manifest["chat_template"]
         if not template:
             raise SparsecError(
@@ -288,7 +312,8 @@ class Model:
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text(self.bos_token_id),
-            eos_token=self._token_text(min(self.eos_token_ids, default=None)),
+            eos_token=self._token_text(self.eos_token_id),
+            **variables,
         )
         # The template spells out bos etc. itself, so no special tokens are added (as HF).
         return self.generate(self.encode(text, add_special_tokens=False), **generate_kwargs)
@@ -399,6 +424,35 @@ class Model:
             f"<sparsec Model {self.path} ({self.manifest['precision']}, "
             f"{self.max_context} ctx, {self.threads} threads)>"
         )
+
+
+# Template variables chat() sets itself.
+_RESERVED_TEMPLATE_VARIABLES = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _check_template_kwargs(template_kwargs) -> dict:
+    if template_kwargs is None:
+        return {}
+    if not isinstance(template_kwargs, dict):
+        raise SparsecError(
+            "template_kwargs must be a dict of template variables (e.g. "
+            f"{{'enable_thinking': False}}), got {type(template_kwargs).__name__}"
+        )
+    for name in template_kwargs:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise SparsecError(f"template_kwargs key {name!r} is not a valid variable name")
+        if name in _RESERVED_TEMPLATE_VARIABLES:
+            raise SparsecError(
+                f"template_kwargs cannot set {name!r}: chat() sets it (reserved: "
+                f"{', '.join(_RESERVED_TEMPLATE_VARIABLES)})"
+            )
+    return dict(template_kwargs)
+
+
+@functools.cache
+def _generate_arguments() -> frozenset[str]:
+    """The keyword arguments chat() may pass on to generate()."""
+    return frozenset(inspect.signature(Model.generate).parameters) - {"self", "prompt"}
 
 
 def _interrupted() -> SparsecError:
