@@ -79,15 +79,22 @@ def parse_cache_name(name: str | None) -> CacheName | None:
 # What the stages support today, per field. A family is only listed once every stage
 # (sparsify, export, passes, codegen, runtime) handles it end to end.
 SUPPORTED: dict[str, tuple] = {
-    "family": ("llama",),
+    "family": ("llama", "qwen2", "qwen3", "mistral", "phi3"),
     "norm": ("rms",),
     "activation": ("silu",),
-    "attention_bias": (False,),
+    "attention_bias": (False, True),
     "mlp_bias": (False,),
-    "qk_norm": (False,),
-    "rope.type": ("default",),
-    "rope.partial_rotary_factor": (1.0,),
-    "sliding_window": (None,),
+    "qk_norm": (False, True),
+    # Scalings whose inverse frequencies are constants the exporter traces (dynamic
+    # and longrope switch frequencies with the sequence length: not one static graph).
+    "rope.type": ("default", "llama3", "linear", "yarn"),
+}
+# Any positive int is supported: (any window, None = all positions).
+
+# What each family's config implies without saying so in a field.
+FAMILY_TRAITS: dict[str, dict] = {
+    "qwen2": {"attention_bias": True},  # Qwen2/2.5: q/k/v always carry a bias
+    "qwen3": {"qk_norm": True},  # per-head RMSNorm on q and k before RoPE
 }
 
 
@@ -141,6 +148,24 @@ class ModelConfig:
         """The runtime's KV cache: [layers, 2 (key, value), kv heads, capacity, head_dim]."""
         return [self.num_hidden_layers, 2, self.num_key_value_heads, capacity, self.head_dim]
 
+    def features(self) -> list[str]:
+        """What sets this model apart from a plain Llama block, in words (for
+        ``sparsec inspect``): empty for SmolLM2."""
+        out = []
+        if self.rope.type != "default":
+            out.append(f"RoPE {self.rope.type} scaling")
+        if self.rope.partial_rotary_factor != 1.0:
+            out.append(f"partial rotary {self.rope.partial_rotary_factor:g}")
+        if self.attention_bias:
+            out.append("attention bias")
+        if self.qk_norm:
+            out.append("q/k norm")
+        if self.sliding_window is not None:
+            out.append(f"sliding window {self.sliding_window}")
+        if not self.tie_word_embeddings:
+            out.append("untied LM head")
+        return out
+
     # -- reading ------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, config) -> ModelConfig:
@@ -157,6 +182,7 @@ class ModelConfig:
         rope_type = params.pop("rope_type", params.pop("type", "default"))
         partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
         heads = config.num_attention_heads
+        traits = FAMILY_TRAITS.get(family, {})
         result = cls(
             family=family,
             vocab_size=config.vocab_size,
@@ -171,16 +197,18 @@ class ModelConfig:
             norm="rms",
             norm_eps=float(config.rms_norm_eps),
             activation=config.hidden_act,
-            attention_bias=bool(getattr(config, "attention_bias", False)),
+            attention_bias=traits.get(
+                "attention_bias", bool(getattr(config, "attention_bias", False))
+            ),
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=False,
+            qk_norm=traits.get("qk_norm", False),
             rope=RoPE(
                 theta=float(theta),
                 type=str(rope_type),
                 partial_rotary_factor=float(partial),
                 scaling=tuple(sorted((str(k), v) for k, v in params.items())),
             ),
-            sliding_window=getattr(config, "sliding_window", None),
+            sliding_window=_sliding_window(config, family),
         )
         result.check_supported()
         return result
@@ -284,6 +312,27 @@ class ModelConfig:
                     f"unsupported model: {field_name} = {value!r} "
                     f"(supported: {', '.join(map(repr, supported))})"
                 )
+
+
+def _sliding_window(config, family: str) -> int | None:
+    """The window every layer uses, None when no layer has one. Qwen2/3 window only the
+    layers ``layer_types`` marks; a mix of windowed and full layers is refused."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        kinds = set(layer_types)
+        if kinds == {"full_attention"}:
+            return None
+        if kinds != {"sliding_attention"}:
+            raise SparsecError(
+                f"unsupported model: layer_types mixes {sorted(kinds)} (a sliding window on "
+                "some layers only); supported: one attention kind for every layer"
+            )
+    elif family in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        return None
+    if window is not None and (type(window) is not int or window <= 0):
+        raise SparsecError(f"unsupported model: sliding_window = {window!r} (expected int > 0)")
+    return window
 
 
 def _from_legacy(d: dict) -> dict:

@@ -37,7 +37,10 @@ def _cache_wrapper(model):
             self.inner = inner
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.inner.config)
+            # Full layers for every model: the contract's cache keeps every position and
+            # a sliding window lives in the attention mask (and in CachedAttention's
+            # ``window`` after the passes), not in a cache that drops old entries.
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.inner(
@@ -133,7 +136,7 @@ def export_model(
     if linears:
         insert_weight_dequantize(onnx_model, linears, quantization)
         onnx_model.metadata_props[contract.META_QUANTIZATION] = "w8a8"
-    assets = tokenizer_assets(tokenizer)
+    assets = tokenizer_assets(tokenizer, model.generation_config)
     meta = onnx_model.metadata_props
     meta[contract.META_FORMAT] = "exported"
     meta[contract.META_CONFIG] = cfg.to_json()

@@ -65,6 +65,66 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return model, make_byte_tokenizer()
 
 
+# A tiny model of each supported family (transformers config class, overrides of
+# TINY_CONFIG), each with what sets the family apart from SmolLM2's Llama switched on at
+# a size the tests see: Llama 3 RoPE scaling and an untied head (and attention biases),
+# q/k/v biases (with
+# YaRN RoPE), per-head q/k norm, a sliding window shorter than the tests' prompts,
+# fused qkv/gate_up projections with partial rotary.
+FAMILIES = {
+    "llama3": (
+        "LlamaConfig",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "tie_word_embeddings": False,
+            # Not in Llama 3 itself: Llama-architecture checkpoints with q/k/v/o biases
+            "attention_bias": True,
+        },
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
+    "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5}),
+}
+
+
+def make_tiny_family(family: str, seed: int = 0, **overrides):
+    """A random causal LM of ``family`` (a key of ``FAMILIES``; fp32, eval) and the byte
+    tokenizer. Biases and norm scales, which Hugging Face initializes to 0 and 1, are
+    drawn at random too (scaled like the weights), so a stage that drops them shows."""
+    import torch
+    import transformers
+
+    config_class, family_overrides = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{**TINY_CONFIG, **family_overrides, **overrides})
+    model_class = getattr(transformers, config_class.replace("Config", "ForCausalLM"))
+    model = model_class(config).float().eval()
+    std = TINY_CONFIG["initializer_range"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, std)
+            elif "norm" in name and name.endswith(".weight"):
+                param.normal_(1.0, std)
+    return model, make_byte_tokenizer()
+
+
 def zero_smallest(model, sparsity: float) -> None:
     """Magnitude-prune every decoder Linear weight in place to ``sparsity`` per row
     block (a speed stand-in until real sparsification; keeps exact zeros)."""
@@ -220,7 +280,7 @@ def build_contract_graph(model, tokenizer):
         name="contract_graph",
     )
     model_ir = ir.Model(graph, ir_version=10)
-    assets = tokenizer_assets(tokenizer)
+    assets = tokenizer_assets(tokenizer, model.generation_config)
     model_ir.metadata_props.update(
         {
             contract.META_FORMAT: "optimized",

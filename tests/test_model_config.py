@@ -8,7 +8,15 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from sparsec import contract, models
 from sparsec.contract import ConfigError, ModelConfig, RoPE, parse_cache_name
@@ -90,22 +98,16 @@ def test_the_layout_written_before_model_config_still_reads():
     "hf, message",
     [
         (
-            tiny_llama_config(
-                rope_scaling={
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 128,
-                }
-            ),
-            "rope.type = 'llama3' (supported: 'default')",
+            tiny_llama_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "rope.type = 'dynamic' (supported: 'default', 'llama3', 'linear', 'yarn')",
         ),
-        (tiny_llama_config(attention_bias=True), "attention_bias = True (supported: False)"),
         (tiny_llama_config(mlp_bias=True), "mlp_bias = True (supported: False)"),
         (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu')"),
-        (Qwen2Config(num_hidden_layers=1), "family = 'qwen2' (supported: 'llama')"),
-        (MistralConfig(num_hidden_layers=1), "family = 'mistral'"),
+        (
+            Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=1),
+            "layer_types mixes ['full_attention', 'sliding_attention']",
+        ),
+        (GemmaConfig(num_hidden_layers=1), "family = 'gemma' (supported: 'llama', 'qwen2'"),
         (GPT2Config(n_layer=1), "family = 'gpt2'"),  # no rms_norm_eps: refused first
     ],
 )
@@ -144,8 +146,8 @@ def test_unsupported_config_folder_is_refused_before_its_weights_load(tmp_path):
     """Only config.json: the refusal must come from the description, not a missing file."""
     folder = tmp_path / "llama3"
     folder.mkdir()
-    tiny_llama_config(attention_bias=True).save_pretrained(folder)
-    with pytest.raises(SparsecError, match=r"config\.json: unsupported model: attention_bias"):
+    tiny_llama_config(mlp_bias=True).save_pretrained(folder)
+    with pytest.raises(SparsecError, match=r"config\.json: unsupported model: mlp_bias"):
         models.load_model(folder)
 
 
@@ -157,10 +159,40 @@ def test_compile_refuses_a_graph_whose_config_no_stage_supports(tiny_model):
     graph = build_contract_graph(*tiny_model)
     lower(graph)  # the description as exported: accepted
     d = json.loads(graph.metadata_props[contract.META_CONFIG])
-    d["sliding_window"] = 16
+    d["mlp_bias"] = True
     graph.metadata_props[contract.META_CONFIG] = json.dumps(d)
-    with pytest.raises(SparsecError, match="sliding_window = 16 .supported: None."):
+    with pytest.raises(SparsecError, match="mlp_bias = True .supported: False."):
         lower(graph)
+    d["mlp_bias"] = False
+    d["sliding_window"] = 16  # supported, but the graph's attention has no window
+    graph.metadata_props[contract.META_CONFIG] = json.dumps(d)
+    with pytest.raises(SparsecError, match="window 0 disagrees with sparsec.config"):
+        lower(graph)
+
+
+@pytest.mark.parametrize(
+    "hf, expected",
+    [
+        (Qwen2Config(**TINY_CONFIG), {"family": "qwen2", "attention_bias": True}),
+        (Qwen3Config(**TINY_CONFIG), {"family": "qwen3", "qk_norm": True}),
+        (MistralConfig(**TINY_CONFIG, sliding_window=8), {"sliding_window": 8}),
+        (Qwen2Config(**TINY_CONFIG, sliding_window=8), {"sliding_window": None}),  # not used
+        (
+            Qwen2Config(
+                **TINY_CONFIG, use_sliding_window=True, sliding_window=8, max_window_layers=0
+            ),
+            {"sliding_window": 8},
+        ),  # fmt: skip
+        (Phi3Config(**TINY_CONFIG, partial_rotary_factor=0.75), {"family": "phi3"}),
+    ],
+)
+def test_family_traits_are_read(hf, expected):
+    """What a family implies without a config field (Qwen2's q/k/v bias, Qwen3's q/k
+    norm, Qwen's unused window) is in the description."""
+    cfg = ModelConfig.from_hf(hf)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    if hf.model_type == "phi3":
+        assert cfg.rope.partial_rotary_factor == 0.75
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,9 @@ def weights_hash(model, tokenizer) -> str:
 
     h = hashlib.blake2b(digest_size=8)
     h.update(ModelConfig.from_hf(model.config).to_json().encode())
-    h.update(json.dumps(tokenizer_assets(tokenizer), sort_keys=True).encode())
+    h.update(
+        json.dumps(tokenizer_assets(tokenizer, model.generation_config), sort_keys=True).encode()
+    )
     for name, t in sorted(model.state_dict().items()):
         arr = t.detach().contiguous().float().numpy()
         h.update(f"{name}{tuple(arr.shape)}".encode())

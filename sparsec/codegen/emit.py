@@ -348,6 +348,10 @@ class _Emitter:
         fn = self._shared_kernel(ops.emit_residual_add, dim=ins.args["acc"].width)
         self.call(fn, [self.ptr(ins.args["acc"]), self.ptr(ins.args["x"])])
 
+    def emit_bias_add(self, ins: Instr) -> None:
+        fn = self._shared_kernel(ops.emit_bias_add, dim=ins.args["y"].width)
+        self.call(fn, [self.ptr(ins.args["y"]), self.table(ins.args["bias"])])
+
     def emit_swiglu_act(self, ins: Instr) -> None:
         fn = self._shared_kernel(ops.emit_swiglu_act, ffn_dim=ins.args["ffn"])
         self.call(fn, [self.ptr(ins.args["gu"]), self.ptr(ins.args["h"])])
@@ -368,14 +372,18 @@ class _Emitter:
 
     def emit_rope_kv(self, ins: Instr) -> None:
         a = ins.args
+        # Optional parts only when present: Llama's kernels keep their names and code.
+        options = {k: a[k] for k in ("rotary_dim", "qk_norm_eps") if k in a}
         fn = self._shared_kernel(
             ops.emit_rope_kv_write,
             **self._attn_common(a),
             q_offset=a["q_offset"],
             k_offset=a["k_offset"],
             v_offset=a["v_offset"],
+            **options,
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
+        norms = [self.table(a[k]) for k in ("q_norm", "k_norm") if k in a]
         self.call(
             fn,
             [
@@ -384,6 +392,7 @@ class _Emitter:
                 self.table("rope.sin"),
                 self.kv(a["layer"], 0),
                 self.kv(a["layer"], 1),
+                *norms,
                 self.f["position"],
             ],
         )
@@ -395,6 +404,7 @@ class _Emitter:
             **self._attn_common(a),
             scale=a["scale"],
             q_offset=a["q_offset"],
+            **({"window": a["window"]} if "window" in a else {}),
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
         self.call(

@@ -24,11 +24,17 @@ from collections.abc import Callable
 from llvmlite import ir
 
 from sparsec.codegen.ops_attention import emit_attention, emit_rope_kv_write
-from sparsec.codegen.ops_elementwise import emit_embedding, emit_residual_add, emit_swiglu_act
+from sparsec.codegen.ops_elementwise import (
+    emit_bias_add,
+    emit_embedding,
+    emit_residual_add,
+    emit_swiglu_act,
+)
 from sparsec.codegen.ops_norm import emit_rmsnorm
 
 __all__ = [
     "emit_attention",
+    "emit_bias_add",
     "emit_embedding",
     "emit_residual_add",
     "emit_rmsnorm",

@@ -43,6 +43,7 @@ from sparsec.codegen.irbuild import (
     splat,
     store,
     thread_share,
+    vector_intrinsic,
     vtype,
     widen,
 )
@@ -72,26 +73,52 @@ def emit_rope_kv_write(
     q_offset: int,
     k_offset: int,
     v_offset: int,
+    rotary_dim: int | None = None,
+    qk_norm_eps: float | None = None,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(float* qkv, const float* cos, const float* sin, float* k_cache,
-    float* v_cache, int32 position, int32 n, tid, nthreads)``.
+    float* v_cache, [const float* q_norm, const float* k_norm,] int32 position, int32 n,
+    tid, nthreads)``.
 
     Token i (position p = position + i): rotates its q and k heads in place and writes
     rope(k) and v into slot p of the caches. Work units are (token, q or kv head).
     The caller guarantees position + n <= capacity and <= the RoPE table length.
+    ``rotary_dim``: only the first features of a head rotate (partial rotary; None:
+    all). ``qk_norm_eps``: each q and k head is first RMS-normalized and scaled by
+    ``q_norm``/``k_norm`` ``[head_dim]`` (Qwen3; None: no norm, no such arguments).
     """
     _check_heads(num_heads, kv_num_heads, head_dim)
     check_positive(capacity=capacity, qkv_stride=qkv_stride)
-    if head_dim % 2:
-        raise SparsecError(f"head_dim={head_dim} must be even for rotate-half RoPE")
-    half = head_dim // 2
+    rotary = head_dim if rotary_dim is None else rotary_dim
+    if rotary % 2 or not 0 < rotary <= head_dim:
+        raise SparsecError(
+            f"rotary_dim={rotary} must be even and in 1..head_dim={head_dim} for rotate-half RoPE"
+        )
+    if qk_norm_eps is not None and not (math.isfinite(qk_norm_eps) and qk_norm_eps >= 0):
+        raise SparsecError(f"q/k norm epsilon {qk_norm_eps!r} must be finite and >= 0")
+    half = rotary // 2
     lanes = isa.lanes_f32
-    fn = kernel_function(module, name, [FPTR] * 5 + [I32] * 4)
-    qkv, cos, sin, k_cache, v_cache, position, n, tid, nthreads = fn.args
+    norms = 0 if qk_norm_eps is None else 2
+    fn = kernel_function(module, name, [FPTR] * (5 + norms) + [I32] * 4)
+    qkv, cos, sin, k_cache, v_cache, *norm_weights, position, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     per_token = num_heads + kv_num_heads
     begin, end = thread_share(b, b.mul(b.sext(n, I64), i64(per_token)), tid, nthreads)
+
+    def normalize(x, weight):
+        """x = x / sqrt(mean(x^2) + eps) * weight over one head, in place."""
+        total = None
+        for off, width in span_chunks(head_dim, lanes):
+            v = load(b, ptr_add(b, x, off), width)
+            sq = widen(b, b.fmul(v, v), lanes)
+            total = sq if total is None else b.fadd(total, sq)
+        mean = b.fmul(hsum(b, total), const(F32, 1.0 / head_dim))
+        rms = vector_intrinsic(b, "llvm.sqrt", F32, [b.fadd(mean, const(F32, qk_norm_eps))])
+        inv = b.fdiv(const(F32, 1.0), rms)
+        for off, width in span_chunks(head_dim, lanes):
+            v = b.fmul(load(b, ptr_add(b, x, off), width), splat(b, inv, width))
+            store(b, b.fmul(v, load(b, ptr_add(b, weight, off), width)), ptr_add(b, x, off))
 
     def rotate(x, cos_row, sin_row, dsts):
         for off, width in span_chunks(half, lanes):
@@ -104,6 +131,11 @@ def emit_rope_kv_write(
             for dst in dsts:
                 store(b, out1, ptr_add(b, dst, off))
                 store(b, out2, ptr_add(b, dst, half + off))
+        for off, width in span_chunks(head_dim - rotary, lanes):  # features not rotated
+            v = load(b, ptr_add(b, x, rotary + off), width)
+            for dst in dsts:
+                if dst is not x:
+                    store(b, v, ptr_add(b, dst, rotary + off))
 
     with loop(b, begin, end, name="unit") as unit:
         token = b.udiv(unit, i64(per_token))
@@ -115,12 +147,16 @@ def emit_rope_kv_write(
         with b.if_else(b.icmp_unsigned("<", head, i64(num_heads))) as (is_q, is_kv):
             with is_q:
                 q = ptr_add(b, row, b.add(i64(q_offset), b.mul(head, i64(head_dim))))
+                if norms:
+                    normalize(q, norm_weights[0])
                 rotate(q, cos_row, sin_row, [q])
             with is_kv:
                 group = b.sub(head, i64(num_heads))
                 col = b.mul(group, i64(head_dim))
                 slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
                 k = ptr_add(b, row, b.add(i64(k_offset), col))
+                if norms:
+                    normalize(k, norm_weights[1])
                 rotate(k, cos_row, sin_row, [k, ptr_add(b, k_cache, slot)])
                 v = ptr_add(b, row, b.add(i64(v_offset), col))
                 v_slot = ptr_add(b, v_cache, slot)
@@ -141,6 +177,7 @@ def emit_attention(
     scale: float,
     qkv_stride: int,
     q_offset: int,
+    window: int | None = None,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const float* qkv, const float* k_cache, const float* v_cache,
@@ -148,7 +185,7 @@ def emit_attention(
 
     Query i (position p = position + i), head h, kv group g = h // (num_heads /
     kv_num_heads): out = softmax_j(scale * q . k_cache[g, j]) . v_cache[g, j] over
-    j = 0..p.
+    j = 0..p, or j = p-window+1..p with a sliding ``window`` (Mistral; None: all).
 
     Work units are (kv group, token, head within the group), in that order, split
     contiguously among threads. A decode step (n = 1) thus spreads its heads over the
@@ -162,6 +199,8 @@ def emit_attention(
     check_positive(capacity=capacity, qkv_stride=qkv_stride)
     if not math.isfinite(scale):
         raise SparsecError(f"attention scale {scale!r} must be finite")
+    if window is not None:
+        check_positive(window=window)
     group = num_heads // kv_num_heads
     fn = kernel_function(module, name, [FPTR] * 4 + [I32] * 4)
     qkv, k_cache, v_cache, out, position, n, tid, nthreads = fn.args
@@ -200,7 +239,7 @@ def emit_attention(
     out_col = b.mul(head, i64(head_dim))
     dst = ptr_add(b, out, b.add(b.mul(token, i64(num_heads * head_dim)), out_col))
     pos = b.add(b.sext(position, I64), token)
-    _attend_heads(b, state, q, count, keys, values, pos, dst, scale)
+    _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window)
     b.branch(head_bb)
 
     b.position_at_end(done_bb)
@@ -266,8 +305,9 @@ class _GroupState:
                 self.b.store(self.b.load(slot), addr)
 
 
-def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
-    """Attention of ``count`` consecutive heads (one kv group) of one query at ``pos``."""
+def _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window=None):
+    """Attention of ``count`` consecutive heads (one kv group) of one query at ``pos``
+    (over keys ``pos-window+1..pos`` with a ``window``)."""
     hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     with loop(b, i64(0), count, name="init") as r:
         src = ptr_add(b, q, b.mul(r, i64(hd)))
@@ -283,7 +323,21 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
     chunk_keys = max(lanes, CHUNK_BYTES // (2 * 4 * hd) // lanes * lanes)
     nkeys = b.add(pos, i64(1))
     nfull = b.and_(nkeys, i64(-lanes))
-    with loop(b, i64(0), nfull, chunk_keys, name="chunk") as c0:
+    start, oldest = i64(0), None
+    if window is not None:
+        # Blocks stay aligned: the block holding the oldest visible key is masked below
+        # it (and, when it is also the last block, by the tail below).
+        oldest = b.sub(nkeys, i64(window))
+        oldest = b.select(b.icmp_signed("<", oldest, i64(0)), i64(0), oldest)
+        first = b.and_(oldest, i64(-lanes))
+        has_head_block = b.icmp_signed("<", first, nfull)
+        with b.if_then(has_head_block):
+            with loop(b, i64(0), count, name="headblock") as r:
+                state.load(r)
+                _key_block(b, state, keys, values, first, pos, masked=True, oldest=oldest)
+                state.save(r)
+        start = b.select(has_head_block, b.add(first, i64(lanes)), nfull)
+    with loop(b, start, nfull, chunk_keys, name="chunk") as c0:
         c_end = b.add(c0, i64(chunk_keys))
         c_end = b.select(b.icmp_signed("<", nfull, c_end), nfull, c_end)
         with loop(b, i64(0), count, name="head") as r:
@@ -294,7 +348,7 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
     with b.if_then(b.icmp_signed("<", nfull, nkeys)):
         with loop(b, i64(0), count, name="tailhead") as r:
             state.load(r)
-            _key_block(b, state, keys, values, nfull, pos, masked=True)
+            _key_block(b, state, keys, values, nfull, pos, masked=True, oldest=oldest)
             state.save(r)
 
     with loop(b, i64(0), count, name="finish") as r:
@@ -306,15 +360,19 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale):
             store(b, b.fmul(acc, splat(b, inv, w)), ptr_add(b, out, off))
 
 
-def _key_block(b, state, keys, values, j0, pos, *, masked):
+def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
     """Fold keys j0..j0+15 into the working state. ``masked``: keys past ``pos`` (the
-    causal limit) get weight 0 and are never read (their loads use slot ``pos``)."""
+    causal limit), and before ``oldest`` when given (a sliding window), get weight 0
+    and are never read (their loads use slot ``pos``)."""
     hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     slots = []
     for lane in range(lanes):
         j = b.add(j0, i64(lane))
         if masked:
-            j = b.select(b.icmp_signed("<=", j, pos), j, pos)
+            visible = b.icmp_signed("<=", j, pos)
+            if oldest is not None:
+                visible = b.and_(visible, b.icmp_signed(">=", j, oldest))
+            j = b.select(visible, j, pos)
         slots.append(b.mul(j, i64(hd)))
 
     # 16 vectors of partial dot products, reduced to one vector of 16 scores.
@@ -334,7 +392,10 @@ def _key_block(b, state, keys, values, j0, pos, *, masked):
     scores = transpose_sums(b, partials)
     if masked:
         offsets = ir.Constant(ir.VectorType(I64, lanes), list(range(lanes)))
-        in_range = b.icmp_signed("<=", b.add(splat(b, j0, lanes), offsets), splat(b, pos, lanes))
+        j = b.add(splat(b, j0, lanes), offsets)
+        in_range = b.icmp_signed("<=", j, splat(b, pos, lanes))
+        if oldest is not None:
+            in_range = b.and_(in_range, b.icmp_signed(">=", j, splat(b, oldest, lanes)))
         scores = b.select(in_range, scores, const(vtype(lanes), -math.inf))
 
     old_max = b.load(state.max)

@@ -152,6 +152,29 @@ def emit_residual_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX5
     return fn
 
 
+def emit_bias_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
+    """``void name(float* y[n, dim], const float* bias[dim], int32 n, tid, nthreads)``:
+    y[r] += bias for every row r."""
+    check_positive(dim=dim)
+    fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
+    y, bias, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def unit(row, col, length):
+        y_row = ptr_add(b, y, b.add(b.mul(row, i64(dim)), col))
+        b_row = ptr_add(b, bias, col)
+
+        def add(off, width):
+            py = ptr_add(b, y_row, off)
+            store(b, b.fadd(load(b, py, width), load(b, ptr_add(b, b_row, off), width)), py)
+
+        for_span(b, length, add, lanes=isa.lanes_f32, name="bias")
+
+    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
+    b.ret_void()
+    return fn
+
+
 def emit_swiglu_act(
     module: ir.Module, name: str, *, ffn_dim: int, isa: Isa = AVX512
 ) -> ir.Function:

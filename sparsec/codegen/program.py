@@ -35,6 +35,17 @@ ALLOWED_OPS = {
 }
 
 
+# CachedAttention attributes the kernels implement (docs/graph-contract.md section 3).
+ATTENTION_ATTRIBUTES = {
+    "num_heads",
+    "kv_num_heads",
+    "scale",
+    "rotary_dim",
+    "window",
+    "qk_norm_epsilon",
+}
+
+
 @dataclass(frozen=True)
 class View:
     """Columns ``offset .. offset+width`` of every row of scratch buffer ``buf``."""
@@ -56,7 +67,7 @@ class Weight:
 
 @dataclass
 class Instr:
-    op: str  # embed | rmsnorm | skip_rmsnorm | linear | rope_kv | attention | swiglu_act | add
+    op: str  # embed | rmsnorm | skip_rmsnorm | linear | bias_add | rope_kv | attention | ...
     args: dict
 
 
@@ -298,9 +309,35 @@ class _Lowering:
             raise SparsecError(f"node {node.name!r}: positions must be the position_ids input")
         layer = cache.layer
         cfg = self.prog.config
+        unknown = set(node.attributes) - ATTENTION_ATTRIBUTES
+        if unknown or len(node.inputs) not in (8, 10):
+            raise SparsecError(
+                f"node {node.name!r}: CachedAttention with attributes {sorted(unknown)} or "
+                f"{len(node.inputs)} inputs is not in the contract (docs/graph-contract.md §3)"
+            )
         heads, kv_heads = int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads"))
         head_dim = q.width // heads
         scale = float(_attr(node, "scale", 1.0 / np.sqrt(head_dim)))
+        rotary_dim = int(_attr(node, "rotary_dim", 0)) or head_dim
+        window = int(_attr(node, "window", 0))
+        if window != (cfg.sliding_window or 0):
+            raise SparsecError(
+                f"node {node.name!r}: window {window} disagrees with sparsec.config "
+                f"sliding_window {cfg.sliding_window}"
+            )
+        if (len(node.inputs) == 10) != cfg.qk_norm:
+            raise SparsecError(
+                f"node {node.name!r}: q/k norm inputs disagree with sparsec.config qk_norm"
+            )
+        options = {"rotary_dim": rotary_dim} if rotary_dim != head_dim else {}
+        if len(node.inputs) == 10:
+            options["qk_norm_eps"] = float(_attr(node, "qk_norm_epsilon", 1e-6))
+            for which, value in (("q", node.inputs[8]), ("k", node.inputs[9])):
+                w = _const(value, f"node {node.name!r}: {which} norm scale").astype(np.float32)
+                if w.shape != (head_dim,):
+                    raise SparsecError(f"node {node.name!r}: {which} norm scale is not [head_dim]")
+                options[f"{which}_norm"] = f"{which}_norm.{layer}"
+                self.prog.tables[options[f"{which}_norm"]] = w
         if (heads, kv_heads, head_dim) != (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -311,11 +348,10 @@ class _Lowering:
         sin = _const(node.inputs[7], "sin_cache").astype(np.float32)
         self.prog.tables.setdefault("rope.cos", cos)
         self.prog.tables.setdefault("rope.sin", sin)
-        if (
-            cos.shape != (cfg.max_position_embeddings, head_dim // 2)
-            and cos.shape[1] != head_dim // 2
-        ):
-            raise SparsecError(f"node {node.name!r}: cos_cache must be [positions, head_dim/2]")
+        if cos.ndim != 2 or cos.shape[1] != rotary_dim // 2 or sin.shape != cos.shape:
+            raise SparsecError(
+                f"node {node.name!r}: cos_cache/sin_cache must be [positions, rotary_dim/2]"
+            )
         common = {
             "layer": layer,
             "qkv": q.buf,
@@ -327,9 +363,12 @@ class _Lowering:
             "head_dim": head_dim,
             "max_positions": cos.shape[0],
         }
-        self.prog.instrs.append(Instr("rope_kv", dict(common)))
+        self.prog.instrs.append(Instr("rope_kv", {**common, **options}))
         out = self.new_buffer(heads * head_dim, "a")
-        self.prog.instrs.append(Instr("attention", {**common, "out": out, "scale": scale}))
+        attention = {**common, "out": out, "scale": scale}
+        if window:
+            attention["window"] = window
+        self.prog.instrs.append(Instr("attention", attention))
         self.views[node.outputs[0].name] = out
         for i, o in enumerate(node.outputs[1:3]):
             if o is not None and o.name != (contract.present_key, contract.present_value)[i](layer):
@@ -373,12 +412,48 @@ class _Lowering:
 
     def lower_Add(self, node) -> None:
         a, b = node.inputs
+        if (a.const_value is not None) != (b.const_value is not None):
+            self._lower_bias(node, *((b, a) if a.const_value is not None else (a, b)))
+            return
         acc_value, other = (a, b) if len(self.consumers[a.name]) == 1 else (b, a)
         acc = self.view(acc_value)
         if len(self.consumers[acc_value.name]) != 1 or acc.width != self.prog.buffers[acc.buf]:
             raise SparsecError(f"node {node.name!r}: Add needs an input free to update in place")
         self.prog.instrs.append(Instr("add", {"acc": acc, "x": self.view(other)}))
         self.views[node.outputs[0].name] = acc
+
+    def _lower_bias(self, node, value, bias_value) -> None:
+        """``Add(MatMul(x, W), b)`` with a constant ``b [out]``: a bias added to the
+        linear's output rows in place, right after the linear (a Qwen2 q/k/v bias).
+        Linears fused on one input share one bias row (zeros where a part has none)."""
+        bias = _const(bias_value, f"node {node.name!r}: bias").astype(np.float32)
+        producer = value.producer()
+        out = self.views.get(value.name)
+        if (
+            producer is None
+            or producer.op_type != "MatMul"
+            or out is None
+            or bias.reshape(-1).shape != (out.width,)
+            or len(self.consumers[value.name]) != 1
+        ):
+            raise SparsecError(
+                f"node {node.name!r}: a constant Add must be a [out] bias on a MatMul output "
+                "read by nothing else"
+            )
+        if out.buf == contract.LOGITS:
+            raise SparsecError(f"node {node.name!r}: a bias on the LM head is not supported")
+        table = f"bias.{out.buf}"
+        if table not in self.prog.tables:
+            self.prog.tables[table] = np.zeros(self.prog.buffers[out.buf], np.float32)
+            at = next(
+                i
+                for i, ins in enumerate(self.prog.instrs)
+                if ins.op == "linear" and ins.args["y"].buf == out.buf
+            )
+            full = View(out.buf, 0, self.prog.buffers[out.buf])
+            self.prog.instrs.insert(at + 1, Instr("bias_add", {"y": full, "bias": table}))
+        self.prog.tables[table][out.offset : out.offset + out.width] += bias.reshape(-1)
+        self.views[node.outputs[0].name] = out
 
 
 def _linear_name(node_name: str, weights: list[Weight]) -> str:

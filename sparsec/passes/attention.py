@@ -12,7 +12,12 @@ Rewrites, per decoder layer ``i`` (after the rope pass):
 
 into ``y, present.i.key, present.i.value = sparsec.CachedAttention(q_proj, k_proj,
 v_proj, past_key_values.i.key, past_key_values.i.value, position_ids, cos_cache,
-sin_cache)``. Then the graph's interface changes as docs/graph-contract.md section 3
+sin_cache[, q_norm, k_norm])``. The family's parts become attributes: a per-head
+``RMSNormalization`` between a projection and its RoPE (Qwen3) becomes the ``q_norm``/
+``k_norm`` inputs and ``qk_norm_epsilon``; ``RotaryEmbedding(rotary_embedding_dim=r)``
+becomes ``rotary_dim`` (Phi-3); ``sparsec.config``'s ``sliding_window`` becomes
+``window`` (Mistral), trusted only through the numerical check below. A projection's
+bias ``Add`` (Qwen2) stays in front of the op. Then the graph's interface changes as docs/graph-contract.md section 3
 says: the cache inputs and outputs become ``[B, KVH, capacity, hd]`` buffers, and
 ``attention_mask`` is removed (``position_ids`` decides both where tokens are written
 and what they see).
@@ -24,9 +29,10 @@ split/merge, GQA repeat, key transpose) and the mask are then checked numericall
 (``validate=True``): the graph before the pass runs under onnxruntime at a prefill, a
 decode and a long-cache shape, with ``attention_mask`` all ones and consecutive
 positions, and every layer's attention output and cache must equal the numpy
-reference of ``CachedAttention`` on that layer's own projections. A mask that is not
-plainly causal (sliding window, padding-dependent bias) fails that check and nothing
-fuses. The report says which layer failed and why.
+reference of ``CachedAttention`` on that layer's own projections. A mask that is
+neither plainly causal nor the configured window (padding-dependent bias, a window the
+config does not state) fails that check and nothing fuses. The report says which layer
+failed and why.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class Layer:
     cos_cache: ir.Value
     sin_cache: ir.Value
     scale: float
+    rotary_dim: int = 0  # 0: the whole head rotates
+    q_norm: ir.Value | None = None  # per-head RMSNorm scales [hd] of q and k (Qwen3)
+    k_norm: ir.Value | None = None
+    qk_norm_epsilon: float = 0.0
 
 
 def _only_consumer(value: ir.Value, ignore=("Shape",)) -> ir.Node:
@@ -118,13 +128,24 @@ def _rope_input(value: ir.Value, position_ids: ir.Value, what: str) -> ir.Node:
         raise NoMatch(f"{what} is not rotated by RotaryEmbedding (made by {found}); did RoPE fuse?")
     if rope.inputs[3] is not position_ids:
         raise NoMatch(f"RotaryEmbedding {rope.name!r} does not read the position_ids input")
-    if (
-        attr(rope, "interleaved", 0)
-        or attr(rope, "rotary_embedding_dim", 0)
-        or attr(rope, "num_heads", 0)
-    ):
+    if attr(rope, "interleaved", 0) or attr(rope, "num_heads", 0):
         raise NoMatch(f"RotaryEmbedding {rope.name!r} is not the plain 4-D rotate-half form")
     return rope
+
+
+def _up_norm(value: ir.Value, what: str) -> tuple[ir.Value, ir.Node | None]:
+    """The projection above ``value`` and the per-head RMSNorm between them, if any:
+    ``RMSNormalization(axis=-1)`` with a constant ``[hd]`` scale (Qwen3's q/k norm)."""
+    value = _up_plumbing(value)
+    norm = value.producer()
+    if not is_op(norm, "RMSNormalization"):
+        return value, None
+    scale = const(norm.inputs[1])
+    if attr(norm, "axis", -1) != -1 or scale is None or scale.ndim != 1:
+        raise NoMatch(f"{what} is normalized by {norm.name!r}, which is not a per-head RMSNorm")
+    if len(norm.inputs[0].uses()) != 1:
+        raise NoMatch(f"the input of {what}'s norm {norm.name!r} is read elsewhere too")
+    return _up_plumbing(norm.inputs[0]), norm
 
 
 def _cache_concat(graph: ir.Graph, name: str, past_name: str) -> tuple[ir.Node, ir.Value]:
@@ -150,7 +171,7 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
         graph, contract.present_value(index), contract.past_value(index)
     )
     k_rope = _rope_input(k_new, position_ids, f"{contract.present_key(index)} entries")
-    k_proj = _up_plumbing(k_rope.inputs[0])
+    k_proj, k_norm = _up_norm(k_rope.inputs[0], "the key")
     v_proj = _up_plumbing(v_heads)
 
     scale: list[float] = []
@@ -166,7 +187,17 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
     q_rope = _rope_input(q_side, position_ids, "the query")
     if q_rope.inputs[1] is not k_rope.inputs[1] or q_rope.inputs[2] is not k_rope.inputs[2]:
         raise NoMatch("query and key RoPE use different cos/sin tables")
-    q_proj = _up_plumbing(q_rope.inputs[0])
+    rotary_dim = attr(q_rope, "rotary_embedding_dim", 0)
+    if attr(k_rope, "rotary_embedding_dim", 0) != rotary_dim:
+        raise NoMatch("query and key RoPE rotate different numbers of features")
+    q_proj, q_norm = _up_norm(q_rope.inputs[0], "the query")
+    if (q_norm is None) != (k_norm is None):
+        raise NoMatch("only one of the query and the key is normalized")
+    eps = 0.0
+    if q_norm is not None:
+        eps = attr(q_norm, "epsilon", 1e-5)
+        if attr(k_norm, "epsilon", 1e-5) != eps:
+            raise NoMatch("the query and key norms have different epsilons")
 
     value = scores_mm.outputs[0]
     add = _only_consumer(value)
@@ -226,6 +257,10 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
         cos_cache=q_rope.inputs[1],
         sin_cache=q_rope.inputs[2],
         scale=math.prod(scale),  # no scaling ops: the graph's attention is unscaled
+        rotary_dim=rotary_dim,
+        q_norm=None if q_norm is None else q_norm.inputs[1],
+        k_norm=None if k_norm is None else k_norm.inputs[1],
+        qk_norm_epsilon=float(eps),
     )
 
 
@@ -276,8 +311,20 @@ def _validation_shapes(max_positions: int) -> list[tuple[int, int, int]]:
     return [(2, 3, 0), (2, 1, 5), (1, 2, long_past)]
 
 
+def _options(layer: Layer, window: int) -> dict:
+    """The non-default CachedAttention attributes of ``layer`` (Llama's graph has none)."""
+    options = {}
+    if layer.rotary_dim:
+        options["rotary_dim"] = layer.rotary_dim
+    if window:
+        options["window"] = window
+    if layer.q_norm is not None:
+        options["qk_norm_epsilon"] = layer.qk_norm_epsilon
+    return options
+
+
 def validate(
-    model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, vocab: int
+    model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, vocab: int, window: int = 0
 ) -> list[str]:
     """Run the graph before the rewrite and compare every layer with the reference."""
     graph = model.graph
@@ -318,10 +365,12 @@ def validate(
             pv = np.full((batch, kv_heads, capacity, head_dim), -7.0, np.float32)
             pk[:, :, :past] = feeds[layer.past_key.name]
             pv[:, :, :past] = feeds[layer.past_value.name]
+            norms = [const(v) for v in (layer.q_norm, layer.k_norm)]
             y, rk, rv = reference.cached_attention(
                 got[layer.q_proj.name], got[layer.k_proj.name], got[layer.v_proj.name],
-                pk, pv, feeds[contract.POSITION_IDS], cos, sin,
+                pk, pv, feeds[contract.POSITION_IDS], cos, sin, *norms,
                 num_heads=heads, kv_num_heads=kv_heads, scale=layer.scale,
+                **_options(layer, window),
             )  # fmt: skip
             pairs = (
                 ("output", got[layer.y.name], y),
@@ -355,16 +404,18 @@ def _set_capacity(value: ir.Value) -> None:
     value.shape = ir.Shape(dims)
 
 
-def _rewrite(model: ir.Model, layers: list[Layer], heads: int, kv_heads: int) -> None:
+def _rewrite(model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, window: int) -> None:
     graph = model.graph
     taken = value_names(graph)
     position_ids = next(v for v in graph.inputs if v.name == contract.POSITION_IDS)
     for layer in layers:
+        norms = [layer.q_norm, layer.k_norm] if layer.q_norm is not None else []
         node = ir.node(
             "CachedAttention",
             [layer.q_proj, layer.k_proj, layer.v_proj, layer.past_key, layer.past_value,
-             position_ids, layer.cos_cache, layer.sin_cache],
-            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": layer.scale},
+             position_ids, layer.cos_cache, layer.sin_cache, *norms],
+            attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": layer.scale,
+                        **_options(layer, window)},
             domain=contract.DOMAIN,
             version=contract.DOMAIN_VERSION,
             num_outputs=3,
@@ -459,10 +510,11 @@ class CachedAttentionPass(ir.passes.InPlacePass):
                 "the rest of the graph still needs the old cache interface: "
                 + "; ".join(problems[:3])
             )
+        window = (config.sliding_window or 0) if config is not None else 0
         if self.validate:
             vocab = config.vocab_size if config else _vocab(graph)
             try:
-                problems = validate(model, layers, heads, kv_heads, vocab)
+                problems = validate(model, layers, heads, kv_heads, vocab, window)
             except Exception as e:  # onnxruntime refusing the graph, out of memory, ...
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 problems = [f"the graph could not be run under onnxruntime: {first}"]
@@ -473,7 +525,7 @@ class CachedAttentionPass(ir.passes.InPlacePass):
             self.report.notes.append(
                 "checked numerically against the reference at prefill, decode and long-cache shapes"
             )
-        _rewrite(model, layers, heads, kv_heads)
+        _rewrite(model, layers, heads, kv_heads, window)
         functions.raise_opset(model)
         self.report.fused["CachedAttention"] = len(layers)
         self.report.notes.append(

@@ -19,6 +19,93 @@ MIN_IR_VERSION = 10
 
 _HEADER = f'<domain: "{contract.DOMAIN}", opset_import: ["" : {OPSET}, "{contract.DOMAIN}" : 1]>'
 
+
+def _cached_attention_text(*, qk_norm: bool) -> str:
+    """The body of ``CachedAttention``; with ``qk_norm`` it takes the two per-head RMSNorm
+    scales as inputs 8 and 9 (an overload of the op: a model's attention nodes all have
+    one form, and ``attach`` picks the body by it)."""
+    extra_inputs = ", q_norm, k_norm" if qk_norm else ""
+    extra_attributes = ", qk_norm_epsilon: float = 0.000001" if qk_norm else ""
+    if qk_norm:
+        normalize = """
+    tokens = Constant <value_ints = [0, 0, -1]> ()
+    head_size = Shape(q_norm)
+    head_shape = Concat <axis = 0> (tokens, head_size)
+    q_heads_in = Reshape(q_in, head_shape)
+    k_heads_in = Reshape(k_in, head_shape)
+    q_normed = RMSNormalization <axis = -1, epsilon: float = @qk_norm_epsilon>
+        (q_heads_in, q_norm)
+    k_normed = RMSNormalization <axis = -1, epsilon: float = @qk_norm_epsilon>
+        (k_heads_in, k_norm)
+    flat_shape = Constant <value_ints = [0, 0, -1]> ()
+    q = Reshape(q_normed, flat_shape)
+    k = Reshape(k_normed, flat_shape)"""
+        q_in, k_in = "q_in", "k_in"
+    else:
+        normalize, q_in, k_in = "", "q", "k"
+    return f"""
+CachedAttention
+    <num_heads, kv_num_heads, scale, rotary_dim: int = 0, window: int = 0{extra_attributes}>
+    ({q_in}, {k_in}, v, past_key, past_value, position_ids, cos_cache, sin_cache{extra_inputs})
+    => (y, present_key, present_value) {{{normalize}
+    q_rot = RotaryEmbedding <num_heads: int = @num_heads,
+                             rotary_embedding_dim: int = @rotary_dim>
+        (q, cos_cache, sin_cache, position_ids)
+    k_rot = RotaryEmbedding <num_heads: int = @kv_num_heads,
+                             rotary_embedding_dim: int = @rotary_dim>
+        (k, cos_cache, sin_cache, position_ids)
+    axis0 = Constant <value_ints = [0]> ()
+    axis1 = Constant <value_ints = [1]> ()
+    axis_last = Constant <value_ints = [-1]> ()
+    axes_1_3 = Constant <value_ints = [1, 3]> ()
+    keep2 = Constant <value_ints = [0, 0]> ()
+    rest = Constant <value_ints = [-1]> ()
+    heads_scalar = Constant <value_int: int = @num_heads> ()
+    kv_heads_scalar = Constant <value_int: int = @kv_num_heads> ()
+    heads = Unsqueeze(heads_scalar, axis0)
+    kv_heads = Unsqueeze(kv_heads_scalar, axis0)
+    q_shape = Concat <axis = 0> (keep2, heads, rest)
+    kv_shape = Concat <axis = 0> (keep2, kv_heads, rest)
+    q4 = Reshape(q_rot, q_shape)
+    k4 = Reshape(k_rot, kv_shape)
+    v4 = Reshape(v, kv_shape)
+    zero = Constant <value_int = 0> ()
+    one = Constant <value_int = 1> ()
+    batch_1d = Shape <start = 0, end = 1> (position_ids)
+    batch = Squeeze(batch_1d, axis0)
+    batch_index = Range(zero, batch, one)
+    batch_column = Unsqueeze(batch_index, axis1)
+    positions_shape = Shape(position_ids)
+    batch_grid = Expand(batch_column, positions_shape)
+    batch_last = Unsqueeze(batch_grid, axis_last)
+    position_last = Unsqueeze(position_ids, axis_last)
+    slots = Concat <axis = -1> (batch_last, position_last)
+    past_key_t = Transpose <perm = [0, 2, 1, 3]> (past_key)
+    past_value_t = Transpose <perm = [0, 2, 1, 3]> (past_value)
+    present_key_t = ScatterND(past_key_t, slots, k4)
+    present_value_t = ScatterND(past_value_t, slots, v4)
+    present_key = Transpose <perm = [0, 2, 1, 3]> (present_key_t)
+    present_value = Transpose <perm = [0, 2, 1, 3]> (present_value_t)
+    capacity_1d = Shape <start = 2, end = 3> (past_key)
+    capacity = Squeeze(capacity_1d, axis0)
+    slot_index = Range(zero, capacity, one)
+    query_position = Unsqueeze(position_ids, axes_1_3)
+    causal = LessOrEqual(slot_index, query_position)
+    window_size = Constant <value_int: int = @window> ()
+    no_window = Equal(window_size, zero)
+    unlimited = Constant <value_int = 1099511627776> ()
+    reach = Where(no_window, unlimited, window_size)
+    oldest = Sub(query_position, reach)
+    in_window = Greater(slot_index, oldest)
+    visible = And(causal, in_window)
+    q_heads = Transpose <perm = [0, 2, 1, 3]> (q4)
+    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, visible)
+    y_tokens = Transpose <perm = [0, 2, 1, 3]> (y_heads)
+    y_shape = Constant <value_ints = [0, 0, -1]> ()
+    y = Reshape(y_tokens, y_shape)
+}}"""
+
+
 FUNCTION_TEXT = {
     "SkipRMSNormalization": """
 SkipRMSNormalization <epsilon: float = 0.00001> (x, skip, scale) => (y, sum) {
@@ -57,63 +144,16 @@ SwiGLU <quantize_activations: int = 0> (x, w_gate, w_up, w_down) => (y) {{
     hidden_in = Where(flag, hidden_q, hidden)
     y = MatMul(hidden_in, w_down)
 }}""",
-    "CachedAttention": """
-CachedAttention <num_heads, kv_num_heads, scale>
-    (q, k, v, past_key, past_value, position_ids, cos_cache, sin_cache)
-    => (y, present_key, present_value) {
-    q_rot = RotaryEmbedding <num_heads: int = @num_heads> (q, cos_cache, sin_cache, position_ids)
-    k_rot = RotaryEmbedding <num_heads: int = @kv_num_heads> (k, cos_cache, sin_cache, position_ids)
-    axis0 = Constant <value_ints = [0]> ()
-    axis1 = Constant <value_ints = [1]> ()
-    axis_last = Constant <value_ints = [-1]> ()
-    axes_1_3 = Constant <value_ints = [1, 3]> ()
-    keep2 = Constant <value_ints = [0, 0]> ()
-    rest = Constant <value_ints = [-1]> ()
-    heads_scalar = Constant <value_int: int = @num_heads> ()
-    kv_heads_scalar = Constant <value_int: int = @kv_num_heads> ()
-    heads = Unsqueeze(heads_scalar, axis0)
-    kv_heads = Unsqueeze(kv_heads_scalar, axis0)
-    q_shape = Concat <axis = 0> (keep2, heads, rest)
-    kv_shape = Concat <axis = 0> (keep2, kv_heads, rest)
-    q4 = Reshape(q_rot, q_shape)
-    k4 = Reshape(k_rot, kv_shape)
-    v4 = Reshape(v, kv_shape)
-    zero = Constant <value_int = 0> ()
-    one = Constant <value_int = 1> ()
-    batch_1d = Shape <start = 0, end = 1> (position_ids)
-    batch = Squeeze(batch_1d, axis0)
-    batch_index = Range(zero, batch, one)
-    batch_column = Unsqueeze(batch_index, axis1)
-    positions_shape = Shape(position_ids)
-    batch_grid = Expand(batch_column, positions_shape)
-    batch_last = Unsqueeze(batch_grid, axis_last)
-    position_last = Unsqueeze(position_ids, axis_last)
-    slots = Concat <axis = -1> (batch_last, position_last)
-    past_key_t = Transpose <perm = [0, 2, 1, 3]> (past_key)
-    past_value_t = Transpose <perm = [0, 2, 1, 3]> (past_value)
-    present_key_t = ScatterND(past_key_t, slots, k4)
-    present_value_t = ScatterND(past_value_t, slots, v4)
-    present_key = Transpose <perm = [0, 2, 1, 3]> (present_key_t)
-    present_value = Transpose <perm = [0, 2, 1, 3]> (present_value_t)
-    capacity_1d = Shape <start = 2, end = 3> (past_key)
-    capacity = Squeeze(capacity_1d, axis0)
-    slot_index = Range(zero, capacity, one)
-    query_position = Unsqueeze(position_ids, axes_1_3)
-    visible = LessOrEqual(slot_index, query_position)
-    q_heads = Transpose <perm = [0, 2, 1, 3]> (q4)
-    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, visible)
-    y_tokens = Transpose <perm = [0, 2, 1, 3]> (y_heads)
-    y_shape = Constant <value_ints = [0, 0, -1]> ()
-    y = Reshape(y_tokens, y_shape)
-}""",
+    "CachedAttention": _cached_attention_text(qk_norm=False),
 }
 
 # Ops whose bodies call other sparsec ops.
 _DEPENDS = {"SwiGLU": ("PerTokenFakeQuant",)}
 
 
-def function_protos(op_types):
-    """``onnx.FunctionProto`` definitions of ``op_types`` and the ops they call."""
+def function_protos(op_types, *, qk_norm: bool = False):
+    """``onnx.FunctionProto`` definitions of ``op_types`` and the ops they call;
+    ``qk_norm``: the CachedAttention form with q/k norm inputs."""
     import onnx.parser
 
     wanted: list[str] = []
@@ -123,7 +163,22 @@ def function_protos(op_types):
                 raise KeyError(f"no ONNX function for sparsec op {name!r}")
             if name not in wanted:
                 wanted.append(name)
-    return [onnx.parser.parse_function(_HEADER + FUNCTION_TEXT[name]) for name in wanted]
+    texts = dict(FUNCTION_TEXT)
+    if qk_norm:
+        texts["CachedAttention"] = _cached_attention_text(qk_norm=True)
+    return [onnx.parser.parse_function(_HEADER + texts[name]) for name in wanted]
+
+
+def attention_qk_norm(model) -> bool:
+    """Whether ``model``'s CachedAttention nodes take q/k norm scales (all or none)."""
+    forms = {
+        len(node.inputs) > 8
+        for node in model.graph
+        if node.domain == contract.DOMAIN and node.op_type == "CachedAttention"
+    }
+    if len(forms) > 1:
+        raise ValueError("CachedAttention nodes mix the forms with and without q/k norm")
+    return forms == {True}
 
 
 def sparsec_ops(model) -> list[str]:
@@ -154,7 +209,7 @@ def attach(model) -> None:
         return
     raise_opset(model)
     model.opset_imports[contract.DOMAIN] = contract.DOMAIN_VERSION
-    for proto in function_protos(ops):
+    for proto in function_protos(ops, qk_norm=attention_qk_norm(model)):
         function = ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
 
@@ -168,7 +223,7 @@ def to_onnx_proto(model):
     ops = sparsec_ops(model)
     if ops:
         have = {(f.domain, f.name) for f in proto.functions}
-        for function in function_protos(ops):
+        for function in function_protos(ops, qk_norm=attention_qk_norm(model)):
             if (function.domain, function.name) not in have:
                 proto.functions.append(function)
         versions = {o.domain: o for o in proto.opset_import}

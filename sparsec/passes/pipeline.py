@@ -1,7 +1,8 @@
 """The pass pipeline of ``sparsec optimize``: exported graph in, optimized graph out.
 
 Order matters: cleanup first (constants, no-op casts), weights into the int8 form and
-activation fake-quant into its op before the MLP fusion looks for them, RMSNorm before
+activation fake-quant into its op before the MLP fusion looks for them, fused
+projections (Phi-3's qkv_proj, gate_up_proj) split before the fusions match them, RMSNorm before
 the residual add that precedes it, RoPE before the attention that reads it, and the
 weight names before the sparsity record that uses them.
 """
@@ -39,6 +40,7 @@ def optimize(model, *, validate: bool = True, check: bool = True):
     from sparsec.passes.rope import RoPEPass
     from sparsec.passes.skip_rmsnorm import SkipRMSNormPass
     from sparsec.passes.sparsity import SparsityRecordPass
+    from sparsec.passes.split_linear import SplitFusedLinearPass
     from sparsec.passes.swiglu import SwiGLUPass
 
     meta = model.metadata_props
@@ -52,6 +54,7 @@ def optimize(model, *, validate: bool = True, check: bool = True):
         CleanupPass(),
         FoldWeightQDQPass(),
         FakeQuantPass(),
+        SplitFusedLinearPass(),
         RMSNormPass(),
         SkipRMSNormPass(),
         RoPEPass(),

@@ -41,15 +41,23 @@ def skip_rms_normalization(
 
 
 def rotary_embedding(
-    x: np.ndarray, positions: np.ndarray, cos_cache: np.ndarray, sin_cache: np.ndarray
+    x: np.ndarray,
+    positions: np.ndarray,
+    cos_cache: np.ndarray,
+    sin_cache: np.ndarray,
+    *,
+    rotary_dim: int = 0,
 ) -> np.ndarray:
     """Rotate-half RoPE of ``x [B, S, heads, hd]`` at ``positions [B, S]``:
-    ``[x1*cos - x2*sin, x2*cos + x1*sin]`` with ``cos, sin = cache[position]``."""
-    half = x.shape[-1] // 2
-    cos = cos_cache[positions][:, :, None, :]  # [B, S, 1, hd/2]
+    ``[x1*cos - x2*sin, x2*cos + x1*sin]`` with ``cos, sin = cache[position]``, on the
+    first ``rotary_dim`` features (0: all); the rest pass through (partial rotary)."""
+    rotary_dim = rotary_dim or x.shape[-1]
+    half = rotary_dim // 2
+    cos = cos_cache[positions][:, :, None, :]  # [B, S, 1, rotary_dim/2]
     sin = sin_cache[positions][:, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    return np.concatenate([*rotated, x[..., rotary_dim:]], axis=-1)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -66,14 +74,24 @@ def cached_attention(
     position_ids: np.ndarray,
     cos_cache: np.ndarray,
     sin_cache: np.ndarray,
+    q_norm: np.ndarray | None = None,
+    k_norm: np.ndarray | None = None,
     *,
     num_heads: int,
     kv_num_heads: int,
     scale: float | None = None,
+    rotary_dim: int = 0,
+    window: int = 0,
+    qk_norm_epsilon: float = 1e-6,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sparsec.CachedAttention``: RoPE on q and k, the new keys/values written into
     the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
-    slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``."""
+    slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``.
+
+    Optional parts (docs/graph-contract.md section 3): ``q_norm``/``k_norm`` ``[hd]``
+    scales of a per-head RMSNorm of q and k before RoPE (Qwen3), ``rotary_dim`` (only
+    the first features rotate; 0: all), ``window`` (a query at position p sees slots
+    ``p-window+1..p`` only; 0: all)."""
     batch, seq, _ = q.shape
     capacity, head_dim = past_key.shape[2], past_key.shape[3]
     if num_heads % kv_num_heads:
@@ -83,12 +101,15 @@ def cached_attention(
     if scale is None:
         scale = 1.0 / np.sqrt(head_dim)
     positions = position_ids.astype(np.int64)
-    qh = rotary_embedding(
-        q.reshape(batch, seq, num_heads, head_dim), positions, cos_cache, sin_cache
-    )
-    kh = rotary_embedding(
-        k.reshape(batch, seq, kv_num_heads, head_dim), positions, cos_cache, sin_cache
-    )
+    qh = q.reshape(batch, seq, num_heads, head_dim)
+    kh = k.reshape(batch, seq, kv_num_heads, head_dim)
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm come together")
+    if q_norm is not None:
+        qh = rms_normalization(qh, q_norm, epsilon=qk_norm_epsilon)
+        kh = rms_normalization(kh, k_norm, epsilon=qk_norm_epsilon)
+    qh = rotary_embedding(qh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
+    kh = rotary_embedding(kh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
     vh = v.reshape(batch, seq, kv_num_heads, head_dim)
     present_key, present_value = past_key.copy(), past_value.copy()
     for b in range(batch):
@@ -99,9 +120,10 @@ def cached_attention(
     for b in range(batch):
         for s in range(seq):
             last = positions[b, s] + 1  # attends to slots 0..position
+            first = max(0, last - window) if window else 0
             for h in range(num_heads):
-                keys = present_key[b, h // group, :last]
-                values = present_value[b, h // group, :last]
+                keys = present_key[b, h // group, first:last]
+                values = present_value[b, h // group, first:last]
                 weights = _softmax(np.float32(scale) * (keys @ qh[b, s, h]))
                 y[b, s, h] = weights @ values
     return y.reshape(batch, seq, num_heads * head_dim), present_key, present_value
@@ -193,6 +215,9 @@ def _run_node(node, args: list) -> list[np.ndarray]:
                 num_heads=a["num_heads"],
                 kv_num_heads=a["kv_num_heads"],
                 scale=a.get("scale"),
+                rotary_dim=a.get("rotary_dim", 0),
+                window=a.get("window", 0),
+                qk_norm_epsilon=a.get("qk_norm_epsilon", 1e-6),
             )
         )
     if op == ("sparsec", "SwiGLU"):

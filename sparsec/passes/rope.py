@@ -13,7 +13,10 @@ Rewrites the rotate-half rotary embedding of a ``[B, heads, S, hd]`` tensor ``x`
 (from ``sparsec.config``) as initializers shared by every layer. The tables hold the
 same float32 angles the exported graph computes at run time.
 
-Left as it is: interleaved RoPE, partial rotary dims, cos/sin that are not a function
+Partial rotary (``Concat(rotate(x[..., :r]), x[..., r:])``, Phi-3's
+``partial_rotary_factor``) becomes ``RotaryEmbedding(x, ..., rotary_embedding_dim=r)``.
+
+Left as it is: interleaved RoPE, cos/sin that are not a function
 of ``position_ids`` and a constant ``inv_freq`` (e.g. scaled by a computed factor).
 Positions at or beyond ``max_position_embeddings`` are outside the tables.
 """
@@ -26,7 +29,7 @@ from onnxscript.rewriter import pattern
 
 from sparsec import contract
 from sparsec.passes import functions
-from sparsec.passes._graph import add_initializer, const, value_names
+from sparsec.passes._graph import add_initializer, attr, const, value_names
 from sparsec.passes._rules import RuleSetPass
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -123,6 +126,43 @@ class _RoPE(pattern.RewriteRuleClassBase):
         return op.RotaryEmbedding(x, cos_cache, sin_cache, position_ids, interleaved=0)
 
 
+class _PartialRoPE(pattern.RewriteRuleClassBase):
+    """``Concat(RotaryEmbedding(x[..., :r]), x[..., r:])`` -> ``RotaryEmbedding(x,
+    rotary_embedding_dim=r)``: the partial rotary of Phi-3/Phi-4 (``partial_rotary_factor``),
+    run after the full form has fused on the rotated slice."""
+
+    def __init__(self):
+        super().__init__(name="RoPE[partial]")
+
+    def pattern(self, op, x, cos, sin, position_ids, s1, e1, a1, st1, s2, e2, a2, st2):
+        rotated = op.RotaryEmbedding(
+            op.Slice(x, s1, e1, a1, st1), cos, sin, position_ids, _outputs=["rotated"]
+        )
+        return op.Concat(rotated, op.Slice(x, s2, e2, a2, st2), axis=-1)
+
+    def check(self, context, x, rotated, s1, e1, a1, st1, s2, e2, a2, st2, **_):
+        result = pattern.MatchResult()
+        node = rotated.producer()
+        if any(attr(node, a, 0) for a in ("interleaved", "rotary_embedding_dim", "num_heads")):
+            return result.fail("the inner RotaryEmbedding is not the plain full form", rotated)
+        if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int):
+            return result.fail("x is not [B, heads, S, hd] with a static hd", x)
+        hd, r = x.shape[3], _ints(e1)
+        for axes, steps in ((a1, st1), (a2, st2)):
+            if _ints(axes) not in ([3], [-1]) or _ints(steps) != [1]:
+                return result.fail("Slice is not over the head axis with step 1", axes)
+        if _ints(s1) != [0] or r is None or not 0 < r[0] < hd or r[0] % 2:
+            return result.fail("first Slice is not x[..., :r] with an even r < hd", e1)
+        end = _ints(e2)
+        if _ints(s2) != r or end is None or end[0] < hd:
+            return result.fail("second Slice is not x[..., r:]", s2)
+        return result
+
+    def rewrite(self, op, x, cos, sin, position_ids, e1, **_):
+        r = _ints(e1)[0]
+        return op.RotaryEmbedding(x, cos, sin, position_ids, interleaved=0, rotary_embedding_dim=r)
+
+
 def max_positions(model: ir.Model) -> int | None:
     config = contract.graph_config(model.metadata_props)
     return None if config is None else config.max_position_embeddings
@@ -146,6 +186,11 @@ class RoPEPass(RuleSetPass):
 
     def after(self, model, count):
         if count:
+            # The partial form's root is a Concat over RotaryEmbedding nodes that the
+            # rules above have just created: a second sweep sees them.
+            partial = pattern.RewriteRuleSet([_PartialRoPE.rule()]).apply_to_model(model)
+            if partial:
+                self.report.fused["RotaryEmbedding[partial]"] = partial
             functions.raise_opset(model)
 
     def leftovers(self, model):

@@ -106,6 +106,7 @@ def format_summary(s: dict) -> str:
     w, comp, sp = s["weights"], s["compile"], s["sparse"]
     rows = [
         ("model", f"{c.family}: {model}"),
+        ("architecture", ", ".join(c.features()) or "plain (no bias, window or scaling)"),
         ("precision", s["precision"]),
         (
             "target",

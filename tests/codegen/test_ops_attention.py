@@ -213,7 +213,7 @@ def test_bad_head_config_is_rejected():
     with pytest.raises(SparsecError, match="not a multiple of kv_num_heads"):
         ops.emit_attention(ir.Module(), "a", num_heads=9, kv_num_heads=2, head_dim=64,
                            capacity=8, scale=0.125, qkv_stride=1, q_offset=0)  # fmt: skip
-    with pytest.raises(SparsecError, match="head_dim=7 must be even"):
+    with pytest.raises(SparsecError, match="rotary_dim=7 must be even"):
         ops.emit_rope_kv_write(ir.Module(), "r", num_heads=2, kv_num_heads=1, head_dim=7,
                                capacity=8, qkv_stride=28, q_offset=0, k_offset=14,
                                v_offset=21)  # fmt: skip
