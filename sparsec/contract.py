@@ -86,8 +86,10 @@ SUPPORTED: dict[str, tuple] = {
     "mlp_bias": (False,),
     "qk_norm": (False, True),
     # Scalings whose inverse frequencies are constants the exporter traces (dynamic
-    # and longrope switch frequencies with the sequence length: not one static graph).
-    "rope.type": ("default", "llama3", "linear", "yarn"),
+    # recomputes them from the sequence length: not one static graph).
+    # longrope: the short factors, up to original_max_position_embeddings (see
+    # _static_positions).
+    "rope.type": ("default", "llama3", "linear", "yarn", "longrope"),
 }
 # Any positive int is supported: (any window, None = all positions).
 
@@ -192,7 +194,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            max_position_embeddings=config.max_position_embeddings,
+            max_position_embeddings=_static_positions(config, str(rope_type), params),
             tie_word_embeddings=bool(config.tie_word_embeddings),
             norm="rms",
             norm_eps=float(config.rms_norm_eps),
@@ -312,6 +314,18 @@ class ModelConfig:
                     f"unsupported model: {field_name} = {value!r} "
                     f"(supported: {', '.join(map(repr, supported))})"
                 )
+
+
+def _static_positions(config, rope_type: str, params: dict) -> int:
+    """The positions one static graph serves: LongRoPE switches to its long factors past
+    ``original_max_position_embeddings``, so a graph holds the short set up to there."""
+    if rope_type == "longrope":
+        original = params.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None
+        )
+        if isinstance(original, int) and 0 < original < config.max_position_embeddings:
+            return original
+    return config.max_position_embeddings
 
 
 def _sliding_window(config, family: str) -> int | None:

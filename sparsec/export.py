@@ -8,6 +8,7 @@ shape, and optionally a greedy continuation token for token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -58,6 +59,26 @@ def _cache_wrapper(model):
     return WithFlatCache(model)
 
 
+@contextlib.contextmanager
+def _static_rope(model, cfg: ModelConfig):
+    """LongRoPE (Phi-3.5, Phi-4-mini) picks its short or long frequencies by the longest
+    position at run time. Within ``original_max_position_embeddings`` it is the short
+    set, the one the rotary module holds from init; ``ModelConfig`` caps the context
+    there (``max_position_embeddings``), so the export traces that set as constants
+    (its ``attention_factor`` stays: the RoPE pass folds it into the tables)."""
+    if cfg.rope.type != "longrope":
+        yield
+        return
+    modules = [m for m in model.modules() if getattr(m, "rope_type", None) == "longrope"]
+    for module in modules:
+        module.rope_type = "default"  # the dispatch of HF's dynamic_rope_update only
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.rope_type = "longrope"
+
+
 def _io_names(n_layers: int) -> tuple[list[str], list[str]]:
     inputs = [contract.INPUT_IDS, contract.ATTENTION_MASK, contract.POSITION_IDS]
     outputs = [contract.LOGITS]
@@ -89,7 +110,6 @@ def export_model(
     quantization.json): its Linears are exported as int8 weights + DequantizeLinear with
     per-token activation fake quantization, which the passes fold.
     """
-    import contextlib
 
     import onnx_ir as ir
     import torch
@@ -118,7 +138,7 @@ def export_model(
     input_names, output_names = _io_names(n_layers)
     linears = quantized_linears(model, quantization) if quantization else {}
     activations = ActivationFakeQuant(linears) if linears else contextlib.nullcontext()
-    with warnings.catch_warnings(), torch.no_grad(), activations:
+    with warnings.catch_warnings(), torch.no_grad(), activations, _static_rope(model, cfg):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -197,7 +217,6 @@ def verify_export(
     and (optionally) a greedy continuation of ``greedy_prompt`` token for token. With
     ``quantization`` (as given to export_model) PyTorch runs with the same per-token
     activation fake quantization."""
-    import contextlib
 
     from sparsec.export_quant import quantized_linears
     from sparsec.sparsify.quant import ActivationFakeQuant

@@ -99,7 +99,7 @@ def test_the_layout_written_before_model_config_still_reads():
     [
         (
             tiny_llama_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
-            "rope.type = 'dynamic' (supported: 'default', 'llama3', 'linear', 'yarn')",
+            "rope.type = 'dynamic' (supported: 'default', 'llama3', 'linear', 'yarn', 'longrope')",
         ),
         (tiny_llama_config(mlp_bias=True), "mlp_bias = True (supported: False)"),
         (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu')"),

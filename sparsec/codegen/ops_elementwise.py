@@ -129,9 +129,8 @@ def _dequantize_vnni_row(b, table, block, lane, dst, *, dim: int, scale_at: int,
         b.store(b.fmul(q, scale), ptr_add(b, dst, col))
 
 
-def emit_residual_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
-    """``void name(float* acc[n, dim], const float* x[n, dim], int32 n, tid, nthreads)``:
-    acc += x."""
+def _emit_add(module: ir.Module, name: str, dim: int, isa: Isa, *, every_row: bool):
+    """acc[n, dim] += x, where x is [n, dim] or, with ``every_row``, one [dim] row."""
     check_positive(dim=dim)
     fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
     acc, x, n, tid, nthreads = fn.args
@@ -139,40 +138,29 @@ def emit_residual_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX5
 
     def unit(row, col, length):
         base = b.add(b.mul(row, i64(dim)), col)
-        a_row, x_row = ptr_add(b, acc, base), ptr_add(b, x, base)
+        a_row, x_row = ptr_add(b, acc, base), ptr_add(b, x, col if every_row else base)
 
         def add(off, width):
             pa = ptr_add(b, a_row, off)
             store(b, b.fadd(load(b, pa, width), load(b, ptr_add(b, x_row, off), width)), pa)
 
-        for_span(b, length, add, lanes=isa.lanes_f32, name="add")
+        for_span(b, length, add, lanes=isa.lanes_f32, name="bias" if every_row else "add")
 
     for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
     b.ret_void()
     return fn
+
+
+def emit_residual_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
+    """``void name(float* acc[n, dim], const float* x[n, dim], int32 n, tid, nthreads)``:
+    acc += x."""
+    return _emit_add(module, name, dim, isa, every_row=False)
 
 
 def emit_bias_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
     """``void name(float* y[n, dim], const float* bias[dim], int32 n, tid, nthreads)``:
-    y[r] += bias for every row r."""
-    check_positive(dim=dim)
-    fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
-    y, bias, n, tid, nthreads = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-
-    def unit(row, col, length):
-        y_row = ptr_add(b, y, b.add(b.mul(row, i64(dim)), col))
-        b_row = ptr_add(b, bias, col)
-
-        def add(off, width):
-            py = ptr_add(b, y_row, off)
-            store(b, b.fadd(load(b, py, width), load(b, ptr_add(b, b_row, off), width)), py)
-
-        for_span(b, length, add, lanes=isa.lanes_f32, name="bias")
-
-    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
-    b.ret_void()
-    return fn
+    y[r] += bias for every row r (a linear's bias, Qwen2's q/k/v)."""
+    return _emit_add(module, name, dim, isa, every_row=True)
 
 
 def emit_swiglu_act(

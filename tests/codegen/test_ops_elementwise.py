@@ -57,6 +57,7 @@ def model(request, tmp_path_factory):
             "rms_res": p(ops.emit_rmsnorm, dim=s["dim"], eps=EPS, residual=True),
             "swiglu": p(ops.emit_swiglu_act, ffn_dim=s["ffn"]),
             "radd": p(ops.emit_residual_add, dim=s["dim"]),
+            "bias": p(ops.emit_bias_add, dim=s["dim"]),
         },
     )
     return s, kernels, table
@@ -190,6 +191,19 @@ def test_residual_add(model, n, nthreads):
         lambda a, tid, nt: k("radd", a["acc"], x, n, tid, nt), {"acc": acc}, ["acc"], nthreads
     )["acc"]
     np.testing.assert_array_equal(out, acc + x)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("nthreads", THREADS)
+def test_bias_add(model, n, nthreads):
+    s, k, _ = model
+    rng = np.random.default_rng(50 + n)
+    y = rng.standard_normal((n, s["dim"]), dtype=np.float32)
+    bias = rng.standard_normal(s["dim"], dtype=np.float32)
+    out = assert_shares_partition(
+        lambda a, tid, nt: k("bias", a["y"], bias, n, tid, nt), {"y": y}, ["y"], nthreads
+    )["y"]
+    np.testing.assert_array_equal(out, y + bias[None, :])
 
 
 def test_decode_row_is_shared_among_threads(model):

@@ -69,3 +69,43 @@ def test_inspect_names_the_family_and_its_parts(compiled, capsys):
     assert main(["inspect", str(rt.path)]) == 0
     out = capsys.readouterr().out
     assert "mistral: layers 2" in out and "sliding window 8" in out
+
+
+def test_longrope_serves_its_short_factor_range(tmp_path, monkeypatch):
+    """Phi-3.5 / Phi-4-mini: LongRoPE's short factors (and attention factor) up to
+    original_max_position_embeddings, as one static graph; a longer context is refused
+    at compile time. Ablation: traced with the run-time switch left in, the frequencies
+    are computed and RoPE cannot fuse."""
+    import contextlib
+
+    import onnx_ir as ir
+
+    from sparsec import export, runtime
+    from sparsec.codegen.compile import compile_model
+    from sparsec.errors import SparsecError
+    from sparsec.passes import optimize, optimize_file
+    from sparsec.testing import make_tiny_family
+
+    quarter = 4  # head_dim 16, partial rotary 0.5: 4 frequencies
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(quarter)],
+        "long_factor": [2.0 + 0.5 * i for i in range(quarter)],
+    }
+    model, tokenizer = make_tiny_family(
+        "phi3", seed=1, rope_scaling=scaling, original_max_position_embeddings=64
+    )
+    exported = export.export_model(model, tokenizer, tmp_path / "m.onnx")
+    optimize_file(exported, tmp_path / "m.opt.onnx")
+    with pytest.raises(SparsecError, match="--max-context 128 is outside 1..64"):
+        compile_model(tmp_path / "m.opt.onnx", tmp_path / "long.so", max_context=128, quiet=True)
+    compile_model(tmp_path / "m.opt.onnx", tmp_path / "m.so", max_context=64, quiet=True)
+    rt = runtime.load(tmp_path / "m.so")
+    ids = tokenizer(PROMPT).input_ids
+    check_logits(rt, model, ids, "fp32")
+    assert check_greedy(rt, model, ids, tokenizer.eos_token_id, "fp32", new_tokens=6) >= 6
+
+    monkeypatch.setattr(export, "_static_rope", lambda *a: contextlib.nullcontext())
+    dynamic = export.export_model(model, tokenizer, tmp_path / "dynamic.onnx")
+    _, report = optimize(ir.load(dynamic))
+    assert report.fused("CachedAttention") == 0

@@ -94,3 +94,25 @@ def test_without_partial_rope_or_split_nothing_fuses(built, monkeypatch):
         m.setattr(split_linear, "_blocks", lambda *a: None)
         _, report = optimize(ir.load(exported))
     assert report.fused("SwiGLU") == 0 and "Slice" in report.outside_contract
+
+
+def test_linear_rope_scaling_fuses_with_the_scaled_tables(tmp_path):
+    """``linear`` scaling divides the positions by the factor: the RoPE tables the pass
+    builds hold those angles, and the optimized graph matches the export."""
+    import numpy as np
+
+    from sparsec.export import export_model
+    from sparsec.passes import optimize
+    from sparsec.testing import make_tiny_llama
+
+    model, tokenizer = make_tiny_llama(rope_scaling={"rope_type": "linear", "factor": 4.0})
+    exported = export_model(model, tokenizer, tmp_path / "m.onnx")
+    optimized, report = optimize(ir.load(exported))
+    assert report.fused("CachedAttention") == 2
+    cos = next(v for v in optimized.graph.initializers.values() if "cos_cache" in v.name)
+    hd = contract.graph_config(optimized.metadata_props).head_dim
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd) / 4.0
+    angles = np.arange(cos.shape[0])[:, None] * inv_freq.astype(np.float32)[None]
+    np.testing.assert_allclose(cos.const_value.numpy(), np.cos(angles), atol=2e-6)
+    for r in compare(ir.load(exported), optimized, cases=LONG):
+        assert r.ok(1e-5), r
