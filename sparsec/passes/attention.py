@@ -17,10 +17,10 @@ sin_cache[, q_norm, k_norm])``. The family's parts become attributes: a per-head
 ``k_norm`` inputs and ``qk_norm_epsilon``; ``RotaryEmbedding(rotary_embedding_dim=r)``
 becomes ``rotary_dim`` (Phi-3); ``sparsec.config``'s ``sliding_window`` becomes
 ``window`` (Mistral), trusted only through the numerical check below. A projection's
-bias ``Add`` (Qwen2) stays in front of the op. Then the graph's interface changes as docs/graph-contract.md section 3
-says: the cache inputs and outputs become ``[B, KVH, capacity, hd]`` buffers, and
-``attention_mask`` is removed (``position_ids`` decides both where tokens are written
-and what they see).
+bias ``Add`` (Qwen2) stays in front of the op. Then the graph's interface changes as
+docs/graph-contract.md section 3 says: the cache inputs and outputs become
+``[B, KVH, capacity, hd]`` buffers, and ``attention_mask`` is removed (``position_ids``
+decides both where tokens are written and what they see).
 
 All layers fuse or none does: a half-converted cache interface would be wrong. The
 structure is matched strictly where it carries meaning (the ops, Softmax axis, Concat
