@@ -3,9 +3,8 @@
 The published configs of Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Mistral-7B-v0.1 and
 Phi-4-mini (sizes, vocab, RoPE scaling, window, tied head), with random weights (HF's
 own init), the depth cut to ``--layers`` (default 2; Mistral-7B 1) and the vocabulary
-to ``--vocab`` (default 32768): every decoder layer has its real shape, and the graph
-stays under protobuf's 2 GB (whole models, and their 128k-200k vocabularies, need
-external data: the real-sizes issue). Weights are 70% magnitude-zeroed. Per family:
+to ``--vocab`` (default 32768, to keep the run short; larger graphs go to external
+data): every decoder layer has its real shape. Weights are 70% magnitude-zeroed. Per family:
 export -> optimize -> compile (int8 and fp32, sparse kernels) -> teacher-forced logits of a 32-token
 prompt against transformers (fp32) and the W8A8 reference (int8): max |Δ| relative to
 max |logits| (int8: also over the rows before the reference's first activation

@@ -219,7 +219,11 @@ def to_onnx_proto(model):
     of its sparsec ops are added to the proto, ``model`` itself is not changed."""
     import onnx_ir as ir
 
-    proto = ir.serde.serialize_model(model)
+    return _with_functions(ir.serde.serialize_model(model), model)
+
+
+def _with_functions(proto, model):
+    """``proto`` (of ``model``) with the function definitions of its sparsec ops."""
     ops = sparsec_ops(model)
     if ops:
         have = {(f.domain, f.name) for f in proto.functions}
@@ -246,8 +250,26 @@ def ort_session(model):
     """
     import onnxruntime as ort
 
+    from sparsec.onnx_io import EXTERNAL_DATA_BYTES, initializer_bytes
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    proto = to_onnx_proto(model)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if initializer_bytes(model) <= EXTERNAL_DATA_BYTES:
+        proto = to_onnx_proto(model)
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
+    # Past protobuf's 2 GB: onnxruntime reads the graph and its weights from files
+    # (loaded into the session, so the temporary folder can go right after).
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnx_ir as ir
+
+    with tempfile.TemporaryDirectory(prefix="sparsec-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.data")
+        proto = _with_functions(onnx.load(str(path), load_external_data=False), model)
+        onnx.save_model(proto, str(path))
+        return ort.InferenceSession(str(path), opts, providers=providers)
