@@ -10,6 +10,7 @@ removed. An interrupted write leaves the previous model whole.
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import tempfile
@@ -45,7 +46,7 @@ def initializer_bytes(model) -> int:
 
 def data_files(out: Path) -> list[Path]:
     """The external-data files sparsec writes for ``out`` (any write's)."""
-    return sorted(out.parent.glob(f"{out.name}.*.data"))
+    return sorted(out.parent.glob(f"{glob.escape(out.name)}.*.data"))
 
 
 def save_atomic(model, out: Path, *, external: bool | None = None) -> None:
