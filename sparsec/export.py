@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsec import contract
+from sparsec.arguments import int_range
 from sparsec.contract import ModelConfig
 from sparsec.errors import SparsecError
+from sparsec.interrupts import interrupt_in_chain, stop_requested
 from sparsec.onnx_io import check_writable, save_atomic
 
 # Example shapes for tracing: all > 1 so torch.export does not specialize a dynamic
@@ -151,7 +153,11 @@ def export_model(
                 verbose=False,
             )
         except Exception as e:
-            raise SparsecError(f"torch.onnx export failed: {str(e).splitlines()[0]}") from e
+            if interrupt_in_chain(e) is not None or stop_requested() is not None:
+                # Ctrl-C while tracing: torch.export/dynamo may wrap the KeyboardInterrupt
+                # in its own error; it is still an interrupt, not an export failure.
+                raise KeyboardInterrupt from e
+            raise SparsecError(f"torch.onnx export failed: {_first_line(e)}") from e
     onnx_model: ir.Model = program.model
     if linears:
         insert_weight_dequantize(onnx_model, linears, quantization)
@@ -167,6 +173,11 @@ def export_model(
     meta[contract.META_SOURCE] = source
     save_atomic(onnx_model, out)
     return out
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 # --- verification ------------------------------------------------------------------------
@@ -316,9 +327,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument(
         "--verify-tokens",
-        type=int,
+        type=int_range(0),
         default=32,
-        help="greedy tokens compared between onnxruntime and PyTorch (0 to skip; default 32)",
+        help="greedy tokens compared between onnxruntime and PyTorch (0 to skip; at most "
+        "the model's context less the prompt; default 32)",
     )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the greedy check")
     p.add_argument("--no-verify", action="store_true", help="skip all checks against PyTorch")
@@ -332,12 +344,25 @@ def register(sub) -> None:
     p.set_defaults(func=_export_command)
 
 
+def _check_greedy_length(prompt: list[int], tokens: int, config) -> None:
+    """The greedy check needs room in the model's context for the prompt and the tokens
+    (checked before the export, not after it)."""
+    context = ModelConfig.from_hf(config).max_position_embeddings
+    if len(prompt) + tokens > context:
+        raise SparsecError(
+            f"--verify-tokens {tokens} is outside the allowed range 0..{context - len(prompt)} "
+            f"(the model's context {context} less the prompt's {len(prompt)} tokens)"
+        )
+
+
 def _export_command(args) -> int:
     from sparsec.export_quant import read_quantization
-    from sparsec.models import load_model
+    from sparsec.models import input_paths, load_model, resolve
+    from sparsec.paths import check_output_path
     from sparsec.progress import stage
 
-    out = Path(args.output)
+    source = resolve(args.model)  # a bad MODEL fails now, with its own message
+    out = check_output_path(args.output, **input_paths(source))
     check_writable(out)
     folder = Path(args.model)
     quantization = None
@@ -345,6 +370,9 @@ def _export_command(args) -> int:
         quantization = read_quantization(folder)
     with stage(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, quiet=True)
+    prompt = tokenizer(args.prompt).input_ids
+    if not args.no_verify and args.verify_tokens:
+        _check_greedy_length(prompt, args.verify_tokens, model.config)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):
         export_model(model, tokenizer, out, source=str(args.model), quantization=quantization)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -355,7 +383,6 @@ def _export_command(args) -> int:
         )
     if args.no_verify:
         return 0
-    prompt = tokenizer(args.prompt).input_ids
     with stage("verifying under onnxruntime against PyTorch"):
         check = verify_export(
             out,

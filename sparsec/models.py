@@ -9,6 +9,7 @@ light.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -87,6 +88,15 @@ def resolve(source: str | os.PathLike) -> ModelSource:
     if not (path / "config.json").is_file():
         raise SparsecError(f"folder '{text}' is not a Hugging Face model folder (no config.json)")
     return ModelSource("hf", path, None, text)
+
+
+def input_paths(source: ModelSource) -> dict:
+    """What a command reading ``source`` must not overwrite, as ``check_output_path``'s
+    keyword arguments: a Hugging Face folder (or a built-in model's package folder) as a
+    whole, a user's .gguf file alone (files beside it are not the model's)."""
+    if source.kind == "hf" or source.name in BUILTIN_MODELS:
+        return {"inputs": (), "input_dirs": (source.folder,)}
+    return {"inputs": (source.folder / source.gguf_file,), "input_dirs": ()}
 
 
 def _check_architecture(model_type: str | None, where: str) -> None:
@@ -222,14 +232,23 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     """Write a Hugging Face folder atomically: nothing half-written is left at ``out``."""
+    from sparsec.interrupts import check_stop
+
     out = Path(out)
     tmp = atomic_output_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        check_stop()  # an interrupt a library swallowed still keeps the previous folder
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            mb = max(1, round(sum(p.numel() * 4 for p in model.parameters()) / 1e6))
+            raise SparsecError(
+                f"no space left writing {out} (needs about {mb} MB); free some space or "
+                "write elsewhere"
+            ) from exc
         raise
     return out
 
@@ -255,6 +274,10 @@ def register(sub) -> None:
 
 
 def _convert(args) -> int:
+    from sparsec.paths import check_output_path
+
+    source = resolve(args.model)
+    check_output_path(args.output, directory=True, **input_paths(source))
     model, tokenizer = load_model(args.model)
     out = save_model(model, tokenizer, args.output)
     n = sum(p.numel() for p in model.parameters())

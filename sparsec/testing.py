@@ -271,6 +271,10 @@ def build_contract_graph(model, tokenizer):
     head = sd.get("lm_head.weight", embed)  # the same tensor when the embeddings are tied
     logits = node("MatMul", [h, const("lm_head", head.T)])
     logits.name = contract.LOGITS
+    # Graph outputs are typed, as an exported graph's are (the ONNX checker requires it).
+    logits.dtype, logits.shape = ir.DataType.FLOAT, ir.Shape([1, "seq", cfg.vocab_size])
+    for present in outputs:
+        present.dtype, present.shape = ir.DataType.FLOAT, ir.Shape([1, KVH, "total", hd])
     graph = ir.Graph(
         [ids, pos, *pasts],
         [logits, *outputs],

@@ -17,6 +17,8 @@ from sparsec.errors import SparsecError
 COMPARATORS = ("torch", "onnxruntime", "llama.cpp")
 PRECISIONS = ("fp32", "int8")
 MIN_REPS = 3
+MAX_REPS = 1000
+MAX_PROBE_MB = 65536  # 64 GiB: far past any cache; the probe allocates it
 
 EPILOG = """\
 examples:
@@ -136,25 +138,28 @@ def parse_options(args):
         raise SparsecError(
             f"--reps {args.reps}: at least {MIN_REPS} rounds are needed for a median with min/max"
         )
+    if args.reps > MAX_REPS:
+        raise SparsecError(
+            f"--reps {args.reps} is outside the allowed range {MIN_REPS}..{MAX_REPS}"
+        )
     if args.new_tokens < 2:
         raise SparsecError(f"--new-tokens {args.new_tokens}: at least 2 (one decode step)")
-    if args.probe_mb < 1:
-        raise SparsecError(f"--probe-mb {args.probe_mb} must be at least 1")
-    for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
-        if path:
-            parent = Path(path).parent
-            if not parent.is_dir() and parent.exists():
-                raise SparsecError(f"{flag} {path}: {parent} is not a folder")
+    if not 1 <= args.probe_mb <= MAX_PROBE_MB:
+        raise SparsecError(
+            f"--probe-mb {args.probe_mb} is outside the allowed range 1..{MAX_PROBE_MB}"
+        )
+    from sparsec.models import resolve
+
+    source = resolve(args.model)  # a bad MODEL fails now, with the models module's message
+    sparsities = parse_sparsity(args.sparsity)
+    _check_outputs(args, source, [s for s in sparsities if isinstance(s, Path)])
     if args.plot:
         from sparsec.bench.plot import require_matplotlib
 
         require_matplotlib()
-    from sparsec.models import resolve
-
-    resolve(args.model)  # a bad MODEL fails now, with the models module's message
     return BenchOptions(
         model=args.model,
-        sparsities=parse_sparsity(args.sparsity),
+        sparsities=sparsities,
         precisions=precisions,
         compare=compare,
         llama_types=llama_types,
@@ -171,6 +176,28 @@ def parse_options(args):
     )
 
 
+def _check_outputs(args, source, sparsify_folders: list[Path]) -> None:
+    """--json, --plot and --cache-dir: not the model's files or a sparsify folder's, not
+    a device, and not one another."""
+    from sparsec.models import input_paths
+    from sparsec.paths import check_output_path
+
+    inputs = input_paths(source)
+    input_dirs = (*inputs["input_dirs"], *sparsify_folders)
+    # Its files sit beside whatever is there (not replacing the folder): a folder will do.
+    check_output_path(args.cache_dir, directory=True, what="--cache-dir")
+    outputs = {}
+    for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
+        if not path:
+            continue
+        out = check_output_path(
+            path, inputs=inputs["inputs"], input_dirs=input_dirs, what=flag
+        ).resolve()
+        if out in outputs:
+            raise SparsecError(f"{flag} {path} is also {outputs[out]}'s file; name two files")
+        outputs[out] = flag
+
+
 def bench_command(args) -> int:
     from sparsec.bench import report as report_mod
     from sparsec.bench.runner import run_bench
@@ -179,7 +206,7 @@ def bench_command(args) -> int:
     opts = parse_options(args)
     require_compiler_stack()
     result = run_bench(opts)
-    report_mod.print_summary(result)
+    report_mod.print_summary(result, file=sys.stdout)
     if args.json_out:
         report_mod.write_json(result, Path(args.json_out))
         print(f"wrote {args.json_out}")

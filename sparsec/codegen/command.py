@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparsec.arguments import int_range
+
+# A default far above any CPU this targets; `sparsec run` uses at most the CPUs it may.
+MAX_THREADS = 1024
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -32,12 +37,19 @@ def register(sub) -> None:
         help="kernel family per layer: auto measures the candidates on this CPU and keeps "
         "the fastest (cached); dense/bitmask force one. Default auto.",
     )
-    p.add_argument("--threads", type=int, default=None, help="default thread count of the model")
+    p.add_argument(
+        "--threads",
+        type=int_range(1, MAX_THREADS),
+        default=None,
+        help=f"default thread count of the model, 1..{MAX_THREADS} (default: the CPUs, at "
+        "most 8; `sparsec run --threads` overrides it)",
+    )
     p.add_argument(
         "--max-context",
-        type=int,
+        type=int_range(1),
         default=None,
-        help="KV-cache capacity in tokens (default: the model's max_position_embeddings)",
+        help="KV-cache capacity in tokens, at most the model's max_position_embeddings "
+        "(the default)",
     )
     p.add_argument(
         "--target",
@@ -58,11 +70,14 @@ def register(sub) -> None:
 
 
 def _compile(args) -> int:
+    from sparsec.errors import require_compiler_stack
+    from sparsec.onnx_io import check_onnx_output
+
+    check_onnx_output(args.output, args.model)
+    require_compiler_stack()
     from sparsec.codegen.compile import compile_model
     from sparsec.codegen.target import host_target
-    from sparsec.errors import require_compiler_stack
 
-    require_compiler_stack()
     target = host_target(args.target, args.target_cpu)
     manifest = compile_model(
         args.model,

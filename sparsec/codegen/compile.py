@@ -9,7 +9,6 @@ code needs (``isa_scan``) and append weights + manifest (``sparsec.codegen.artif
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -17,20 +16,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sparsec import __version__, contract
+from sparsec import __version__, contract, metadata
 from sparsec.errors import SparsecError
+from sparsec.runtime.artifact import ABI_VERSION
+from sparsec.runtime.native import build_info_define
 
 if TYPE_CHECKING:
     from sparsec.codegen.emit import Emitted
     from sparsec.codegen.target import Target
 
 NATIVE = Path(__file__).parent / "native"
-ABI_VERSION = 1
 DEFAULT_MAX_TOKENS = 64  # prefill chunk: rows of every scratch buffer
 
 
 def load_graph(path: str | os.PathLike, *, quiet: bool = False):
-    """Load an exported or optimized sparsec graph as an optimized ``onnx_ir.Model``."""
+    """Load an exported or optimized sparsec graph as an optimized ``onnx_ir.Model``.
+
+    Its JSON metadata is checked against its schema first (``sparsec.metadata``), so a
+    malformed value is refused by name before any pass or lowering reads it."""
     import onnx_ir as ir
 
     path = Path(path)
@@ -41,6 +44,8 @@ def load_graph(path: str | os.PathLike, *, quiet: bool = False):
     except Exception as e:
         raise SparsecError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0]}") from e
     fmt = model.metadata_props.get(contract.META_FORMAT)
+    if fmt in ("exported", "optimized"):
+        metadata.read(model.metadata_props, str(path), require_config=True)
     if fmt == "exported":
         from sparsec.passes import optimize
         from sparsec.progress import stage
@@ -97,6 +102,7 @@ def emit_model(
     from sparsec.codegen.emit import emit_program
     from sparsec.codegen.program import lower
     from sparsec.codegen.target import host_target
+    from sparsec.passes.check import check as check_graph
     from sparsec.progress import stage
 
     start = time.perf_counter()
@@ -104,7 +110,15 @@ def emit_model(
         raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
     tgt = target or host_target()
     model = load_graph(src, quiet=quiet)
-    prog = lower(model)
+    meta = model.metadata_props
+    tokenizer = metadata.tokenizer(meta, str(src))
+    generation = metadata.generation(meta, str(src), required=True)
+    prog = lower(model, where=str(src))
+    # Then the whole graph as onnxruntime would run it (its sparsec ops through their
+    # function bodies): what lowering does not read must still be a valid graph, so
+    # compile never accepts a graph the reference rejects. After lowering, whose checks
+    # name the tensor and both sizes where they apply.
+    check_graph(model, str(src), functions=True)
     cfg = prog.config
     capacity = int(max_context or cfg.max_position_embeddings)
     if not 1 <= capacity <= cfg.max_position_embeddings:
@@ -131,7 +145,6 @@ def emit_model(
         "SPC_CAPACITY": capacity,
         "SPC_VOCAB": cfg.vocab_size,
     }
-    meta = model.metadata_props
     manifest = {
         "magic": "sparsec-model",
         "abi_version": ABI_VERSION,
@@ -139,9 +152,9 @@ def emit_model(
         "cpu_features": [],  # read from the linked code by build_model
         "target": tgt.describe(),
         "config": cfg.to_dict(),
-        "tokenizer": meta.get(contract.META_TOKENIZER),
+        "tokenizer": tokenizer,
         "chat_template": meta.get(contract.META_CHAT_TEMPLATE),
-        "generation": json.loads(meta.get(contract.META_GENERATION, "{}")),
+        "generation": generation,
         "precision": precision,
         "max_context": capacity,
         "max_tokens_per_call": max_tokens,
@@ -153,8 +166,6 @@ def emit_model(
         "layers": [asdict(layer) for layer in emitted.layers],
         "embedding": emitted.embedding,
     }
-    if not manifest["tokenizer"]:
-        raise SparsecError(f"{src} carries no tokenizer (sparsec.tokenizer metadata)")
     source = meta.get(contract.META_SOURCE) or str(src)
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
 
@@ -170,12 +181,18 @@ def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False
     with stage(f"compiling for {tgt.isa.name}, cpu {tgt.cpu} (LLVM -O3)", quiet=quiet):
         obj = target.compile_ir(em.emitted.module, target=tgt)
     manifest = dict(em.manifest)
+    # The code carries the constants it was built for; the runtime checks the manifest
+    # against them (sparsec.runtime.native.BUILD_FIELDS).
+    build_info = build_info_define(
+        {**manifest, "abi_version": ABI_VERSION, "weights": {"size": em.emitted.weights.nbytes}}
+    )
+    defines = {**em.defines, "SPC_BUILD_INFO": build_info}
     with stage("linking model.so", quiet=quiet), tempfile.TemporaryDirectory() as tmp:
         elf = target.link_shared(
             [obj],
             [NATIVE / "threadpool.c", NATIVE / "driver.c"],
             Path(tmp) / "model.elf",
-            extra_flags=[f"-D{k}={v}" for k, v in em.defines.items()] + [f"-I{NATIVE}"],
+            extra_flags=[f"-D{k}={v}" for k, v in defines.items()] + [f"-I{NATIVE}"],
             target=tgt,
         )
         manifest["cpu_features"] = isa_scan.required_cpu_features(elf)

@@ -13,13 +13,14 @@ No LLVM here: ``emit.py`` turns the program into code. What this module decides:
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparsec import contract
+from sparsec import contract, metadata
+from sparsec.codegen.graph_check import check_graph, check_program, disagree, malformed
 from sparsec.errors import SparsecError
 
 ALLOWED_OPS = {
@@ -87,27 +88,72 @@ class Program:
 def _const(value, what: str) -> np.ndarray:
     if value is None or value.const_value is None:
         raise SparsecError(f"{what} must be a constant initializer, got a computed value")
-    return value.const_value.numpy()
+    array = value.const_value.numpy()
+    # A NaN or inf weight poisons every logit after it; the kernels would not even agree
+    # with the reference on where (int8 quantization maps them to finite values).
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise SparsecError(
+            f"{what} ({value.name}) holds NaN or infinite values; the weights are damaged: "
+            "re-export the model from a good checkpoint"
+        )
+    return array
 
 
-def _attr(node, name: str, default=None):
+def _attr(node, name: str, default=None, kind: type | None = None):
+    """Attribute ``name`` of ``node`` (``default`` when absent). ``kind`` int or float:
+    the value must be one (a finite one), else the graph is refused by name; a missing
+    attribute without a default is refused too."""
     a = node.attributes.get(name)
-    return default if a is None else a.value
+    if a is None:
+        if default is None and kind is not None:
+            raise SparsecError(
+                f"node {node.name!r} ({node.op_type}) has no attribute {name!r}; re-export "
+                "the model with `sparsec export`"
+            )
+        return default if kind is None else kind(default)
+    value = a.value
+    if kind is None:
+        return value
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and kind is int:
+        ok = isinstance(value, int)
+    if ok and kind is float:
+        ok = math.isfinite(value)
+    if not ok:
+        expected = "an integer" if kind is int else "a finite number"
+        raise SparsecError(
+            f"node {node.name!r} ({node.op_type}): attribute {name!r} is {str(value)[:40]!r}, "
+            f"expected {expected}; re-export the model with `sparsec export`"
+        )
+    return kind(value)
+
+
+def _on_int8_grid(w: np.ndarray) -> bool:
+    """Whether float ``w [out, in]`` is its own per-row int8 quantization (up to float
+    rounding): what the int8 kernels compute from it then equals the graph's weight."""
+    from sparsec.codegen.quantize import quantize_weight_rows
+
+    q, scale = quantize_weight_rows(w)
+    error = np.abs(q.astype(np.float32) * scale[:, None] - w)
+    return bool(np.all(error <= np.float32(1e-3) * scale[:, None]))
 
 
 class _Lowering:
-    def __init__(self, model):
+    def __init__(self, model, where: str):
         self.graph = model.graph
-        meta = model.metadata_props
-        if contract.META_CONFIG not in meta:
-            raise SparsecError(
-                "the graph has no sparsec.config metadata: export it with `sparsec export`"
-            )
-        config = contract.graph_config(meta)
-        config.check_supported()
+        self.where = where
+        meta = metadata.read(model.metadata_props, where, require_config=True)
+        config = meta.config
+        check_graph(model, config, where)
         self.prog = Program(config=config)
-        self.prog.sparsity = json.loads(meta.get(contract.META_SPARSITY, "{}"))
+        self.prog.sparsity = meta.sparsity
         self.views: dict[str, View] = {}
+        # W8A8: outputs of PerTokenFakeQuant, and the linears that read an activation
+        # no quantizer produced (the int8 kernels would quantize it all the same)
+        self.fake_quant: set[str] = set()
+        self.unquantized: list[str] = []
+        # value -> the weight of the linear that computes it (for error messages)
+        self.weight_of: dict[str, str] = {}
         self.counter = 0
         self.consumers: dict[str, list] = {}
         for node in self.graph:
@@ -135,12 +181,39 @@ class _Lowering:
             q = _const(producer.inputs[0], f"{what}: DequantizeLinear input")
             scale = _const(producer.inputs[1], f"{what}: DequantizeLinear scale")
             zp = producer.inputs[2] if len(producer.inputs) > 2 else None
-            if zp is not None and np.any(_const(zp, f"{what}: zero point")):
-                raise SparsecError(f"{what}: asymmetric weight quantization is not supported")
-            if q.dtype != np.int8 or scale.ndim != 1 or _attr(producer, "axis", 1) not in (1, -1):
+            if (
+                q.dtype != np.int8
+                or q.ndim != 2
+                or scale.dtype != np.float32
+                or _attr(producer, "axis", 1, kind=int) not in (1, -1)
+                or _attr(producer, "block_size", 0, kind=int)
+            ):
                 raise SparsecError(
-                    f"{what}: expected int8 weights with per-output-channel scales (axis=1)"
+                    f"{what}: expected int8 weights [in, out] with float32 per-output-channel "
+                    f"scales (axis=1), got {q.dtype} {list(q.shape)} with {scale.dtype} scales"
                 )
+            qname, sname = producer.inputs[0].name, producer.inputs[1].name
+            if scale.shape != (q.shape[1],):
+                raise malformed(
+                    self.where,
+                    f"{what}: DequantizeLinear scale {sname!r} is {list(scale.shape)}, but its "
+                    f"int8 weight {qname!r} [in, out] = {list(q.shape)} has {q.shape[1]} "
+                    "output channels",
+                )
+            if not np.all(np.isfinite(scale)):
+                raise malformed(
+                    self.where, f"{what}: DequantizeLinear scale {sname!r} is not finite"
+                )
+            if zp is not None:
+                z = _const(zp, f"{what}: zero point")
+                if z.shape not in ((), scale.shape) or z.dtype != np.int8:
+                    raise malformed(
+                        self.where,
+                        f"{what}: zero point {zp.name!r} is {z.dtype} {list(z.shape)}, expected "
+                        f"int8 {list(scale.shape)} like its scale {sname!r}",
+                    )
+                if np.any(z):
+                    raise SparsecError(f"{what}: asymmetric weight quantization is not supported")
             wq = np.ascontiguousarray(q.T)
             # Named after the int8 initializer, as the sparsity record keys it.
             name = producer.inputs[0].name
@@ -166,6 +239,16 @@ class _Lowering:
         logits = next((v for v in self.graph.outputs if v.name == contract.LOGITS), None)
         if logits is None or logits.name not in self.views:
             raise SparsecError("the graph has no 'logits' output computed by a MatMul")
+        if "embedding" not in self.prog.tables:
+            raise malformed(self.where, "the graph has no input_ids embedding Gather")
+        if self.prog.activation_quant and self.unquantized:
+            raise SparsecError(
+                f"{self.where}: node {self.unquantized[0]!r} reads an activation that is not "
+                "quantized, while the graph quantizes the inputs of other linears (W8A8): the "
+                "int8 kernels would quantize it too; re-export the model with every decoder "
+                "linear quantized"
+            )
+        check_program(self.prog, self.where)
         return self.prog
 
     def lower_DequantizeLinear(self, node) -> None:
@@ -176,23 +259,45 @@ class _Lowering:
 
     def lower_Gather(self, node) -> None:
         table = _const(node.inputs[0], f"node {node.name!r}: embedding table")
-        if node.inputs[1].name != contract.INPUT_IDS or table.ndim != 2:
+        if (
+            node.inputs[1].name != contract.INPUT_IDS
+            or table.ndim != 2
+            or _attr(node, "axis", 0, kind=int) != 0
+            or "embedding" in self.prog.tables
+        ):
             raise SparsecError(
                 f"node {node.name!r}: only the input_ids embedding Gather is supported"
             )
+        name, cfg = node.inputs[0].name, self.prog.config
+        if table.dtype != np.float32:
+            raise malformed(self.where, f"embedding table {name!r} is {table.dtype}, not float32")
+        for what, got, key, expected in (
+            ("rows", table.shape[0], "vocab_size", cfg.vocab_size),
+            ("columns", table.shape[1], "hidden_size", cfg.hidden_size),
+        ):
+            if got != expected:
+                what = f"the number of {what} of the embedding table {name!r}"
+                raise disagree(self.where, what, got, key, expected)
         self.prog.tables["embedding"] = np.ascontiguousarray(table, dtype=np.float32)
         out = self.new_buffer(table.shape[1], "x")
         self.prog.instrs.append(Instr("embed", {"out": out, "vocab": table.shape[0]}))
         self.views[node.outputs[0].name] = out
 
-    def _norm_weight(self, node, value) -> str:
+    def _norm_weight(self, node, value, width: int) -> str:
         name = f"norm.{value.name}"
-        self.prog.tables[name] = _const(value, f"node {node.name!r}: norm scale").astype(np.float32)
+        scale = _const(value, f"node {node.name!r}: norm scale")
+        if scale.shape != (width,):
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: norm scale {value.name!r} is {list(scale.shape)}, but it "
+                f"normalizes {width} features",
+            )
+        self.prog.tables[name] = scale.astype(np.float32)
         return name
 
     def lower_RMSNormalization(self, node) -> None:
         x = self.view(node.inputs[0])
-        if _attr(node, "axis", -1) not in (-1, 2):
+        if _attr(node, "axis", -1, kind=int) not in (-1, 2):
             raise SparsecError(f"node {node.name!r}: RMSNormalization must normalize the last axis")
         y = self.new_buffer(x.width, "h")
         self.prog.instrs.append(
@@ -200,9 +305,9 @@ class _Lowering:
                 "rmsnorm",
                 {
                     "x": x,
-                    "w": self._norm_weight(node, node.inputs[1]),
+                    "w": self._norm_weight(node, node.inputs[1], x.width),
                     "y": y,
-                    "eps": float(_attr(node, "epsilon", 1e-5)),
+                    "eps": _attr(node, "epsilon", 1e-5, kind=float),
                 },
             )
         )
@@ -220,17 +325,24 @@ class _Lowering:
             raise SparsecError(
                 f"node {node.name!r}: neither SkipRMSNormalization input is free to update in place"
             )
-        r = self.view(resid)
+        r, d = self.view(resid), self.view(delta)
+        if d.width != r.width:
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: SkipRMSNormalization adds {delta.name!r} "
+                f"({self._producer(delta)}) of {d.width} features to the residual stream "
+                f"{resid.name!r} of {r.width}",
+            )
         y = self.new_buffer(r.width, "h")
         self.prog.instrs.append(
             Instr(
                 "skip_rmsnorm",
                 {
                     "resid": r,
-                    "delta": self.view(delta),
-                    "w": self._norm_weight(node, node.inputs[2]),
+                    "delta": d,
+                    "w": self._norm_weight(node, node.inputs[2], r.width),
                     "y": y,
-                    "eps": float(_attr(node, "epsilon", 1e-5)),
+                    "eps": _attr(node, "epsilon", 1e-5, kind=float),
                 },
             )
         )
@@ -245,6 +357,7 @@ class _Lowering:
         if any(u.op_type != "MatMul" for u in users):
             raise SparsecError(f"node {node.name!r}: PerTokenFakeQuant must feed MatMuls only")
         self.prog.activation_quant = True
+        self.fake_quant.add(node.outputs[0].name)
         self.views[node.outputs[0].name] = self.view(node.inputs[0])
 
     def lower_MatMul(self, node) -> None:
@@ -268,6 +381,19 @@ class _Lowering:
         is_logits = any(u.outputs[0].name == contract.LOGITS for u in group)
         if is_logits and len(group) > 1:
             raise SparsecError("the logits MatMul shares its input with another MatMul")
+        x = self.view(x_value)
+        for u, w in zip(group, weights, strict=True):
+            self._check_input_width(u, w, x_value, x.width)
+        if is_logits:
+            rows, vocab = weights[0].value.shape[0], self.prog.config.vocab_size
+            if rows != vocab:
+                what = f"the output width of the LM head {weights[0].name!r}"
+                raise disagree(self.where, what, rows, "vocab_size", vocab)
+        elif x_value.name in self.fake_quant:
+            for u, w in zip(group, weights, strict=True):
+                self._check_int8(u, w, "reads a PerTokenFakeQuant activation")
+        else:
+            self.unquantized.append(group[0].name)
         width = sum(w.value.shape[0] for w in weights)
         if is_logits:  # written straight to the caller's logits array, not scratch
             self.prog.buffers[contract.LOGITS] = width
@@ -280,7 +406,7 @@ class _Lowering:
                 "linear",
                 {
                     "name": name,
-                    "x": self.view(x_value),
+                    "x": x,
                     "y": out,
                     "weights": weights,
                     "logits": is_logits,
@@ -290,7 +416,32 @@ class _Lowering:
         offset = 0
         for u, w in zip(group, weights, strict=True):
             self.views[u.outputs[0].name] = View(out.buf, offset, w.value.shape[0])
+            self.weight_of[u.outputs[0].name] = w.name
             offset += w.value.shape[0]
+
+    def _producer(self, value) -> str:
+        """``value``'s origin in words, for messages: the weight that computes it."""
+        name = self.weight_of.get(value.name)
+        return f"from weight {name!r}" if name else "not a linear's output"
+
+    def _check_input_width(self, node, w: Weight, x_value, width: int) -> None:
+        if w.value.shape[1] != width:
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: weight {w.name!r} [in, out] = "
+                f"{list(w.value.shape[::-1])} multiplies {x_value.name!r} of {width} features",
+            )
+
+    def _check_int8(self, node, w: Weight, why: str) -> None:
+        """A W8A8 linear's weight must be int8 (or float on its own int8 grid): the
+        int8 kernels quantize a float weight, which would change the graph's weights."""
+        if w.int8 is None and not _on_int8_grid(w.value):
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} {why} (W8A8), but its weight {w.name!r} is "
+                "float32 off the int8 grid, which the int8 kernels would re-quantize; give "
+                "int8 weights (`sparsec sparsify --int8`, then `sparsec export`) or a float "
+                "graph without activation quantization"
+            )
 
     def lower_CachedAttention(self, node) -> None:
         q, k, v = (self.view(node.inputs[i]) for i in range(3))
@@ -315,11 +466,36 @@ class _Lowering:
                 f"node {node.name!r}: CachedAttention with attributes {sorted(unknown)} or "
                 f"{len(node.inputs)} inputs is not in the contract (docs/graph-contract.md §3)"
             )
-        heads, kv_heads = int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads"))
-        head_dim = q.width // heads
-        scale = float(_attr(node, "scale", 1.0 / np.sqrt(head_dim)))
-        rotary_dim = int(_attr(node, "rotary_dim", 0)) or head_dim
-        window = int(_attr(node, "window", 0))
+        heads, kv_heads = _attr(node, "num_heads", kind=int), _attr(node, "kv_num_heads", kind=int)
+        for attr, got, key, expected in (
+            ("num_heads", heads, "num_attention_heads", cfg.num_attention_heads),
+            ("kv_num_heads", kv_heads, "num_key_value_heads", cfg.num_key_value_heads),
+        ):
+            if got != expected:
+                what = f"attribute {attr} of node {node.name!r}"
+                raise disagree(self.where, what, got, key, expected)
+        head_dim = cfg.head_dim
+        for which, value, view, n in (
+            ("q", node.inputs[0], q, heads),
+            ("k", node.inputs[1], k, kv_heads),
+            ("v", node.inputs[2], v, kv_heads),
+        ):
+            if view.width != n * head_dim:
+                what = (
+                    f"the width of {which} input {value.name!r} ({self._producer(value)}) "
+                    f"of node {node.name!r}"
+                )
+                heads_field = "num_attention_heads" if which == "q" else "num_key_value_heads"
+                product = f"{n} * {head_dim} = {n * head_dim}"
+                raise disagree(self.where, what, view.width, f"{heads_field} * head_dim", product)
+        scale = _attr(node, "scale", 1.0 / np.sqrt(head_dim), kind=float)
+        rotary_dim = _attr(node, "rotary_dim", 0, kind=int) or head_dim
+        expected_rotary = int(head_dim * cfg.rope.partial_rotary_factor)
+        if rotary_dim != expected_rotary or rotary_dim % 2:
+            what = f"the rotary width (attribute rotary_dim) of node {node.name!r}"
+            partial = f"{cfg.rope.partial_rotary_factor} (head_dim * it = {expected_rotary})"
+            raise disagree(self.where, what, rotary_dim, "rope.partial_rotary_factor", partial)
+        window = _attr(node, "window", 0, kind=int)
         if window != (cfg.sliding_window or 0):
             raise SparsecError(
                 f"node {node.name!r}: window {window} disagrees with sparsec.config "
@@ -331,27 +507,30 @@ class _Lowering:
             )
         options = {"rotary_dim": rotary_dim} if rotary_dim != head_dim else {}
         if len(node.inputs) == 10:
-            options["qk_norm_eps"] = float(_attr(node, "qk_norm_epsilon", 1e-6))
+            options["qk_norm_eps"] = _attr(node, "qk_norm_epsilon", 1e-6, kind=float)
             for which, value in (("q", node.inputs[8]), ("k", node.inputs[9])):
                 w = _const(value, f"node {node.name!r}: {which} norm scale").astype(np.float32)
                 if w.shape != (head_dim,):
                     raise SparsecError(f"node {node.name!r}: {which} norm scale is not [head_dim]")
                 options[f"{which}_norm"] = f"{which}_norm.{layer}"
                 self.prog.tables[options[f"{which}_norm"]] = w
-        if (heads, kv_heads, head_dim) != (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        ):
-            raise SparsecError(f"node {node.name!r}: attention shape disagrees with sparsec.config")
         cos = _const(node.inputs[6], "cos_cache").astype(np.float32)
         sin = _const(node.inputs[7], "sin_cache").astype(np.float32)
-        self.prog.tables.setdefault("rope.cos", cos)
-        self.prog.tables.setdefault("rope.sin", sin)
         if cos.ndim != 2 or cos.shape[1] != rotary_dim // 2 or sin.shape != cos.shape:
             raise SparsecError(
                 f"node {node.name!r}: cos_cache/sin_cache must be [positions, rotary_dim/2]"
             )
+        if cos.shape[0] != cfg.max_position_embeddings:
+            what = f"the number of rows (positions) of cos_cache {node.inputs[6].name!r}"
+            positions = cfg.max_position_embeddings
+            raise disagree(self.where, what, cos.shape[0], "max_position_embeddings", positions)
+        for table, value in (("rope.cos", cos), ("rope.sin", sin)):
+            if not np.array_equal(self.prog.tables.setdefault(table, value), value):
+                raise malformed(
+                    self.where,
+                    f"node {node.name!r}: its RoPE tables differ from the first layer's "
+                    "(one cos_cache/sin_cache serves every layer)",
+                )
         common = {
             "layer": layer,
             "qkv": q.buf,
@@ -377,9 +556,35 @@ class _Lowering:
     def lower_SwiGLU(self, node) -> None:
         x = self.view(node.inputs[0])
         gate, up, down = (self.weight(node.inputs[i], f"node {node.name!r}") for i in (1, 2, 3))
-        if _attr(node, "quantize_activations", 0):
+        ffn, cfg = gate.value.shape[0], self.prog.config
+        for w in (gate, up):
+            self._check_input_width(node, w, node.inputs[0], x.width)
+        if up.value.shape[0] != ffn:
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: the gate weight {gate.name!r} has {ffn} outputs, the up "
+                f"weight {up.name!r} {up.value.shape[0]}",
+            )
+        if ffn != cfg.intermediate_size:
+            what = f"the MLP width of node {node.name!r} (outputs of {gate.name!r})"
+            raise disagree(self.where, what, ffn, "intermediate_size", cfg.intermediate_size)
+        if down.value.shape[1] != ffn:
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: the down weight {down.name!r} [in, out] = "
+                f"{list(down.value.shape[::-1])} does not read the MLP's {ffn} features",
+            )
+        quantize = _attr(node, "quantize_activations", 0, kind=int)
+        if quantize not in (0, 1):
+            raise malformed(
+                self.where, f"node {node.name!r}: quantize_activations is {quantize!r}, not 0 or 1"
+            )
+        if quantize:
             self.prog.activation_quant = True
-        ffn = gate.value.shape[0]
+            for w in (gate, up, down):
+                self._check_int8(node, w, "has quantize_activations=1")
+        else:
+            self.unquantized.append(node.name)
         gu = self.new_buffer(2 * ffn, "gu")
         self.prog.instrs.append(
             Instr(
@@ -409,6 +614,7 @@ class _Lowering:
             )
         )
         self.views[node.outputs[0].name] = y
+        self.weight_of[node.outputs[0].name] = down.name
 
     def lower_Add(self, node) -> None:
         a, b = node.inputs
@@ -419,6 +625,12 @@ class _Lowering:
         acc = self.view(acc_value)
         if len(self.consumers[acc_value.name]) != 1 or acc.width != self.prog.buffers[acc.buf]:
             raise SparsecError(f"node {node.name!r}: Add needs an input free to update in place")
+        if self.view(other).width != acc.width:
+            raise malformed(
+                self.where,
+                f"node {node.name!r}: Add of {a.name!r} ({self.view(a).width} features) and "
+                f"{b.name!r} ({self.view(b).width} features)",
+            )
         self.prog.instrs.append(Instr("add", {"acc": acc, "x": self.view(other)}))
         self.views[node.outputs[0].name] = acc
 
@@ -454,6 +666,8 @@ class _Lowering:
             self.prog.instrs.insert(at + 1, Instr("bias_add", {"y": full, "bias": table}))
         self.prog.tables[table][out.offset : out.offset + out.width] += bias.reshape(-1)
         self.views[node.outputs[0].name] = out
+        if value.name in self.weight_of:
+            self.weight_of[node.outputs[0].name] = self.weight_of[value.name]
 
 
 def _linear_name(node_name: str, weights: list[Weight]) -> str:
@@ -461,12 +675,23 @@ def _linear_name(node_name: str, weights: list[Weight]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+]", "_", names if len(names) < 120 else node_name)
 
 
-def lower(model) -> Program:
-    """Lower an optimized ``onnx_ir.Model`` to a ``Program`` (raises SparsecError)."""
+def lower(model, where: str = "the graph") -> Program:
+    """Lower an optimized ``onnx_ir.Model`` to a ``Program`` (raises SparsecError).
+
+    The graph is checked against its metadata on the way (``graph_check``): every size
+    the generated code is specialised to comes from the graph and agrees with
+    ``sparsec.config``. ``where`` names the model in messages (its file).
+    """
     meta = model.metadata_props
     if meta.get(contract.META_FORMAT) != "optimized":
         raise SparsecError("the graph is not optimized: run `sparsec optimize` on it first")
-    return _Lowering(model).run()
+    try:
+        return _Lowering(model, where).run()
+    except SparsecError as e:
+        if str(e).startswith(where):
+            raise
+        # The node-level helpers (_const, _attr) do not know the file: name it here.
+        raise SparsecError(f"{where}: {e}") from e
 
 
 def buffer_lifetimes(prog: Program) -> dict[str, tuple[int, int]]:

@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from sparsec import contract
+from sparsec import contract, metadata
 from sparsec.passes import functions, reference
 from sparsec.passes._graph import attr, const, is_op, unique_name, value_names
 from sparsec.passes.report import PassReport
@@ -491,7 +491,7 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         if not isinstance(q_width, int) or q_width % head_dim:
             return self._fail(f"query projection {layers[0].q_proj.name!r} has no static width")
         heads = q_width // head_dim
-        config = contract.graph_config(model.metadata_props)
+        config = metadata.config(model.metadata_props)
         if config is not None and (heads, kv_heads, head_dim) != (
             expected := (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         ):

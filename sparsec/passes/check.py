@@ -1,6 +1,7 @@
 """Reading and checking the input of ``sparsec optimize``: clear errors, not tracebacks.
 
 A graph the passes cannot trust is refused before any pass runs: an unreadable file,
+JSON metadata that breaks its schema (``sparsec.metadata``, naming the key and field),
 a node reading a value nothing produces (named, with the node), or anything else the
 ONNX checker rejects (its message, with the node it names).
 """
@@ -28,11 +29,18 @@ def load(path: str | os.PathLike):
         raise SparsecError(f"{path} is not a readable ONNX model: {first}") from e
 
 
-def check(model, where: str = "the model") -> None:
-    """Raise SparsecError when ``model`` (an ``onnx_ir.Model``) is malformed."""
+def check(model, where: str = "the model", *, functions: bool = False) -> None:
+    """Raise SparsecError when ``model`` (an ``onnx_ir.Model``) is malformed.
+
+    ``functions``: check the sparsec ops (an optimized graph) through their ONNX function
+    bodies, as onnxruntime runs them: their inputs' types and attributes are checked
+    too, so the code generator never accepts a graph the reference would reject."""
     import onnx
     import onnx_ir as ir
 
+    from sparsec import metadata
+
+    metadata.read(model.metadata_props, where)  # the keys it has: each against its schema
     graph = model.graph
     for node in graph:
         for value in node.inputs:
@@ -52,9 +60,22 @@ def check(model, where: str = "the model") -> None:
     except Exception as e:
         raise SparsecError(f"{where} cannot be serialized to ONNX: {e}") from e
     _externals_as_inputs(proto)
+    # Values the passes created carry no type; onnx-ir writes them as value_info with a
+    # name only, which the checker rejects. They say nothing: inference types them.
+    # Graph outputs without a type (graphs built by hand, or by older sparsec versions)
+    # run under onnxruntime; the checker would refuse them, so they are left out of the
+    # check (their producers are checked all the same).
+    for values in (proto.graph.value_info, proto.graph.output):
+        for value in [v for v in values if not v.HasField("type")]:
+            values.remove(value)
+    if functions:
+        from sparsec.passes.functions import _with_functions
+
+        _with_functions(proto, model)
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
+        # full_check: type and shape inference too (an int64-only input given floats).
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise SparsecError(f"{where} fails the ONNX checker: {_describe(str(e))}") from e
 
 

@@ -3,8 +3,6 @@ until the command runs)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -40,12 +38,13 @@ def register(sub) -> None:
 
 def _optimize_command(args) -> int:
     from sparsec.errors import require_compiler_stack
+    from sparsec.onnx_io import check_onnx_output
 
+    out = check_onnx_output(args.output, args.model)
     require_compiler_stack()
     from sparsec.passes import optimize_file
     from sparsec.progress import stage
 
-    out = Path(args.output)
     with stage(f"optimizing {args.model}"):
         report = optimize_file(args.model, out, report=False, validate=not args.no_validate)
     if args.report:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from sparsec import contract
+from sparsec import metadata
 from sparsec.passes import functions
 from sparsec.passes._graph import add_initializer, attr, const, value_names
 from sparsec.passes._rules import RuleSetPass
@@ -164,7 +164,7 @@ class _PartialRoPE(pattern.RewriteRuleClassBase):
 
 
 def max_positions(model: ir.Model) -> int | None:
-    config = contract.graph_config(model.metadata_props)
+    config = metadata.config(model.metadata_props)
     return None if config is None else config.max_position_embeddings
 
 

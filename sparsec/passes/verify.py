@@ -57,7 +57,9 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _config(model) -> contract.ModelConfig:
-    cfg = contract.graph_config(model.metadata_props)
+    from sparsec import metadata
+
+    cfg = metadata.config(model.metadata_props, "the exported graph")
     if cfg is None:
         raise SparsecError("the exported graph has no sparsec.config metadata")
     return cfg

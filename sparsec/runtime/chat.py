@@ -18,6 +18,7 @@ import json
 from datetime import datetime
 
 from sparsec.errors import MissingDependencyError, SparsecError
+from sparsec.runtime.arguments import check_text, show
 
 # What transformers' render_jinja_template gives every template, unless the caller overrides it.
 _DEFAULT_VARIABLES = {"tools": None, "documents": None}
@@ -111,8 +112,12 @@ def check_messages(messages) -> list[dict]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise SparsecError(
-                f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}"
+                f"messages[{i}] must be a dict with 'role' and 'content', got {show(msg)}"
             )
+        for key, value in msg.items():
+            if isinstance(value, str):
+                # The tokenizer cannot take a lone surrogate: name the field holding one.
+                check_text(value, f"messages[{i}][{key!r}]")
     return list(messages)
 
 

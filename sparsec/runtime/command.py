@@ -61,7 +61,23 @@ def register(subparsers) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from sparsec import runtime
+    from sparsec.runtime.arguments import check_generate_options, check_text, check_threads
 
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        stream=True,
+    )
+    # The API's own checks, run before the load (which reads and hashes the weights) so a
+    # bad option fails at once. argv that is not UTF-8 arrives with lone surrogates.
+    check_threads(args.threads)
+    check_generate_options(**options)
+    check_text(args.prompt, "PROMPT", "the argument is not UTF-8: pass UTF-8 text")
     model = runtime.load(
         args.model,
         threads=args.threads,
@@ -69,16 +85,6 @@ def run_command(args: argparse.Namespace) -> int:
         huge_pages=False if args.no_huge_pages else None,
     )
     with model:
-        options = dict(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            repetition_penalty=args.repetition_penalty,
-            stop=args.stop,
-            stream=True,
-        )
         if args.chat:
             stream = model.chat([{"role": "user", "content": args.prompt}], **options)
         else:

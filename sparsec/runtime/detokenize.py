@@ -10,7 +10,7 @@ give the same text as decoding everything at once.
 
 from __future__ import annotations
 
-from sparsec.errors import SparsecError
+from sparsec.runtime.arguments import check_stop
 
 REPLACEMENT = "\ufffd"
 
@@ -46,12 +46,8 @@ class IncrementalDetokenizer:
 
 
 def normalize_stop(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) and s for s in stops):
-        raise SparsecError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-    return stops
+    """``stop`` (None, a str or a list of str) as a tuple; SparsecError if malformed."""
+    return check_stop(stop)
 
 
 class StopStrings:

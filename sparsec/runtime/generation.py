@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from sparsec.errors import SparsecError
@@ -64,22 +65,41 @@ class Generation:
 
 
 class TextStream(Iterator[str]):
-    """Iterator of text pieces from generate(stream=True); ``.result`` once exhausted."""
+    """Iterator of text pieces from generate(stream=True); ``.result`` once exhausted.
 
-    def __init__(self, pieces: Generator[str, None, Generation]):
+    ``hold()`` is a context manager entered around each step (the Model's: it holds the
+    model while a piece is computed, and refuses a step while another call runs).
+    """
+
+    def __init__(
+        self,
+        pieces: Generator[str, None, Generation],
+        hold: Callable[[], AbstractContextManager] = nullcontext,
+    ):
         self._pieces = pieces
+        self._hold = hold
         self._result: Generation | None = None
+        self._finished = False
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        try:
-            return next(self._pieces)
-        except StopIteration as stop:
-            if stop.value is not None:
-                self._result = stop.value
-            raise
+        if self._finished:  # no hold: a finished stream needs no model
+            raise StopIteration
+        # Taken outside the generator: a second thread stepping the same stream gets
+        # the model's busy error, not "generator already executing".
+        with self._hold():
+            try:
+                return next(self._pieces)
+            except StopIteration as stop:
+                self._finished = True
+                if stop.value is not None:
+                    self._result = stop.value
+                raise
+            except BaseException:
+                self._finished = True  # the generator is closed by its exception
+                raise
 
     @property
     def result(self) -> Generation:

@@ -8,46 +8,55 @@ buffers, then numpy sampling on the logits row; nothing else is allocated per to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-import numbers
 import os
+import threading
 import time
 import weakref
 
 import numpy as np
 
 from sparsec.errors import SparsecError
+from sparsec.runtime.arguments import (
+    available_cpus,
+    check_bool,
+    check_generate_options,
+    check_optional_bool,
+    check_path,
+    check_text,
+    check_threads,
+    show,
+)
 from sparsec.runtime.artifact import Artifact, load_weights, read_artifact
 from sparsec.runtime.chat import render_chat
 from sparsec.runtime.cpu import check_host
-from sparsec.runtime.detokenize import IncrementalDetokenizer, StopStrings, normalize_stop
+from sparsec.runtime.detokenize import IncrementalDetokenizer, StopStrings
 from sparsec.runtime.generation import Generation, GenerationStats, TextStream, run_to_end
-from sparsec.runtime.native import NativeModel, forward_error
+from sparsec.runtime.native import NativeLibrary, NativeModel, forward_error
 from sparsec.runtime.sampling import Sampler
 
 BUFFER_ALIGNMENT = 64  # one AVX-512 register: generated code may use aligned loads
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def resolve_threads(threads, manifest: dict) -> int:
+    threads = check_threads(threads)
     if threads is None:
         return max(1, min(manifest["default_threads"], available_cpus()))
-    if not isinstance(threads, numbers.Integral) or isinstance(threads, bool) or threads < 1:
-        raise SparsecError(f"threads must be an integer >= 1 (or None), got {threads!r}")
-    return int(threads)
+    return threads
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+    try:
+        raw = np.zeros(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+    except MemoryError as exc:
+        raise SparsecError(
+            f"cannot allocate {nbytes / 2**30:.1f} GiB for a runtime buffer of shape {shape}; "
+            "free memory, or recompile with a smaller --max-context"
+        ) from exc
     skip = -raw.ctypes.data % BUFFER_ALIGNMENT
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
@@ -83,22 +92,48 @@ def load(
     the file (shared page cache, no private memory); None = when the kernel offers them.
     ``Model.weights_memory`` says which was used.
     """
+    # Argument types and ranges first: one clear line rather than a TypeError from deep
+    # inside, and before the slow part (reading and hashing the weights).
+    check_path(path)
+    check_threads(threads)
+    verify = check_bool(verify, "verify")
+    huge_pages = check_optional_bool(huge_pages, "huge_pages", "when the kernel offers them")
     artifact = read_artifact(path)
     name = str(path)
     check_host(artifact.manifest, name)
     n_threads = resolve_threads(threads, artifact.manifest)
     tokenizer = load_tokenizer(artifact.manifest, name)
-    weights, how = load_weights(artifact, huge_pages=huge_pages, verify=verify)
-    return Model(artifact, weights, tokenizer, n_threads, weights_memory=how)
+    # The code (hash-checked, build constants against the manifest) before any buffer
+    # is sized from the manifest; the weights (hash-checked) before any native call.
+    library = NativeLibrary(artifact)
+    try:
+        weights, how = load_weights(artifact, huge_pages=huge_pages, verify=verify)
+        return Model(artifact, weights, tokenizer, n_threads, weights_memory=how, library=library)
+    except BaseException:
+        library.unload()
+        raise
 
 
-def _release(native: NativeModel, *buffers) -> None:
+def _release(native: NativeModel, lock: threading.Lock, *buffers) -> None:
     # ``buffers`` (weights mmap, KV cache) are only held so they outlive the context.
-    native.close()
+    # At interpreter exit this runs while a daemon thread may still be inside forward:
+    # then the context is left to the OS rather than destroyed under that thread.
+    if lock.acquire(blocking=False):
+        try:
+            native.close()
+        finally:
+            lock.release()
 
 
 class Model:
-    """A model ready to run. Not thread-safe: one generation at a time per Model."""
+    """A model ready to run, one call at a time.
+
+    Every call that uses the native code or the KV cache (generate, each step of a
+    stream, forward, chat, rewind, reset) holds the model while it runs; a second call
+    meanwhile, from any thread, is refused at once with SparsecError (never queued: the
+    native thread pool is not re-entrant). A suspended stream does not hold the model:
+    any later call may take the cache over, and the stream then raises at its next step.
+    """
 
     def __init__(
         self,
@@ -107,7 +142,11 @@ class Model:
         tokenizer,
         n_threads: int,
         weights_memory: str = "file mapping",
+        library: NativeLibrary | None = None,
     ):
+        # Taken without blocking by each call that uses the native code or the cache.
+        self._lock = threading.Lock()
+        self._busy: tuple[str, threading.Thread] | None = None  # the call holding it
         m = artifact.manifest
         self.path = artifact.path
         self.manifest = m
@@ -135,10 +174,51 @@ class Model:
         self._position = 0
         self._owner: object | None = None  # the generation allowed to use the cache
 
-        self._native = NativeModel(
-            self.path, m["abi_version"], weights.ctypes.data, self._kv_cache.ctypes.data, n_threads
+        library = library or NativeLibrary(artifact)
+        self._native = library.create(weights.ctypes.data, self._kv_cache.ctypes.data, n_threads)
+        self._finalizer = weakref.finalize(
+            self, _release, self._native, self._lock, weights, self._kv_cache
         )
-        self._finalizer = weakref.finalize(self, _release, self._native, weights, self._kv_cache)
+
+    # ------------------------------------------------------------------ one call at a time
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """Hold the model for one call, or refuse it at once.
+
+        Never blocks: the native code serves one call at a time (a second forward hangs
+        in its thread pool or corrupts the cache), and a caller that waited on a lock
+        could wait for a whole generation, or forever for a call of its own thread.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise self._busy_error(what)
+        self._busy = (what, threading.current_thread())
+        try:
+            yield
+        finally:
+            self._busy = None
+            self._lock.release()
+
+    def _busy_error(self, what: str) -> SparsecError:
+        busy = self._busy  # read once: the holder may return meanwhile
+        if busy is None:
+            holder = "another call"
+        elif busy[1] is threading.current_thread():
+            holder = f"{busy[0]} in this same thread (a call from inside a call)"
+        else:
+            holder = f"{busy[0]} in thread {busy[1].name!r}"
+        return SparsecError(
+            f"{what} refused: this Model is busy with {holder}; a Model runs one call at a "
+            "time: wait for it to return, or load one Model per thread"
+        )
+
+    @contextlib.contextmanager
+    def _stream_step(self):
+        """Held around each step of a stream, not between steps (so an abandoned stream
+        never locks the model out)."""
+        with self._exclusive("next(stream)"):
+            self._check_open()
+            yield
 
     # ------------------------------------------------------------------ low level
 
@@ -160,14 +240,16 @@ class Model:
         """
         self._check_open()
         if isinstance(position, bool) or not isinstance(position, int | np.integer):
-            raise SparsecError(f"rewind position must be an int, got {position!r}")
-        if not 0 <= position <= self._position:
-            raise SparsecError(
-                f"cannot rewind to position {position}: the cache holds {self._position} "
-                f"token(s); use 0..{self._position}"
-            )
-        self._owner = None  # a stream in progress can no longer trust the cache
-        self._position = int(position)
+            raise SparsecError(f"rewind position must be an int, got {show(position)}")
+        with self._exclusive("rewind()"):
+            self._check_open()
+            if not 0 <= position <= self._position:
+                raise SparsecError(
+                    f"cannot rewind to position {show(position)}: the cache holds "
+                    f"{self._position} token(s); use 0..{self._position}"
+                )
+            self._owner = None  # a stream in progress can no longer trust the cache
+            self._position = int(position)
 
     def forward(self, token_ids, all_logits: bool = True) -> np.ndarray:
         """Run ``token_ids`` at positions ``position..``, append them to the cache.
@@ -176,20 +258,23 @@ class Model:
         else the last token's ``[V]``. Longer inputs run in chunks of max_tokens_per_call.
         """
         self._check_open()
-        self._owner = None  # a stream in progress can no longer trust the cache
+        all_logits = check_bool(all_logits, "all_logits")
         ids = self._check_ids(token_ids, "token_ids")
-        if self._position + len(ids) > self.max_context:
-            raise SparsecError(
-                f"forward of {len(ids)} tokens at position {self._position} exceeds the max "
-                f"context {self.max_context} of {self.path}; call reset() first"
-            )
-        out = np.empty((len(ids), self.vocab_size), np.float32) if all_logits else None
-        for start in range(0, len(ids), self.max_tokens_per_call):
-            chunk = ids[start : start + self.max_tokens_per_call]
-            self._run(chunk, all_logits)
-            if all_logits:
-                out[start : start + len(chunk)] = self._logits[: len(chunk)]
-        return out if all_logits else self._logits[0].copy()
+        with self._exclusive("forward()"):
+            self._check_open()
+            if self._position + len(ids) > self.max_context:
+                raise SparsecError(
+                    f"forward of {len(ids)} tokens at position {self._position} exceeds the "
+                    f"max context {self.max_context} of {self.path}; call reset() first"
+                )
+            self._owner = None  # a stream in progress can no longer trust the cache
+            out = np.empty((len(ids), self.vocab_size), np.float32) if all_logits else None
+            for start in range(0, len(ids), self.max_tokens_per_call):
+                chunk = ids[start : start + self.max_tokens_per_call]
+                self._run(chunk, all_logits)
+                if all_logits:
+                    out[start : start + len(chunk)] = self._logits[: len(chunk)]
+            return out if all_logits else self._logits[0].copy()
 
     def _run(self, chunk: np.ndarray, all_logits: bool) -> None:
         n = len(chunk)
@@ -209,10 +294,14 @@ class Model:
             ids = np.asarray(token_ids)
         except (TypeError, ValueError) as exc:
             raise SparsecError(f"{what} must be a list of token ids: {exc}") from exc
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            if ids.ndim == 1 and ids.size == 0:
+                raise SparsecError(f"{what} is empty; pass at least one token")
+            raise SparsecError(
+                f"{what} must be a flat list of integer token ids, got {show(token_ids)}"
+            )
         if ids.size == 0:
             raise SparsecError(f"{what} is empty; pass at least one token")
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise SparsecError(f"{what} must be a flat list of integer token ids")
         bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
         if bad.size:
             i = int(bad[0])
@@ -228,6 +317,8 @@ class Model:
     # ------------------------------------------------------------------ generation
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "text")
+        add_special_tokens = check_bool(add_special_tokens, "add_special_tokens")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def generate(
@@ -253,31 +344,38 @@ class Model:
         already in the prompt or the output, as Hugging Face's argument of that name.
         """
         self._check_open()
+        max_new, stop_strings, stream = check_generate_options(
+            max_new_tokens, temperature, top_k, top_p, seed, stop, stream, repetition_penalty
+        )
         sampler = Sampler(temperature, top_k, top_p, seed, repetition_penalty)
-        stops = StopStrings(normalize_stop(stop))
-        if (
-            not isinstance(max_new_tokens, numbers.Integral)
-            or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 1
-        ):
-            raise SparsecError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        stops = StopStrings(stop_strings)
         if isinstance(prompt, str):
             if not prompt:
                 raise SparsecError("the prompt is empty; pass some text or token ids")
+            check_text(prompt, "the prompt")
             ids = self._check_ids(self.encode(prompt), "the encoded prompt")
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise SparsecError(
+                f"prompt must be a str or a list of token ids, got bytes {show(prompt)}; "
+                "decode it first (e.g. prompt.decode('utf-8'))"
+            )
         else:
             ids = self._check_ids(prompt, "prompt")
-        total = len(ids) + max_new_tokens
+        total = len(ids) + max_new
         if total > self.max_context:
             raise SparsecError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({show(max_new)}) = {show(total)} "
                 f"exceeds the max context {self.max_context} of {self.path}; shorten the "
                 "prompt, lower max_new_tokens, or recompile with a larger --max-context"
             )
-        owner = object()
-        self._owner = owner
-        pieces = self._generate(owner, ids, int(max_new_tokens), sampler, stops)
-        return TextStream(pieces) if stream else run_to_end(pieces)
+        with self._exclusive("generate()"):
+            self._check_open()
+            owner = object()
+            self._owner = owner
+            pieces = self._generate(owner, ids, max_new, sampler, stops)
+            if not stream:
+                return run_to_end(pieces)
+        return TextStream(pieces, hold=self._stream_step)
 
     def chat(
         self,
@@ -295,6 +393,7 @@ class Model:
         The other keyword arguments go to generate() (max_new_tokens, stop, stream...).
         """
         self._check_open()
+        add_generation_prompt = check_bool(add_generation_prompt, "add_generation_prompt")
         variables = _check_template_kwargs(template_kwargs)
         unknown = sorted(set(generate_kwargs) - _generate_arguments())
         if unknown:
@@ -302,6 +401,7 @@ class Model:
                 f"chat() got unknown argument(s) {', '.join(unknown)}; template variables "
                 f"go in template_kwargs, e.g. template_kwargs={{{unknown[0]!r}: ...}}"
             )
+        check_generate_options(**generate_kwargs)  # before the template renders
         template = self.manifest["chat_template"]
         if not template:
             raise SparsecError(
@@ -315,6 +415,8 @@ class Model:
             eos_token=self._token_text(self.eos_token_id),
             **variables,
         )
+        # A lone surrogate can come in through a message or a template variable.
+        check_text(text, "the chat prompt rendered from messages")
         # The template spells out bos etc. itself, so no special tokens are added (as HF).
         return self.generate(self.encode(text, add_special_tokens=False), **generate_kwargs)
 
@@ -326,6 +428,10 @@ class Model:
     def _generate(self, owner, prompt_ids: np.ndarray, max_new: int, sampler, stops):
         """Generator of safe-to-show text pieces; returns the Generation."""
         t0 = time.perf_counter()
+        # A stream starts on its first next(): if another call took the cache meanwhile,
+        # leave that call's position alone.
+        if self._owner is not owner:
+            raise _interrupted()
         self._position = 0
         self._prefill(prompt_ids, owner)
         t1 = time.perf_counter()
@@ -409,9 +515,26 @@ class Model:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Destroy the native context and release the weights and cache."""
-        self._owner = None
-        self._finalizer()
+        """Destroy the native context and release the weights and cache.
+
+        A call running in another thread is waited for (its native code must not lose
+        its memory under it); a stream is not: its next step raises.
+        """
+        busy = self._busy
+        if busy is not None and busy[1] is threading.current_thread():
+            # Waiting on the lock would wait on this very thread: forever.
+            raise SparsecError(
+                f"close() refused: called from inside {busy[0]} of this Model in the same "
+                "thread; close it after that call returns"
+            )
+        with self._lock:
+            self._owner = None
+            # detach() hands back the finalizer's arguments (the context and the buffers
+            # it uses), so they stay alive until the context is destroyed here.
+            held = self._finalizer.detach()
+            if held is not None:
+                self._native.close()
+            del held
 
     def __enter__(self) -> Model:
         return self

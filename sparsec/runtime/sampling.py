@@ -7,55 +7,23 @@ Then temperature == 0 is greedy (argmax; ties go to the lowest id). Otherwise
 softmax(logits / temperature), restricted to the top_k largest logits (all tokens tied
 with the k-th are kept, as Hugging Face does), then to the smallest set of most likely
 tokens whose probability reaches top_p (ties in probability ordered by id), then one
-draw from ``numpy.random.Generator(seed)``.
+draw from ``numpy.random.Generator(seed)``. Any positive finite temperature is safe: the
+logits are shifted to max 0 before they are scaled, so a tiny temperature gives weight 1
+to the largest logit(s) and 0 to the rest (the greedy limit) instead of overflowing.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
-from sparsec.errors import SparsecError
+from sparsec.runtime.arguments import check_sampling
+
+__all__ = ["Sampler", "check_sampling"]
 
 # Nucleus search looks at this many best tokens first; a full sort of the vocabulary
 # (about 3 ms for 49k tokens) only runs when they do not reach top_p.
 _NUCLEUS_PREFILTER = 256
 _DRAW_BLOCK = 512
-
-
-def check_sampling(temperature, top_k, top_p, seed, repetition_penalty=None) -> None:
-    """Raise SparsecError for parameters outside their domain."""
-    if (
-        not isinstance(temperature, numbers.Real)
-        or isinstance(temperature, bool)
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise SparsecError(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
-        )
-    if top_k is not None and (
-        not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1
-    ):
-        raise SparsecError(f"top_k must be an integer >= 1 (or None for all), got {top_k!r}")
-    if top_p is not None and (
-        not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not (0 < top_p <= 1)
-    ):
-        raise SparsecError(f"top_p must be in (0, 1] (or None for 1), got {top_p!r}")
-    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
-        raise SparsecError(f"seed must be an integer or None, got {seed!r}")
-    if repetition_penalty is not None and (
-        not isinstance(repetition_penalty, numbers.Real)
-        or isinstance(repetition_penalty, bool)
-        or not math.isfinite(repetition_penalty)
-        or repetition_penalty <= 0
-    ):
-        raise SparsecError(
-            "repetition_penalty must be a finite number > 0 (1 or None = off; 1.1-1.3 "
-            f"discourages repeats), got {repetition_penalty!r}"
-        )
 
 
 class Sampler:
@@ -112,14 +80,20 @@ class Sampler:
     def _weights(self, logits: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Candidate ids (None = the whole vocabulary) and unnormalized probabilities."""
         x = logits.astype(np.float64)
-        x /= self.temperature
         ids = None
         vocab = len(x)
         if self.top_k is not None and self.top_k < vocab:
+            # On the unscaled logits: a positive temperature keeps their order, and a tiny
+            # one would otherwise tie every token below the max at -inf with the k-th.
             kth = np.partition(x, vocab - self.top_k)[vocab - self.top_k]
             ids = np.flatnonzero(x >= kth)
             x = x[ids]
+        # Shift, then scale: x <= 0 with the max at exactly 0, so however small the
+        # temperature the quotients stay in [-inf, 0] (never inf - inf = nan) and the
+        # largest logit keeps weight 1.
         x -= x.max()
+        with np.errstate(over="ignore"):  # -1 / 5e-324 = -inf is the intended limit
+            x /= self.temperature
         weights = np.exp(x, out=x)
         if self.top_p is not None:
             kept = self._nucleus(weights / weights.sum())
@@ -160,13 +134,23 @@ class Sampler:
         n = len(weights)
         if n <= _DRAW_BLOCK:
             cdf = np.cumsum(weights)
-            i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-            return min(i, n - 1)
+            return _pick(cdf, self.rng.random() * cdf[-1])
         block_cdf = np.cumsum(np.add.reduceat(weights, np.arange(0, n, _DRAW_BLOCK)))
         target = self.rng.random() * block_cdf[-1]
-        j = min(int(np.searchsorted(block_cdf, target, side="right")), len(block_cdf) - 1)
+        j = _pick(block_cdf, target)
         start = j * _DRAW_BLOCK
         inner = np.cumsum(weights[start : start + _DRAW_BLOCK])
         rest = target - (block_cdf[j - 1] if j else 0.0)
-        i = min(int(np.searchsorted(inner, rest, side="right")), len(inner) - 1)
-        return start + i
+        return start + _pick(inner, rest)
+
+
+def _pick(cdf: np.ndarray, target: float) -> int:
+    """The index i with cdf[i-1] <= target < cdf[i].
+
+    A target that rounding put at or past the total goes to the last index with a
+    weight, never to a trailing zero weight (a token a tiny temperature ruled out).
+    """
+    i = int(np.searchsorted(cdf, target, side="right"))
+    if i >= len(cdf):
+        i = int(np.searchsorted(cdf, cdf[-1], side="left"))
+    return i

@@ -121,7 +121,8 @@ def format_summary(s: dict) -> str:
         ),
         (
             "weights",
-            f"{human_bytes(w['size'])} at offset {w['offset']}, blake2b {w['blake2b'][:16]}…",
+            f"{human_bytes(w['size'])} at offset {w['offset']}, {len(w['blake2b'])} blake2b "
+            f"chunk hash(es) of {human_bytes(w['chunk_bytes'])}",
         ),
         (
             "file",

@@ -2,24 +2,37 @@
 
 A checkpoint folder holds ``current/`` (``state.json`` + ``tensors.pt``). A new one is
 written to ``next/`` and swapped in with renames, so a crash or an out-of-memory kill at
-any moment leaves either the old or the new checkpoint complete, never a mix.
+any moment leaves either the old or the new checkpoint complete, never a mix. A save that
+fails (a full disk) removes its ``next/`` and keeps the last complete checkpoint.
 
 ``GracefulInterrupt`` turns the first Ctrl-C into a flag that the long loops check
 between layers or steps: they then save a checkpoint and stop. A second Ctrl-C
 interrupts at once (the last checkpoint stays usable).
+
+``write_errors`` turns the errors of a failed write (a full disk, a read-only file
+system) into a one-line SparsecError naming the device and the path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sparsec.errors import SparsecError
+
+# The folders a checkpoint is made of: remove() deletes these, never anything else.
+_PARTS = ("next", "current", "old")
 
 
 class Checkpoint:
@@ -37,28 +50,90 @@ class Checkpoint:
         return self._complete() is not None
 
     def save(self, state: dict, tensors: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        nxt, cur, old = (self.folder / n for n in ("next", "current", "old"))
-        shutil.rmtree(nxt, ignore_errors=True)
-        nxt.mkdir()
-        torch.save(tensors, nxt / "tensors.pt")
-        (nxt / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        nxt, cur, old = (self.folder / n for n in _PARTS)
+        kept = f"any earlier checkpoint in {self.folder} is kept for --resume"
+        try:
+            with write_errors(self.folder, kept):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(nxt, ignore_errors=True)
+                nxt.mkdir()
+                with open(nxt / "tensors.pt", "wb") as file:
+                    torch_save(tensors, file)
+                (nxt / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        except BaseException:
+            shutil.rmtree(nxt, ignore_errors=True)  # never a half-written checkpoint
+            raise
         shutil.rmtree(old, ignore_errors=True)
         if cur.exists():
             os.replace(cur, old)
         os.replace(nxt, cur)
         shutil.rmtree(old, ignore_errors=True)
 
+    def load_state(self) -> dict:
+        """The checkpoint's state.json, once tensors.pt looks whole too (cheap: --resume
+        checks both before loading a model)."""
+        found = self._found()
+        path = found / "state.json"
+        try:
+            state = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._corrupt(path, f"not a JSON state: {e}") from e
+        except OSError as e:
+            raise self._corrupt(path, e.strerror or str(e)) from e
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("options"), dict)
+            and isinstance(state.get("stage", ""), str)
+        ):
+            raise self._corrupt(path, "not the state a checkpoint records")
+        if not zipfile.is_zipfile(found / "tensors.pt"):  # torch.save writes a zip
+            raise self._corrupt(found / "tensors.pt", "not a complete PyTorch file (truncated?)")
+        return state
+
+    def load_tensors(self, required: tuple[str, ...] = ("model",)) -> dict:
+        path = self._found() / "tensors.pt"
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip; truncation breaks it
+            raise self._corrupt(path, "not a complete PyTorch file (truncated?)")
+        try:
+            tensors = torch.load(path, weights_only=False)
+        except (
+            RuntimeError,
+            OSError,
+            EOFError,
+            ValueError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise self._corrupt(path, reason) from e
+        if not isinstance(tensors, dict) or not all(k in tensors for k in required):
+            raise self._corrupt(path, "not the tensors a checkpoint records")
+        return tensors
+
     def load(self) -> tuple[dict, dict]:
+        return self.load_state(), self.load_tensors()
+
+    def _found(self) -> Path:
         found = self._complete()
         if found is None:
             raise SparsecError(f"no usable checkpoint in {self.folder}; run without --resume")
-        state = json.loads((found / "state.json").read_text())
-        tensors = torch.load(found / "tensors.pt", weights_only=False)
-        return state, tensors
+        return found
+
+    def _corrupt(self, path: Path, reason: str) -> SparsecError:
+        return SparsecError(
+            f"the checkpoint in {self.folder} is corrupt ({path.name}: {reason}); delete "
+            f"{self.folder} and run without --resume to start over"
+        )
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the checkpoint's own folders, then the folder itself if nothing else is
+        in it (a --checkpoint-dir may be a folder the user made)."""
+        for name in _PARTS:
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+        try:
+            self.folder.rmdir()
+        except OSError:  # not empty (or already gone): leave it
+            pass
 
 
 class GracefulInterrupt:
@@ -83,3 +158,103 @@ class GracefulInterrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports
+    one (a full disk) as a RuntimeError ("unexpected pos") that does not say why."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def torch_save(obj, file) -> None:
+    """``torch.save`` into an open binary ``file``; a failed write raises its OSError."""
+    writer = _RecordingWriter(file)
+    try:
+        torch.save(obj, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
+# errno -> what failed, for write_errors' messages ({device} is filled in).
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on {device}",
+    errno.EDQUOT: "disk quota exceeded on {device}",
+    errno.EFBIG: "file too large for {device}",
+    errno.EROFS: "{device} is a read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error on {device}",
+}
+
+
+@contextmanager
+def write_errors(path: str | os.PathLike, kept: str = ""):
+    """Within ``with``: a write that fails for lack of space or permission raises
+    SparsecError ("no space left on /dev/sda1 (/data) writing PATH; ...") instead of the
+    raw OSError (or safetensors' error). ``path``: what is being written; the caller
+    removes what was half-written and says in ``kept`` what else survives."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        raise _write_error(e.errno, e.filename or path, kept) from e
+    except SafetensorError as e:  # its I/O errors carry the errno in the text only
+        match = re.search(r"os error (\d+)", str(e))
+        if match is None or int(match[1]) not in _WRITE_ERRORS:
+            raise
+        raise _write_error(int(match[1]), path, kept) from e
+
+
+def _write_error(code: int, path, kept: str) -> SparsecError:
+    cause = _WRITE_ERRORS[code].format(device=device_of(path))
+    free, advice = "", "write elsewhere"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free some space or write elsewhere"
+        try:
+            free = f" ({shutil.disk_usage(_existing(path)).free / 2**20:.0f} MiB free)"
+        except OSError:
+            pass
+    kept = f", and {kept}" if kept else ""
+    return SparsecError(
+        f"{cause} writing {path}{free}; nothing half-written was left{kept}: {advice}"
+    )
+
+
+def _existing(path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def device_of(path) -> str:
+    """The device holding ``path`` and its mount point, as ``/dev/sda1 (/data)``."""
+    mount = _existing(path)
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = None
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == str(mount):
+                    device = fields[0]  # the last match is the mount on top
+    except OSError:
+        pass
+    return f"{device} ({mount})" if device else str(mount)

@@ -66,12 +66,22 @@ def register(sub) -> None:
         help="with --layer-sparsity owl: layer densities spread over target +- this (0.08)",
     )
     p.add_argument("--calibration", nargs="+", metavar="FILE", default=DEFAULT_CALIBRATION)
-    p.add_argument("--calibration-samples", type=int, default=32, help="sequences (default 32)")
-    p.add_argument("--calibration-seq-len", type=int, default=512, help="tokens each (512)")
+    p.add_argument(
+        "--calibration-samples", type=int, default=32, help="sequences (default 32, at most 4096)"
+    )
+    p.add_argument(
+        "--calibration-seq-len",
+        type=int,
+        default=512,
+        help="tokens each (512; cut to the model's context length)",
+    )
     p.add_argument("--train", nargs="+", metavar="FILE", default=DEFAULT_TRAIN)
     p.add_argument("--steps", type=int, default=0, help="SquareHead steps (default 0: one-shot)")
     p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default by sparsity)"
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate, > 0 and <= 1 (default by sparsity)",
     )
     p.add_argument(
         "--batch-size", type=int, default=1, help="training sequences a step (default 1)"
@@ -80,7 +90,8 @@ def register(sub) -> None:
         "--seq-len",
         type=int,
         default=512,
-        help="training sequence length (default 512, the length perplexity is scored at)",
+        help="training sequence length, at most the model's context length (default 512, the "
+        "length perplexity is scored at)",
     )
     p.add_argument(
         "--example-share",
@@ -125,11 +136,28 @@ def register(sub) -> None:
     )
     p.add_argument("--bf16", action="store_true", help=TRAIN_BF16_HELP)
     p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="tokens scored per eval source")
-    p.add_argument("--eval-every", type=int, default=0, help="recovery-curve interval in steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-dir", type=Path, default=None)
-    p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds (default 300)")
+    p.add_argument(
+        "--eval-tokens", type=int, default=16384, help="tokens scored per eval source (16384)"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="recovery-curve interval in steps (default 0: about 10 points)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="0 to 4294967295 (default 0)")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="a new or empty folder for the checkpoints (default OUTPUT.checkpoint)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=300.0,
+        help="seconds (default 300; 0: at every layer and step)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_sparsify)

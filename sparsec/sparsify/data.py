@@ -150,27 +150,53 @@ def read_corpus(source: str) -> Corpus:
     if source.startswith("builtin:"):
         return _builtin(source.removeprefix("builtin:"))
     path = Path(source)
+    if path.is_dir():
+        raise SparsecError(f"data file {source} is a folder; pass the files in it")
     if not path.is_file():
         raise SparsecError(f"data file {source} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SparsecError(f"cannot read data file {source}: {e.strerror or e}") from e
     if path.suffix == ".jsonl":
         docs, as_written = [], set()
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_utf8_text(raw, source).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise SparsecError(f"{source}:{number}: not valid JSON ({e.msg})") from e
+            except RecursionError as e:
+                raise SparsecError(
+                    f"{source}:{number}: the JSON is nested too deeply to read; each line "
+                    'must be an object such as {"text": ...}'
+                ) from e
+            except ValueError as e:  # such as an integer of more than 4300 digits
+                raise SparsecError(f"{source}:{number}: not valid JSON ({e})") from e
             text, written = _record_text(record, f"{source}:{number}")
             if written:
                 as_written.add(len(docs))
             docs.append(text)
         corpus = Corpus(source, docs, examples=True, as_written=frozenset(as_written))
     else:
-        corpus = Corpus(source, [path.read_text(encoding="utf-8", errors="replace")], False)
+        corpus = Corpus(source, [raw.decode("utf-8", errors="replace")], False)
     if not any(doc.strip() for doc in corpus.documents):
         raise SparsecError(f"data file {source} is empty; pass a file with some text")
     return corpus
+
+
+def _utf8_text(raw: bytes, source: str) -> str:
+    """``raw`` decoded as UTF-8 (a leading byte-order mark dropped), or SparsecError
+    naming the line and the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SparsecError(
+            f"{source}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from e
 
 
 def _record_text(record: object, where: str) -> tuple[str, bool]:
@@ -182,10 +208,16 @@ def _record_text(record: object, where: str) -> tuple[str, bool]:
     raise SparsecError(f"{where}: expected an object with 'text' or 'question' and 'answer'")
 
 
+def check_share(share: float) -> float:
+    """``share`` if it is a fraction (NaN is not)."""
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise SparsecError(f"--example-share must be between 0 and 1, got {share}")
+    return share
+
+
 def check_example_share(share: float, corpora: list[Corpus]) -> float:
     """``share`` if it is a fraction and ``corpora`` mix examples with running text."""
-    if not 0 <= share <= 1:
-        raise SparsecError(f"--example-share must be between 0 and 1, got {share}")
+    check_share(share)
     kinds = {c.examples for c in corpora}
     if kinds != {True, False}:
         only = "examples (.jsonl)" if True in kinds else "running text"

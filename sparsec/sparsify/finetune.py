@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from sparsec.arguments import NON_NEGATIVE_FLOAT, POSITIVE_INT, SEED, Range
 from sparsec.errors import SparsecError
+from sparsec.paths import check_output_path
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
 from sparsec.sparsify.data import TokenData, read_corpus
 from sparsec.sparsify.head_loss import fused_head_loss
@@ -35,10 +37,23 @@ def finetune(
 ) -> Path:
     from tqdm import tqdm
 
-    from sparsec.models import load_model, save_model
+    from sparsec.models import load_model, resolve, save_model
 
-    if steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SparsecError(f"--steps {steps}: fine-tuning needs at least one step")
+    Range(0, 1, above=True).check("--lr", lr)
+    POSITIVE_INT.check("--batch-size", batch_size)
+    Range(2, integer=True, note="tokens per training sequence").check("--seq-len", seq_len)
+    SEED.check("--seed", seed)
+    NON_NEGATIVE_FLOAT.check("--checkpoint-every", checkpoint_every)
+    source = resolve(model_source)
+    check_output_path(
+        output,
+        inputs=tuple(s for s in train if not s.startswith("builtin:")),
+        input_dirs=(source.folder,) if source.kind == "hf" else (),
+        what="-o",
+        directory=True,
+    )
     if bf16:
         require_bf16_cpu()
     output = Path(output)

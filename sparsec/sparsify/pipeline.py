@@ -11,21 +11,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
+import shutil
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from sparsec import __version__
+from sparsec.arguments import (
+    FRACTION,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    SEED,
+    Range,
+    check_ranges,
+)
 from sparsec.errors import SparsecError
+from sparsec.paths import check_output_path
+from sparsec.progress import stage
 from sparsec.sparsify import data as data_mod
 from sparsec.sparsify import report as report_mod
-from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt
+from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt, write_errors
 from sparsec.sparsify.layer_walk import decoder_layers, prunable_linears
 from sparsec.sparsify.owl import OWL_LAMBDA, check_owl_lambda, outlier_ratios, owl_sparsities
-from sparsec.sparsify.patterns import check_sparsity, parse_pattern
+from sparsec.sparsify.patterns import Pattern, check_sparsity, parse_pattern
 from sparsec.sparsify.perplexity import perplexity
 from sparsec.sparsify.prune import prune_model
 from sparsec.sparsify.quant import (
@@ -67,6 +80,39 @@ TRAIN_OPTIONS = tuple(
     "train steps lr batch_size seq_len example_share warmup teacher output_loss qat_steps "
     "smooth bf16".split()
 )
+
+# SparseGPT calibrates on 128 sequences; every one more runs through every layer again
+# and its activations stay in memory (and in the checkpoints) for the whole walk.
+MAX_CALIBRATION_SAMPLES = 4096
+# The calibration activations (each decoder layer's inputs and outputs, float32) may
+# take this share of the machine's memory at most: more fails late, out of memory.
+CALIBRATION_MEMORY_SHARE = 0.75
+
+# The range of every numeric option, checked before any work (sparsec/arguments.py);
+# --sparsity's and --example-share's are checked by patterns.py and data.py.
+OPTION_RANGES = {
+    "owl_lambda": NON_NEGATIVE_FLOAT,
+    "calibration_samples": replace(
+        POSITIVE_INT,
+        maximum=MAX_CALIBRATION_SAMPLES,
+        note="SparseGPT calibrates on 128; each sequence more costs time in every layer "
+        "and memory for little accuracy",
+    ),
+    "calibration_seq_len": POSITIVE_INT,
+    "steps": replace(NON_NEGATIVE_INT, note="0: one-shot, no distillation"),
+    "lr": Range(0, 1, above=True, note="the default depends on --sparsity, such as 9e-05"),
+    "batch_size": POSITIVE_INT,
+    "seq_len": Range(2, integer=True, note="tokens per training sequence"),
+    "warmup": FRACTION,
+    "qat_steps": NON_NEGATIVE_INT,
+    "eval_tokens": Range(2, integer=True, note="perplexity scores every token after the first"),
+    "eval_every": replace(NON_NEGATIVE_INT, note="0: about 10 points over --steps"),
+    "curve_tokens": Range(2, integer=True),
+    "seed": SEED,
+    "checkpoint_every": replace(
+        NON_NEGATIVE_FLOAT, note="seconds; 0: at every layer and step, 1e9: only on Ctrl-C"
+    ),
+}
 
 
 @dataclass
@@ -138,6 +184,7 @@ class Run:
 
     def __init__(self, opts: SparsifyOptions):
         self.opts = opts
+        self.calibration_seq_len = opts.calibration_seq_len  # cut to the model's context
         self.checkpoint = Checkpoint(opts.checkpoint_folder)
         self.last_save = time.monotonic()
         self.interrupt: GracefulInterrupt | None = None
@@ -193,10 +240,11 @@ class Run:
         opts = self.opts
         calibration = self.tensors.get("calibration")
         if calibration is None:
-            data = data_mod.TokenData(self.tokenizer, opts.calibration)
-            calibration = data.windows(
-                opts.calibration_samples, opts.calibration_seq_len, opts.seed
-            )
+            with stage("preparing calibration data", quiet=opts.quiet):
+                data = data_mod.TokenData(self.tokenizer, opts.calibration)
+                calibration = data.windows(
+                    opts.calibration_samples, self.calibration_seq_len, opts.seed
+                )
             self.tensors["calibration"] = calibration
         start = self.state.get("next_layer", 0)
         layers = decoder_layers(self.model)
@@ -254,7 +302,7 @@ class Run:
         started = time.monotonic()
         samples = min(opts.calibration_samples, SMOOTH_SAMPLES)
         batches = data_mod.TokenData(self.tokenizer, opts.calibration).windows(
-            samples, opts.calibration_seq_len, opts.seed
+            samples, self.calibration_seq_len, opts.seed
         )
         count = smooth_(self.model, activation_maxima(self.model, batches))
         self.state["smoothed"] = True
@@ -277,7 +325,8 @@ class Run:
         trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
         if "trainer" in self.tensors:
             trainer.load_state_dict(self.tensors["trainer"])
-        data = data_mod.TokenData(self.tokenizer, opts.train, opts.example_share)
+        with stage("preparing training data", quiet=opts.quiet):
+            data = data_mod.TokenData(self.tokenizer, opts.train, opts.example_share)
         if note := data.truncation_note(opts.seq_len):
             _log(opts, note)
         curve_source, curve_tokens = next(iter(self.eval_tokens.items()))
@@ -354,7 +403,7 @@ class Run:
     # --- the whole run -----------------------------------------------------------------
     def execute(self) -> Path:
         opts = self.opts
-        from sparsec.models import atomic_output_dir, load_model, replace_dir
+        from sparsec.models import load_model
 
         if self.checkpoint.exists() and not opts.resume:
             raise SparsecError(
@@ -363,15 +412,21 @@ class Run:
             )
         if opts.resume and not self.checkpoint.exists():
             raise SparsecError(f"--resume: no checkpoint in {self.checkpoint.folder}")
+        if opts.resume:  # a corrupt checkpoint or other options fail before the work
+            self._check_resume(self.checkpoint.load_state(), {})
         # Read every data source before the expensive work so bad files fail at once.
-        for source in [*opts.calibration, *opts.eval]:
-            data_mod.read_corpus(source)
-        if opts.steps:
-            train = [data_mod.read_corpus(source) for source in opts.train]
-            if opts.example_share is not None:
-                data_mod.check_example_share(opts.example_share, train)
+        with stage("reading data", quiet=opts.quiet):
+            for source in [*opts.calibration, *opts.eval]:
+                data_mod.read_corpus(source)
+            if opts.steps:
+                train = [data_mod.read_corpus(source) for source in opts.train]
+                if opts.example_share is not None:
+                    data_mod.check_example_share(opts.example_share, train)
 
         self.model, self.tokenizer = load_model(opts.model, quiet=opts.quiet)
+        # The config read again, as loaded (a GGUF's header may not have said).
+        context, hidden = _text_config_limits(self.model.config)
+        self.calibration_seq_len = check_model_limits(opts, context, hidden, opts.model)
         self.linears = prunable_linears(self.model)
         for name, linear in self.linears.items():
             self.pattern.check_width(name, linear.in_features)
@@ -379,24 +434,23 @@ class Run:
         self.state["input_sparsity"] = self._check_input_sparsity()
         if opts.resume:
             state, self.tensors = self.checkpoint.load()
-            training_began = "trainer" in self.tensors or state["stage"] in ("distilled", "done")
-            must_match = PRUNE_OPTIONS + (TRAIN_OPTIONS if training_began else ())
-            now = opts.fingerprint()
-            # An option newer than the checkpoint was at its default (its old behaviour).
-            saved = {**_OPTION_DEFAULTS, **state["options"]}
-            differ = {k: saved.get(k) for k in must_match if saved.get(k) != now[k]}
-            if differ:
-                raise SparsecError(
-                    f"the checkpoint in {self.checkpoint.folder} was made with other options "
-                    f"({differ}); rerun with those, or delete it to start over"
-                )
+            self._check_resume(state, self.tensors)
             self.state = state
-            self.state["options"] = now
+            self.state["options"] = opts.fingerprint()
             self.model.load_state_dict(self.tensors.pop("model"))
             _log(opts, f"resuming from {self.checkpoint.folder} (stage {state['stage']})")
-        self.eval_tokens = {
-            source: data_mod.TokenData(self.tokenizer, [source]).stream for source in opts.eval
-        }
+        if self.calibration_seq_len != opts.calibration_seq_len:
+            _log(
+                opts,
+                f"note: --calibration-seq-len {opts.calibration_seq_len} is longer than "
+                f"{opts.model}'s context of {context} tokens; calibrating on "
+                f"{self.calibration_seq_len}-token sequences",
+            )
+        self.state["calibration_seq_len"] = self.calibration_seq_len
+        with stage("preparing evaluation data", quiet=opts.quiet):
+            self.eval_tokens = {
+                source: data_mod.TokenData(self.tokenizer, [source]).stream for source in opts.eval
+            }
         self.teacher = None
         if opts.steps and opts.teacher is None and not opts.resume:
             self.teacher = copy.deepcopy(self.model)  # the dense model, before pruning
@@ -425,32 +479,67 @@ class Run:
             self.state["stage"] = "done"
             self.state["final_layers"] = report_mod.layer_sparsity(self.linears)
 
-            tmp = atomic_output_dir(Path(opts.output))
-            try:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                if scales is not None:
-                    write_quantization_json(tmp, scales)
-                report_mod.write_recipe(tmp / "recipe.yaml", opts, self.state, __version__)
-                report_mod.write_report(tmp, opts, self.state)
-                replace_dir(tmp, Path(opts.output))
-            except BaseException:
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_output(opts, self.model, self.tokenizer, scales, self.state)
         self.checkpoint.remove()
         return Path(opts.output)
 
+    def _check_resume(self, state: dict, tensors: dict) -> None:
+        """The checkpoint's options must be this run's (its training options too, once
+        distillation began)."""
+        training_began = (
+            "trainer" in tensors
+            or "train_config" in state
+            or state.get("stage") in ("distilled", "done")
+        )
+        must_match = PRUNE_OPTIONS + (TRAIN_OPTIONS if training_began else ())
+        now = self.opts.fingerprint()
+        # An option newer than the checkpoint was at its default (its old behaviour).
+        saved = {**_OPTION_DEFAULTS, **state["options"]}
+        differ = {k: saved.get(k) for k in must_match if saved.get(k) != now[k]}
+        if differ:
+            raise SparsecError(
+                f"the checkpoint in {self.checkpoint.folder} was made with other options "
+                f"({differ}); rerun with those, or delete it to start over"
+            )
 
-def sparsify(opts: SparsifyOptions) -> Path:
-    """Run the whole pipeline; returns the output folder."""
+
+def write_output(opts: SparsifyOptions, model, tokenizer, scales, state: dict) -> Path:
+    """The output folder, written beside ``opts.output`` and renamed over it when whole:
+    a failed write (a full disk) leaves nothing half-written and raises SparsecError."""
+    from sparsec.models import atomic_output_dir, replace_dir
+
+    out = Path(opts.output)
+    with write_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)  # check_paths found it can be made
+    tmp = atomic_output_dir(out)
+    kept = ""
+    if Checkpoint(opts.checkpoint_folder).exists():
+        kept = f"the checkpoint in {opts.checkpoint_folder} is kept for --resume"
+    try:
+        with write_errors(out, kept):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if scales is not None:
+                write_quantization_json(tmp, scales)
+            report_mod.write_recipe(tmp / "recipe.yaml", opts, state, __version__)
+            report_mod.write_report(tmp, opts, state)
+            replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_options(opts: SparsifyOptions) -> Pattern:
+    """Every option's range and the combinations that make sense, before any work (no
+    file is read); returns the parsed --pattern."""
+    check_ranges(opts, OPTION_RANGES)
+    if opts.example_share is not None:
+        data_mod.check_share(opts.example_share)
     pattern = parse_pattern(opts.pattern)
     check_sparsity(opts.sparsity, pattern)
     if opts.method not in ("sparsegpt", "magnitude"):
         raise SparsecError(f"unknown pruning method {opts.method}; use sparsegpt or magnitude")
-    if opts.steps < 0:
-        raise SparsecError(f"--steps {opts.steps} is negative")
     if opts.layer_sparsity not in ("uniform", "owl"):
         raise SparsecError(f"unknown --layer-sparsity {opts.layer_sparsity!r}; use uniform or owl")
     if opts.layer_sparsity == "owl":
@@ -464,8 +553,17 @@ def sparsify(opts: SparsifyOptions) -> Path:
         raise SparsecError(
             f"unknown --output-loss {opts.output_loss!r}; use one of {', '.join(OUTPUT_LOSSES)}"
         )
-    if opts.calibration_samples < 1:
-        raise SparsecError("--calibration-samples must be at least 1")
+    for name in ("calibration", "train", "eval"):
+        sources = getattr(opts, name)
+        if isinstance(sources, str) or not sources:
+            raise SparsecError(f"--{name} needs a list of one or more data sources")
+    if opts.example_share is not None and not opts.steps:
+        raise SparsecError(
+            "--example-share mixes the distillation data, and there is none without --steps: "
+            "add --steps or drop --example-share"
+        )
+    if not opts.smooth and not opts.int8:
+        raise SparsecError("--no-smoothing turns off a step of --int8: add --int8 or drop it")
     if opts.qat_steps:
         if not opts.int8:
             raise SparsecError("--qat-steps trains for the int8 model: add --int8")
@@ -474,12 +572,150 @@ def sparsify(opts: SparsifyOptions) -> Path:
                 f"--qat-steps {opts.qat_steps} must be between 1 and --steps ({opts.steps}): "
                 "quantization-aware training is the last part of distillation"
             )
-    if opts.bf16:
-        if opts.qat_steps:
+    if opts.bf16 and opts.qat_steps:
+        raise SparsecError(
+            "--qat-steps trains through int8 rounding, which bfloat16 activations blur: "
+            "use --bf16 or --qat-steps, not both"
+        )
+    return pattern
+
+
+def check_paths(opts: SparsifyOptions) -> None:
+    """MODEL and --teacher exist; -o and the checkpoint folder can be written and are
+    none of the inputs (nor inside an input model folder). Reads no weights."""
+    from sparsec.models import resolve
+
+    sources = [resolve(opts.model)] + ([resolve(opts.teacher)] if opts.teacher else [])
+    model_dirs = tuple(src.folder for src in sources if src.kind == "hf")
+    files = [src.folder / src.gguf_file for src in sources if src.kind == "gguf"]
+    files += [
+        s for s in (*opts.calibration, *opts.train, *opts.eval) if not s.startswith("builtin:")
+    ]
+    out = check_output_path(
+        opts.output, inputs=tuple(files), input_dirs=model_dirs, what="-o", directory=True
+    )
+    if out.is_dir():  # an earlier output, replaced at the end: say now if it cannot be
+        try:
+            foreign = any(out.iterdir()) and not (out / "config.json").is_file()
+        except OSError as e:
+            raise SparsecError(f"-o {out}: cannot read the folder ({e.strerror or e})") from e
+        if foreign:
             raise SparsecError(
-                "--qat-steps trains through int8 rounding, which bfloat16 activations blur: "
-                "use --bf16 or --qat-steps, not both"
+                f"-o {out} is a folder with other files in it (no config.json); sparsify "
+                "replaces its output folder, so name a new or empty folder, or an earlier output"
             )
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SparsecError(f"-o {out}: the folder is not writable, so it cannot be replaced")
+    folder = Path(opts.checkpoint_folder)
+    what = "--checkpoint-dir" if opts.checkpoint_dir is not None else "the checkpoint folder"
+    check_output_path(folder, input_dirs=model_dirs, what=what, directory=True)
+    if opts.checkpoint_dir is None:
+        return
+    if _inside(folder, out):
+        raise SparsecError(
+            f"--checkpoint-dir {folder} is inside -o {out}, which is replaced when the run "
+            "ends; put the checkpoints elsewhere"
+        )
+    if folder.is_dir() and any(p.name not in ("current", "next", "old") for p in folder.iterdir()):
+        raise SparsecError(
+            f"--checkpoint-dir {folder} holds other files; name a new or empty folder (it "
+            "holds the checkpoints of this run only)"
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = (Path(os.path.abspath(p)).resolve() for p in (path, folder))
+    return path == folder or path.is_relative_to(folder)
+
+
+def model_limits(source: str) -> tuple[int | None, int | None]:
+    """``(context length, hidden size)`` of MODEL from its config alone (no weights):
+    config.json's max_position_embeddings and hidden_size, or a GGUF header's. None where
+    this cannot tell; load_model reports a config it cannot read."""
+    from sparsec.models import resolve
+
+    src = resolve(source)
+    if src.kind == "hf":
+        try:
+            config = json.loads((src.folder / "config.json").read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None, None
+        if not isinstance(config, dict):
+            return None, None
+        text = config.get("text_config")
+        config = text if isinstance(text, dict) else config
+        return _positive(config.get("max_position_embeddings")), _positive(
+            config.get("hidden_size")
+        )
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(src.folder / src.gguf_file))
+        values = {}
+        for key in ("general.architecture", "context_length", "embedding_length"):
+            arch = values.get("general.architecture", "")
+            field = reader.fields.get(key if "." in key else f"{arch}.{key}")
+            if field is not None:
+                part = field.parts[field.data[0]]
+                values[key] = bytes(part).decode() if key[0] == "g" else int(part[0])
+    except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError):
+        return None, None
+    return _positive(values.get("context_length")), _positive(values.get("embedding_length"))
+
+
+def _text_config_limits(config) -> tuple[int | None, int | None]:
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return (
+        _positive(getattr(config, "max_position_embeddings", None)),
+        _positive(getattr(config, "hidden_size", None)),
+    )
+
+
+def _positive(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_model_limits(
+    opts: SparsifyOptions, context: int | None, hidden: int | None, model: str
+) -> int:
+    """Check --seq-len against ``model``'s context length and the calibration against the
+    machine's memory; returns the calibration sequence length (cut to the context)."""
+    if context is not None and opts.steps and opts.seq_len > context:
+        raise SparsecError(
+            f"--seq-len {opts.seq_len} is longer than {model}'s context of {context} tokens "
+            f"(max_position_embeddings): pass --seq-len {context} or less"
+        )
+    seq_len = min(opts.calibration_seq_len, context or opts.calibration_seq_len)
+    memory = _physical_memory()
+    if hidden is not None and memory is not None:
+        need = 2 * opts.calibration_samples * seq_len * hidden * 4  # layer inputs + outputs
+        if need > CALIBRATION_MEMORY_SHARE * memory:
+            raise SparsecError(
+                f"--calibration-samples {opts.calibration_samples} x --calibration-seq-len "
+                f"{seq_len}: the calibration activations alone take {need / 2**30:.1f} GiB "
+                f"({model}'s hidden size is {hidden}), more than "
+                f"{CALIBRATION_MEMORY_SHARE:.0%} of this machine's {memory / 2**30:.1f} GiB; "
+                "pass fewer samples or shorter sequences"
+            )
+    return seq_len
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def sparsify(opts: SparsifyOptions) -> Path:
+    """Run the whole pipeline; returns the output folder. Options, paths and the model's
+    limits are checked first: a bad one fails before any model or data is read."""
+    pattern = check_options(opts)
+    check_paths(opts)
+    for model in filter(None, (opts.model, opts.teacher)):
+        check_model_limits(opts, *model_limits(model), model)
+    if opts.bf16:
         require_bf16_cpu()
     run = Run(opts)
     run.pattern = pattern

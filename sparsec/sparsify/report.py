@@ -55,7 +55,8 @@ def recipe(opts, state: dict, version: str) -> dict:
                 "calibration": {
                     "sources": list(opts.calibration),
                     "samples": opts.calibration_samples,
-                    "seq_len": opts.calibration_seq_len,
+                    # Cut to the model's context length when longer (pipeline.py).
+                    "seq_len": state.get("calibration_seq_len", opts.calibration_seq_len),
                     "seed": opts.seed,
                 },
                 **(

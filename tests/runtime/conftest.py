@@ -8,14 +8,15 @@ import runtime_fake as fake
 
 @pytest.fixture(scope="session")
 def libs(tmp_path_factory):
-    """The fake model built normally, reporting ABI 2, with a failing create, and with
-    max_tokens_per_call = capacity."""
+    """The fake model built normally, reporting ABI 3, with a failing create, with
+    max_tokens_per_call = capacity, and reporting int8 code."""
     out = tmp_path_factory.mktemp("fake_libs")
     return {
         "ok": fake.build_fake(out),
-        "abi2": fake.build_fake(out, FAKE_ABI=2),
+        "abi3": fake.build_fake(out, FAKE_ABI=3),
         "create_fails": fake.build_fake(out, FAKE_CREATE_FAILS=True),
         "one_shot": fake.build_fake(out, T=fake.C),  # takes a whole context per call
+        "int8_code": fake.build_fake(out, FAKE_PRECISION=1),
     }
 
 

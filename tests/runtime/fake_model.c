@@ -1,4 +1,4 @@
-/* A toy model implementing the sparsec native ABI v1, for runtime tests.
+/* A toy model implementing the sparsec native ABI v2, for runtime tests.
  *
  * Not a transformer, but it touches everything the runtime manages: the weights
  * pointer (embeddings, output matrix, per-layer value scales, a position bias) and
@@ -6,7 +6,8 @@
  * numpy twin. Dimensions are compile-time constants, as in generated code:
  *   V vocab, L layers, KVH kv heads, HD head dim (hidden D = KVH*HD), C capacity,
  *   T max tokens per call. FAKE_ABI overrides the reported ABI version,
- *   FAKE_CREATE_FAILS makes sparsec_create return NULL.
+ *   FAKE_CREATE_FAILS makes sparsec_create return NULL, FAKE_PRECISION (0 fp32, 1 int8)
+ *   the reported precision; the other build constants are the dimensions above.
  *
  * Token t at position p, x = emb[t] (D floats, kept in double):
  *   for each layer l, head g (x_g = x[g*HD:(g+1)*HD]):
@@ -20,7 +21,10 @@
 #include <string.h>
 
 #ifndef FAKE_ABI
-#define FAKE_ABI 1
+#define FAKE_ABI 2
+#endif
+#ifndef FAKE_PRECISION
+#define FAKE_PRECISION 0
 #endif
 #define D (KVH * HD)
 
@@ -31,6 +35,15 @@ typedef struct {
 } ctx_t;
 
 int32_t sparsec_abi_version(void) { return FAKE_ABI; }
+
+/* The order of sparsec/runtime/native.py BUILD_FIELDS; weights: emb, out, wv, pos_bias. */
+int32_t sparsec_build_info(int64_t *out, int32_t capacity) {
+    const int64_t info[] = {FAKE_ABI, V, D, L, KVH, HD, C, T, FAKE_PRECISION,
+                            4 * ((int64_t)V * D * 2 + L + 1)};
+    int32_t n = (int32_t)(sizeof info / sizeof info[0]);
+    for (int32_t i = 0; i < n && i < capacity; i++) out[i] = info[i];
+    return n;
+}
 
 void *sparsec_create(const uint8_t *weights, float *kv_cache, int32_t n_threads) {
 #ifdef FAKE_CREATE_FAILS

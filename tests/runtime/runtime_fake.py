@@ -23,6 +23,7 @@ SOURCE = HERE / "fake_model.c"
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 V, L, KVH, HD, C, T = 260, 2, 2, 130, 64, 8
 D = KVH * HD
+WEIGHTS_BYTES = 4 * (V * D * 2 + L + 1)  # emb, out, wv, pos_bias (see fake_model.c)
 BOS, EOS = 256, 257
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -201,20 +202,29 @@ def tokenizer():
     return Tokenizer.from_str(make_tokenizer_json())
 
 
-def rewrite_manifest(path: Path, edit) -> None:
-    """Apply ``edit(manifest)`` in place, keeping the file layout valid (for negative tests)."""
+def rewrite_manifest(path: Path, edit, seal: bool = True) -> None:
+    """Apply ``edit(manifest)`` in place, keeping the file layout valid (for negative
+    tests); ``seal``: put the edited manifest's hash in the trailer, as a consistent but
+    wrong file would have it."""
+    import hashlib
     import struct
 
     data = path.read_bytes()
-    offset, size, magic = struct.unpack("<QQ8s", data[-24:])
+    offset, size, sealed, magic = struct.unpack("<QQ32s8s", data[-56:])
     m = json.loads(data[offset : offset + size])
     edit(m)
     raw = json.dumps(m).encode()
-    path.write_bytes(data[:offset] + raw + struct.pack("<QQ8s", offset, len(raw), magic))
+    if seal:
+        sealed = hashlib.blake2b(raw, digest_size=32).digest()
+    path.write_bytes(data[:offset] + raw + struct.pack("<QQ32s8s", offset, len(raw), sealed, magic))
+
+
+def read_manifest(data: bytes) -> dict:
+    import struct
+
+    offset, size, _, _ = struct.unpack("<QQ32s8s", bytes(data[-56:]))
+    return json.loads(bytes(data[offset : offset + size]))
 
 
 def read_weights_offset(data: bytes) -> int:
-    import struct
-
-    offset, size, _ = struct.unpack("<QQ8s", bytes(data[-24:]))
-    return json.loads(bytes(data[offset : offset + size]))["weights"]["offset"]
+    return read_manifest(data)["weights"]["offset"]

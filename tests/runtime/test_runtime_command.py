@@ -61,7 +61,7 @@ def test_inspect_table(model_path, capsys):
     assert cli.main(["inspect", str(model_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == f"{model_path}  (sparsec 0.1.0, ABI 1)"
+    assert lines[0] == f"{model_path}  (sparsec 0.1.0, ABI 2)"
     assert "fake: layers 2, hidden 260, heads 2, kv heads 2, head_dim 130" in out
     assert "this host: ok" in out and "64 tokens (KV cache 266.2 KB)" in out
     assert "50.0% of weights (" in out and "100.0% of FLOPs, 1 of 2 layers" in out
@@ -104,7 +104,7 @@ def test_inspect_runs_where_the_model_cannot(make_model, capsys):
 
 def test_inspect_rejects_non_model(libs, capsys):
     assert cli.main(["inspect", str(libs["ok"])]) == 1
-    assert "is not a sparsec model (no SPARSEC1 trailer)" in capsys.readouterr().err
+    assert "is not a sparsec model (no SPARSEC2 trailer)" in capsys.readouterr().err
 
 
 def test_inspect_into_a_closed_pipe_stops_quietly(model_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import runtime_fake as fake
 
@@ -44,7 +45,7 @@ def test_unreadable(model_path, monkeypatch):
 def test_plain_shared_object(libs):
     msg = load_error(libs["ok"])
     assert msg == (
-        f"{libs['ok']} is not a sparsec model (no SPARSEC1 trailer); "
+        f"{libs['ok']} is not a sparsec model (no SPARSEC2 trailer); "
         "compile one with `sparsec compile`"
     )
 
@@ -52,7 +53,7 @@ def test_plain_shared_object(libs):
 def test_tiny_file(tmp_path):
     path = tmp_path / "tiny.so"
     path.write_bytes(b"x")
-    assert "is not a sparsec model (no SPARSEC1 trailer)" in load_error(path)
+    assert "is not a sparsec model (no SPARSEC2 trailer)" in load_error(path)
 
 
 def test_truncated(model_path, tmp_path):
@@ -63,13 +64,41 @@ def test_truncated(model_path, tmp_path):
     assert "is truncated or corrupt" in msg and f"the file has {len(data) - 10000} bytes" in msg
 
 
-def test_corrupt_manifest_json(model_path, tmp_path):
+def test_manifest_byte_flip(model_path, tmp_path):
     data = bytearray(model_path.read_bytes())
-    data[-40:-24] = b"\xff" * 16  # the end of the manifest JSON
+    data[-72:-56] = b"\xff" * 16  # the end of the manifest JSON
     bad = tmp_path / "bad.so"
     bad.write_bytes(bytes(data))
+    assert load_error(bad) == (
+        f"{bad} has a corrupt manifest (its blake2b does not match the trailer: the file "
+        "changed after compilation); recompile it with `sparsec compile` or copy it again"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw, detail",
+    [
+        (b"\xff{}", "invalid start byte"),
+        (b"{not json", "Expecting property name"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "Exceeds the limit"),
+        (b"[" * 200_000 + b"]" * 200_000, "maximum recursion depth"),
+        (b"[1, 2]", "no magic 'sparsec-model'"),
+    ],
+)
+def test_sealed_garbage_manifest(model_path, tmp_path, raw, detail):
+    """A manifest that matches its seal but does not parse: one line, no traceback."""
+    import hashlib
+    import struct
+
+    data = model_path.read_bytes()
+    offset = struct.unpack("<QQ32s8s", data[-56:])[0]
+    bad = tmp_path / "bad.so"
+    sealed = hashlib.blake2b(raw, digest_size=32).digest()
+    bad.write_bytes(
+        data[:offset] + raw + struct.pack("<QQ32s8s", offset, len(raw), sealed, b"SPARSEC2")
+    )
     msg = load_error(bad)
-    assert msg.startswith(f"{bad} has a corrupt manifest (")
+    assert msg.startswith(f"{bad} has a corrupt manifest (") and detail in msg
     assert msg.endswith("recompile it with `sparsec compile`")
 
 
@@ -79,7 +108,15 @@ def test_corrupt_manifest_json(model_path, tmp_path):
         (lambda m: m.pop("max_context"), "field 'max_context' is missing"),
         (lambda m: m.__setitem__("magic", "other"), "no magic 'sparsec-model'"),
         (lambda m: m["weights"].__setitem__("offset", 100), "is not 4096-aligned"),
-        (lambda m: m["weights"].__setitem__("size", 10**9), "overlap the manifest"),
+        (
+            lambda m: m["weights"].__setitem__("size", 4096 + m["weights"]["size"]),
+            "do not end where",
+        ),
+        (lambda m: m["weights"].__setitem__("size", 0), "'weights.size' is 0, expected a pos"),
+        (lambda m: m["weights"]["blake2b"].append("0" * 64), "has 2 hashes, expected one per"),
+        (lambda m: m["code"].__setitem__("blake2b", "xyz"), "hex blake2b-256 digest"),
+        (lambda m: m["code"].__setitem__("size", 10), "is not the code's end (10) rounded"),
+        (lambda m: m.__setitem__("precision", "int4"), "'precision' is 'int4', expected one"),
         (lambda m: m["kv_cache"].__setitem__("shape", [1, 2, 3, 4, 5]), "expected [L, 2, KVH"),
         (lambda m: m["config"].__setitem__("vocab_size", "260"), "'vocab_size' is '260'"),
         (lambda m: m.__setitem__("tokenizer", "{not json"), "its tokenizer does not parse"),
@@ -98,14 +135,29 @@ def test_abi_version_mismatch(model_path, tmp_path):
     newer.write_bytes(model_path.read_bytes())
 
     def edit(m):
-        m["abi_version"] = 2
+        m["abi_version"] = 3
         m["sparsec_version"] = "0.9.0"
         del m["layers"]  # a newer ABI may change fields: the version is checked first
 
     fake.rewrite_manifest(newer, edit)
     assert load_error(newer) == (
-        f"{newer} uses model ABI version 2 but this sparsec 0.1.0 loads ABI version 1; "
+        f"{newer} uses model ABI version 3 but this sparsec 0.1.0 loads ABI version 2; "
         "load it with sparsec 0.9.0 (the version that compiled it) or recompile it with this one"
+    )
+
+
+def test_abi_v1_file(model_path, tmp_path):
+    """A file from before the sealed trailer (SPARSEC1) gets the ABI message."""
+    import struct
+
+    data = model_path.read_bytes()
+    offset, size, _, _ = struct.unpack("<QQ32s8s", data[-56:])
+    old = tmp_path / "old.so"
+    old.write_bytes(data[: offset + size] + struct.pack("<QQ8s", offset, size, b"SPARSEC1"))
+    assert load_error(old) == (
+        f"{old} uses model ABI version 1, written by an earlier sparsec, but this sparsec 0.1.0 "
+        "loads ABI version 2; recompile it with `sparsec compile` or load it with the sparsec "
+        "that compiled it"
     )
 
 
@@ -190,7 +242,72 @@ def test_dlopen_failure(tmp_path, weights):
     write_artifact(broken, fake.pack(weights), fake.manifest(), path)
     msg = load_error(path)
     assert msg.startswith(f"cannot load the native code of {path} (")
-    assert msg.endswith("recompile it with `sparsec compile`")
+    assert msg.endswith("recompile it with `sparsec compile` on this machine")
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end", "padding"])
+def test_code_byte_flip(model_path, tmp_path, where):
+    """Any flipped byte of the ELF (or of the zero padding after it) is refused before
+    dlopen: unchecked, a flip in code or relocations crashes or computes wrong logits."""
+    data = bytearray(model_path.read_bytes())
+    m = fake.read_manifest(data)
+    code = m["code"]["size"]
+    at = {"start": 5, "middle": code // 2, "end": code - 1, "padding": code}[where]
+    if at >= m["weights"]["offset"]:
+        pytest.skip("this ELF ends on a page boundary: no padding")
+    data[at] ^= 0x40
+    bad = tmp_path / "flipped.so"
+    bad.write_bytes(bytes(data))
+    assert load_error(bad) == (
+        f"{bad} has corrupt code (blake2b mismatch: the file changed after compilation); "
+        "recompile it with `sparsec compile` or copy it again"
+    )
+
+
+def _edit_context(m, context=32):
+    m["max_context"] = context
+    m["kv_cache"]["shape"][3] = context
+
+
+@pytest.mark.parametrize(
+    "lib, edit, weights_extra, detail",
+    [
+        ("ok", _edit_context, b"", "max_context = 32 but its code was built for 64"),
+        ("int8_code", None, b"", "precision = fp32 but its code was built for int8"),
+        (
+            "ok",
+            None,
+            b"\0" * 64,
+            f"weights_size = {fake.WEIGHTS_BYTES + 64} but its code was "
+            f"built for {fake.WEIGHTS_BYTES}",
+        ),
+    ],
+)
+def test_code_and_manifest_disagree(libs, weights, tmp_path, lib, edit, weights_extra, detail):
+    """Parts of different models glued into one consistently hashed file: the code's own
+    build constants refuse it before any buffer is sized from the manifest."""
+    path = tmp_path / "glued.so"
+    manifest = fake.manifest()
+    if edit:
+        edit(manifest)
+    write_artifact(libs[lib], fake.pack(weights) + weights_extra, manifest, path)
+    assert load_error(path) == (
+        f"{path}: its manifest says {detail}; the file was assembled from parts of "
+        "different models: recompile it with `sparsec compile`"
+    )
+
+
+def test_reload_after_replace_runs_new_code(libs, weights, tmp_path):
+    """dlopen of a path already loaded returns the old library; the runtime loads each
+    artifact's own verified copy, so a replaced file runs its new code."""
+    path = tmp_path / "m.so"
+    fake.write_fake(path, libs["ok"], weights)
+    with runtime.load(path) as first:
+        fake.write_fake(path, libs["one_shot"], weights, max_tokens_per_call=fake.C)
+        with runtime.load(path) as second:
+            assert (first.max_tokens_per_call, second.max_tokens_per_call) == (fake.T, fake.C)
+            ids = list(range(1, 41))
+            np.testing.assert_array_equal(second.forward(ids), first.forward(ids))
 
 
 def test_library_without_abi_symbols(tmp_path, weights):
@@ -201,15 +318,16 @@ def test_library_without_abi_symbols(tmp_path, weights):
     path = tmp_path / "m.so"
     write_artifact(lib, fake.pack(weights), fake.manifest(), path)
     assert load_error(path) == (
-        f"{path} does not export sparsec_abi_version, sparsec_create, sparsec_forward, "
-        "sparsec_destroy; it is not a sparsec model library: recompile it with `sparsec compile`"
+        f"{path} does not export sparsec_abi_version, sparsec_build_info, sparsec_create, "
+        "sparsec_forward, sparsec_destroy; it is not a sparsec ABI v2 model library: "
+        "recompile it with `sparsec compile`"
     )
 
 
 def test_native_abi_disagrees_with_manifest(make_model):
-    path = make_model(lib="abi2")
+    path = make_model(lib="abi3")
     assert load_error(path) == (
-        f"{path}: its native code implements ABI version 2 but its manifest says 1; "
+        f"{path}: its native code implements ABI version 3 but its manifest says 2; "
         "the file is inconsistent: recompile it with `sparsec compile`"
     )
 
@@ -229,3 +347,33 @@ def test_default_threads(model_path, make_model):
         assert m.threads == len(os.sched_getaffinity(0))
     with runtime.load(model_path, threads=1) as m:
         assert m.threads == 1
+
+
+def test_huge_page_copy_only_when_it_fits(model_path, monkeypatch, tmp_path):
+    """By default the weights are copied to huge pages only if they fit in available
+    memory (else the file is mapped, and load says so); huge_pages=True refuses."""
+    _thp(monkeypatch, tmp_path, "always [madvise] never\n")
+    monkeypatch.setattr(artifact_module, "available_memory", lambda: 100_000)
+    with runtime.load(model_path) as m:
+        assert m.weights_memory == "file mapping"
+    msg = load_error(model_path, huge_pages=True)
+    assert "GiB of weights do not fit in the 0.0 GiB of available memory" in msg
+    monkeypatch.setattr(artifact_module, "available_memory", lambda: 1 << 40)
+    with runtime.load(model_path) as m:
+        assert m.weights_memory == "huge pages"
+
+
+def test_close_and_collection_unload_the_library(model_path):
+    """close() destroys the context and dlcloses the private copy of the code; so does
+    garbage collection of an unclosed Model (its finalizer)."""
+    import gc
+
+    m = runtime.load(model_path)
+    native = m._native
+    m.close()
+    assert native.ctx == 0 and native._library._lib is None
+    m = runtime.load(model_path)
+    native = m._native
+    del m
+    gc.collect()
+    assert native.ctx == 0 and native._library._lib is None

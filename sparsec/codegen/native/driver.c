@@ -1,10 +1,13 @@
-/* sparsec model driver: the ABI v1 entry points of a compiled model (docs/runtime.md).
+/* sparsec model driver: the ABI v2 entry points of a compiled model (docs/runtime.md).
  *
  * Everything per token happens in generated code: sparsec_forward fills the context
  * and makes one spc_pool_run over the generated body, which runs every op of the
  * step with barriers between them. This file only owns allocation and argument
  * checks. Model constants come in as -D flags from the compiler:
- *   SPC_ABI, SPC_SCRATCH_BYTES, SPC_MAX_TOKENS, SPC_CAPACITY, SPC_VOCAB
+ *   SPC_ABI, SPC_SCRATCH_BYTES, SPC_MAX_TOKENS, SPC_CAPACITY, SPC_VOCAB, and
+ *   SPC_BUILD_INFO: the build constants the runtime checks against the manifest before
+ *   any other call, as one array initializer whose order sparsec/runtime/native.py
+ *   (BUILD_FIELDS) owns.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -28,6 +31,15 @@ typedef struct {
 void sparsec_forward_body(void *ctx, int32_t tid, int32_t nthreads);
 
 int32_t sparsec_abi_version(void) { return SPC_ABI; }
+
+static const int64_t spc_build_info[] = SPC_BUILD_INFO;
+
+/* Writes up to `capacity` build constants into `out`; returns how many there are. */
+int32_t sparsec_build_info(int64_t *out, int32_t capacity) {
+    int32_t n = (int32_t)(sizeof spc_build_info / sizeof spc_build_info[0]);
+    for (int32_t i = 0; i < n && i < capacity; i++) out[i] = spc_build_info[i];
+    return n;
+}
 
 void *sparsec_create(const uint8_t *weights, float *kv_cache, int32_t n_threads) {
     if (weights == NULL || kv_cache == NULL || n_threads < 1) return NULL;
