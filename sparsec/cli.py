@@ -111,7 +111,10 @@ def _devnull_stdout(stdout) -> None:
     os.close(devnull)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, final: bool = False) -> int:
+    """Run one command; returns its exit status. ``final``: the process exits right
+    after (the console script): once the command has finished, a late Ctrl-C or SIGTERM
+    is ignored instead of killing a process whose outputs are already complete."""
     try:
         # Importing the commands' modules takes a moment: a Ctrl-C here is an interrupt
         # too, not a traceback.
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.stdout = stdout
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if final else handler)
         clear_stop()
     return int(code or 0)
 

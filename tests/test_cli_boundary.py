@@ -440,3 +440,39 @@ def test_handlers_are_restored_after_a_command(monkeypatch):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert main(["convert", "m", "-o", "out"]) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_finished_command_ignores_late_signals(monkeypatch):
+    """The console script (final=True): once the command has finished, a Ctrl-C no
+    longer kills the process (its outputs are complete; Python would exit by SIGINT)."""
+    import sparsec.models
+
+    monkeypatch.setattr(sparsec.models, "_convert", lambda args: 0)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["convert", "m", "-o", "out"], final=True) == 0
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+def test_console_script_interrupt_while_importing(tmp_path):
+    """A Ctrl-C before the CLI is imported is reported, not a traceback."""
+    code = """
+        import builtins, sys
+        real_import = builtins.__import__
+
+        def interrupted(name, *args, **kwargs):
+            if name == "sparsec.cli":
+                raise KeyboardInterrupt
+            return real_import(name, *args, **kwargs)
+
+        builtins.__import__ = interrupted
+        from sparsec.entry import main
+        sys.exit(main())
+    """
+    result = _python(tmp_path, code, "")
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "sparsec: interrupted"

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsec.arguments import int_range
-
-# A default far above any CPU this targets; `sparsec run` uses at most the CPUs it may.
-MAX_THREADS = 1024
+from sparsec.runtime.arguments import MAX_THREADS
 
 
 def register(sub) -> None:

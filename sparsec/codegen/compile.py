@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from sparsec import __version__, contract, metadata
 from sparsec.errors import SparsecError
+from sparsec.runtime.arguments import MAX_THREADS
 from sparsec.runtime.artifact import ABI_VERSION
 from sparsec.runtime.native import build_info_define
 
@@ -106,8 +107,7 @@ def emit_model(
     from sparsec.progress import stage
 
     start = time.perf_counter()
-    if kernels not in ("auto", "dense", "bitmask"):
-        raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
+    _check_options(precision, kernels, threads, max_context, max_tokens)
     tgt = target or host_target()
     model = load_graph(src, quiet=quiet)
     meta = model.metadata_props
@@ -168,6 +168,29 @@ def emit_model(
     }
     source = meta.get(contract.META_SOURCE) or str(src)
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
+
+
+MAX_TOKENS_PER_CALL = 4096  # rows of every scratch buffer; prefill runs in such chunks
+
+
+def _check_options(precision, kernels, threads, max_context, max_tokens) -> None:
+    """The compile options of the API (the CLI parses them into these types first)."""
+
+    def integer(value, name: str, low: int, high: int | None, none_ok: bool) -> None:
+        if value is None and none_ok:
+            return
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or value < low or (high is not None and value > high):
+            allowed = f"an integer from {low} to {high}" if high else f"an integer >= {low}"
+            raise SparsecError(f"{name} is {value!r}; it must be {allowed}")
+
+    if precision not in ("fp32", "int8"):
+        raise SparsecError(f"unknown precision {precision!r}; choose fp32 or int8")
+    if kernels not in ("auto", "dense", "bitmask"):
+        raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
+    integer(threads, "threads", 1, MAX_THREADS, none_ok=True)
+    integer(max_context, "max_context", 1, None, none_ok=True)
+    integer(max_tokens, "max_tokens", 1, MAX_TOKENS_PER_CALL, none_ok=False)
 
 
 def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False) -> dict:

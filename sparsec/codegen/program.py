@@ -489,6 +489,11 @@ class _Lowering:
                 product = f"{n} * {head_dim} = {n * head_dim}"
                 raise disagree(self.where, what, view.width, f"{heads_field} * head_dim", product)
         scale = _attr(node, "scale", 1.0 / np.sqrt(head_dim), kind=float)
+        if scale <= 0:  # ONNX Attention's rule too (onnxruntime refuses the graph)
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} (CachedAttention): attribute 'scale' is "
+                f"{scale}, expected a number > 0; re-export the model with `sparsec export`"
+            )
         rotary_dim = _attr(node, "rotary_dim", 0, kind=int) or head_dim
         expected_rotary = int(head_dim * cfg.rope.partial_rotary_factor)
         if rotary_dim != expected_rotary or rotary_dim % 2:
@@ -682,9 +687,19 @@ def lower(model, where: str = "the graph") -> Program:
     the generated code is specialised to comes from the graph and agrees with
     ``sparsec.config``. ``where`` names the model in messages (its file).
     """
+    from sparsec.passes.functions import OPSET
+
     meta = model.metadata_props
     if meta.get(contract.META_FORMAT) != "optimized":
         raise SparsecError("the graph is not optimized: run `sparsec optimize` on it first")
+    opset = model.opset_imports.get("", 0)
+    if opset < OPSET:
+        # RMSNormalization, RotaryEmbedding and Attention exist from opset 23 on: below
+        # it the graph names ops that do not exist (onnxruntime refuses it).
+        raise SparsecError(
+            f"{where}: default opset {opset} is below {OPSET}, the opset of optimized graphs; "
+            "optimize the exported graph again with `sparsec optimize`"
+        )
     try:
         return _Lowering(model, where).run()
     except SparsecError as e:

@@ -105,6 +105,8 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise SparsecError(f"{name} does not exist; pass the path of a compiled model.so") from None
     except OSError as exc:  # a name too long, a symlink loop, a component not a folder
         raise SparsecError(f"cannot read {name}: {exc.strerror or exc}") from exc
+    except (UnicodeEncodeError, ValueError) as exc:  # a lone surrogate, a NUL byte
+        raise SparsecError(f"cannot read {name!a}: the path is not a valid file name") from exc
     if not stat.S_ISREG(st.st_mode):
         raise SparsecError(f"{name} is not a file; pass the path of a compiled model.so")
     try:
@@ -330,6 +332,8 @@ def validate_manifest(m: dict) -> None:
             _check(layer, key, _STR, where)
         for key in ("bytes", "flops"):
             _check(layer, key, _INT, where)
+    if "embedding" in m:  # how the embedding is stored (sparsec inspect shows it)
+        _check(m, "embedding", _STR, "")
     comp = _check(m, "compile", dict, "")
     _check(comp, "seconds", _NUM, "compile.")
     _check(comp, "created", _STR, "compile.")

@@ -345,3 +345,32 @@ def test_bad_tokenizer_refused(graph, tmp_path, text, fragment):
 def test_deeply_nested_metadata_refused(graph, tmp_path):
     graph.metadata_props[contract.META_CONFIG] = "[" * 100_000
     _refused(graph, tmp_path, "'sparsec.config' is not valid JSON (nested too deeply)")
+
+
+def test_opset_below_the_contract_refused(graph, tmp_path):
+    graph.opset_imports[""] = 18  # RMSNormalization and Attention do not exist there
+    _refused(graph, tmp_path, "default opset 18 is below 23")
+
+
+def test_non_positive_attention_scale_refused(graph, tmp_path):
+    node = next(n for n in graph.graph if n.op_type == "CachedAttention")
+    node.attributes["scale"] = ir.AttrFloat32("scale", -0.25)
+    _refused(graph, tmp_path, "attribute 'scale' is -0.25, expected a number > 0")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_tokens": 2**31}, "max_tokens is 2147483648; it must be an integer from 1 to 4096"),
+        ({"max_tokens": 1.5}, "max_tokens is 1.5; it must be an integer from 1 to 4096"),
+        ({"threads": 0}, "threads is 0; it must be an integer from 1 to 1024"),
+        ({"max_context": True}, "max_context is True; it must be an integer >= 1"),
+        ({"precision": "int4"}, "unknown precision 'int4'; choose fp32 or int8"),
+    ],
+)
+def test_compile_options_checked(optimized_path, options, message):
+    """The API's options get the CLI's ranges: a huge or fractional max_tokens once
+    wrote an artifact that could not load, or invalid LLVM IR."""
+    with pytest.raises(SparsecError) as e:
+        emit_model(optimized_path, quiet=True, choose=_dense, **options)
+    assert str(e.value) == message

@@ -117,6 +117,7 @@ def test_sealed_garbage_manifest(model_path, tmp_path, raw, detail):
         (lambda m: m["code"].__setitem__("blake2b", "xyz"), "hex blake2b-256 digest"),
         (lambda m: m["code"].__setitem__("size", 10), "is not the code's end (10) rounded"),
         (lambda m: m.__setitem__("precision", "int4"), "'precision' is 'int4', expected one"),
+        (lambda m: m.__setitem__("embedding", ["rows"]), "'embedding' is ['rows'], expected a str"),
         (lambda m: m["kv_cache"].__setitem__("shape", [1, 2, 3, 4, 5]), "expected [L, 2, KVH"),
         (lambda m: m["config"].__setitem__("vocab_size", "260"), "'vocab_size' is '260'"),
         (lambda m: m.__setitem__("tokenizer", "{not json"), "its tokenizer does not parse"),
@@ -377,3 +378,9 @@ def test_close_and_collection_unload_the_library(model_path):
     del m
     gc.collect()
     assert native.ctx == 0 and native._library._lib is None
+
+
+def test_path_that_is_no_file_name():
+    assert load_error("\ud800.so") == "cannot read '\\ud800.so': the path is not a valid file name"
+    with pytest.raises(SparsecError, match="the path is not a valid file name"):
+        artifact_module.read_artifact("a\0b.so")  # load refuses it earlier, by name
