@@ -47,6 +47,9 @@ TEXT = (
 ) * 30
 
 
+KEEP_SECONDS = 4 * 3600
+
+
 def source_key() -> str:
     import sparsec
 
@@ -69,8 +72,11 @@ def ensure_cache(root: str | os.PathLike | None = None, quiet: bool = False) -> 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "done").exists():
             return folder
+        # Older builds go, but not one a run started in the last hours may still use
+        # (a --replay after an edit builds anew while a long run goes on).
         for old in root.iterdir():
-            if old.is_dir() and old != folder:
+            stale = time.time() - old.stat().st_mtime > KEEP_SECONDS
+            if old.is_dir() and old != folder and stale:
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
         if not quiet:
