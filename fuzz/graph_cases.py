@@ -116,6 +116,13 @@ def _check_compiled(ctx, proto, out: Path, options: dict, notes: dict):
         raise Finding(WRONG, f"compile accepted a graph onnxruntime rejects: {ort_error}")
     if notes.get("slice_vocab") and want.shape[-1] > got.shape[-1]:
         want = want[..., : got.shape[-1]]  # a padded head's extra columns are not tokens
+    if not np.isfinite(want).all():
+        # The mutated graph overflows float32 in the reference itself: where it does
+        # depends on the order of the sums, which ONNX leaves open, so only "it
+        # overflows too" is required of the compiled model.
+        if np.isfinite(got).all():
+            raise Finding(WRONG, "onnxruntime's logits overflow but the compiled ones do not")
+        return OK, "both overflow float32 (non-finite logits)"
     if precision == "fp32":
         compare_logits(got, want, "compiled vs onnxruntime", atol=ORT_ATOL, rtol=ORT_RTOL)
     else:

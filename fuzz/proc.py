@@ -89,6 +89,15 @@ def _tail(text: str, n: int = 400) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
+def _interpreter_startup(err: str) -> bool:
+    """A KeyboardInterrupt traceback with no frame in sparsec's own files (nor the
+    console script's): it hit the interpreter's startup."""
+    lines = err.strip().splitlines()
+    frames = [line for line in lines if line.lstrip().startswith("File ")]
+    ours = [f for f in frames if "/sparsec/" in f or "bin/sparsec" in f]
+    return bool(lines) and lines[-1].strip() == "KeyboardInterrupt" and not ours
+
+
 def judge(ran: Ran, allow_pipe: bool = False) -> tuple[str, str]:
     """(outcome, detail) of a finished process by the CLI's rules."""
     rc, err = ran.returncode, ran.stderr
@@ -96,6 +105,10 @@ def judge(ran: Ran, allow_pipe: bool = False) -> tuple[str, str]:
     if ran.signalled:
         where += f" (signal {ran.signalled} at {ran.delay:.2f} s)"
     if "Traceback (most recent call last)" in err:
+        if ran.signalled and _interpreter_startup(err):
+            # The signal came while Python itself was starting (site, .pth imports),
+            # before any sparsec code ran: no program can handle it there.
+            return OK, f"{where}: interrupted during interpreter startup"
         return TRACEBACK, f"{where}: raw traceback: {_tail(err, 700)}"
     if rc == 0:
         return OK, where

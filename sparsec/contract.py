@@ -114,6 +114,12 @@ class RoPE:
     scaling: tuple[tuple[str, object], ...] = ()  # rope_type's own parameters, sorted
 
 
+INT32_MAX = 2**31 - 1
+# Contexts up to 2M positions (Qwen2.5-1M has 1,010,000): the optimizer materialises RoPE
+# tables of a row per position, 512 MiB each at head_dim 128 there.
+MAX_POSITIONS = 1 << 21
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer, as every sparsec stage needs to know it."""
@@ -274,6 +280,16 @@ class ModelConfig:
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected int > 0")
+            if value > INT32_MAX:  # the native code indexes with 32-bit integers
+                raise ConfigError(
+                    f"sparsec.config field {name!r} is {value}, expected at most {INT32_MAX}"
+                )
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(
+                f"sparsec.config field 'max_position_embeddings' is "
+                f"{self.max_position_embeddings}, expected at most {MAX_POSITIONS} (the RoPE "
+                "tables hold a row per position)"
+            )
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm"):
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(f"sparsec.config field {name!r} must be true or false")

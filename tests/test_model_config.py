@@ -132,6 +132,11 @@ def test_unsupported_values_are_refused_naming_the_field(hf, message):
             lambda d: d["rope"].__setitem__("partial_rotary_factor", 0),
             "'rope.partial_rotary_factor' is 0",
         ),
+        (lambda d: d.__setitem__("vocab_size", 2**31), "'vocab_size' is 2147483648, expected at"),
+        (
+            lambda d: d.__setitem__("max_position_embeddings", (1 << 21) + 1),
+            "'max_position_embeddings' is 2097153, expected at most 2097152",
+        ),
     ],
 )
 def test_malformed_config_names_the_field(edit, message):
