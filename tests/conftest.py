@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Loads record verified artifacts (sparsec.runtime.verified): keep the tests' records,
+# also those of CLI subprocesses, out of the user's cache.
+os.environ["SPARSEC_VERIFIED_DIR"] = tempfile.mkdtemp(prefix="sparsec-verified-")
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,12 @@ def register(subparsers) -> None:
     )
     inspect.add_argument("model", help="a model.so made by `sparsec compile`")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="also hash the code and every weight chunk against the manifest (reads the "
+        "whole file; no native code runs) and record the file as verified for later loads",
+    )
     inspect.set_defaults(func=inspect_command)
 
 
@@ -98,7 +104,7 @@ def run_command(args: argparse.Namespace) -> int:
         result = stream.result
     print(
         f"[{result.finish_reason}] {result.stats.summary()}; {model.threads} thread(s), "
-        f"weights in {model.weights_memory}",
+        f"weights in {model.weights_memory}, hashes checked {model.weights_verified}",
         file=sys.stderr,
     )
     return 0
@@ -110,9 +116,26 @@ def inspect_command(args: argparse.Namespace) -> int:
     from sparsec.runtime.artifact import read_artifact
     from sparsec.runtime.summary import format_summary, summarize
 
-    summary = summarize(read_artifact(args.model))
+    artifact = read_artifact(args.model)
+    summary = summarize(artifact)
+    if args.verify:
+        summary["verified"] = verify_artifact(artifact)
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         print(format_summary(summary))
+        if args.verify:
+            print(f"verified: {summary['verified']}")
     return 0
+
+
+def verify_artifact(artifact) -> str:
+    """Hash everything in ``artifact`` against its manifest (raises on a mismatch)."""
+    from sparsec.runtime import verified
+    from sparsec.runtime.artifact import map_weights, read_code, verify_weights
+
+    read_code(artifact)
+    verify_weights(artifact, map_weights(artifact))
+    verified.record(artifact.path, artifact.identity, artifact.seal)
+    chunks = len(artifact.manifest["weights"]["blake2b"])
+    return f"manifest, code and {chunks} weight chunk(s) match their hashes"

@@ -80,14 +80,17 @@ def load_tokenizer(manifest: dict, name: str):
 def load(
     path: str | os.PathLike,
     threads: int | None = None,
-    verify: bool = True,
+    verify: bool | str = True,
     huge_pages: bool | None = None,
 ) -> Model:
     """Load a compiled ``model.so``.
 
     ``threads``: worker threads of the native code (default: the manifest's
     ``default_threads``, at most the CPUs this process may use). ``verify``: check the
-    blake2b hash of the weights (about 1 s per GB). ``huge_pages``: hold the weights in
+    blake2b hashes of the weights (about 2-3 s per GB on one core; chunks in parallel),
+    unless an earlier load verified this same unchanged file (``"always"``: hash them
+    regardless; False: skip; ``Model.weights_verified`` says which happened; the code
+    and manifest are always checked). ``huge_pages``: hold the weights in
     a private copy on 2 MiB transparent huge pages (faster decode) rather than mapping
     the file (shared page cache, no private memory); None = when the kernel offers them.
     ``Model.weights_memory`` says which was used.
@@ -96,7 +99,8 @@ def load(
     # inside, and before the slow part (reading and hashing the weights).
     check_path(path)
     check_threads(threads)
-    verify = check_bool(verify, "verify")
+    if not (isinstance(verify, str) and verify == "always"):
+        verify = check_bool(verify, "verify (True, False or 'always')")
     huge_pages = check_optional_bool(huge_pages, "huge_pages", "when the kernel offers them")
     artifact = read_artifact(path)
     name = str(path)
@@ -107,8 +111,10 @@ def load(
     # is sized from the manifest; the weights (hash-checked) before any native call.
     library = NativeLibrary(artifact)
     try:
-        weights, how = load_weights(artifact, huge_pages=huge_pages, verify=verify)
-        return Model(artifact, weights, tokenizer, n_threads, weights_memory=how, library=library)
+        weights, how, checked = load_weights(artifact, huge_pages=huge_pages, verify=verify)
+        model = Model(artifact, weights, tokenizer, n_threads, weights_memory=how, library=library)
+        model.weights_verified = checked  # "now", "earlier" (same unchanged file), "skipped"
+        return model
     except BaseException:
         library.unload()
         raise
@@ -165,6 +171,7 @@ class Model:
         self.eos_token_id: int | None = eos[0] if eos else None
         self.bos_token_id: int | None = gen["bos_token_id"]
         self.weights_memory = weights_memory  # "file mapping" or "huge pages" (see load)
+        self.weights_verified = "now"  # how load checked the weights' hashes (see load)
 
         self._kv_cache = aligned_zeros(tuple(m["kv_cache"]["shape"]), np.float32)
         self._logits = aligned_zeros((self.max_tokens_per_call, self.vocab_size), np.float32)

@@ -68,8 +68,8 @@ def test_load_threads_bounds_accepted(model_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(verify="no"), "verify must be True or False, got 'no'"),
-        (dict(verify=None), "verify must be True or False, got None"),
+        (dict(verify="no"), "verify (True, False or 'always') must be True or False, got 'no'"),
+        (dict(verify=None), "verify (True, False or 'always') must be True or False, got None"),
         (dict(huge_pages=1), "huge_pages must be True, False or None (None = when the kernel"),
     ],
 )
