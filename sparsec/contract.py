@@ -6,6 +6,7 @@ Stages meet only at files; these constants are what those files promise each oth
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -296,6 +297,10 @@ class ModelConfig:
         for name, value in (("norm_eps", self.norm_eps), ("rope.theta", self.rope.theta)):
             if type(value) not in (int, float) or value <= 0:
                 raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected > 0")
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"sparsec.config field {name!r} is {value!r}, expected a finite number > 0"
+                )
         for name, value in (
             ("family", self.family),
             ("norm", self.norm),

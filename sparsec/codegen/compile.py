@@ -228,15 +228,11 @@ def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False
     return manifest
 
 
-def _check_output(out: Path) -> None:
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise SparsecError(f"cannot write {out}: folder {parent} is missing or not writable")
-
-
 def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest. ``options``: those
     of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose,
     target)."""
-    _check_output(Path(out))
+    from sparsec.onnx_io import check_onnx_output
+
+    check_onnx_output(out, src)  # the CLI's output checks, for API callers too
     return build_model(emit_model(src, **options), out, quiet=options.get("quiet", False))
