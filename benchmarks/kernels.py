@@ -6,12 +6,13 @@ L2 so they stream from memory as in a model step) and print a table with the GB/
 weight bytes. Then the whole 30-layer linear stack of SmolLM2 (q,k,v,o,gate,up,down per
 layer, distinct weight copies, 106M weights) per format, against numpy fp32.
 
-    .venv/bin/python benchmarks/kernels.py --threads 2
+    .venv/bin/python benchmarks/kernels.py --threads 2 [--target avx2]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsec.codegen.autotune import LinearLibrary  # noqa: E402
 from sparsec.codegen.linear import LINEAR_FORMATS, pack_linear, reference_linear  # noqa: E402
 from sparsec.codegen.quantize import quantized_row_bytes  # noqa: E402
+from sparsec.codegen.target import ISAS, host_target  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 # one decoder layer: q, k, v, o, gate, up, down
@@ -46,6 +48,7 @@ LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576
 N_LAYERS = 30
 SPARSITIES = (0.0, 0.5, 0.7, 0.9)
 WORKING_SET = 64 << 20
+pack = pack_linear  # main() binds the --target ISA
 
 
 def random_weight(rng, shape, sparsity):
@@ -107,7 +110,7 @@ def bench_shapes(args, rng):
             continue
         t0 = time.perf_counter()
         libs = {
-            f: LinearLibrary([("lin", pack_linear(np.zeros(shape, np.float32), f))], 16)
+            f: LinearLibrary([("lin", pack(np.zeros(shape, np.float32), f))], 16, tgt=args.tgt)
             for f in LINEAR_FORMATS
         }
         compile_s = time.perf_counter() - t0
@@ -116,7 +119,7 @@ def bench_shapes(args, rng):
             w = random_weight(rng, shape, sp)
             cells = []
             for f in LINEAR_FORMATS:
-                packed = pack_linear(w, f)
+                packed = pack(w, f)
                 ref_err, _ = check(libs[f], "lin", packed, w, rng, args.threads)
                 worst[f] = max(worst[f], ref_err)
                 t = time_layer(libs[f], "lin", packed, rng, args.threads, args.reps)
@@ -157,8 +160,9 @@ def bench_stack(args, rng):
             if sp == 0.0 and f.startswith("bitmask") and not args.all:
                 row.append(f"{f} {'-':>6}")
                 continue
-            packs = {s: pack_linear(random_weight(rng, s, sp), f) for s in shapes}
-            lib = LinearLibrary([(f"l{o}x{i}", packs[(o, i)]) for o, i in shapes], n)
+            packs = {s: pack(random_weight(rng, s, sp), f) for s in shapes}
+            kernels = [(f"l{o}x{i}", packs[(o, i)]) for o, i in shapes]
+            lib = LinearLibrary(kernels, n, tgt=args.tgt)
             bufs = {s: Buffers(n, s[1], s[0], rng) for s in shapes}
             calls = []
             keep = []
@@ -194,7 +198,17 @@ def main():
     ap.add_argument("--skip-shapes", action="store_true")
     ap.add_argument("--skip-stack", action="store_true")
     ap.add_argument("--all", action="store_true", help="also bitmask formats at sparsity 0")
+    ap.add_argument(
+        "--target",
+        choices=("auto", *ISAS),
+        default="auto",
+        help="instruction set of the kernels (default auto: the best this CPU runs)",
+    )
     args = ap.parse_args()
+    args.tgt = host_target(args.target)
+    global pack
+    pack = functools.partial(pack_linear, isa=args.tgt.isa)
+    print(f"target {args.tgt.isa.name}, cpu {args.tgt.cpu}")
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     if not args.skip_shapes:

@@ -166,7 +166,9 @@ def linear_module(specs: list[KernelSpec], packs: dict, emitter: Emitter, target
     for spec in specs:
         emitter(module, spec.name, packs[spec.name], target)
     for in_features in sorted({s.shape[1] for s in specs if s.int8}):
-        emit_quantize_tokens(module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS)
+        emit_quantize_tokens(
+            module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS, isa=target.isa
+        )
     return module
 
 

@@ -95,7 +95,11 @@ class LinearLibrary:
             )
             if packed.precision == "int8":
                 emit_quantize_tokens(
-                    module, f"{name}_quant", packed.in_features, max_tokens=max_tokens
+                    module,
+                    f"{name}_quant",
+                    packed.in_features,
+                    max_tokens=max_tokens,
+                    isa=(tgt or target.default_target()).isa,
                 )
             self.packed[name] = packed
         self.max_tokens = max_tokens

@@ -42,11 +42,13 @@ from sparsec.codegen.irbuild import (
     splat,
     store,
     thread_range,
+    vector_intrinsic,
     vectors,
 )
 from sparsec.codegen.linear_pack import PackedLinear
+from sparsec.codegen.linear_shuffle import shuffle_decode_f32, shuffle_decode_i8
 from sparsec.codegen.quantize import quantized_row_bytes
-from sparsec.codegen.target import AVX512, Target, default_target
+from sparsec.codegen.target import Target, default_target
 from sparsec.errors import SparsecError
 
 # The tiling constants (token tiles, row-block groups, decode accumulators, prefetch
@@ -54,12 +56,13 @@ from sparsec.errors import SparsecError
 
 
 class _Format:
-    """What differs between the four formats, as IR-emitting hooks."""
+    """What differs between the four formats and the ISAs, as IR-emitting hooks."""
 
     def __init__(self, packed: PackedLinear, b: ir.IRBuilder, w, target: Target):
         self.p = packed
         self.b = b
         self.w = w
+        self.isa = target.isa
         self.tuning = target.tuning
         self.vec_bytes = target.isa.vector_bytes
         self.v = v = vectors(target.isa)
@@ -67,7 +70,8 @@ class _Format:
         self.sparse = packed.fmt.startswith("bitmask")
         self.acc_type = v.i32 if self.int8 else v.f32
         self.wvec_type = v.i8 if self.int8 else v.f32
-        self.mask_type = ir.IntType(64) if self.int8 else I16
+        # one mask bit per lane of the weight vector (bytes for int8, floats for fp32)
+        self.mask_type = ir.IntType(self.vec_bytes if self.int8 else v.lanes)
 
     # -- weight stream of one block --------------------------------------------------
     def block_start(self, blk64):
@@ -89,23 +93,28 @@ class _Format:
             ptr = b.gep(b.bitcast(state["base"], self.wvec_type.as_pointer()), [k], inbounds=True)
             self.prefetch(ptr)
             return b.load(ptr, align=4)
-        mask = b.load(b.gep(state["masks"], [k], inbounds=True), align=2)
+        align = min(2, self.mask_type.width // 8)
+        mask = b.load(b.gep(state["masks"], [k], inbounds=True), align=align)
         vptr = state["values"].get()
         # Hardware prefetchers lose the value stream (variable stride per step): fetch
         # ahead explicitly (measured: up to 1.8x on the 30-layer stack from DRAM).
         self.prefetch(vptr)
-        if self.int8:
+        if self.isa.sparse_decode == "shuffle":
+            vec, nbytes = (shuffle_decode_i8 if self.int8 else shuffle_decode_f32)(
+                b, vptr, mask, self.v
+            )
+        elif self.int8:
             vec = intrinsic(
                 b,
-                "llvm.masked.expandload.v64i8",
+                f"llvm.masked.expandload.v{self.vec_bytes}i8",
                 self.v.i8,
                 [vptr, b.bitcast(mask, self.v.mask_i8), const(self.v.i8, 0)],
             )
-            count = intrinsic(b, "llvm.ctpop.i64", mask.type, [mask])
+            nbytes = intrinsic(b, f"llvm.ctpop.i{mask.type.width}", mask.type, [mask])
         else:
             vec = intrinsic(
                 b,
-                "llvm.masked.expandload.v16f32",
+                f"llvm.masked.expandload.v{self.v.lanes}f32",
                 self.v.f32,
                 [
                     b.bitcast(vptr, F32.as_pointer()),
@@ -113,8 +122,9 @@ class _Format:
                     const(self.v.f32, 0.0),
                 ],
             )
-            count = b.mul(intrinsic(b, "llvm.ctpop.i16", I16, [mask]), ir.Constant(I16, 4))
-        state["values"].set(b.gep(vptr, [b.zext(count, I64)], inbounds=True))
+            count = intrinsic(b, f"llvm.ctpop.i{mask.type.width}", mask.type, [mask])
+            nbytes = b.mul(count, ir.Constant(mask.type, 4))
+        state["values"].set(b.gep(vptr, [b.zext(nbytes, I64)], inbounds=True))
         return vec
 
     def prefetch(self, ptr):
@@ -128,7 +138,7 @@ class _Format:
 
     # -- math ------------------------------------------------------------------------
     def x_broadcast(self, xrow, k):
-        """Activation(s) of step ``k`` of one token, broadcast to all 16 lanes."""
+        """Activation(s) of step ``k`` of one token, broadcast to every lane."""
         b = self.b
         if self.int8:
             word = b.load(b.gep(b.bitcast(xrow, I32.as_pointer()), [k], inbounds=True), align=1)
@@ -136,13 +146,26 @@ class _Format:
         return splat(b, b.load(b.gep(xrow, [k], inbounds=True), align=4), self.v.lanes)
 
     def madd(self, acc, xv, wv):
-        if self.int8:
+        b = self.b
+        if not self.int8:
+            return vector_intrinsic(b, "llvm.fma", self.v.f32, [xv, wv, acc])
+        if self.isa.int8_dot == "vnni":
             # vpdpbusd: unsigned bytes (activations + 128) times signed bytes (weights)
-            return intrinsic(self.b, "llvm.x86.avx512.vpdpbusd.512", self.v.i32, [acc, xv, wv])
-        return intrinsic(self.b, "llvm.fma.v16f32", self.v.f32, [xv, wv, acc])
+            return intrinsic(b, self.isa.vnni_intrinsic, self.v.i32, [acc, xv, wv])
+        # AVX2: |w| (unsigned) times x with w's sign (signed), so vpmaddubsw's i16 pair
+        # sums stay within 2 * 127 * 127 and never saturate; vpmaddwd by 1 widens the
+        # pairs to the four-byte int32 sums vpdpbusd would give.
+        v = self.v
+        i16s = ir.VectorType(I16, 2 * v.lanes)
+        wabs = vector_intrinsic(b, "llvm.abs", v.i8, [wv, ir.Constant(ir.IntType(1), 0)])
+        xsigned = intrinsic(b, "llvm.x86.avx2.psign.b", v.i8, [xv, wv])
+        pairs = intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", i16s, [wabs, xsigned])
+        quads = intrinsic(b, "llvm.x86.avx2.pmadd.wd", v.i32, [pairs, const(i16s, 1)])
+        return b.add(acc, quads)
 
     def acc_init(self, blk64, first: bool):
-        if self.int8 and first:  # bias = -128 * rowsum(q) undoes the activation offset
+        if self.int8 and first and self.isa.act_offset:
+            # bias = -offset * rowsum(q) undoes the activation offset
             off = self.b.add(i64(self.p.sections["bias"]), self.b.mul(blk64, i64(self.vec_bytes)))
             return load_vec(self.b, gep_bytes(self.b, self.w, off), self.v.i32)
         return const(self.acc_type, 0 if self.int8 else 0.0)
@@ -151,7 +174,7 @@ class _Format:
         return self.b.add(a, c) if self.int8 else self.b.fadd(a, c)
 
     def finish(self, acc, blk64, xscale, tok64):
-        """The 16 float outputs of a block for one token."""
+        """The float outputs of a block (one per lane) for one token."""
         if not self.int8:
             return acc
         b = self.b
@@ -175,10 +198,10 @@ def emit_linear_kernel(
 ) -> ir.Function:
     p = packed
     target = target or default_target()
-    if target.isa != AVX512 or p.rows != target.isa.lanes_f32:
-        # The vector types below are AVX-512's; another ISA gets its own renderer.
+    if p.rows != target.isa.lanes_f32 or p.fmt not in target.isa.formats:
         raise SparsecError(
-            f"linear kernel {name}: no {target.isa.name} renderer for {p.rows}-row blocks"
+            f"linear kernel {name}: {p.fmt} weights packed in {p.rows}-row blocks have no "
+            f"{target.isa.name} kernel (pack them for that ISA: pack_linear(..., isa))"
         )
     if max_tokens < 1:
         raise SparsecError(f"max_tokens must be >= 1, got {max_tokens} (linear kernel {name})")
@@ -220,7 +243,10 @@ def emit_linear_kernel(
             return None
         # the last block has padded rows: masked loads/stores of y
         last = b.icmp_signed("==", blk, i32(nblk - 1))
-        return b.select(last, ir.Constant(I16, (1 << tail_rows) - 1), ir.Constant(I16, 0xFFFF))
+        bits = ir.IntType(p.rows)
+        return b.select(
+            last, ir.Constant(bits, (1 << tail_rows) - 1), ir.Constant(bits, (1 << p.rows) - 1)
+        )
 
     def blocks(first, group, tiles):
         """All token tiles of the ``group`` consecutive blocks starting at ``first``."""

@@ -13,9 +13,15 @@ horizontally, and the last block is zero padded. Below, R = 16.
 - ``bitmask_i8``: per block a stream ``masks u64[in/4]`` (bit 4r+j: row r, column 4c+j)
   then the nonzero int8 values in that order, read with ``vpexpandb``.
 
+On AVX2 (R = 8) the same layouts hold 8 rows: ``u8`` masks for bitmask fp32, ``u32``
+for bitmask int8 (32-byte vectors), and the value streams end with a vector of zero
+slack, since AVX2 kernels load a full vector from the stream each step and shuffle
+the nonzeros into place (``Isa.sparse_decode``).
+
 Sparse formats also hold a table of ``nblocks + 1`` int64 byte offsets of the block
 streams (also the cumulative byte cost that balances threads). int8 formats hold per
-row ``bias = -128 * rowsum(q)`` (int32, undoes the +128 activation offset) and the
+row ``bias = -offset * rowsum(q)`` (int32, undoes the activation offset: 128 for
+vpdpbusd, 0 on AVX2's vpmaddubsw) and the
 weight scale (float32). Every section starts at a multiple of 64 bytes.
 """
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparsec.codegen.quantize import ACT_OFFSET, quantize_tokens_reference, quantize_weight_rows
+from sparsec.codegen.quantize import quantize_tokens_reference, quantize_weight_rows
 from sparsec.codegen.target import AVX512, Isa
 from sparsec.errors import SparsecError
 
@@ -138,7 +144,14 @@ def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[by
     return offsets.tobytes(), bytes(streams)
 
 
-def _pack(fmt, rows, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
+def mask_dtype(fmt: str, rows: int) -> np.dtype:
+    """The per-step mask of a bitmask format: one bit per lane of the weight vector."""
+    bits = rows if fmt == "bitmask_f32" else rows * 4
+    return np.dtype({8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bits])
+
+
+def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLinear:
+    rows = isa.lanes_f32
     blob = _Blob()
     sections = {}
     for name, raw in extra_sections:
@@ -149,11 +162,11 @@ def _pack(fmt, rows, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLin
         nblk = w_blocks.shape[0]
         table_at = blob.size
         streams_at = table_at + _align((nblk + 1) * 8)
-        mask_dtype = np.uint16 if fmt == "bitmask_f32" else np.uint64
-        table, streams = _sparse_streams(w_blocks, mask_dtype, streams_at)
+        table, streams = _sparse_streams(w_blocks, mask_dtype(fmt, rows), streams_at)
         sections["table"] = blob.add(table)
         assert blob.size == streams_at
-        blob.add(streams)
+        slack = bytes(isa.vector_bytes) if isa.sparse_decode == "shuffle" else b""
+        blob.add(streams + slack)
     total = n_out * n_in
     return PackedLinear(
         fmt=fmt,
@@ -194,7 +207,7 @@ def pack_linear(weight: np.ndarray, fmt: str, isa: Isa = AVX512) -> PackedLinear
     out, inp = w.shape
     rows = isa.lanes_f32
     blocks = _padded_rows(w, rows).reshape(-1, rows, inp).transpose(0, 2, 1)  # [blk, in, 16]
-    return _pack(fmt, rows, np.ascontiguousarray(blocks), out, inp, nnz)
+    return _pack(fmt, isa, np.ascontiguousarray(blocks), out, inp, nnz)
 
 
 def pack_linear_quantized(
@@ -213,14 +226,14 @@ def pack_linear_quantized(
     kq = -(-inp // 4)
     rows = isa.lanes_f32
     qp = _padded_rows(q, rows, kq * 4)  # [out_pad, kq*4]
-    bias = -ACT_OFFSET * qp.astype(np.int32).sum(axis=1, dtype=np.int32)
+    bias = -isa.act_offset * qp.astype(np.int32).sum(axis=1, dtype=np.int32)
     scale_p = np.zeros(qp.shape[0], dtype=np.float32)
     scale_p[:out] = scale
     # [blk, kq, 16 rows, 4 cols] -> lanes = 64 bytes per column quad
     blocks = qp.reshape(-1, rows, kq, 4).transpose(0, 2, 1, 3).reshape(-1, kq, rows * 4)
     extra = (("bias", bias.astype(np.int32).tobytes()), ("scale", scale_p.tobytes()))
     nnz = int(np.count_nonzero(q))
-    return _pack(fmt, rows, np.ascontiguousarray(blocks), out, inp, nnz, extra)
+    return _pack(fmt, isa, np.ascontiguousarray(blocks), out, inp, nnz, extra)
 
 
 def _section(packed: PackedLinear, name: str, dtype, count: int) -> np.ndarray:
@@ -235,14 +248,14 @@ def unpack_blocks(packed: PackedLinear) -> np.ndarray:
     dtype, lanes = (np.float32, rows) if packed.precision == "fp32" else (np.int8, rows * 4)
     if packed.fmt.startswith("dense"):
         return _section(packed, "weights", dtype, nblk * k * lanes).reshape(nblk, k, lanes)
-    mask_dtype = np.uint16 if packed.fmt == "bitmask_f32" else np.uint64
+    masks_type = mask_dtype(packed.fmt, rows)
     table = _section(packed, "table", np.int64, nblk + 1)
     out = np.zeros((nblk, k, lanes), dtype=dtype)
     bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(lanes, dtype=np.uint64))
-    mask_bytes = k * np.dtype(mask_dtype).itemsize
+    mask_bytes = k * masks_type.itemsize
     for i in range(nblk):
         o = int(table[i])
-        masks = packed.data[o : o + mask_bytes].view(mask_dtype).astype(np.uint64)
+        masks = packed.data[o : o + mask_bytes].view(masks_type).astype(np.uint64)
         nz = (masks[:, None] & bits) != 0
         c = int(nz.sum())
         vals = packed.data[o + mask_bytes : o + mask_bytes + c * np.dtype(dtype).itemsize]

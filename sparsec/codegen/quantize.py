@@ -39,9 +39,8 @@ from sparsec.codegen.irbuild import (
 from sparsec.codegen.target import AVX512, Isa
 
 QUANT_MAX = 127
-# Unsigned offset added to quantized activations for vpdpbusd (u8 x s8).
-ACT_OFFSET = 128
-# Quantized activation rows are padded to this many bytes (pad value = ACT_OFFSET, i.e. 0).
+# Quantized activations are stored as q + Isa.act_offset (128 where vpdpbusd wants
+# unsigned bytes). Rows are padded to this many bytes (pad value: the offset, i.e. q = 0).
 ROW_ALIGN = 64
 
 
@@ -81,7 +80,8 @@ def emit_quantize_tokens(
     """Emit ``void name(const float* x, uint8_t* xq, float* xscale, i32 n, i32 tid, i32 nt)``.
 
     Token rows are split evenly over threads. ``xq`` rows are ``quantized_row_bytes``
-    apart and hold ``q + 128``, padding included (so padded columns read as 0). Rows
+    apart and hold ``q + isa.act_offset``, padding included (so padded columns read as
+    0). Rows
     are read in chunks of the ISA's float32 lanes (L below; 16 on AVX-512).
     """
     del max_tokens  # n is a runtime value; kept for a uniform emitter signature
@@ -127,13 +127,15 @@ def emit_quantize_tokens(
             r = vector_intrinsic(b, "llvm.roundeven", v.f32, [b.fdiv(x_chunk, s_vec)])
             r = vector_intrinsic(b, "llvm.minnum", v.f32, [r, const(v.f32, float(QUANT_MAX))])
             r = vector_intrinsic(b, "llvm.maxnum", v.f32, [r, const(v.f32, -float(QUANT_MAX))])
-            qi = b.add(b.fptosi(r, v.i32), const(v.i32, ACT_OFFSET))
-            qi = b.select(zero_scale, const(v.i32, ACT_OFFSET), qi)
+            qi = b.fptosi(r, v.i32)
+            if isa.act_offset:
+                qi = b.add(qi, const(v.i32, isa.act_offset))
+            qi = b.select(zero_scale, const(v.i32, isa.act_offset), qi)
             dst = b.gep(qrow, [b.mul(b.sext(c, I64), i64(lanes))], inbounds=True)
             store(b, b.trunc(qi, v.i8_lanes), dst, align=1)
         # Padding after the last L-column chunk up to the row stride reads as q = 0.
         for off in range(chunks * lanes, q_stride, lanes):
-            store(b, const(v.i8_lanes, ACT_OFFSET), gep_bytes(b, qrow, off), align=1)
+            store(b, const(v.i8_lanes, isa.act_offset), gep_bytes(b, qrow, off), align=1)
     b.ret_void()
     return fn
 

@@ -49,6 +49,16 @@ class Isa:
     # (function attribute "tune-cpu"): a cpu name brings its whole ISA with it
     # (sapphirerapids: AVX512-FP16, AMX), which the code must not use.
     base_cpu: str = "x86-64-v4"
+    # How the bitmask formats put a block's nonzeros back in their lanes: "expand"
+    # (vexpandps / vpexpandb loads, AVX-512) or "shuffle" (a table indexed by the mask
+    # bits drives vpermps / vpshufb; the value streams get a vector of slack because
+    # each step loads a full vector from the stream).
+    sparse_decode: str = "expand"
+    # The int8 dot product of four byte pairs per int32 lane: "vnni" (vpdpbusd, u8
+    # activations + 128 times s8 weights; the packed bias undoes the offset) or
+    # "maddubs" (AVX2: vpsignb + vpmaddubsw + vpmaddwd on signed activations, which
+    # cannot saturate since both factors stay within +-127).
+    int8_dot: str = "vnni"
 
     @property
     def vector_bytes(self) -> int:
@@ -62,6 +72,17 @@ class Isa:
     @property
     def feature_string(self) -> str:
         return ",".join("+" + f for f in self.features)
+
+    @property
+    def act_offset(self) -> int:
+        """Added to quantized activations (and to row padding): vpdpbusd multiplies
+        unsigned activation bytes, vpmaddubsw's sign trick wants them signed."""
+        return 128 if self.int8_dot == "vnni" else 0
+
+    @property
+    def vnni_intrinsic(self) -> str:
+        """LLVM's vpdpbusd at this width (AVX-VNNI shares the AVX-512 intrinsic names)."""
+        return f"llvm.x86.avx512.vpdpbusd.{self.vector_bits}"
 
     @property
     def vector_width_attributes(self) -> str:
@@ -99,7 +120,34 @@ AVX512 = Isa(
     formats=("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8"),
     scheduling_cpu="znver4",
 )
-ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512,)}
+
+# Intel Haswell and newer without AVX-512 (Core 4th-11th gen, most laptops), AMD Zen 1-3:
+# 8 float lanes, no expand loads, int8 through vpmaddubsw.
+_AVX2_FEATURES = ("avx2", "fma", "f16c", "bmi2", "popcnt", "movbe")
+AVX2 = Isa(
+    name="avx2",
+    features=_AVX2_FEATURES,
+    vector_bits=256,
+    formats=("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8"),
+    scheduling_cpu="znver3",
+    base_cpu="x86-64-v3",
+    sparse_decode="shuffle",
+    int8_dot="maddubs",
+)
+# AVX2 plus the VEX-encoded vpdpbusd of AVX-VNNI: Intel Core 12th gen (Alder Lake) and
+# newer, Core Ultra, AMD Zen 5. (Zen 4 has VNNI only as AVX-512: it runs avx512.)
+AVX2_VNNI = Isa(
+    name="avx2-vnni",
+    features=(*_AVX2_FEATURES, "avxvnni"),
+    vector_bits=256,
+    formats=AVX2.formats,
+    scheduling_cpu="alderlake",
+    base_cpu="x86-64-v3",
+    sparse_decode="shuffle",
+    int8_dot="vnni",
+)
+# Best first: ``--target auto`` takes the first one the host runs.
+ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512, AVX2_VNNI, AVX2)}
 
 
 @dataclass(frozen=True)
@@ -112,7 +160,7 @@ class Target:
 
     @property
     def tuning(self) -> Tuning:
-        return tuning_for(self.cpu)
+        return tuning_for(self.isa.name, self.cpu)
 
     def describe(self) -> dict:
         """The manifest's ``target`` field."""
@@ -156,7 +204,8 @@ def require_features(
     if missing:
         raise SparsecError(
             f"this CPU lacks the features sparsec kernels need: {', '.join(missing)}; "
-            "run on an AVX-512 VNNI/VBMI2 CPU (AMD Zen 4, Intel Ice Lake or newer)"
+            "choose a --target it runs (sparsec compile --target auto picks the best), or "
+            "compile on a CPU that has them"
         )
 
 
@@ -187,20 +236,32 @@ def _host_cpu_name(isa: Isa) -> str:
 def host_target(name: str = "auto", cpu: str | None = None, *, check_host: bool = True) -> Target:
     """The target ``sparsec compile --target NAME --target-cpu CPU`` builds for.
 
-    ``auto``: the best ISA this host runs (today: avx512). ``cpu`` None: this host's CPU.
+    ``auto``: the best ISA this host runs (``ISAS`` order). ``cpu`` None: this host's CPU.
     ``check_host``: refuse an ISA this host lacks (compiling autotunes by running the
     kernels here, so today every compile needs it).
     """
     if name != "auto" and name not in ISAS:
         raise SparsecError(f"unknown --target {name!r}; choose auto or {', '.join(ISAS)}")
-    isa = AVX512 if name == "auto" else ISAS[name]
+    isa = best_isa() if name == "auto" else ISAS[name]
     if check_host:
-        require_features(isa.features)
+        try:
+            require_features(isa.features)
+        except SparsecError as exc:
+            raise SparsecError(f"--target {isa.name}: {exc}") from None
     if cpu is not None and not (re.fullmatch(r"[a-z][a-z0-9_.-]*", cpu) and _llvm_knows(cpu)):
         raise SparsecError(
             f"--target-cpu {cpu!r} is not an LLVM cpu name (e.g. znver4, sapphirerapids)"
         )
     return Target(isa, cpu or _host_cpu_name(isa))
+
+
+def best_isa(available: Iterable[str] | None = None) -> Isa:
+    """The first ISA of ``ISAS`` whose features the host (or ``available``) has."""
+    for isa in ISAS.values():
+        if not missing_features(isa.features, available):
+            return isa
+    require_features(ISAS["avx2"].features, available)  # raises, naming what is missing
+    raise AssertionError("unreachable")
 
 
 @functools.cache

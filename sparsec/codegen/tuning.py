@@ -2,9 +2,10 @@
 
 The loop structure of ``linear_kernel.py`` is fixed; how many row blocks it streams at
 once, how many accumulators it splits the input over and how far ahead it prefetches
-are measured constants, and the best values differ between microarchitectures. Each
-``Tuning`` is one CPU's set, keyed by the LLVM cpu name of the ``Target``; a CPU
-without a row gets ``DEFAULT``. Add a row only with the measurement behind it (the
+are measured constants, and the best values differ between microarchitectures and
+ISAs (AVX2 has 16 vector registers where AVX-512 has 32). Each ``Tuning`` is one
+(ISA, CPU) set, keyed by the ISA name and LLVM cpu name of the ``Target``; a CPU without
+a row gets its ISA's default. Add a row only with the measurement behind it (the
 kernel regression check's ``--emitter`` A/B and ``sparsec bench``), and say on which
 CPU in the comment.
 """
@@ -50,9 +51,19 @@ class Tuning:
 # The measurements above were made on the AVX-512 machines of sessions 1-10 (Intel Xeon,
 # Sapphire Rapids class, and AMD EPYC Zen 4); no CPU has a measured set of its own yet.
 DEFAULT = Tuning()
-TUNINGS: dict[str, Tuning] = {}
+# AVX2 (16 ymm registers): a multi-token tile of T tokens x G blocks holds T*G
+# accumulators, G weights and a broadcast, so 4 x 2 (11 registers; int8 adds 3
+# temporaries for vpsignb/vpmaddubsw/vpmaddwd) rather than AVX-512's 8 x 3.
+AVX2_DEFAULT = Tuning(
+    token_tiles=(4, 2, 1),
+    block_group={"fp32": 2, "int8": 2},
+)
+ISA_DEFAULTS: dict[str, Tuning] = {"avx2": AVX2_DEFAULT, "avx2-vnni": AVX2_DEFAULT}
+# (isa name, LLVM cpu) -> measured set.
+TUNINGS: dict[tuple[str, str], Tuning] = {}
 
 
-def tuning_for(cpu: str) -> Tuning:
-    """The tuning of the LLVM cpu ``cpu`` (``DEFAULT`` when it has no row)."""
-    return TUNINGS.get(cpu, DEFAULT)
+def tuning_for(isa: str, cpu: str) -> Tuning:
+    """The tuning of ISA ``isa`` on the LLVM cpu ``cpu`` (the ISA's default when the CPU
+    has no row)."""
+    return TUNINGS.get((isa, cpu), ISA_DEFAULTS.get(isa, DEFAULT))

@@ -23,16 +23,20 @@ class LinearKernel:
     so one build serves every weight of that shape.
     """
 
-    def __init__(self, fmt, out_features, in_features, max_tokens, **emit_kwargs):
+    def __init__(self, fmt, out_features, in_features, max_tokens, tgt=None, **emit_kwargs):
+        tgt = tgt or target.default_target()
+        self.isa = tgt.isa
         module = ir.Module()
-        dummy = pack_linear(np.zeros((out_features, in_features), np.float32), fmt)
-        emit_linear(module, "lin", dummy, max_tokens=max_tokens, **emit_kwargs)
+        dummy = pack_linear(np.zeros((out_features, in_features), np.float32), fmt, tgt.isa)
+        emit_linear(module, "lin", dummy, max_tokens=max_tokens, target=tgt, **emit_kwargs)
         self.int8 = fmt.endswith("_i8")
         self.in_features = in_features
         self.x_stride = emit_kwargs.get("x_stride")
         if self.int8:
-            emit_quantize_tokens(module, "quant", in_features, max_tokens=max_tokens)
-        self.lib = target.build_and_load(module)
+            emit_quantize_tokens(
+                module, "quant", in_features, max_tokens=max_tokens, isa=tgt.isa
+            )
+        self.lib = target.build_and_load(module, target=tgt)
         self.fn = self.lib.lin
         self.fn.restype = None
         self.fn.argtypes = [P, P, P, P, I32, I32, I32] if self.int8 else [P, P, P, I32, I32, I32]
@@ -76,14 +80,34 @@ class LinearKernel:
 _KERNELS: dict = {}
 
 
+def host_target_or_skip(isa: target.Isa) -> target.Target:
+    """``isa`` on this host's CPU; skips (naming what is missing) where the CPU lacks it."""
+    missing = target.missing_features(isa.features)
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)}: cannot run {isa.name} kernels")
+    return target.Target(isa, target.default_target().cpu)
+
+
+@pytest.fixture(scope="session", params=list(target.ISAS.values()), ids=lambda isa: isa.name)
+def isa(request) -> target.Isa:
+    """Each ISA sparsec emits code for (skipped where this CPU cannot run it)."""
+    host_target_or_skip(request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def linear_kernel():
-    """``linear_kernel(fmt, out, in, max_tokens, **emit_kwargs)``, cached per session."""
+def linear_kernel(isa):
+    """``linear_kernel(fmt, out, in, max_tokens, **emit_kwargs)`` for the ``isa`` fixture's
+    ISA (pack weights with ``pack_linear(w, fmt, isa)``), cached per session."""
+    tgt = host_target_or_skip(isa)
 
     def get(fmt, out_features, in_features, max_tokens=16, **emit_kwargs):
-        key = (fmt, out_features, in_features, max_tokens, tuple(sorted(emit_kwargs.items())))
+        key = (isa.name, fmt, out_features, in_features, max_tokens)
+        key += (tuple(sorted(emit_kwargs.items())),)
         if key not in _KERNELS:
-            _KERNELS[key] = LinearKernel(fmt, out_features, in_features, max_tokens, **emit_kwargs)
+            _KERNELS[key] = LinearKernel(
+                fmt, out_features, in_features, max_tokens, tgt, **emit_kwargs
+            )
         return _KERNELS[key]
 
     return get

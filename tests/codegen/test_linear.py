@@ -14,6 +14,7 @@ from sparsec.codegen.linear import (
     reference_linear,
     unpack_weight,
 )
+from sparsec.codegen.target import Target, default_target
 from sparsec.errors import SparsecError
 
 # 200 and 410 rows: 13 and 26 row blocks, so decode block groups (up to 6 blocks) run
@@ -49,13 +50,13 @@ def _check(y, packed, w, x, y0=None):
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_formats_tokens_threads_sparsities(fmt, shape, linear_kernel):
+def test_formats_tokens_threads_sparsities(fmt, shape, isa, linear_kernel):
     rng = np.random.default_rng(hash((fmt, shape)) % 2**32)
     out_f, in_f = shape
     kernel = linear_kernel(fmt, out_f, in_f, MAX_TOKENS)
     for sparsity in SPARSITIES:
         w = random_weight(rng, out_f, in_f, sparsity)
-        packed = pack_linear(w, fmt)
+        packed = pack_linear(w, fmt, isa)
         assert packed.data.dtype == np.uint8 and packed.data.size % 64 == 0
         for n in TOKENS:
             x = rng.standard_normal((n, in_f)).astype(np.float32)
@@ -66,7 +67,7 @@ def test_formats_tokens_threads_sparsities(fmt, shape, linear_kernel):
 
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
-def test_accumulate_and_strides(fmt, linear_kernel):
+def test_accumulate_and_strides(fmt, isa, linear_kernel):
     rng = np.random.default_rng(7)
     out_f, in_f, n = 40, 70, 13
     x_stride = 80 if fmt.endswith("f32") else 192  # int8: bytes between xq rows
@@ -75,7 +76,7 @@ def test_accumulate_and_strides(fmt, linear_kernel):
         fmt, out_f, in_f, MAX_TOKENS, accumulate=True, x_stride=x_stride, y_stride=y_stride
     )
     w = random_weight(rng, out_f, in_f, 0.6)
-    packed = pack_linear(w, fmt)
+    packed = pack_linear(w, fmt, isa)
     x = rng.standard_normal((n, in_f)).astype(np.float32)
     if fmt.endswith("f32"):
         xbuf = np.full((n, x_stride), np.nan, np.float32)  # padding must never be read
@@ -90,13 +91,13 @@ def test_accumulate_and_strides(fmt, linear_kernel):
 
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
-def test_thread_slices_partition_rows(fmt, linear_kernel):
+def test_thread_slices_partition_rows(fmt, isa, linear_kernel):
     rng = np.random.default_rng(3)
     out_f, in_f = 130, 64
     kernel = linear_kernel(fmt, out_f, in_f, MAX_TOKENS)
     w = random_weight(rng, out_f, in_f, 0.7)
     w[:40] = 0  # skewed nnz: balanced sparse slices differ from even ones
-    packed = pack_linear(w, fmt)
+    packed = pack_linear(w, fmt, isa)
     x = rng.standard_normal((2, in_f)).astype(np.float32)
     for nthreads in (2, 3, 16):
         written = np.zeros(out_f, int)
@@ -112,11 +113,12 @@ def test_thread_slices_partition_rows(fmt, linear_kernel):
 
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
-def test_real_threads(fmt):
+def test_real_threads(fmt, isa):
     rng = np.random.default_rng(11)
     w = random_weight(rng, 96, 64, 0.5)
-    packed = pack_linear(w, fmt)
-    lib = LinearLibrary([("lin", packed)], max_tokens=MAX_TOKENS)
+    packed = pack_linear(w, fmt, isa)
+    tgt = Target(isa, default_target().cpu)
+    lib = LinearLibrary([("lin", packed)], max_tokens=MAX_TOKENS, tgt=tgt)
     for n in (1, 11):
         x = rng.standard_normal((n, 64)).astype(np.float32)
         y = np.full((n, 96), np.nan, np.float32)
@@ -136,10 +138,10 @@ def test_real_threads(fmt):
     nthreads=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes(fmt, out_f, in_f, sparsity, n, nthreads, seed, linear_kernel):
+def test_random_shapes(fmt, out_f, in_f, sparsity, n, nthreads, seed, isa, linear_kernel):
     rng = np.random.default_rng(seed)
     w = random_weight(rng, out_f, in_f, sparsity)
-    packed = pack_linear(w, fmt)
+    packed = pack_linear(w, fmt, isa)
     x = rng.standard_normal((n, in_f)).astype(np.float32)
     y = np.full((n, out_f), np.nan, np.float32)
     linear_kernel(fmt, out_f, in_f, 12)(packed.data, x, y, n, nthreads)
@@ -147,10 +149,10 @@ def test_random_shapes(fmt, out_f, in_f, sparsity, n, nthreads, seed, linear_ker
 
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
-def test_pack_roundtrip_and_stats(fmt):
+def test_pack_roundtrip_and_stats(fmt, isa):
     rng = np.random.default_rng(5)
     w = random_weight(rng, 33, 45, 0.7)
-    packed = pack_linear(w, fmt)
+    packed = pack_linear(w, fmt, isa)
     if fmt.endswith("f32"):
         np.testing.assert_array_equal(unpack_weight(packed), w)
         assert packed.nnz == np.count_nonzero(w)
@@ -169,11 +171,11 @@ def test_weight_quantization_rule():
     np.testing.assert_array_equal(q, [[127, -64, 32, 0], [0, 0, 0, 0], [127, 64, -127, 0]])
 
 
-def test_prequantized_weights(linear_kernel):
+def test_prequantized_weights(isa, linear_kernel):
     rng = np.random.default_rng(9)
     q = rng.integers(-127, 128, size=(48, 64)).astype(np.int8)
     scale = rng.random(48).astype(np.float32) * 0.01
-    packed = pack_linear_quantized(q, scale, "bitmask_i8")
+    packed = pack_linear_quantized(q, scale, "bitmask_i8", isa)
     x = rng.standard_normal((5, 64)).astype(np.float32)
     y = np.zeros((5, 48), np.float32)
     linear_kernel("bitmask_i8", 48, 64)(packed.data, x, y, 5)
@@ -192,14 +194,14 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("fmt", LINEAR_FORMATS)
-def test_kernel_code_is_weight_independent(fmt, linear_kernel):
+def test_kernel_code_is_weight_independent(fmt, isa, linear_kernel):
     """One kernel per (format, shape) serves all layers of that shape (kernel_key)."""
     rng = np.random.default_rng(13)
     kernel = linear_kernel(fmt, 48, 80)  # compiled for zero weights
     for sparsity in (0.0, 0.9):
         w = random_weight(rng, 48, 80, sparsity)
-        packed = pack_linear(w, fmt)
-        assert packed.kernel_key == pack_linear(np.zeros((48, 80), np.float32), fmt).kernel_key
+        packed = pack_linear(w, fmt, isa)
+        assert packed.kernel_key == pack_linear(np.zeros((48, 80), np.float32), fmt, isa).kernel_key
         x = rng.standard_normal((5, 80)).astype(np.float32)
         y = np.zeros((5, 48), np.float32)
         kernel(packed.data, x, y, 5, nthreads=2)

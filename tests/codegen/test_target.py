@@ -136,7 +136,7 @@ def test_host_target_is_the_avx512_isa_on_this_cpu():
 @pytest.mark.parametrize(
     "name, cpu, message",
     [
-        ("avx2", None, "unknown --target 'avx2'; choose auto or avx512"),
+        ("avx3", None, "unknown --target 'avx3'; choose auto or avx512, avx2-vnni, avx2"),
         ("auto", "Zen 4", "--target-cpu 'Zen 4' is not an LLVM cpu name"),
         ("auto", "znver9", "--target-cpu 'znver9' is not an LLVM cpu name"),
     ],
@@ -177,7 +177,7 @@ def test_tuning_is_the_target_cpus(monkeypatch):
 
     assert ir_for("testcpu") == ir_for("znver4")  # no row: DEFAULT for both
     row = tuning.Tuning(decode_group={**tuning.DEFAULT.decode_group, "bitmask_f32": 1})
-    monkeypatch.setitem(tuning.TUNINGS, "testcpu", row)
+    monkeypatch.setitem(tuning.TUNINGS, ("avx512", "testcpu"), row)
     assert target.Target(target.AVX512, "testcpu").tuning is row
     assert ir_for("testcpu") != ir_for("znver4")
 
