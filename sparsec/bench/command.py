@@ -91,6 +91,13 @@ def register(subparsers) -> None:
         help="sparsec linear kernels (default auto: timed per layer at compile)",
     )
     p.add_argument(
+        "--target",
+        default="auto",
+        help="comma list of sparsec instruction sets to compile and measure side by side: "
+        "auto (the best this CPU runs), avx512, avx2-vnni, avx2 (see `sparsec compile "
+        "--help`); each but auto adds its name to the system's (default auto)",
+    )
+    p.add_argument(
         "--cache-dir",
         default="out/bench",
         help="where compiled models, exports and GGUFs are kept (default out/bench)",
@@ -123,6 +130,13 @@ def parse_options(args):
         raise SparsecError(
             f"--llama-types {args.llama_types!r}: choose from {', '.join(GGUF_TYPES)}"
         )
+    targets = _csv(args.target)
+    if not targets or len(set(targets)) != len(targets):
+        raise SparsecError(f"--target {args.target!r}: name each instruction set once")
+    from sparsec.codegen.target import host_target
+
+    for target in targets:
+        host_target(target)  # unknown, or not on this CPU: fails now, naming it
     if args.threads is None:
         threads = [len(os.sched_getaffinity(0))]
     else:
@@ -168,6 +182,7 @@ def parse_options(args):
         reps=args.reps,
         prompt=args.prompt or DEFAULT_PROMPT,
         kernels=args.kernels,
+        targets=targets,
         cache_dir=Path(args.cache_dir),
         probe_bytes=args.probe_mb << 20,
         command=getattr(args, "command_line", None)

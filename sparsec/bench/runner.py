@@ -39,6 +39,7 @@ class BenchOptions:
     reps: int = 3
     prompt: str = DEFAULT_PROMPT
     kernels: str = "auto"
+    targets: list[str] = field(default_factory=lambda: ["auto"])
     cache_dir: Path = Path("out/bench")
     probe_bytes: int = 256 << 20
     max_context: int | None = None
@@ -94,11 +95,12 @@ def build_systems(opts: BenchOptions, variants, max_context: int):
             log(f"  unavailable: {name}: {exc}")
 
     for v in variants:
-        for precision in opts.precisions:
-            s = SparsecSystem(v, precision, opts.kernels, max_context)
-            log(f"preparing {s.name} on {v.label} weights (compile, cached) ...")
-            s.prepare()
-            systems.append(s)
+        for target in opts.targets:
+            for precision in opts.precisions:
+                s = SparsecSystem(v, precision, opts.kernels, max_context, target)
+                log(f"preparing {s.name} on {v.label} weights (compile, cached) ...")
+                s.prepare()
+                systems.append(s)
         if "torch" in opts.compare:
             from sparsec.bench.systems.torch_eager import TorchEagerSystem
 

@@ -198,9 +198,15 @@ def compiler_digest() -> str:
     return h.hexdigest()
 
 
-def sparsec_library(v: Variant, precision: str, kernels: str, max_context: int) -> Path:
-    stem = f"sparsec-{precision}-{kernels}-c{max_context}"
-    out = v.folder / f"{stem}-{compiler_digest()}.so"
+def sparsec_library(
+    v: Variant, precision: str, kernels: str, max_context: int, target: str = "auto"
+) -> Path:
+    from sparsec.codegen.target import host_target
+
+    tgt = host_target(target)
+    # "." ends the ISA name: the stale-build glob of avx2 must not match avx2-vnni's
+    stem = f"sparsec-{precision}-{kernels}-c{max_context}.{tgt.isa.name}."
+    out = v.folder / f"{stem}{compiler_digest()}.so"
     if not out.is_file():
         from sparsec.codegen.compile import compile_model
 
@@ -211,6 +217,7 @@ def sparsec_library(v: Variant, precision: str, kernels: str, max_context: int) 
             kernels=kernels,
             max_context=max_context,
             quiet=True,
+            target=tgt,
         )
         for stale in v.folder.glob(f"{stem}*.so"):  # other compiler versions' builds
             if stale != out:

@@ -241,7 +241,13 @@ def choose_linear_format(
     if suffix is None:
         raise SparsecError(f"unknown precision {precision!r}; use fp32 or int8")
     if allowed in ("dense", "bitmask"):
-        return f"{allowed}_{suffix}"
+        fmt = f"{allowed}_{suffix}"
+        if fmt not in tgt.isa.formats:
+            raise SparsecError(
+                f"--kernels {allowed}: the {tgt.isa.name} target has no {fmt} kernel (on "
+                f"{tgt.isa.name} it would be slower than dense); use --kernels auto or dense"
+            )
+        return fmt
     if allowed != "auto":
         raise SparsecError(f"unknown linear kernel choice {allowed!r}; use auto, dense or bitmask")
     candidates = [f for f in tgt.isa.formats if f.endswith("_" + suffix)]

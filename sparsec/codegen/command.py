@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsec.arguments import int_range
+from sparsec.codegen.target import ISAS  # stdlib-only module: llvmlite loads on first use
 from sparsec.runtime.arguments import MAX_THREADS
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "compile",
-        help="compile an ONNX graph into one native model.so (AVX-512; --target)",
+        help="compile an ONNX graph into one native model.so (AVX-512 or AVX2; --target)",
         description="Compile a sparsec ONNX graph (raw `sparsec export` output, or "
-        "`sparsec optimize` output) into one shared library: AVX-512 kernels specialized "
+        "`sparsec optimize` output) into one shared library: AVX-512 or AVX2 kernels specialized "
         "to every layer's shape, precision and sparsity, the whole forward step, the "
         "packed weights and a manifest. Load it with "
         "`from sparsec import runtime; runtime.load('model.so')` or `sparsec run`.",
@@ -51,11 +52,14 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--target",
-        choices=("auto", "avx512"),
+        choices=("auto", *ISAS),
         default="auto",
-        help="instruction set of the kernels: auto picks the best this CPU runs (today "
-        "avx512: AVX-512 with VNNI/VBMI2, AMD Zen 4 or Intel Ice Lake and newer). The CPU "
-        "compiling must have it: --kernels auto times candidates here. Default auto.",
+        help="instruction set of the kernels: avx512 (AVX-512 with VNNI/VBMI2: AMD Zen 4, "
+        "Intel Ice Lake and newer Xeons), avx2-vnni (AVX2 + AVX-VNNI: Intel Core 12th gen "
+        "and newer, AMD Zen 5), avx2 (AVX2 + FMA: Intel Haswell and newer, AMD Zen 1-3; "
+        "no bitmask int8 kernel). auto picks the first of these this CPU runs. The model "
+        "runs only on CPUs with its ISA, and the CPU compiling must have it too (--kernels "
+        "auto times candidates here). Default auto.",
     )
     p.add_argument(
         "--target-cpu",

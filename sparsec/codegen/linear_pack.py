@@ -13,10 +13,10 @@ horizontally, and the last block is zero padded. Below, R = 16.
 - ``bitmask_i8``: per block a stream ``masks u64[in/4]`` (bit 4r+j: row r, column 4c+j)
   then the nonzero int8 values in that order, read with ``vpexpandb``.
 
-On AVX2 (R = 8) the same layouts hold 8 rows: ``u8`` masks for bitmask fp32, ``u32``
-for bitmask int8 (32-byte vectors), and the value streams end with a vector of zero
-slack, since AVX2 kernels load a full vector from the stream each step and shuffle
-the nonzeros into place (``Isa.sparse_decode``).
+On AVX2 (R = 8) the same layouts hold 8 rows (``u8`` masks for bitmask fp32; AVX2 has
+no bitmask int8 kernel), and the value streams end with a vector of zero slack, since
+AVX2 kernels load a full vector from the stream each step and permute the nonzeros
+into place (``Isa.sparse_decode``).
 
 Sparse formats also hold a table of ``nblocks + 1`` int64 byte offsets of the block
 streams (also the cumulative byte cost that balances threads). int8 formats hold per

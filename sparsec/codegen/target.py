@@ -51,8 +51,8 @@ class Isa:
     base_cpu: str = "x86-64-v4"
     # How the bitmask formats put a block's nonzeros back in their lanes: "expand"
     # (vexpandps / vpexpandb loads, AVX-512) or "shuffle" (a table indexed by the mask
-    # bits drives vpermps / vpshufb; the value streams get a vector of slack because
-    # each step loads a full vector from the stream).
+    # bits drives vpermps; the value streams get a vector of slack because each step
+    # loads a full vector from the stream).
     sparse_decode: str = "expand"
     # The int8 dot product of four byte pairs per int32 lane: "vnni" (vpdpbusd, u8
     # activations + 128 times s8 weights; the packed bias undoes the offset) or
@@ -122,13 +122,16 @@ AVX512 = Isa(
 )
 
 # Intel Haswell and newer without AVX-512 (Core 4th-11th gen, most laptops), AMD Zen 1-3:
-# 8 float lanes, no expand loads, int8 through vpmaddubsw.
+# 8 float lanes, no expand loads, int8 through vpmaddubsw. No bitmask int8: without
+# vpexpandb, putting a step's int8 nonzeros back in place (four table lookups and a
+# vpshufb per 32 bytes) measured 1.7-2.5x slower than reading the dense int8 weights
+# (docs/experiments/avx2-bitmask-int8.md), so sparse int8 layers run dense here.
 _AVX2_FEATURES = ("avx2", "fma", "f16c", "bmi2", "popcnt", "movbe")
 AVX2 = Isa(
     name="avx2",
     features=_AVX2_FEATURES,
     vector_bits=256,
-    formats=("dense_f32", "bitmask_f32", "dense_i8", "bitmask_i8"),
+    formats=("dense_f32", "bitmask_f32", "dense_i8"),
     scheduling_cpu="znver3",
     base_cpu="x86-64-v3",
     sparse_decode="shuffle",

@@ -276,6 +276,7 @@ def validate_manifest(m: dict) -> None:
     target = _check(m, "target", dict, "")
     _check(target, "triple", _STR, "target.")
     _check(target, "cpu", _STR, "target.")
+    _check(target, "isa", _STR, "target.")
     try:
         config = ModelConfig.from_dict(_check(m, "config", dict, ""))
     except ConfigError as e:

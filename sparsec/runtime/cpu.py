@@ -71,8 +71,9 @@ def check_host(manifest: dict, name: str, cpuinfo: Path = CPUINFO) -> None:
         )
     missing = missing_cpu_features(manifest["cpu_features"], cpuinfo)
     if missing:
-        cpu = manifest["target"]["cpu"]
+        target = manifest["target"]
         raise SparsecError(
-            f"this CPU lacks features that {name} needs: {', '.join(missing)} "
-            f"(it was compiled for {cpu}); run it on a CPU that has them"
+            f"this CPU lacks features that {name} needs: {', '.join(missing)} (it was "
+            f"compiled for the {target['isa']} target, cpu {target['cpu']}); run it on a CPU "
+            "that has them, or recompile it for this one: sparsec compile --target auto"
         )

@@ -6,6 +6,7 @@ import ctypes
 
 import numpy as np
 import pytest
+from isa_helpers import host_target_or_skip, skip_unless_offered
 from llvmlite import ir
 
 from sparsec.codegen import target
@@ -33,9 +34,7 @@ class LinearKernel:
         self.in_features = in_features
         self.x_stride = emit_kwargs.get("x_stride")
         if self.int8:
-            emit_quantize_tokens(
-                module, "quant", in_features, max_tokens=max_tokens, isa=tgt.isa
-            )
+            emit_quantize_tokens(module, "quant", in_features, max_tokens=max_tokens, isa=tgt.isa)
         self.lib = target.build_and_load(module, target=tgt)
         self.fn = self.lib.lin
         self.fn.restype = None
@@ -80,14 +79,6 @@ class LinearKernel:
 _KERNELS: dict = {}
 
 
-def host_target_or_skip(isa: target.Isa) -> target.Target:
-    """``isa`` on this host's CPU; skips (naming what is missing) where the CPU lacks it."""
-    missing = target.missing_features(isa.features)
-    if missing:
-        pytest.skip(f"this CPU lacks {', '.join(missing)}: cannot run {isa.name} kernels")
-    return target.Target(isa, target.default_target().cpu)
-
-
 @pytest.fixture(scope="session", params=list(target.ISAS.values()), ids=lambda isa: isa.name)
 def isa(request) -> target.Isa:
     """Each ISA sparsec emits code for (skipped where this CPU cannot run it)."""
@@ -102,6 +93,7 @@ def linear_kernel(isa):
     tgt = host_target_or_skip(isa)
 
     def get(fmt, out_features, in_features, max_tokens=16, **emit_kwargs):
+        skip_unless_offered(isa, fmt)
         key = (isa.name, fmt, out_features, in_features, max_tokens)
         key += (tuple(sorted(emit_kwargs.items())),)
         if key not in _KERNELS:

@@ -15,9 +15,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
+from isa_helpers import host_target_or_skip
 
 from sparsec import runtime
 from sparsec.codegen.compile import compile_model
+from sparsec.codegen.target import ISAS
 from sparsec.errors import SparsecError
 from sparsec.testing import (
     build_contract_graph,
@@ -42,19 +44,27 @@ def _model(sparsity: float):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """(precision, kernels, sparsity) -> (runtime model, torch reference, tokenizer)."""
+    """(precision, kernels, sparsity[, threads, isa]) -> (runtime model, torch reference,
+    tokenizer)."""
     cache = {}
     root = tmp_path_factory.mktemp("compiled")
 
-    def get(precision: str, kernels: str, sparsity: float, threads: int = 2):
-        key = (precision, kernels, sparsity, threads)
+    def get(precision: str, kernels: str, sparsity: float, threads: int = 2, isa="avx512"):
+        key = (precision, kernels, sparsity, threads, isa)
         if key not in cache:
+            tgt = host_target_or_skip(ISAS[isa])
             model, tokenizer = _model(sparsity)
             graph = root / f"g{sparsity}.onnx"
             ir.save(build_contract_graph(model, tokenizer), graph)
-            so = root / f"{precision}-{kernels}-{sparsity}-{threads}.so"
+            so = root / f"{precision}-{kernels}-{sparsity}-{threads}-{isa}.so"
             compile_model(
-                graph, so, precision=precision, kernels=kernels, max_context=128, quiet=True
+                graph,
+                so,
+                precision=precision,
+                kernels=kernels,
+                max_context=128,
+                quiet=True,
+                target=tgt,
             )
             ref = fake_quant_w8a8(model) if precision == "int8" else model
             cache[key] = (runtime.load(so, threads=threads), ref, tokenizer)
@@ -71,6 +81,16 @@ CASES = [
     ("int8", "dense", 0.0),
     ("int8", "bitmask", 0.7),
     ("int8", "bitmask", 0.9),
+]
+# The 256-bit targets (AVX2 has no bitmask int8: auto runs those layers dense).
+AVX2_CASES = [
+    ("avx2", "fp32", "dense", 0.0),
+    ("avx2", "fp32", "bitmask", 0.7),
+    ("avx2", "int8", "dense", 0.0),
+    ("avx2", "int8", "auto", 0.7),
+    ("avx2-vnni", "fp32", "bitmask", 0.7),
+    ("avx2-vnni", "int8", "dense", 0.0),
+    ("avx2-vnni", "int8", "auto", 0.9),
 ]
 
 
@@ -99,7 +119,10 @@ def test_prefill_and_decode_logits(compiled, precision, kernels, sparsity):
 
 @pytest.mark.parametrize("precision,kernels,sparsity", CASES)
 def test_greedy_matches_pytorch(compiled, precision, kernels, sparsity):
-    rt, ref, tokenizer = compiled(precision, kernels, sparsity)
+    _greedy_matches(*compiled(precision, kernels, sparsity))
+
+
+def _greedy_matches(rt, ref, tokenizer):
     ids = tokenizer(PROMPT).input_ids
     out = rt.generate(ids, max_new_tokens=48)
     with torch.no_grad():
@@ -111,6 +134,22 @@ def test_greedy_matches_pytorch(compiled, precision, kernels, sparsity):
         )[0, len(ids) :].tolist()
     assert out.token_ids == hf[: len(out.token_ids)]
     assert len(out.token_ids) == len(hf)
+
+
+@pytest.mark.parametrize("isa,precision,kernels,sparsity", AVX2_CASES)
+def test_avx2_targets_match_pytorch(compiled, isa, precision, kernels, sparsity):
+    """Logits at prefill and decode, then 48 greedy tokens, as for AVX-512 above."""
+    rt, ref, tokenizer = compiled(precision, kernels, sparsity, isa=isa)
+    assert rt.manifest["target"]["isa"] == isa
+    kernels_used = {layer["kernel"] for layer in rt.manifest["layers"]}
+    assert kernels_used <= set(ISAS[isa].formats)
+    assert ("bitmask_f32" in kernels_used) == (precision == "fp32" and kernels == "bitmask")
+    ids = tokenizer(PROMPT).input_ids
+    rt.reset()
+    assert_logits_match(rt.forward(ids[:-3], all_logits=True), ref, ids, precision)
+    got = np.atleast_2d(rt.forward([ids[-3]], all_logits=False))[-1:]
+    assert_logits_match(got, ref, ids, precision, first=len(ids) - 3)
+    _greedy_matches(rt, ref, tokenizer)
 
 
 def test_one_thread_equals_two_threads(compiled):

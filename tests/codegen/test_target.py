@@ -182,8 +182,9 @@ def test_tuning_is_the_target_cpus(monkeypatch):
     assert ir_for("testcpu") != ir_for("znver4")
 
 
-def test_packing_follows_the_isa_and_emission_refuses_an_isa_without_a_renderer():
-    """The block rows are the ISA's lanes: a 256-bit ISA packs 8-row blocks."""
+def test_packing_follows_the_isa_and_emission_refuses_other_blocks():
+    """The block rows are the ISA's lanes: a 256-bit ISA packs 8-row blocks, which an
+    AVX-512 kernel refuses (it would read them as 16-row blocks)."""
     from sparsec.codegen.linear import emit_linear, pack_linear, unpack_weight
 
     narrow = target.Isa("test256", ("avx2",), 256, ("dense_f32",), "znver4")
@@ -194,8 +195,8 @@ def test_packing_follows_the_isa_and_emission_refuses_an_isa_without_a_renderer(
     assert pack_linear(w, "dense_f32").nblocks == 2
     with pytest.raises(SparsecError, match="'bitmask_f32' has no test256 kernel"):
         pack_linear(w, "bitmask_f32", narrow)
-    with pytest.raises(SparsecError, match="no test256 renderer for 8-row blocks"):
-        emit_linear(ir.Module(), "k", packed, max_tokens=1, target=target.Target(narrow, "x"))
+    with pytest.raises(SparsecError, match="packed in 8-row blocks have no avx512 kernel"):
+        emit_linear(ir.Module(), "k", packed, max_tokens=1, target=target.default_target())
 
 
 def test_the_isa_is_pinned_whatever_the_target_cpu():

@@ -213,7 +213,8 @@ def test_missing_cpu_features(make_model):
     msg = load_error(path)
     assert msg == (
         f"this CPU lacks features that {path} needs: avx512_imaginary, made_up_flag "
-        "(it was compiled for znver4); run it on a CPU that has them"
+        "(it was compiled for the avx512 target, cpu znver4); run it on a CPU that has them, "
+        "or recompile it for this one: sparsec compile --target auto"
     )
 
 
@@ -232,7 +233,9 @@ def test_non_linux_host(model_path, monkeypatch):
 
 
 def test_other_architecture(make_model):
-    path = make_model(target={"triple": "aarch64-unknown-linux-gnu", "cpu": "neoverse-v2"})
+    path = make_model(
+        target={"triple": "aarch64-unknown-linux-gnu", "cpu": "neoverse-v2", "isa": "sve"}
+    )
     assert "was compiled for aarch64-unknown-linux-gnu but this host is" in load_error(path)
 
 

@@ -42,6 +42,20 @@ def _import():
     return llama_cpp
 
 
+def build_isa(llama_cpp) -> str:
+    """The widest x86 vector ISA this llama.cpp build uses ("avx512 build"), from its
+    system info ("AVX2 = 1 | ... | AVX512 = 1"): the report says what it was built for."""
+    try:
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    except (AttributeError, OSError):
+        return "build unknown"
+    flags = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in info.split("|"))}
+    for isa in ("AVX512", "AVX2", "AVX"):
+        if flags.get(isa) == "1" or flags.get(f"CPU : {isa}") == "1":
+            return f"{isa.lower()} build"
+    return "no-AVX build"
+
+
 def quantize_gguf(src, out, gtype: str) -> None:
     """llama.cpp's quantizer (llama_model_quantize), default parameters, 2 threads."""
     llama_cpp = _import()
@@ -69,7 +83,7 @@ class LlamaCppSystem(System):
 
     def prepare(self) -> None:
         llama_cpp = _import()
-        self.version = f"llama-cpp-python {llama_cpp.__version__}"
+        self.version = f"llama-cpp-python {llama_cpp.__version__} ({build_isa(llama_cpp)})"
         path = variants.gguf_file(self.variant, self.gtype)
         self.artifact = str(path)
         self._weight_bytes = _gguf_weight_bytes(path, self.variant.model.config)

@@ -14,8 +14,12 @@ from sparsec.contract import ModelConfig
 class SparsecSystem(System):
     engine = "sparsec"
 
-    def __init__(self, variant, precision: str, kernels: str, max_context: int):
-        super().__init__(variant, f"sparsec {precision}")
+    def __init__(
+        self, variant, precision: str, kernels: str, max_context: int, target: str = "auto"
+    ):
+        suffix = "" if target == "auto" else f" {target}"
+        super().__init__(variant, f"sparsec {precision}{suffix}")
+        self.target = target
         from sparsec import __version__
 
         self.version = __version__
@@ -29,7 +33,7 @@ class SparsecSystem(System):
         from sparsec.runtime.artifact import read_artifact
 
         path = variants.sparsec_library(
-            self.variant, self.precision, self.kernels, self.max_context
+            self.variant, self.precision, self.kernels, self.max_context, self.target
         )
         self.artifact = str(path)
         self.manifest = read_artifact(path).manifest
