@@ -110,8 +110,7 @@ def format_summary(s: dict) -> str:
         ("precision", s["precision"]),
         (
             "target",
-            f"{s['target']['triple']}, {s['target']['isa']}, "
-            f"cpu {s['target']['cpu']}",
+            f"{s['target']['triple']}, {s['target']['isa']}, cpu {s['target']['cpu']}",
         ),
         ("cpu features", f"{' '.join(s['cpu_features']) or '(none)'} ({host})"),
         (

@@ -96,7 +96,11 @@ def manifest(**overrides) -> dict:
     m = {
         "sparsec_version": "0.1.0",
         "cpu_features": ["avx512f", "avx512bw", "avx512_vnni"],
-        "target": {"triple": f"{platform.machine()}-unknown-linux-gnu", "cpu": "znver4", "isa": "avx512"},
+        "target": {
+            "triple": f"{platform.machine()}-unknown-linux-gnu",
+            "cpu": "znver4",
+            "isa": "avx512",
+        },
         "config": ModelConfig(
             family="fake",
             vocab_size=V,
