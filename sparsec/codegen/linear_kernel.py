@@ -46,7 +46,7 @@ from sparsec.codegen.irbuild import (
     vectors,
 )
 from sparsec.codegen.linear_pack import PackedLinear
-from sparsec.codegen.linear_shuffle import shuffle_decode_f32
+from sparsec.codegen.linear_shuffle import shuffle_decode_f32, shuffle_decode_i8_pairs
 from sparsec.codegen.quantize import quantized_row_bytes
 from sparsec.codegen.target import Target, default_target
 from sparsec.errors import SparsecError
@@ -70,8 +70,8 @@ class _Format:
         self.sparse = packed.fmt.startswith("bitmask")
         self.acc_type = v.i32 if self.int8 else v.f32
         self.wvec_type = v.i8 if self.int8 else v.f32
-        # one mask bit per lane of the weight vector (bytes for int8, floats for fp32)
-        self.mask_type = ir.IntType(self.vec_bytes if self.int8 else v.lanes)
+        # one mask bit per unit of the weight vector (a float; an int8 byte or pair)
+        self.mask_type = ir.IntType(self.vec_bytes // max(packed.mask_unit, 1))
 
     # -- weight stream of one block --------------------------------------------------
     def block_start(self, blk64):
@@ -99,8 +99,9 @@ class _Format:
         # Hardware prefetchers lose the value stream (variable stride per step): fetch
         # ahead explicitly (measured: up to 1.8x on the 30-layer stack from DRAM).
         self.prefetch(vptr)
-        if self.isa.sparse_decode == "shuffle" and not self.int8:
-            vec, nbytes = shuffle_decode_f32(b, vptr, mask, self.v)
+        if self.isa.sparse_decode == "shuffle":
+            decode = shuffle_decode_i8_pairs if self.int8 else shuffle_decode_f32
+            vec, nbytes = decode(b, vptr, mask, self.v)
         elif self.int8:
             vec = intrinsic(
                 b,

@@ -13,10 +13,12 @@ horizontally, and the last block is zero padded. Below, R = 16.
 - ``bitmask_i8``: per block a stream ``masks u64[in/4]`` (bit 4r+j: row r, column 4c+j)
   then the nonzero int8 values in that order, read with ``vpexpandb``.
 
-On AVX2 (R = 8) the same layouts hold 8 rows (``u8`` masks for bitmask fp32; AVX2 has
-no bitmask int8 kernel), and the value streams end with a vector of zero slack, since
-AVX2 kernels load a full vector from the stream each step and permute the nonzeros
-into place (``Isa.sparse_decode``).
+On AVX2 (R = 8) the same layouts hold 8 rows, and the value streams end with a vector
+of zero slack, since AVX2 kernels load full vectors from the stream each step and
+shuffle the nonzeros into place (``Isa.sparse_decode``): bitmask fp32 has ``u8``
+masks; bitmask int8 masks cover byte *pairs* (``Isa.bitmask_i8_unit`` = 2, bit 2r+h:
+columns 4c+2h and 4c+2h+1 of row r, stored if either is nonzero) in ``u16`` masks, and
+its values are those pairs (``PackedLinear.mask_unit`` records the unit).
 
 Sparse formats also hold a table of ``nblocks + 1`` int64 byte offsets of the block
 streams (also the cumulative byte cost that balances threads). int8 formats hold per
@@ -53,6 +55,7 @@ class PackedLinear:
     # "weights" (dense) or "table" (sparse); "bias" and "scale" for int8 formats.
     sections: dict[str, int] = field(default_factory=dict)
     rows: int = 16  # output rows per block: the packing ISA's float32 lanes
+    mask_unit: int = 0  # bitmask formats: bytes one mask bit covers (4 fp32; 1 or 2 int8)
 
     @property
     def kernel_key(self) -> tuple:
@@ -68,6 +71,7 @@ class PackedLinear:
             self.in_features,
             tuple(sorted(self.sections.items())),
             self.rows,
+            self.mask_unit,
         )
 
     @property
@@ -144,9 +148,16 @@ def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[by
     return offsets.tobytes(), bytes(streams)
 
 
-def mask_dtype(fmt: str, rows: int) -> np.dtype:
-    """The per-step mask of a bitmask format: one bit per lane of the weight vector."""
-    bits = rows if fmt == "bitmask_f32" else rows * 4
+def sparse_unit(fmt: str, isa: Isa) -> np.dtype:
+    """What one mask bit covers: a float32, an int8 byte, or an int8 byte pair (AVX2)."""
+    if fmt == "bitmask_f32":
+        return np.dtype(np.float32)
+    return np.dtype(np.int16 if isa.bitmask_i8_unit == 2 else np.int8)
+
+
+def mask_dtype(fmt: str, rows: int, unit: np.dtype) -> np.dtype:
+    """The per-step mask of a bitmask format: one bit per unit of the weight vector."""
+    bits = rows * 4 // unit.itemsize
     return np.dtype({8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[bits])
 
 
@@ -162,7 +173,9 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
         nblk = w_blocks.shape[0]
         table_at = blob.size
         streams_at = table_at + _align((nblk + 1) * 8)
-        table, streams = _sparse_streams(w_blocks, mask_dtype(fmt, rows), streams_at)
+        unit = sparse_unit(fmt, isa)
+        units = np.ascontiguousarray(w_blocks).view(unit)  # int8 pairs as int16
+        table, streams = _sparse_streams(units, mask_dtype(fmt, rows, unit), streams_at)
         sections["table"] = blob.add(table)
         assert blob.size == streams_at
         slack = bytes(isa.vector_bytes) if isa.sparse_decode == "shuffle" else b""
@@ -177,6 +190,7 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
         sparsity=1.0 - nnz / total if total else 0.0,
         sections=sections,
         rows=rows,
+        mask_unit=sparse_unit(fmt, isa).itemsize if fmt.startswith("bitmask") else 0,
     )
 
 
@@ -248,19 +262,21 @@ def unpack_blocks(packed: PackedLinear) -> np.ndarray:
     dtype, lanes = (np.float32, rows) if packed.precision == "fp32" else (np.int8, rows * 4)
     if packed.fmt.startswith("dense"):
         return _section(packed, "weights", dtype, nblk * k * lanes).reshape(nblk, k, lanes)
-    masks_type = mask_dtype(packed.fmt, rows)
+    unit = np.dtype(np.float32 if packed.precision == "fp32" else f"i{packed.mask_unit}")
+    units = rows * 4 // unit.itemsize
+    masks_type = mask_dtype(packed.fmt, rows, unit)
     table = _section(packed, "table", np.int64, nblk + 1)
-    out = np.zeros((nblk, k, lanes), dtype=dtype)
-    bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(lanes, dtype=np.uint64))
+    out = np.zeros((nblk, k, units), dtype=unit)
+    bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(units, dtype=np.uint64))
     mask_bytes = k * masks_type.itemsize
     for i in range(nblk):
         o = int(table[i])
         masks = packed.data[o : o + mask_bytes].view(masks_type).astype(np.uint64)
         nz = (masks[:, None] & bits) != 0
         c = int(nz.sum())
-        vals = packed.data[o + mask_bytes : o + mask_bytes + c * np.dtype(dtype).itemsize]
-        out[i][nz] = vals.view(dtype)
-    return out
+        vals = packed.data[o + mask_bytes : o + mask_bytes + c * unit.itemsize]
+        out[i][nz] = vals.view(unit)
+    return out.view(dtype)
 
 
 def unpack_weight(packed: PackedLinear) -> np.ndarray:

@@ -51,14 +51,18 @@ class Isa:
     base_cpu: str = "x86-64-v4"
     # How the bitmask formats put a block's nonzeros back in their lanes: "expand"
     # (vexpandps / vpexpandb loads, AVX-512) or "shuffle" (a table indexed by the mask
-    # bits drives vpermps; the value streams get a vector of slack because each step
-    # loads a full vector from the stream).
+    # bits drives vpermps / vpshufb; the value streams get a vector of slack because
+    # each step loads full vectors from the stream).
     sparse_decode: str = "expand"
     # The int8 dot product of four byte pairs per int32 lane: "vnni" (vpdpbusd, u8
     # activations + 128 times s8 weights; the packed bias undoes the offset) or
     # "maddubs" (AVX2: vpsignb + vpmaddubsw + vpmaddwd on signed activations, which
     # cannot saturate since both factors stay within +-127).
     int8_dot: str = "vnni"
+    # Bytes per mask bit of bitmask int8: 1 (each weight byte) with vpexpandb; 2 (each
+    # byte pair of one row, vpmaddubsw's unit) for the shuffle decode, which then needs
+    # one 16-byte table row per mask byte and half vector.
+    bitmask_i8_unit: int = 1
 
     @property
     def vector_bytes(self) -> int:
@@ -122,20 +126,20 @@ AVX512 = Isa(
 )
 
 # Intel Haswell and newer without AVX-512 (Core 4th-11th gen, most laptops), AMD Zen 1-3:
-# 8 float lanes, no expand loads, int8 through vpmaddubsw. No bitmask int8: without
-# vpexpandb, putting a step's int8 nonzeros back in place (four table lookups and a
-# vpshufb per 32 bytes) measured 1.7-2.5x slower than reading the dense int8 weights
-# (docs/experiments/avx2-bitmask-int8.md), so sparse int8 layers run dense here.
+# 8 float lanes, no expand loads (bitmask decode by table + vpermps / vpshufb; int8
+# masks cover byte pairs: docs/experiments/avx2-bitmask-int8.md), int8 through
+# vpmaddubsw.
 _AVX2_FEATURES = ("avx2", "fma", "f16c", "bmi2", "popcnt", "movbe")
 AVX2 = Isa(
     name="avx2",
     features=_AVX2_FEATURES,
     vector_bits=256,
-    formats=("dense_f32", "bitmask_f32", "dense_i8"),
+    formats=AVX512.formats,
     scheduling_cpu="znver3",
     base_cpu="x86-64-v3",
     sparse_decode="shuffle",
     int8_dot="maddubs",
+    bitmask_i8_unit=2,
 )
 # AVX2 plus the VEX-encoded vpdpbusd of AVX-VNNI: Intel Core 12th gen (Alder Lake) and
 # newer, Core Ultra, AMD Zen 5. (Zen 4 has VNNI only as AVX-512: it runs avx512.)
@@ -148,6 +152,7 @@ AVX2_VNNI = Isa(
     base_cpu="x86-64-v3",
     sparse_decode="shuffle",
     int8_dot="vnni",
+    bitmask_i8_unit=2,
 )
 # Best first: ``--target auto`` takes the first one the host runs.
 ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512, AVX2_VNNI, AVX2)}

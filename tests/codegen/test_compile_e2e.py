@@ -82,15 +82,15 @@ CASES = [
     ("int8", "bitmask", 0.7),
     ("int8", "bitmask", 0.9),
 ]
-# The 256-bit targets (AVX2 has no bitmask int8: auto runs those layers dense).
+# The 256-bit targets.
 AVX2_CASES = [
     ("avx2", "fp32", "dense", 0.0),
     ("avx2", "fp32", "bitmask", 0.7),
     ("avx2", "int8", "dense", 0.0),
-    ("avx2", "int8", "auto", 0.7),
+    ("avx2", "int8", "bitmask", 0.7),
     ("avx2-vnni", "fp32", "bitmask", 0.7),
     ("avx2-vnni", "int8", "dense", 0.0),
-    ("avx2-vnni", "int8", "auto", 0.9),
+    ("avx2-vnni", "int8", "bitmask", 0.9),
 ]
 
 
@@ -143,7 +143,7 @@ def test_avx2_targets_match_pytorch(compiled, isa, precision, kernels, sparsity)
     assert rt.manifest["target"]["isa"] == isa
     kernels_used = {layer["kernel"] for layer in rt.manifest["layers"]}
     assert kernels_used <= set(ISAS[isa].formats)
-    assert ("bitmask_f32" in kernels_used) == (precision == "fp32" and kernels == "bitmask")
+    assert kernels_used == {f"{kernels}_{'f32' if precision == 'fp32' else 'i8'}"}
     ids = tokenizer(PROMPT).input_ids
     rt.reset()
     assert_logits_match(rt.forward(ids[:-3], all_logits=True), ref, ids, precision)

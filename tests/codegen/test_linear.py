@@ -1,5 +1,7 @@
 """Linear kernels against reference_linear (from the packed data) and plain numpy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -178,14 +180,13 @@ def test_weight_quantization_rule():
 
 
 def test_prequantized_weights(isa, linear_kernel):
-    fmt = "bitmask_i8" if "bitmask_i8" in isa.formats else "dense_i8"
     rng = np.random.default_rng(9)
     q = rng.integers(-127, 128, size=(48, 64)).astype(np.int8)
     scale = rng.random(48).astype(np.float32) * 0.01
-    packed = pack_linear_quantized(q, scale, fmt, isa)
+    packed = pack_linear_quantized(q, scale, "bitmask_i8", isa)
     x = rng.standard_normal((5, 64)).astype(np.float32)
     y = np.zeros((5, 48), np.float32)
-    linear_kernel(fmt, 48, 64)(packed.data, x, y, 5)
+    linear_kernel("bitmask_i8", 48, 64)(packed.data, x, y, 5)
     _check(y, packed, q.astype(np.float32) * scale[:, None], x)
 
 
@@ -215,16 +216,36 @@ def test_kernel_code_is_weight_independent(fmt, isa, linear_kernel):
         _check(y, packed, w, x)
 
 
-def test_avx2_offers_no_bitmask_int8():
-    """AVX2 decodes sparse int8 slower than it reads dense int8: the format is refused by
-    name when packing, emitting or forcing --kernels bitmask, and auto never times it."""
+def test_avx2_bitmask_int8_masks_byte_pairs():
+    """AVX2's int8 mask bit covers the two bytes of a row that vpmaddubsw multiplies
+    together: a pair is stored whole when either byte is nonzero."""
+    q = np.zeros((8, 4), np.int8)
+    q[0, 0], q[0, 1] = 5, -7  # row 0, columns 0-1: pair (r0, h0), both bytes nonzero
+    q[1, 3] = 9  # row 1, column 3: pair (r1, h1), stored with its zero column 2
+    packed = pack_linear_quantized(q, np.ones(8, np.float32), "bitmask_i8", AVX2)
+    assert packed.mask_unit == 2 and packed.rows == 8
+    stream = int(packed.data[packed.sections["table"] :][:8].view(np.int64)[0])
+    mask = packed.data[stream : stream + 2].view(np.uint16)[0]
+    assert mask == 0b1001  # bits 2r+h
+    assert packed.data[stream + 2 : stream + 6].view(np.int8).tolist() == [5, -7, 0, 9]
+    np.testing.assert_array_equal(unpack_weight(packed), q)
+    # ablation: AVX-512 masks single bytes, so the zero of the second pair is not stored
+    wide = pack_linear_quantized(q, np.ones(8, np.float32), "bitmask_i8")
+    stream = int(wide.data[wide.sections["table"] :][:8].view(np.int64)[0])
+    assert wide.mask_unit == 1
+    assert wide.data[stream + 8 : stream + 11].view(np.int8).tolist() == [5, -7, 9]
+
+
+def test_a_format_the_isa_lacks_is_refused_by_name():
+    """Packing, emitting or forcing --kernels for a format the ISA has no kernel for."""
+    no_sparse = dataclasses.replace(AVX2, name="test256", formats=("dense_f32", "dense_i8"))
+    tgt = Target(no_sparse, default_target().cpu)
     w = random_weight(np.random.default_rng(0), 32, 64, 0.7)
-    with pytest.raises(SparsecError, match="'bitmask_i8' has no avx2 kernel"):
-        pack_linear(w, "bitmask_i8", AVX2)
-    avx2 = Target(AVX2, default_target().cpu)
-    with pytest.raises(SparsecError, match="avx2 target has no bitmask_i8 kernel"):
-        choose_linear_format(w, "int8", "bitmask", tgt=avx2)
-    assert choose_linear_format(w, "int8", "auto", tgt=avx2, use_cache=False) == "dense_i8"
+    with pytest.raises(SparsecError, match="'bitmask_i8' has no test256 kernel"):
+        pack_linear(w, "bitmask_i8", no_sparse)
+    with pytest.raises(SparsecError, match="test256 target has no bitmask_i8 kernel"):
+        choose_linear_format(w, "int8", "bitmask", tgt=tgt)
+    assert choose_linear_format(w, "int8", "auto", tgt=tgt, use_cache=False) == "dense_i8"
     packed = pack_linear(w, "bitmask_i8")  # AVX-512 blocks
     with pytest.raises(SparsecError, match="no avx2 kernel"):
-        emit_linear(ir.Module(), "k", packed, max_tokens=4, target=avx2)
+        emit_linear(ir.Module(), "k", packed, max_tokens=4, target=Target(AVX2, tgt.cpu))

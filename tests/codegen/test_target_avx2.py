@@ -24,8 +24,7 @@ NOT_ON_AVX2_CPUS = ("avx512", "avxvnni", "amx")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """The 70%-zeroed tiny model compiled int8 and fp32 for each ISA, bitmask where
-    offered (int8 on AVX2 runs dense)."""
+    """The 70%-zeroed tiny model compiled int8 and fp32 for each ISA (bitmask kernels)."""
     root = tmp_path_factory.mktemp("avx2")
     model, tokenizer = make_tiny_llama(seed=3)
     zero_smallest(model, 0.7)
