@@ -23,8 +23,8 @@ def register_expand(module, name, packed, target):
     original = linear_kernel._Format.weight
 
     def weight(self, state, k):
-        if not (self.sparse and self.int8):
-            return original(self, state, k)
+        if not (self.sparse and self.int8 and self.isa.sparse_decode == "expand"):
+            return original(self, state, k)  # (AVX2 has no vpexpandb: its own decode)
         b = self.b
         mask = b.load(b.gep(state["masks"], [k], inbounds=True), align=2)
         vptr = state["values"].get()

@@ -7,7 +7,9 @@ compares the two. Everything is at SmolLM2-135M's real shapes, with fixed weight
 - Linear kernels: the four distinct layer shapes (576x576, 192x576, 1536x576, 576x1536)
   at 0/50/70/90% sparsity in every format of ``LINEAR_FORMATS``, the int8
   activation-quantize kernels and the dense output layer (49152x576), emitted as
-  ``sparsec compile`` emits them (64 tokens per call at most).
+  ``sparsec compile`` emits them (64 tokens per call at most), for AVX-512; the same at
+  0/70% for AVX2 (``avx2_`` names) and the int8 ones for AVX2-VNNI (``avx2_vnni_``),
+  timed where this CPU runs that ISA (an AMD Zen 4 has no AVX-VNNI).
 - Model compiles: a 4-layer SmolLM2-shaped model (70% of every decoder Linear zeroed)
   compiled fp32 and int8, with dense and with bitmask decoder layers (the output layer
   dense, as autotuning picks it): every function LLVM emits for a model (embedding,
@@ -77,17 +79,36 @@ MODEL_SPARSITY = 0.7
 MODEL_CAPACITY = 1024
 
 
+# The 256-bit ISAs' share of the check (fewer sparsities: their code does not depend on
+# the sparsity, the timings show the decode at the sparsity that matters). AVX2-VNNI
+# differs from AVX2 only in its int8 dot product.
+AVX2_SPARSITIES = (0.0, 0.7)
+NARROW_ISAS = {"avx2": ("f32", "i8"), "avx2-vnni": ("i8",)}
+BASE_ISA = "avx512"
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     role: str
     fmt: str
     shape: tuple[int, int]
     sparsity: float
+    isa: str = BASE_ISA
+
+    @property
+    def prefix(self) -> str:
+        """Names of the AVX-512 kernels carry no ISA (they are the baseline's names)."""
+        return "" if self.isa == BASE_ISA else self.isa.replace("-", "_") + "_"
 
     @property
     def name(self) -> str:
         out, inp = self.shape
-        return f"{self.fmt}_{self.role}_{out}x{inp}_s{round(self.sparsity * 100):02d}"
+        sp = round(self.sparsity * 100)
+        return f"{self.prefix}{self.fmt}_{self.role}_{out}x{inp}_s{sp:02d}"
+
+    @property
+    def quantize_name(self) -> str:
+        return f"{self.prefix}quantize_{self.shape[1]}"
 
     @property
     def int8(self) -> bool:
@@ -95,16 +116,22 @@ class KernelSpec:
 
 
 def kernel_set() -> list[KernelSpec]:
-    """Every (shape, sparsity, format) of the check, plus the dense output layer."""
+    """Every (ISA, shape, sparsity, format) of the check, plus the dense output layer."""
     from sparsec.codegen.linear import LINEAR_FORMATS
 
-    specs = [
-        KernelSpec(role, fmt, shape, sp)
-        for role, shape in SMOLLM2_SHAPES.items()
-        for sp in SPARSITIES
-        for fmt in LINEAR_FORMATS
-    ]
-    specs += [KernelSpec(LM_HEAD[0], fmt, LM_HEAD[1], 0.0) for fmt in ("dense_f32", "dense_i8")]
+    specs = []
+    for isa, sparsities, precisions in (
+        (BASE_ISA, SPARSITIES, ("f32", "i8")),
+        *((isa, AVX2_SPARSITIES, precisions) for isa, precisions in NARROW_ISAS.items()),
+    ):
+        formats = [f for f in LINEAR_FORMATS if f.rsplit("_", 1)[1] in precisions]
+        specs += [
+            KernelSpec(role, fmt, shape, sp, isa)
+            for role, shape in SMOLLM2_SHAPES.items()
+            for sp in sparsities
+            for fmt in formats
+        ]
+        specs += [KernelSpec(LM_HEAD[0], f"dense_{p}", LM_HEAD[1], 0.0, isa) for p in precisions]
     return specs
 
 
@@ -134,16 +161,17 @@ def emit_kernel(module, name: str, packed, target):
     return emit_linear(module, name, packed, max_tokens=MAX_TOKENS, target=target)
 
 
-def code_target():
-    """What the compared code is compiled for, on every host: the AVX-512 ISA scheduled
-    and tuned for ``FINGERPRINT_CPU``."""
-    from sparsec.codegen.target import AVX512, Target
+def code_target(isa: str = BASE_ISA):
+    """What the compared code is compiled for, on every host: the ISA scheduled and tuned
+    for ``FINGERPRINT_CPU``."""
+    from sparsec.codegen.target import ISAS, Target
 
-    return Target(AVX512, FINGERPRINT_CPU)
+    return Target(ISAS[isa], FINGERPRINT_CPU)
 
 
 def pack_all(specs: list[KernelSpec]) -> dict:
     from sparsec.codegen.linear import pack_linear
+    from sparsec.codegen.target import ISAS
 
     weights: dict = {}
     packs = {}
@@ -151,7 +179,7 @@ def pack_all(specs: list[KernelSpec]) -> dict:
         key = (spec.role, spec.shape, spec.sparsity)
         if key not in weights:
             weights[key] = make_weight(spec)
-        packs[spec.name] = pack_linear(weights[key], spec.fmt)
+        packs[spec.name] = pack_linear(weights[key], spec.fmt, ISAS[spec.isa])
     return packs
 
 
@@ -165,10 +193,9 @@ def linear_module(specs: list[KernelSpec], packs: dict, emitter: Emitter, target
     module = ir.Module(name="kernel_regression")
     for spec in specs:
         emitter(module, spec.name, packs[spec.name], target)
-    for in_features in sorted({s.shape[1] for s in specs if s.int8}):
-        emit_quantize_tokens(
-            module, f"quantize_{in_features}", in_features, max_tokens=MAX_TOKENS, isa=target.isa
-        )
+    quantize = {s.quantize_name: s.shape[1] for s in specs if s.int8}
+    for name, in_features in sorted(quantize.items()):
+        emit_quantize_tokens(module, name, in_features, max_tokens=MAX_TOKENS, isa=target.isa)
     return module
 
 
@@ -181,7 +208,7 @@ class CompiledCode:
     assembly: dict[str, str]
 
 
-def compiled_code(module, prefix: str = "") -> CompiledCode:
+def compiled_code(module, prefix: str = "", tgt=None) -> CompiledCode:
     from sparsec.bench.fingerprint import (
         canonical_names,
         canonical_text,
@@ -190,7 +217,7 @@ def compiled_code(module, prefix: str = "") -> CompiledCode:
     )
     from sparsec.codegen import target
 
-    obj, asm = target.compile_ir_and_assembly(module, code_target())
+    obj, asm = target.compile_ir_and_assembly(module, tgt or code_target())
     names = canonical_names(asm)
     fps = fingerprint_module(asm, obj)
     texts = function_assembly(asm)
@@ -271,34 +298,33 @@ class Suite:
         self.fingerprints: dict[str, dict[str, int]] = {}
         self.assembly: dict[str, str] = {}
         self.items: dict[str, Item] = {}
-        self._linear: LinearTiming | None = None
+        self._linear: dict[str, LinearTiming] = {}  # timed item name -> its library
         self._steps: StepTiming | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="sparsec-kernel-suite-")
 
     def build(self, timing: bool = True) -> None:
         """Compile everything for the fixed cpu (fingerprints, text) and, with ``timing``,
         for this host (the timed code)."""
-        from sparsec.codegen.target import default_target
+        from sparsec.codegen.target import ISAS, Target, default_target, missing_features
 
         t0 = time.perf_counter()
+        packs = pack_all(self.specs)
+        for isa in dict.fromkeys(s.isa for s in self.specs):
+            specs = [s for s in self.specs if s.isa == isa]
+            tgt = code_target(isa)
+            self._add(compiled_code(linear_module(specs, packs, self.emitter, tgt), tgt=tgt))
+            timed = [s for s in specs if is_timed(s)]
+            if not (timing and timed) or missing_features(ISAS[isa].features):
+                continue  # this CPU cannot run that ISA: code compared, not timed
+            for s in timed:
+                key = [s.fmt, list(s.shape), s.sparsity, MAX_TOKENS, KERNEL_THREADS, WORKING_SET]
+                key += [] if isa == BASE_ISA else [isa]
+                self.items[s.name] = Item(s.name, json.dumps(key), packs[s.name].data.nbytes)
+            host = Target(ISAS[isa], default_target().cpu)
+            module = linear_module(timed, packs, self.emitter, host)
+            timer = LinearTiming(module, timed, packs, host)
+            self._linear.update({s.name: timer for s in timed})
         if self.specs:
-            packs = pack_all(self.specs)
-            code = compiled_code(linear_module(self.specs, packs, self.emitter, code_target()))
-            self._add(code)
-            timed = [s for s in self.specs if is_timed(s)]
-            if timing and timed:
-                for s in timed:
-                    key = [
-                        s.fmt,
-                        list(s.shape),
-                        s.sparsity,
-                        MAX_TOKENS,
-                        KERNEL_THREADS,
-                        WORKING_SET,
-                    ]
-                    self.items[s.name] = Item(s.name, json.dumps(key), packs[s.name].data.nbytes)
-                module = linear_module(timed, packs, self.emitter, default_target())
-                self._linear = LinearTiming(module, timed, packs)
             self.log(f"linear kernels: {len(self.specs)} built ({time.perf_counter() - t0:.0f} s)")
         if self.variants:
             self._build_models(timing)
@@ -348,7 +374,7 @@ class Suite:
     def _timer(self, name: str):
         if name not in self.items:
             raise KeyError(f"no timed item {name!r}")
-        return self._steps if ":" in name else self._linear
+        return self._steps if ":" in name else self._linear[name]
 
     def prepare(self, name: str) -> None:
         self._timer(name).prepare(name)

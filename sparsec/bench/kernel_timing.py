@@ -29,13 +29,13 @@ STEPS = (("decode", 1), ("decode", 2), (f"prefill{PREFILL_TOKENS}", 1))  # (kind
 class LinearTiming:
     """Timed linear kernels: one library (host cpu) with the kernel timer."""
 
-    def __init__(self, module, specs, packs: dict):
+    def __init__(self, module, specs, packs: dict, tgt=None):
         from sparsec.codegen import target
         from sparsec.codegen.autotune import TIMER_SOURCE, bind_timer
 
         self.specs = {s.name: s for s in specs}
         self.packs = packs
-        self.lib = bind_timer(target.build_and_load(module, [TIMER_SOURCE]))
+        self.lib = bind_timer(target.build_and_load(module, [TIMER_SOURCE], tgt))
         self.prepared: tuple[str, list, list] | None = None
 
     def _address(self, name: str) -> int:
@@ -63,7 +63,7 @@ class LinearTiming:
         xq = np.zeros((1, quantized_row_bytes(spec.shape[1])), np.uint8)
         xs = np.zeros(1, np.float32)
         if spec.int8:
-            quant = self._address(f"quantize_{spec.shape[1]}")
+            quant = self._address(spec.quantize_name)
             self._run([(quant, 0, [x.ctypes.data, xq.ctypes.data, xs.ctypes.data, 0])], 1)
             args, kind = [xq.ctypes.data, xs.ctypes.data, y.ctypes.data], 1
         else:

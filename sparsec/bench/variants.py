@@ -219,8 +219,9 @@ def sparsec_library(
             quiet=True,
             target=tgt,
         )
-        for stale in v.folder.glob(f"{stem}*.so"):  # other compiler versions' builds
-            if stale != out:
+        old = f"sparsec-{precision}-{kernels}-c{max_context}-*.so"  # names before targets
+        for stale in [*v.folder.glob(f"{stem}*.so"), *v.folder.glob(old)]:
+            if stale != out:  # other compiler versions' builds
                 stale.unlink(missing_ok=True)
     return out
 

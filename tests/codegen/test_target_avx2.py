@@ -4,6 +4,8 @@ test_compile_e2e.py (AVX2_CASES); kernels against numpy in test_linear.py."""
 
 from __future__ import annotations
 
+import re
+
 import onnx_ir as ir
 import pytest
 from isa_helpers import host_target_or_skip
@@ -37,6 +39,32 @@ def models(tmp_path_factory):
             path = paths[isa, precision] = root / f"{isa}-{precision}.so"
             compile_model(graph, path, precision=precision, max_context=64, quiet=True, target=tgt)
     return paths
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx2-vnni"])
+def test_avx2_ir_is_written_at_256_bits(models, isa, tmp_path):
+    """LLVM would split 512-bit vectors or scalarise expand loads on AVX2, silently
+    slowly: the emitted IR of the whole model has neither (checked before LLVM)."""
+    from sparsec.codegen.compile import emit_model
+
+    model, tokenizer = make_tiny_llama(seed=3)
+    zero_smallest(model, 0.7)
+    ir.save(build_contract_graph(model, tokenizer), tmp_path / "g.onnx")
+    texts = {}
+    for name in (isa, "avx512"):
+        tgt = host_target_or_skip(ISAS[name])
+        for precision in ("fp32", "int8"):
+            em = emit_model(
+                tmp_path / "g.onnx", precision=precision, kernels="bitmask", quiet=True, target=tgt
+            )
+            texts[name, precision] = str(em.emitted.module)
+    for precision in ("fp32", "int8"):
+        text = texts[isa, precision]
+        assert "x float>" in text  # vectors there are
+        assert not re.search(r"<(16|32|64) x (float|i32|i1)>|<64 x i8>|expandload", text)
+        # ablation: the AVX-512 IR of the same model has them
+        assert re.search(r"<16 x float>", texts["avx512", precision])
+    assert "expandload" in texts["avx512", "int8"]
 
 
 def _feature_counts(path):
