@@ -59,7 +59,8 @@ def test_avx2_ir_is_written_at_256_bits(models, isa, tmp_path):
             )
             texts[name, precision] = str(em.emitted.module)
     for precision in ("fp32", "int8"):
-        text = texts[isa, precision]
+        # shufflevector's constant lane lists (<32 x i32> <i32 0, ...>) are not data
+        text = re.sub(r"<\d+ x i32> <i32 [^>]*>", "", texts[isa, precision])
         assert "x float>" in text  # vectors there are
         assert not re.search(r"<(16|32|64) x (float|i32|i1)>|<64 x i8>|expandload", text)
         # ablation: the AVX-512 IR of the same model has them
