@@ -60,8 +60,14 @@ def _zero_graph_weights(model, sparsity: float) -> None:
             v.const_value = ir.tensor(w * (np.abs(w) > t), name=v.name)
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
-def test_greedy_48_tokens_match_pytorch(smol, smol_opt, sparsity, tmp_path):
+@pytest.mark.parametrize(
+    "isa,sparsity", [("avx512", 0.0), ("avx512", 0.5), ("avx512", 0.7), ("avx2", 0.7)]
+)
+def test_greedy_48_tokens_match_pytorch(smol, smol_opt, isa, sparsity, tmp_path):
+    from sparsec.codegen.target import ISAS, host_target, missing_features
+
+    if missing_features(ISAS[isa].features):
+        pytest.skip(f"this CPU cannot run {isa} code")
     model, tokenizer = smol
     if sparsity:
         model = __import__("copy").deepcopy(model)
@@ -71,7 +77,9 @@ def test_greedy_48_tokens_match_pytorch(smol, smol_opt, sparsity, tmp_path):
     else:
         graph = smol_opt
     ir.save(graph, tmp_path / "g.onnx")
-    compile_model(tmp_path / "g.onnx", tmp_path / "m.so", max_context=512, quiet=True)
+    compile_model(
+        tmp_path / "g.onnx", tmp_path / "m.so", max_context=512, quiet=True, target=host_target(isa)
+    )
     ids = tokenizer(PROMPT).input_ids
     rt = runtime.load(tmp_path / "m.so", threads=2)
     logits = rt.forward(ids)
