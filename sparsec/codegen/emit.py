@@ -8,6 +8,7 @@ a barrier between them. ``native/driver.c`` provides the ABI entry points around
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,24 +45,41 @@ def _align(n: int) -> int:
 
 
 class WeightsBlob:
-    """The packed constants of a model, each at a 64-byte aligned offset."""
+    """The packed constants of a model, each at a 64-byte aligned offset.
+
+    Written to an unnamed temporary file (``TMPDIR``) as each layer is packed, and mapped
+    read-only by ``to_array``: the packed model is never held in memory a second time
+    beside the graph's weights (it was, as a list of chunks and then their join: 2x the
+    weights at the peak of a compile). The file has no name, so nothing is left behind
+    by a failed or interrupted compile; it needs the weights' size of free disk.
+    """
 
     def __init__(self):
-        self.chunks: list[bytes] = []
+        self.file = tempfile.TemporaryFile(prefix="sparsec-weights-")
         self.size = 0
 
     def add(self, data) -> int:
-        raw = np.ascontiguousarray(data).view(np.uint8).tobytes()
+        raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         offset = self.size
-        self.chunks.append(raw)
         pad = _align(len(raw)) - len(raw)
-        if pad:
-            self.chunks.append(b"\0" * pad)
+        try:
+            self.file.write(raw)
+            self.file.write(b"\0" * pad)
+        except OSError as exc:
+            raise SparsecError(
+                f"cannot write the packed weights to a temporary file in "
+                f"{tempfile.gettempdir()} ({exc.strerror or exc}); free some space there or "
+                "point TMPDIR at a disk with room for the model's weights"
+            ) from exc
         self.size += len(raw) + pad
         return offset
 
     def to_array(self) -> np.ndarray:
-        return np.frombuffer(b"".join(self.chunks), dtype=np.uint8)
+        """The whole blob (read-only, mapped from the file)."""
+        self.file.flush()
+        if not self.size:
+            return np.zeros(0, np.uint8)
+        return np.memmap(self.file, dtype=np.uint8, mode="r", shape=(self.size,))
 
 
 @dataclass

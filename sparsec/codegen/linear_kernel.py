@@ -197,7 +197,8 @@ def emit_linear_kernel(
 ) -> ir.Function:
     p = packed
     target = target or default_target()
-    if p.rows != target.isa.lanes_f32 or p.fmt not in target.isa.formats:
+    unit = target.isa.bitmask_i8_unit if p.fmt == "bitmask_i8" else p.mask_unit
+    if p.rows != target.isa.lanes_f32 or p.fmt not in target.isa.formats or p.mask_unit != unit:
         raise SparsecError(
             f"linear kernel {name}: {p.fmt} weights packed in {p.rows}-row blocks have no "
             f"{target.isa.name} kernel (pack them for that ISA: pack_linear(..., isa))"

@@ -93,33 +93,42 @@ def _align(n: int) -> int:
 
 
 class _Blob:
-    """Concatenates 64-byte aligned sections."""
+    """Concatenates 64-byte aligned sections. The parts are kept as they are given (no
+    copy) and copied once into the result: packing a layer holds it about three times
+    (weight, blocks, blob), where byte strings and their join held it eight."""
 
     def __init__(self):
-        self.parts: list[bytes] = []
+        self.parts: list[tuple[int, np.ndarray]] = []
         self.size = 0
 
-    def add(self, raw: bytes) -> int:
+    def add(self, raw, zeros: int = 0) -> int:
+        """Append ``raw`` (bytes or a contiguous array) and ``zeros`` zero bytes, padded
+        to 64 bytes; returns its offset."""
+        part = np.frombuffer(raw, np.uint8) if isinstance(raw, bytes | bytearray) else raw
+        part = part.reshape(-1).view(np.uint8)
         offset = self.size
-        padded = _align(len(raw))
-        self.parts.append(raw + bytes(padded - len(raw)))
-        self.size += padded
+        self.parts.append((offset, part))
+        self.size += _align(part.nbytes + zeros)
         return offset
 
     def array(self) -> np.ndarray:
-        data = np.frombuffer(b"".join(self.parts) or bytes(ALIGN), dtype=np.uint8)
-        return data.copy()
+        data = np.zeros(max(self.size, ALIGN), dtype=np.uint8)
+        for offset, part in self.parts:
+            data[offset : offset + part.nbytes] = part
+        return data
 
 
 def _padded_rows(w: np.ndarray, rows: int, cols: int | None = None) -> np.ndarray:
     out, inp = w.shape
     cols = inp if cols is None else cols
+    if out % rows == 0 and cols == inp:
+        return w  # nothing to pad: no copy
     padded = np.zeros((-(-out // rows) * rows, cols), dtype=w.dtype)
     padded[:out, :inp] = w
     return padded
 
 
-def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[bytes, bytes]:
+def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[bytes, bytearray]:
     """(offset table, concatenated streams) for ``blocks [nblk, k, lanes]`` of values.
 
     A block stream is ``masks[k]`` (bit i: lane i nonzero) then the nonzero values in
@@ -127,8 +136,8 @@ def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[by
     """
     nblk, k, lanes = blocks.shape
     nz = blocks != 0
-    bits = np.left_shift(np.ones(1, dtype=np.uint64), np.arange(lanes, dtype=np.uint64))
-    masks = (nz.astype(np.uint64) * bits).sum(axis=2).astype(mask_dtype)
+    # bit i = lane i: little-endian bits, then the mask's bytes read as one integer
+    masks = np.packbits(nz, axis=2, bitorder="little").view(mask_dtype).reshape(nblk, k)
     values = blocks[nz]
     counts = nz.reshape(nblk, -1).sum(axis=1)
     item = blocks.dtype.itemsize
@@ -145,7 +154,7 @@ def _sparse_streams(blocks: np.ndarray, mask_dtype, table_base: int) -> tuple[by
         c = int(counts[i])
         streams[o + mask_bytes : o + mask_bytes + c * item] = values[vstart : vstart + c].tobytes()
         vstart += c
-    return offsets.tobytes(), bytes(streams)
+    return offsets.tobytes(), streams
 
 
 def sparse_unit(fmt: str, isa: Isa) -> np.dtype:
@@ -168,7 +177,7 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
     for name, raw in extra_sections:
         sections[name] = blob.add(raw)
     if fmt.startswith("dense"):
-        sections["weights"] = blob.add(w_blocks.tobytes())
+        sections["weights"] = blob.add(w_blocks)
     else:
         nblk = w_blocks.shape[0]
         table_at = blob.size
@@ -178,8 +187,7 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
         table, streams = _sparse_streams(units, mask_dtype(fmt, rows, unit), streams_at)
         sections["table"] = blob.add(table)
         assert blob.size == streams_at
-        slack = bytes(isa.vector_bytes) if isa.sparse_decode == "shuffle" else b""
-        blob.add(streams + slack)
+        blob.add(streams, zeros=isa.vector_bytes if isa.sparse_decode == "shuffle" else 0)
     total = n_out * n_in
     return PackedLinear(
         fmt=fmt,
@@ -216,7 +224,7 @@ def pack_linear(weight: np.ndarray, fmt: str, isa: Isa = AVX512) -> PackedLinear
         return pack_linear_quantized(q, scale, fmt, isa)
     if not np.all(np.isfinite(w)):
         raise SparsecError("linear weight contains NaN or Inf; fix the model weights")
-    w = w.astype(np.float32)
+    w = np.asarray(w, dtype=np.float32)  # no copy when it is float32 already
     nnz = int(np.count_nonzero(w))
     out, inp = w.shape
     rows = isa.lanes_f32
@@ -240,7 +248,7 @@ def pack_linear_quantized(
     kq = -(-inp // 4)
     rows = isa.lanes_f32
     qp = _padded_rows(q, rows, kq * 4)  # [out_pad, kq*4]
-    bias = -isa.act_offset * qp.astype(np.int32).sum(axis=1, dtype=np.int32)
+    bias = -isa.act_offset * qp.sum(axis=1, dtype=np.int32)
     scale_p = np.zeros(qp.shape[0], dtype=np.float32)
     scale_p[:out] = scale
     # [blk, kq, 16 rows, 4 cols] -> lanes = 64 bytes per column quad

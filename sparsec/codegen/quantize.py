@@ -49,12 +49,24 @@ def quantized_row_bytes(in_features: int) -> int:
     return -(-in_features // ROW_ALIGN) * ROW_ALIGN
 
 
+# Rows quantized at a time: the float temporaries stay at a few MB whatever the layer
+# (a 128256 x 2048 LM head would otherwise need three 1 GB float copies at once).
+QUANTIZE_ROWS = 256
+
+
 def quantize_weight_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-row symmetric int8: (q int8 [out, in], scale float32 [out])."""
     w = np.asarray(weight, dtype=np.float32)
-    scale = (np.abs(w).max(axis=1) / np.float32(QUANT_MAX)).astype(np.float32)
-    safe = np.where(scale == 0, np.float32(1), scale)
-    q = np.clip(np.rint(w / safe[:, None]), -QUANT_MAX, QUANT_MAX).astype(np.int8)
+    q = np.empty(w.shape, dtype=np.int8)
+    scale = np.empty(w.shape[0], dtype=np.float32)
+    for start in range(0, w.shape[0], QUANTIZE_ROWS):
+        rows = w[start : start + QUANTIZE_ROWS]
+        s = (np.abs(rows).max(axis=1) / np.float32(QUANT_MAX)).astype(np.float32)
+        safe = np.where(s == 0, np.float32(1), s)
+        q[start : start + QUANTIZE_ROWS] = np.clip(
+            np.rint(rows / safe[:, None]), -QUANT_MAX, QUANT_MAX
+        )
+        scale[start : start + QUANTIZE_ROWS] = s
     return q, scale
 
 

@@ -18,6 +18,7 @@ and would otherwise split our 512-bit operations.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import re
@@ -129,10 +130,9 @@ AVX512 = Isa(
 # 8 float lanes, no expand loads (bitmask decode by table + vpermps / vpshufb; int8
 # masks cover byte pairs: docs/experiments/avx2-bitmask-int8.md), int8 through
 # vpmaddubsw.
-_AVX2_FEATURES = ("avx2", "fma", "f16c", "bmi2", "popcnt", "movbe")
 AVX2 = Isa(
     name="avx2",
-    features=_AVX2_FEATURES,
+    features=("avx2", "fma", "f16c", "bmi2", "popcnt", "movbe"),
     vector_bits=256,
     formats=AVX512.formats,
     scheduling_cpu="znver3",
@@ -143,16 +143,12 @@ AVX2 = Isa(
 )
 # AVX2 plus the VEX-encoded vpdpbusd of AVX-VNNI: Intel Core 12th gen (Alder Lake) and
 # newer, Core Ultra, AMD Zen 5. (Zen 4 has VNNI only as AVX-512: it runs avx512.)
-AVX2_VNNI = Isa(
+AVX2_VNNI = dataclasses.replace(
+    AVX2,
     name="avx2-vnni",
-    features=(*_AVX2_FEATURES, "avxvnni"),
-    vector_bits=256,
-    formats=AVX2.formats,
+    features=(*AVX2.features, "avxvnni"),
     scheduling_cpu="alderlake",
-    base_cpu="x86-64-v3",
-    sparse_decode="shuffle",
     int8_dot="vnni",
-    bitmask_i8_unit=2,
 )
 # Best first: ``--target auto`` takes the first one the host runs.
 ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512, AVX2_VNNI, AVX2)}

@@ -8,6 +8,7 @@ ONNX checker rejects (its message, with the node it names).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -56,7 +57,8 @@ def check(model, where: str = "the model", *, functions: bool = False) -> None:
                     "no node, graph input or initializer produces; fix or re-export the graph"
                 )
     try:
-        proto = ir.serde.serialize_model(model)
+        with _weights_as_references(model):
+            proto = ir.serde.serialize_model(model)
     except Exception as e:
         raise SparsecError(f"{where} cannot be serialized to ONNX: {e}") from e
     _externals_as_inputs(proto)
@@ -77,6 +79,43 @@ def check(model, where: str = "the model", *, functions: bool = False) -> None:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise SparsecError(f"{where} fails the ONNX checker: {_describe(str(e))}") from e
+
+
+# Initializers above this many bytes are checked by type and shape only (see below).
+CHECKED_DATA_BYTES = 1 << 16
+
+
+@contextlib.contextmanager
+def _weights_as_references(model):
+    """Serialize the large initializers as external-data references (type and shape,
+    no bytes), which ``_externals_as_inputs`` turns into typed inputs. The checker needs
+    no weight values, and copying them into a proto (and again into the string the C++
+    checker reads) made compile hold the weights three times: 2.6 GB for SmolLM2's
+    655 MB graph. Small initializers (shapes, scalars: what shape inference reads) keep
+    their data; weight values are checked where they are read (NaN/inf by lowering)."""
+    import onnx_ir as ir
+
+    saved = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor):
+            continue
+        if tensor.nbytes <= CHECKED_DATA_BYTES:
+            continue
+        saved[value] = tensor
+        value.const_value = ir.ExternalTensor(
+            "sparsec-check-reference",
+            0,
+            tensor.nbytes,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=value.name,
+        )
+    try:
+        yield
+    finally:
+        for value, tensor in saved.items():
+            value.const_value = tensor
 
 
 def _externals_as_inputs(proto) -> None:
