@@ -17,7 +17,10 @@ def register(sub) -> None:
         "`sparsec optimize` output) into one shared library: AVX-512 or AVX2 kernels specialized "
         "to every layer's shape, precision and sparsity, the whole forward step, the "
         "packed weights and a manifest. Load it with "
-        "`from sparsec import runtime; runtime.load('model.so')` or `sparsec run`.",
+        "`from sparsec import runtime; runtime.load('model.so')` or `sparsec run`. "
+        "Memory: about 2.4x the graph's bytes at the peak, and the packed weights' size "
+        "free in TMPDIR and beside the output; a compile that cannot fit is refused up "
+        "front with the estimate (SPARSEC_NO_RESOURCE_CHECK=1 runs it anyway).",
     )
     p.add_argument("model", help="the .onnx graph")
     p.add_argument("-o", "--output", required=True, help="the .so to write")

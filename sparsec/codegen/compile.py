@@ -241,4 +241,18 @@ def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> 
     from sparsec.onnx_io import check_onnx_output
 
     check_onnx_output(out, src)  # the CLI's output checks, for API callers too
+    check_compile_resources(src, out, options.get("precision", "fp32"))
     return build_model(emit_model(src, **options), out, quiet=options.get("quiet", False))
+
+
+def check_compile_resources(src: str | os.PathLike, out: str | os.PathLike, precision) -> None:
+    """Refuse up front a compile this machine's memory or disk cannot hold (estimated
+    from the graph's files: the .onnx and the data files sparsec writes beside it)."""
+    from sparsec.onnx_io import data_files
+    from sparsec.resources import check_compile
+
+    src = Path(src)
+    if not src.is_file():
+        return  # load_graph names it
+    graph_bytes = src.stat().st_size + sum(f.stat().st_size for f in data_files(src))
+    check_compile(graph_bytes, precision, Path(out))

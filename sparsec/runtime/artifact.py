@@ -35,6 +35,7 @@ import numpy as np
 
 from sparsec.contract import ConfigError, ModelConfig
 from sparsec.errors import SparsecError
+from sparsec.resources import available_memory
 from sparsec.runtime import verified
 
 MAGIC = "sparsec-model"
@@ -410,18 +411,6 @@ def load_weights(
     verify_weights(artifact, weights)
     verified.record(artifact.path, artifact.identity, artifact.seal)
     return weights, how, "now"
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _read_into_huge_pages(artifact: Artifact) -> np.ndarray:

@@ -100,3 +100,60 @@ def test_graph_check_copies_no_weight_data(monkeypatch):
     check_mod.check(graph, "tiny", functions=True)
     assert checked[1] > 0.99 * weights
     assert isinstance(graph, ir.Model)
+
+
+@pytest.fixture
+def tiny_graph(tmp_path):
+    model, tokenizer = make_tiny_llama(seed=1)
+    path = tmp_path / "g.onnx"
+    ir.save(build_contract_graph(model, tokenizer), path)
+    return path
+
+
+def test_compile_is_refused_up_front_without_the_memory(tiny_graph, tmp_path, monkeypatch):
+    from sparsec import resources
+    from sparsec.codegen import compile as compile_mod
+
+    def never(*args, **kwargs):
+        raise AssertionError("the graph was loaded before the refusal")
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 20)
+    monkeypatch.setattr(compile_mod, "emit_model", never)
+    out = tmp_path / "m.so"
+    with pytest.raises(SparsecError) as err:
+        compile_mod.compile_model(tiny_graph, out, quiet=True)
+    assert "needs about 0.5 GB of memory and 0.1 GB is available" in str(err.value)
+    assert "SPARSEC_NO_RESOURCE_CHECK=1" in str(err.value) and not out.exists()
+    # ablation: enough memory, or the check switched off, and it compiles
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARSEC_NO_RESOURCE_CHECK", "1")
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 20)
+    compile_mod.compile_model(tiny_graph, out, quiet=True, kernels="dense")
+    assert out.is_file()
+
+
+def test_compile_is_refused_up_front_without_the_disk(tiny_graph, tmp_path, monkeypatch):
+    import shutil
+
+    from sparsec import resources
+    from sparsec.codegen.compile import compile_model
+
+    graph_bytes = tiny_graph.stat().st_size
+    real = shutil.disk_usage
+
+    def disk(free):
+        def usage(path):
+            return real(path)._replace(free=free)
+
+        return usage
+
+    # room for one copy of the packed weights: the temporary file and the output share
+    # this filesystem, so it is not enough
+    monkeypatch.setattr(resources.shutil, "disk_usage", disk(int(1.5 * graph_bytes)))
+    out = tmp_path / "m.so"
+    with pytest.raises(SparsecError, match="free and compiling needs about .* for the packed"):
+        compile_model(tiny_graph, out, quiet=True)
+    assert not out.exists()
+    monkeypatch.setattr(resources.shutil, "disk_usage", disk(3 * graph_bytes))  # ablation
+    compile_model(tiny_graph, out, quiet=True, kernels="dense")
+    assert out.is_file()
