@@ -210,19 +210,19 @@ class _Emitter:
 
     def _pack(self, ins: Instr) -> linear.PackedLinear:
         weights = ins.args["weights"]
-        w = np.concatenate([wt.value for wt in weights], axis=0)
+        w = _stacked([wt.value for wt in weights])
         pre_quantized = all(wt.int8 is not None for wt in weights)
         precision = "int8" if (self.precision == "int8" or self.prog.activation_quant) else "fp32"
         fmt = self.choose(w, precision, self.kernels)
         if pre_quantized and fmt.endswith("_i8"):
-            q = np.concatenate([wt.int8 for wt in weights], axis=0)
-            s = np.concatenate([wt.scale for wt in weights], axis=0)
+            q = _stacked([wt.int8 for wt in weights])
+            s = _stacked([wt.scale for wt in weights])
             return linear.pack_linear_quantized(q, s, fmt, self.target.isa)
         return linear.pack_linear(w, fmt, self.target.isa)
 
     def _linear_kernel(self, ins: Instr):
         a = ins.args
-        w = np.concatenate([wt.value for wt in a["weights"]], axis=0)
+        w = _stacked([wt.value for wt in a["weights"]])
         if self.tied_head and self.tied_head[0] is ins:
             _, packed, offset = self.tied_head
         else:
@@ -477,6 +477,11 @@ class _Emitter:
             for a, p in zip(args, fn.args, strict=False)
         ]
         self.b.call(fn, cast + [n, self.tid, self.nth])
+
+
+def _stacked(parts: list[np.ndarray]) -> np.ndarray:
+    """The fused layer's rows (a single part as it is: no copy of a large LM head)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _pattern(prog: Program, weights, w: np.ndarray) -> str:

@@ -94,8 +94,9 @@ def _align(n: int) -> int:
 
 class _Blob:
     """Concatenates 64-byte aligned sections. The parts are kept as they are given (no
-    copy) and copied once into the result: packing a layer holds it about three times
-    (weight, blocks, blob), where byte strings and their join held it eight."""
+    copy; a dense layer's part is a transposed view of the weight) and copied once into
+    the result: packing a dense layer holds its weight and the result, where byte
+    strings and their joins held it eight times."""
 
     def __init__(self):
         self.parts: list[tuple[int, np.ndarray]] = []
@@ -105,7 +106,6 @@ class _Blob:
         """Append ``raw`` (bytes or a contiguous array) and ``zeros`` zero bytes, padded
         to 64 bytes; returns its offset."""
         part = np.frombuffer(raw, np.uint8) if isinstance(raw, bytes | bytearray) else raw
-        part = part.reshape(-1).view(np.uint8)
         offset = self.size
         self.parts.append((offset, part))
         self.size += _align(part.nbytes + zeros)
@@ -113,8 +113,9 @@ class _Blob:
 
     def array(self) -> np.ndarray:
         data = np.zeros(max(self.size, ALIGN), dtype=np.uint8)
-        for offset, part in self.parts:
-            data[offset : offset + part.nbytes] = part
+        for offset, part in self.parts:  # a strided copy for views
+            target = data[offset : offset + part.nbytes].view(part.dtype).reshape(part.shape)
+            np.copyto(target, part)
         return data
 
 
@@ -179,11 +180,12 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
     if fmt.startswith("dense"):
         sections["weights"] = blob.add(w_blocks)
     else:
-        nblk = w_blocks.shape[0]
+        nblk, k = w_blocks.shape[:2]
         table_at = blob.size
         streams_at = table_at + _align((nblk + 1) * 8)
         unit = sparse_unit(fmt, isa)
-        units = np.ascontiguousarray(w_blocks).view(unit)  # int8 pairs as int16
+        lanes = np.ascontiguousarray(w_blocks).reshape(nblk, k, -1)  # [blk, k, lanes]
+        units = lanes.view(unit)  # int8 pairs as int16
         table, streams = _sparse_streams(units, mask_dtype(fmt, rows, unit), streams_at)
         sections["table"] = blob.add(table)
         assert blob.size == streams_at
@@ -229,7 +231,7 @@ def pack_linear(weight: np.ndarray, fmt: str, isa: Isa = AVX512) -> PackedLinear
     out, inp = w.shape
     rows = isa.lanes_f32
     blocks = _padded_rows(w, rows).reshape(-1, rows, inp).transpose(0, 2, 1)  # [blk, in, 16]
-    return _pack(fmt, isa, np.ascontiguousarray(blocks), out, inp, nnz)
+    return _pack(fmt, isa, blocks, out, inp, nnz)  # a view: the blob copies it once
 
 
 def pack_linear_quantized(
@@ -251,11 +253,11 @@ def pack_linear_quantized(
     bias = -isa.act_offset * qp.sum(axis=1, dtype=np.int32)
     scale_p = np.zeros(qp.shape[0], dtype=np.float32)
     scale_p[:out] = scale
-    # [blk, kq, 16 rows, 4 cols] -> lanes = 64 bytes per column quad
-    blocks = qp.reshape(-1, rows, kq, 4).transpose(0, 2, 1, 3).reshape(-1, kq, rows * 4)
+    # [blk, kq, 16 rows, 4 cols]: 64 bytes per column quad (a view; dense copies it once)
+    blocks = qp.reshape(-1, rows, kq, 4).transpose(0, 2, 1, 3)
     extra = (("bias", bias.astype(np.int32).tobytes()), ("scale", scale_p.tobytes()))
     nnz = int(np.count_nonzero(q))
-    return _pack(fmt, isa, np.ascontiguousarray(blocks), out, inp, nnz, extra)
+    return _pack(fmt, isa, blocks, out, inp, nnz, extra)
 
 
 def _section(packed: PackedLinear, name: str, dtype, count: int) -> np.ndarray:

@@ -28,12 +28,12 @@ def _peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize(
-    "fmt, limit", [("dense_f32", 2.2), ("bitmask_f32", 2.2), ("dense_i8", 1.0)]
+    "fmt, limit", [("dense_f32", 1.1), ("bitmask_f32", 2.2), ("dense_i8", 0.8)]
 )
-def test_packing_a_layer_holds_it_about_twice(fmt, limit):
-    """numpy allocations while packing a 2048 x 2048 fp32 layer (16 MiB, 70% zeros): the
-    transposed blocks and the result (and a sparse layer's streams), not the eight
-    copies that byte strings and their joins made."""
+def test_packing_a_layer_copies_it_once_or_twice(fmt, limit):
+    """numpy allocations while packing a 2048 x 2048 fp32 layer (16 MiB, 70% zeros): a
+    dense layer's result only (its blocks are a view of the weight), a sparse one's
+    blocks, streams and result; not the eight copies of byte strings and their joins."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((2048, 2048)).astype(np.float32)
     w[rng.random(w.shape) < 0.7] = 0
