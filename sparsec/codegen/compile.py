@@ -254,5 +254,5 @@ def check_compile_resources(src: str | os.PathLike, out: str | os.PathLike, prec
     src = Path(src)
     if not src.is_file():
         return  # load_graph names it
-    graph_bytes = src.stat().st_size + sum(f.stat().st_size for f in data_files(src))
-    check_compile(graph_bytes, precision, Path(out))
+    data = sum(f.stat().st_size for f in data_files(src))
+    check_compile(src.stat().st_size + data, precision, Path(out), external=data > 0)
