@@ -103,8 +103,8 @@ class _Blob:
         self.size = 0
 
     def add(self, raw, zeros: int = 0) -> int:
-        """Append ``raw`` (bytes or a contiguous array) and ``zeros`` zero bytes, padded
-        to 64 bytes; returns its offset."""
+        """Append ``raw`` (bytes or an array, a strided view too: its elements in C
+        order) and ``zeros`` zero bytes, padded to 64 bytes; returns its offset."""
         part = np.frombuffer(raw, np.uint8) if isinstance(raw, bytes | bytearray) else raw
         offset = self.size
         self.parts.append((offset, part))
