@@ -87,6 +87,7 @@ class LinearLibrary:
         out: Path | None = None,
         tgt: target.Target | None = None,
     ):
+        tgt = tgt or target.default_target()
         module = ir.Module()
         self.packed = {}
         for name, packed in specs:
@@ -99,7 +100,7 @@ class LinearLibrary:
                     f"{name}_quant",
                     packed.in_features,
                     max_tokens=max_tokens,
-                    isa=(tgt or target.default_target()).isa,
+                    isa=tgt.isa,
                 )
             self.packed[name] = packed
         self.max_tokens = max_tokens
@@ -244,8 +245,8 @@ def choose_linear_format(
         fmt = f"{allowed}_{suffix}"
         if fmt not in tgt.isa.formats:
             raise SparsecError(
-                f"--kernels {allowed}: the {tgt.isa.name} target has no {fmt} kernel (on "
-                f"{tgt.isa.name} it would be slower than dense); use --kernels auto or dense"
+                f"--kernels {allowed}: the {tgt.isa.name} target has no {fmt} kernel; use "
+                "--kernels auto or dense"
             )
         return fmt
     if allowed != "auto":

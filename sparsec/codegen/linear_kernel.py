@@ -45,7 +45,7 @@ from sparsec.codegen.irbuild import (
     vector_intrinsic,
     vectors,
 )
-from sparsec.codegen.linear_pack import PackedLinear
+from sparsec.codegen.linear_pack import PackedLinear, mask_unit
 from sparsec.codegen.linear_shuffle import shuffle_decode_f32, shuffle_decode_i8_pairs
 from sparsec.codegen.quantize import quantized_row_bytes
 from sparsec.codegen.target import Target, default_target
@@ -197,11 +197,11 @@ def emit_linear_kernel(
 ) -> ir.Function:
     p = packed
     target = target or default_target()
-    unit = target.isa.bitmask_i8_unit if p.fmt == "bitmask_i8" else p.mask_unit
-    if p.rows != target.isa.lanes_f32 or p.fmt not in target.isa.formats or p.mask_unit != unit:
+    isa = target.isa
+    if p.rows != isa.lanes_f32 or p.fmt not in isa.formats or p.mask_unit != mask_unit(p.fmt, isa):
         raise SparsecError(
             f"linear kernel {name}: {p.fmt} weights packed in {p.rows}-row blocks have no "
-            f"{target.isa.name} kernel (pack them for that ISA: pack_linear(..., isa))"
+            f"{isa.name} kernel (pack them for that ISA: pack_linear(..., isa))"
         )
     if max_tokens < 1:
         raise SparsecError(f"max_tokens must be >= 1, got {max_tokens} (linear kernel {name})")

@@ -23,8 +23,8 @@ its values are those pairs (``PackedLinear.mask_unit`` records the unit).
 Sparse formats also hold a table of ``nblocks + 1`` int64 byte offsets of the block
 streams (also the cumulative byte cost that balances threads). int8 formats hold per
 row ``bias = -offset * rowsum(q)`` (int32, undoes the activation offset: 128 for
-vpdpbusd, 0 on AVX2's vpmaddubsw) and the
-weight scale (float32). Every section starts at a multiple of 64 bytes.
+vpdpbusd, 0 on AVX2's vpmaddubsw) and the weight scale (float32). Every section starts
+at a multiple of 64 bytes.
 """
 
 from __future__ import annotations
@@ -165,6 +165,11 @@ def sparse_unit(fmt: str, isa: Isa) -> np.dtype:
     return np.dtype(np.int16 if isa.bitmask_i8_unit == 2 else np.int8)
 
 
+def mask_unit(fmt: str, isa: Isa) -> int:
+    """``PackedLinear.mask_unit`` of ``fmt`` packed for ``isa`` (0: a dense format)."""
+    return sparse_unit(fmt, isa).itemsize if fmt.startswith("bitmask") else 0
+
+
 def mask_dtype(fmt: str, rows: int, unit: np.dtype) -> np.dtype:
     """The per-step mask of a bitmask format: one bit per unit of the weight vector."""
     bits = rows * 4 // unit.itemsize
@@ -200,7 +205,7 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
         sparsity=1.0 - nnz / total if total else 0.0,
         sections=sections,
         rows=rows,
-        mask_unit=sparse_unit(fmt, isa).itemsize if fmt.startswith("bitmask") else 0,
+        mask_unit=mask_unit(fmt, isa),
     )
 
 

@@ -1,13 +1,18 @@
 """Bitmask decode without expand loads (AVX2): the mask bits index a constant table
-of permutations that move a full vector loaded from the value stream into place.
+of shuffle controls that move full vectors loaded from the value stream into place.
 
-AVX2 has no ``vexpandps``; LLVM would scalarise ``masked.expandload``. Instead each
-step loads 8 floats from the stream (the packed streams end with a vector of slack, so
-the load never leaves the blob) and permutes them with ``vpermps`` by the mask's table
-row. A row holds, per lane, the rank of that lane among the set bits (the low 3 bits,
-all vpermps reads) and the sign bit when the lane is set, which selects between the
-permuted value and 0. The table (8 KiB) is a module constant shared by every kernel of
-a model. (int8 has no AVX2 bitmask kernel: docs/experiments/avx2-bitmask-int8.md.)
+AVX2 has no ``vexpandps``/``vpexpandb``; LLVM would scalarise ``masked.expandload``.
+Instead each step loads from the stream (the packed streams end with a vector of slack,
+so the loads never leave the blob) and shuffles:
+
+- fp32 (8 lanes, ``u8`` mask): ``vpermps`` by the mask's table row. A row holds, per
+  lane, the rank of that lane among the set bits (the low 3 bits, all vpermps reads)
+  and the sign bit when the lane is set, which selects between the permuted value and 0.
+- int8 (32 bytes, a ``u16`` mask of byte pairs): ``vpshufb`` per 16-byte half, each
+  half's control one table row indexed by its mask byte
+  (docs/experiments/avx2-bitmask-int8.md: why pairs, not bytes).
+
+The tables (8 KiB and 4 KiB) are module constants shared by every kernel of a model.
 """
 
 from __future__ import annotations

@@ -93,8 +93,7 @@ def emit_quantize_tokens(
 
     Token rows are split evenly over threads. ``xq`` rows are ``quantized_row_bytes``
     apart and hold ``q + isa.act_offset``, padding included (so padded columns read as
-    0). Rows
-    are read in chunks of the ISA's float32 lanes (L below; 16 on AVX-512).
+    0). Rows are read in chunks of the ISA's float32 lanes (L below; 16 on AVX-512).
     """
     del max_tokens  # n is a runtime value; kept for a uniform emitter signature
     v = vectors(isa)

@@ -60,10 +60,6 @@ class Isa:
     # "maddubs" (AVX2: vpsignb + vpmaddubsw + vpmaddwd on signed activations, which
     # cannot saturate since both factors stay within +-127).
     int8_dot: str = "vnni"
-    # Bytes per mask bit of bitmask int8: 1 (each weight byte) with vpexpandb; 2 (each
-    # byte pair of one row, vpmaddubsw's unit) for the shuffle decode, which then needs
-    # one 16-byte table row per mask byte and half vector.
-    bitmask_i8_unit: int = 1
 
     @property
     def vector_bytes(self) -> int:
@@ -77,6 +73,13 @@ class Isa:
     @property
     def feature_string(self) -> str:
         return ",".join("+" + f for f in self.features)
+
+    @property
+    def bitmask_i8_unit(self) -> int:
+        """Bytes per mask bit of bitmask int8: 1 (each weight byte) with vpexpandb; 2
+        (each byte pair of one row, vpmaddubsw's unit) for the shuffle decode, which then
+        needs one 16-byte table row per mask byte and half vector."""
+        return 2 if self.sparse_decode == "shuffle" else 1
 
     @property
     def act_offset(self) -> int:
@@ -139,7 +142,6 @@ AVX2 = Isa(
     base_cpu="x86-64-v3",
     sparse_decode="shuffle",
     int8_dot="maddubs",
-    bitmask_i8_unit=2,
 )
 # AVX2 plus the VEX-encoded vpdpbusd of AVX-VNNI: Intel Core 12th gen (Alder Lake) and
 # newer, Core Ultra, AMD Zen 5. (Zen 4 has VNNI only as AVX-512: it runs avx512.)
