@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "sparsec.passes.command",
     "sparsec.codegen.command",
     "sparsec.runtime.command",
+    "sparsec.serve.command",
     "sparsec.bench.command",
 )
 

@@ -1,4 +1,4 @@
-"""Writing the model.so artifact (ABI v2): linked ELF + weights + manifest + trailer.
+"""Writing the model.so artifact (ABI v3): linked ELF + weights + manifest + trailer.
 
 The reader side (``sparsec.runtime.artifact``) owns the format constants and the
 manifest schema; the writer validates against the same schema, so it cannot produce

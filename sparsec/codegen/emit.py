@@ -34,9 +34,10 @@ CTX_FIELDS = {
     "scratch": (24, I8P),
     "tokens": (32, I32.as_pointer()),
     "n_tokens": (40, I32),
-    "position": (44, I32),
+    "all_logits": (44, I32),
     "logits": (48, F32P),
-    "all_logits": (56, I32),
+    "caches": (56, F32P.as_pointer()),  # per row: the KV cache of its sequence
+    "positions": (64, I32.as_pointer()),  # per row: its position in that sequence
 }
 
 
@@ -314,9 +315,12 @@ class _Emitter:
     def table(self, name: str):
         return self.b.bitcast(self.weights_at(self.table_offsets[name]), F32P)
 
-    def kv(self, layer: int, which: int):
-        off = (2 * layer + which) * self.kv_layer_floats
-        return self.b.gep(self.f["kv_cache"], [ir.Constant(I64, off)])
+    def row_args(self, layer: int) -> list:
+        """The attention kernels' per-row arguments (ops_attention.ROW_ARGS): every row's
+        cache and position, and the float offsets of layer ``layer``'s keys and values in
+        a sequence's cache [L][2][KVH][C][head_dim]."""
+        at = [ir.Constant(I64, (2 * layer + which) * self.kv_layer_floats) for which in (0, 1)]
+        return [self.f["caches"], self.f["positions"], *at]
 
     def _embedding_layout(self) -> dict:
         if not self.shared_head:
@@ -408,10 +412,8 @@ class _Emitter:
                 qkv,
                 self.table("rope.cos"),
                 self.table("rope.sin"),
-                self.kv(a["layer"], 0),
-                self.kv(a["layer"], 1),
                 *norms,
-                self.f["position"],
+                *self.row_args(a["layer"]),
             ],
         )
 
@@ -429,10 +431,8 @@ class _Emitter:
             fn,
             [
                 qkv,
-                self.kv(a["layer"], 0),
-                self.kv(a["layer"], 1),
                 self.ptr(a["out"]),
-                self.f["position"],
+                *self.row_args(a["layer"]),
             ],
         )
 

@@ -1,9 +1,15 @@
 """Attention kernels: RoPE + KV-cache write, and grouped-query causal attention.
 
 Layouts (all float32, row-major): ``qkv`` is [n, qkv_stride] with q, k, v at column
-offsets q_offset / k_offset / v_offset; the caches are [kv_num_heads, capacity,
-head_dim] per layer, slot j holding the token at position j; the RoPE tables are
-[max_pos, head_dim/2] in the rotate-half (non-interleaved) form.
+offsets q_offset / k_offset / v_offset; the RoPE tables are [max_pos, head_dim/2] in
+the rotate-half (non-interleaved) form.
+
+Rows are independent: row i is a token of some sequence at position ``positions[i]``
+whose KV cache starts at ``caches[i]`` (a whole sequence's cache, float32 [layers][2]
+[kv_num_heads][capacity][head_dim]; the layer's keys are at float offset ``k_at``
+from it and its values at ``v_at``, slot j holding the token at position j). One
+sequence's prefill is rows with the same cache and consecutive positions; a batched
+decode step is one row per sequence, each with its own cache (docs/runtime.md).
 
 Attention keeps a running max and sum (online softmax) over blocks of 16 keys: the
 16 q.k dot products of a block are computed as 16 vectors of partial sums and
@@ -51,6 +57,10 @@ from sparsec.codegen.target import AVX512, Isa
 from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp
 from sparsec.errors import SparsecError
 
+# The per-row arguments that end both kernels' parameters (before n, tid, nthreads):
+# every row's cache and position, then the layer's key and value offsets in a cache.
+ROW_ARGS = [FPTR.as_pointer(), I32.as_pointer(), I64, I64]
+
 
 def _check_heads(num_heads: int, kv_num_heads: int, head_dim: int) -> None:
     check_positive(num_heads=num_heads, kv_num_heads=kv_num_heads, head_dim=head_dim)
@@ -77,13 +87,14 @@ def emit_rope_kv_write(
     qk_norm_eps: float | None = None,
     isa: Isa = AVX512,
 ) -> ir.Function:
-    """``void name(float* qkv, const float* cos, const float* sin, float* k_cache,
-    float* v_cache, [const float* q_norm, const float* k_norm,] int32 position, int32 n,
-    tid, nthreads)``.
+    """``void name(float* qkv, const float* cos, const float* sin, [const float* q_norm,
+    const float* k_norm,] float** caches, const int32* positions, int64 k_at, int64 v_at,
+    int32 n, tid, nthreads)``.
 
-    Token i (position p = position + i): rotates its q and k heads in place and writes
-    rope(k) and v into slot p of the caches. Work units are (token, q or kv head).
-    The caller guarantees position + n <= capacity and <= the RoPE table length.
+    Row i (position p = positions[i]): rotates its q and k heads in place and writes
+    rope(k) and v into slot p of its cache (``caches[i]``, see the module docstring).
+    Work units are (token, q or kv head). The caller guarantees 0 <= p < capacity, p
+    within the RoPE table, and no two rows with the same cache and position.
     ``rotary_dim``: only the first features of a head rotate (partial rotary; None:
     all). ``qk_norm_eps``: each q and k head is first RMS-normalized and scaled by
     ``q_norm``/``k_norm`` ``[head_dim]`` (Qwen3; None: no norm, no such arguments).
@@ -100,8 +111,8 @@ def emit_rope_kv_write(
     half = rotary // 2
     lanes = isa.lanes_f32
     norms = 0 if qk_norm_eps is None else 2
-    fn = kernel_function(module, name, [FPTR] * (5 + norms) + [I32] * 4)
-    qkv, cos, sin, k_cache, v_cache, *norm_weights, position, n, tid, nthreads = fn.args
+    fn = kernel_function(module, name, [FPTR] * (3 + norms) + ROW_ARGS + [I32] * 3)
+    qkv, cos, sin, *norm_weights, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     per_token = num_heads + kv_num_heads
     begin, end = thread_share(b, b.mul(b.sext(n, I64), i64(per_token)), tid, nthreads)
@@ -140,7 +151,7 @@ def emit_rope_kv_write(
     with loop(b, begin, end, name="unit") as unit:
         token = b.udiv(unit, i64(per_token))
         head = b.sub(unit, b.mul(token, i64(per_token)))
-        pos = b.add(b.sext(position, I64), token)
+        pos = b.sext(b.load(ptr_add(b, positions, token)), I64)
         row = ptr_add(b, qkv, b.mul(token, i64(qkv_stride)))
         cos_row = ptr_add(b, cos, b.mul(pos, i64(half)))
         sin_row = ptr_add(b, sin, b.mul(pos, i64(half)))
@@ -154,12 +165,14 @@ def emit_rope_kv_write(
                 group = b.sub(head, i64(num_heads))
                 col = b.mul(group, i64(head_dim))
                 slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
+                cache = b.load(ptr_add(b, caches, token))
                 k = ptr_add(b, row, b.add(i64(k_offset), col))
                 if norms:
                     normalize(k, norm_weights[1])
-                rotate(k, cos_row, sin_row, [k, ptr_add(b, k_cache, slot)])
+                k_slot = ptr_add(b, ptr_add(b, cache, k_at), slot)
+                rotate(k, cos_row, sin_row, [k, k_slot])
                 v = ptr_add(b, row, b.add(i64(v_offset), col))
-                v_slot = ptr_add(b, v_cache, slot)
+                v_slot = ptr_add(b, ptr_add(b, cache, v_at), slot)
                 for off, width in span_chunks(head_dim, lanes):
                     store(b, load(b, ptr_add(b, v, off), width), ptr_add(b, v_slot, off))
     b.ret_void()
@@ -180,12 +193,13 @@ def emit_attention(
     window: int | None = None,
     isa: Isa = AVX512,
 ) -> ir.Function:
-    """``void name(const float* qkv, const float* k_cache, const float* v_cache,
-    float* out[n, num_heads*head_dim], int32 position, int32 n, tid, nthreads)``.
+    """``void name(const float* qkv, float* out[n, num_heads*head_dim], float** caches,
+    const int32* positions, int64 k_at, int64 v_at, int32 n, tid, nthreads)``.
 
-    Query i (position p = position + i), head h, kv group g = h // (num_heads /
-    kv_num_heads): out = softmax_j(scale * q . k_cache[g, j]) . v_cache[g, j] over
-    j = 0..p, or j = p-window+1..p with a sliding ``window`` (Mistral; None: all).
+    Query i (position p = positions[i], cache ``caches[i]``: see the module docstring),
+    head h, kv group g = h // (num_heads / kv_num_heads): out = softmax_j(scale * q .
+    k_cache[g, j]) . v_cache[g, j] over j = 0..p, or j = p-window+1..p with a sliding
+    ``window`` (Mistral; None: all).
 
     Work units are (kv group, token, head within the group), in that order, split
     contiguously among threads. A decode step (n = 1) thus spreads its heads over the
@@ -202,8 +216,8 @@ def emit_attention(
     if window is not None:
         check_positive(window=window)
     group = num_heads // kv_num_heads
-    fn = kernel_function(module, name, [FPTR] * 4 + [I32] * 4)
-    qkv, k_cache, v_cache, out, position, n, tid, nthreads = fn.args
+    fn = kernel_function(module, name, [FPTR] * 2 + ROW_ARGS + [I32] * 3)
+    qkv, out, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     state = _GroupState(b, group, head_dim, isa.lanes_f32)
     n64 = b.sext(n, I64)
@@ -234,11 +248,13 @@ def emit_attention(
     head = b.add(b.mul(kv, i64(group)), first)
     q_col = b.add(i64(q_offset), b.mul(head, i64(head_dim)))
     q = ptr_add(b, qkv, b.add(b.mul(token, i64(qkv_stride)), q_col))
+    cache = b.load(ptr_add(b, caches, token))
     cache_off = b.mul(kv, i64(capacity * head_dim))
-    keys, values = ptr_add(b, k_cache, cache_off), ptr_add(b, v_cache, cache_off)
+    keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
+    values = ptr_add(b, ptr_add(b, cache, v_at), cache_off)
     out_col = b.mul(head, i64(head_dim))
     dst = ptr_add(b, out, b.add(b.mul(token, i64(num_heads * head_dim)), out_col))
-    pos = b.add(b.sext(position, I64), token)
+    pos = b.sext(b.load(ptr_add(b, positions, token)), I64)
     _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window)
     b.branch(head_bb)
 

@@ -1,4 +1,4 @@
-"""Reading the model.so artifact: trailer, manifest, code, weights (ABI v2, docs/runtime.md).
+"""Reading the model.so artifact: trailer, manifest, code, weights (ABI v3, docs/runtime.md).
 
 Layout of one ``model.so``::
 
@@ -44,7 +44,9 @@ TRAILER_MAGIC = b"SPARSEC2"
 OLD_TRAILER_MAGICS = {b"SPARSEC1": 1}
 TRAILER_FORMAT = "<QQ32s8s"
 TRAILER_SIZE = struct.calcsize(TRAILER_FORMAT)  # 56
-ABI_VERSION = 2
+# 3: sparsec_forward_rows (rows of several sequences in one step). The file layout and
+# its trailer are those of ABI 2.
+ABI_VERSION = 3
 DIGEST_BYTES = 32  # blake2b-256 everywhere: code, manifest, weight chunks
 WEIGHTS_ALIGNMENT = 4096  # weights start on a page so they can be mmapped directly
 WEIGHTS_CHUNK = 64 << 20  # one hash per 64 MiB of weights (112 hashes for 7 GB)

@@ -32,7 +32,8 @@ from sparsec.runtime.arguments import (
 from sparsec.runtime.artifact import Artifact, load_weights, read_artifact
 from sparsec.runtime.chat import render_chat
 from sparsec.runtime.cpu import check_host
-from sparsec.runtime.detokenize import IncrementalDetokenizer, StopStrings
+from sparsec.runtime.decoding import Decoding
+from sparsec.runtime.detokenize import StopStrings
 from sparsec.runtime.generation import Generation, GenerationStats, TextStream, run_to_end
 from sparsec.runtime.native import NativeLibrary, NativeModel, forward_error
 from sparsec.runtime.sampling import Sampler
@@ -180,6 +181,7 @@ class Model:
         self._tokens_ptr = self._tokens.ctypes.data
         self._position = 0
         self._owner: object | None = None  # the generation allowed to use the cache
+        self._engine = None  # an Engine holding the model (runtime/engine.py)
 
         library = library or NativeLibrary(artifact)
         self._native = library.create(weights.ctypes.data, self._kv_cache.ctypes.data, n_threads)
@@ -205,6 +207,16 @@ class Model:
         finally:
             self._busy = None
             self._lock.release()
+
+    def _claim(self, what: str) -> None:
+        """Hold the model until ``_release_claim`` (an Engine, for its lifetime)."""
+        if not self._lock.acquire(blocking=False):
+            raise self._busy_error(what)
+        self._busy = (what, threading.current_thread())
+
+    def _release_claim(self) -> None:
+        self._busy = None
+        self._lock.release()
 
     def _busy_error(self, what: str) -> SparsecError:
         busy = self._busy  # read once: the holder may return meanwhile
@@ -356,6 +368,19 @@ class Model:
         )
         sampler = Sampler(temperature, top_k, top_p, seed, repetition_penalty)
         stops = StopStrings(stop_strings)
+        ids = self.prompt_ids(prompt, max_new)
+        with self._exclusive("generate()"):
+            self._check_open()
+            owner = object()
+            self._owner = owner
+            pieces = self._generate(owner, ids, max_new, sampler, stops)
+            if not stream:
+                return run_to_end(pieces)
+        return TextStream(pieces, hold=self._stream_step)
+
+    def prompt_ids(self, prompt, max_new_tokens: int) -> np.ndarray:
+        """``prompt`` (text, encoded with the special tokens, or token ids) as checked
+        int32 ids that leave room for ``max_new_tokens`` in the context."""
         if isinstance(prompt, str):
             if not prompt:
                 raise SparsecError("the prompt is empty; pass some text or token ids")
@@ -368,21 +393,22 @@ class Model:
             )
         else:
             ids = self._check_ids(prompt, "prompt")
-        total = len(ids) + max_new
+        total = len(ids) + max_new_tokens
         if total > self.max_context:
             raise SparsecError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({show(max_new)}) = {show(total)} "
-                f"exceeds the max context {self.max_context} of {self.path}; shorten the "
-                "prompt, lower max_new_tokens, or recompile with a larger --max-context"
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({show(max_new_tokens)}) = "
+                f"{show(total)} exceeds the max context {self.max_context} of {self.path}; "
+                "shorten the prompt, lower max_new_tokens, or recompile with a larger "
+                "--max-context"
             )
-        with self._exclusive("generate()"):
-            self._check_open()
-            owner = object()
-            self._owner = owner
-            pieces = self._generate(owner, ids, max_new, sampler, stops)
-            if not stream:
-                return run_to_end(pieces)
-        return TextStream(pieces, hold=self._stream_step)
+        return ids
+
+    def engine(self, parallel: int = 4, max_queue: int = 64):
+        """An Engine that batches many generations over this model (runtime/engine.py):
+        ``parallel`` sequences decoded per native step, ``max_queue`` waiting."""
+        from sparsec.runtime.engine import Engine
+
+        return Engine(self, parallel=parallel, max_queue=max_queue)
 
     def chat(
         self,
@@ -409,6 +435,11 @@ class Model:
                 f"go in template_kwargs, e.g. template_kwargs={{{unknown[0]!r}: ...}}"
             )
         check_generate_options(**generate_kwargs)  # before the template renders
+        ids = self.chat_ids(messages, add_generation_prompt, variables)
+        return self.generate(ids, **generate_kwargs)
+
+    def chat_ids(self, messages, add_generation_prompt: bool = True, variables=None) -> list[int]:
+        """``messages`` rendered with the model's chat template, as token ids."""
         template = self.manifest["chat_template"]
         if not template:
             raise SparsecError(
@@ -420,12 +451,12 @@ class Model:
             add_generation_prompt=add_generation_prompt,
             bos_token=self._token_text(self.bos_token_id),
             eos_token=self._token_text(self.eos_token_id),
-            **variables,
+            **(variables or {}),
         )
         # A lone surrogate can come in through a message or a template variable.
         check_text(text, "the chat prompt rendered from messages")
         # The template spells out bos etc. itself, so no special tokens are added (as HF).
-        return self.generate(self.encode(text, add_special_tokens=False), **generate_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
     def _token_text(self, token_id: int | None) -> str:
         if token_id is None:
@@ -445,34 +476,15 @@ class Model:
         logits = self._logits[0]  # the native code rewrites this row every step
         forward, ctx = self._native.forward, self._native.ctx
         tokens, tokens_ptr, logits_ptr = self._tokens, self._tokens_ptr, self._logits_ptr
-        eos = self.eos_token_ids
-        detok = IncrementalDetokenizer(self.tokenizer)
-        new_ids: list[int] = []
-        text, emitted, finish, steps = "", 0, "length", 0
-        t_first = None
-        sampler.see(prompt_ids)
+        dec = Decoding(self.tokenizer, self.eos_token_ids, sampler, stops, max_new, prompt_ids)
+        steps, t_first = 0, None
         while True:
-            token = sampler(logits)
-            sampler.see(token)
-            new_ids.append(token)
+            token, piece = dec.step(logits)
             if t_first is None:
                 t_first = time.perf_counter()
-            if token in eos:
-                finish = "eos"
-                break
-            piece = detok.add(token)
             if piece:
-                start = len(text)
-                text += piece
-                cut = stops.find(text, start)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    break
-                safe = len(text) - stops.holdback(text)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            if len(new_ids) >= max_new:
+                yield piece
+            if dec.finish:
                 break
             if self._owner is not owner:
                 raise _interrupted()
@@ -488,28 +500,23 @@ class Model:
             self._position += 1
             steps += 1
         t2 = time.perf_counter()
-        if finish != "stop":
-            start = len(text)
-            text += detok.flush()
-            cut = stops.find(text, start)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-        if len(text) > emitted:
-            yield text[emitted:]
+        rest = dec.rest()
+        if rest:
+            yield rest
         stats = GenerationStats(
             prompt_tokens=len(prompt_ids),
             prompt_seconds=t1 - t0,
-            new_tokens=len(new_ids),
+            new_tokens=len(dec.new_ids),
             decode_steps=steps,
             decode_seconds=t2 - t_first,
             time_to_first_token=t_first - t0,
             total_seconds=time.perf_counter() - t0,
         )
         return Generation(
-            text=text,
-            token_ids=new_ids,
+            text=dec.text,
+            token_ids=dec.new_ids,
             prompt_token_ids=prompt_ids.tolist(),
-            finish_reason=finish,
+            finish_reason=dec.finish,
             stats=stats,
         )
 
@@ -527,6 +534,9 @@ class Model:
         A call running in another thread is waited for (its native code must not lose
         its memory under it); a stream is not: its next step raises.
         """
+        engine = self._engine
+        if engine is not None:
+            engine.close()  # it holds the model until it stops
         busy = self._busy
         if busy is not None and busy[1] is threading.current_thread():
             # Waiting on the lock would wait on this very thread: forever.

@@ -1,10 +1,13 @@
-"""The native ABI v2 of a generated model.so, bound with ctypes.
+"""The native ABI v3 of a generated model.so, bound with ctypes.
 
     int32_t sparsec_abi_version(void);
     int32_t sparsec_build_info(int64_t* out, int32_t capacity);
     void*   sparsec_create(const uint8_t* weights, float* kv_cache, int32_t n_threads);
     int32_t sparsec_forward(void* ctx, const int32_t* tokens, int32_t n_tokens,
                             int32_t position, float* logits, int32_t all_logits);
+    int32_t sparsec_forward_rows(void* ctx, const int32_t* tokens, int32_t n_rows,
+                                 const int32_t* positions, float* const* caches,
+                                 float* logits, int32_t all_logits);
     void    sparsec_destroy(void* ctx);
 
 Only pointers and int32s cross the boundary; the runtime owns every buffer (weights
@@ -31,12 +34,16 @@ from sparsec.runtime.artifact import ABI_VERSION, PRECISIONS, Artifact, read_cod
 FORWARD_OK = 0
 FORWARD_BAD_COUNT = 1  # n_tokens outside 1..max_tokens_per_call
 FORWARD_OVER_CAPACITY = 2  # position + n_tokens > capacity
+FORWARD_NULL = 3  # a null pointer
+FORWARD_BAD_TOKEN = 4  # a token id outside the vocabulary
+FORWARD_SAME_SLOT = 5  # two rows of one step write the same cache slot
 
 _SYMBOLS = (
     "sparsec_abi_version",
     "sparsec_build_info",
     "sparsec_create",
     "sparsec_forward",
+    "sparsec_forward_rows",
     "sparsec_destroy",
 )
 
@@ -136,6 +143,16 @@ class NativeLibrary:
             ctypes.c_int32,
         ]
         lib.sparsec_forward.restype = ctypes.c_int32
+        lib.sparsec_forward_rows.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int32,
+        ]
+        lib.sparsec_forward_rows.restype = ctypes.c_int32
         lib.sparsec_destroy.argtypes = [ctypes.c_void_p]
         lib.sparsec_destroy.restype = None
 
@@ -195,12 +212,14 @@ class NativeModel:
         self._destroy = lib.sparsec_destroy
         self.ctx: int = ctx
         self.forward = lib.sparsec_forward  # (ctx, tokens, n, position, logits, all) -> int
+        # (ctx, tokens, n, positions, caches, logits, all) -> int
+        self.forward_rows = lib.sparsec_forward_rows
 
     def close(self) -> None:
         if self.ctx:
             self._destroy(self.ctx)
             self.ctx = 0
-            self.forward = self._destroy = None
+            self.forward = self.forward_rows = self._destroy = None
             self._library.unload()
 
 
@@ -212,4 +231,8 @@ def forward_error(code: int, n_tokens: int, position: int, limit: int, capacity:
             f"native forward rejected {n_tokens} tokens at position {position}: the cache "
             f"holds {capacity}"
         )
+    if code == FORWARD_BAD_TOKEN:
+        return "native forward rejected a token id outside the vocabulary"
+    if code == FORWARD_SAME_SLOT:
+        return "native forward rejected two rows that write the same cache slot"
     return f"native forward failed with code {code}"

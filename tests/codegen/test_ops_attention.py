@@ -18,6 +18,7 @@ from test_ops_support import (
     assert_shares_partition,
     build_kernels,
     rope_tables,
+    sequence_rows,
 )
 
 from sparsec.codegen import ops
@@ -52,13 +53,16 @@ def _emit_step(module, functions):
     fn = ir.Function(module, ir.FunctionType(VOID, [I64.as_pointer(), I32, I32]), "step")
     args, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    slot = [b.load(b.gep(args, [i64(i)])) for i in range(9)]
+    slot = [b.load(b.gep(args, [i64(i)])) for i in range(10)]
     fptr = ir.FloatType().as_pointer()
-    pool, qkv, cos, sin, kc, vc, out = (b.inttoptr(v, fptr) for v in slot[:7])
-    position, n = b.trunc(slot[7], I32), b.trunc(slot[8], I32)
-    b.call(functions["rope"], [qkv, cos, sin, kc, vc, position, n, tid, nthreads])
+    pool, qkv, cos, sin, out = (b.inttoptr(v, fptr) for v in slot[:5])
+    caches = b.inttoptr(slot[5], fptr.as_pointer())
+    positions = b.inttoptr(slot[6], I32.as_pointer())
+    k_at, v_at, n = slot[7], slot[8], b.trunc(slot[9], I32)
+    rows = [caches, positions, k_at, v_at, n, tid, nthreads]
+    b.call(functions["rope"], [qkv, cos, sin, *rows])
     b.call(barrier, [b.bitcast(pool, pool_ptr), tid])
-    b.call(functions["attn"], [qkv, kc, vc, out, position, n, tid, nthreads])
+    b.call(functions["attn"], [qkv, out, *rows])
     b.ret_void()
 
 
@@ -90,17 +94,13 @@ def _shape(s):
     return s["heads"], s["kv_heads"], s["head_dim"]
 
 
-def _caches(s, filled: int, seed: int):
-    """Caches whose first ``filled`` slots hold earlier tokens; the rest is NaN."""
+def _caches(s, filled: int, seed: int, capacity: int = CAPACITY):
+    """One layer's cache, keys and values [2, KVH, C, hd], whose first ``filled`` slots
+    hold earlier tokens; the rest is NaN."""
     rng = np.random.default_rng(seed)
-    shape = (s["kv_heads"], CAPACITY, s["head_dim"])
-    k, v = (
-        rng.standard_normal(shape, dtype=np.float32),
-        rng.standard_normal(shape, dtype=np.float32),
-    )
-    k[:, filled:] = np.nan
-    v[:, filled:] = np.nan
-    return k, v
+    kv = rng.standard_normal((2, s["kv_heads"], capacity, s["head_dim"]), dtype=np.float32)
+    kv[:, :, filled:] = np.nan
+    return kv
 
 
 CASES = [(1, 0), (1, 15), (1, 37), (5, 0), (5, 30), (20, 0), (16, 31), (9, CAPACITY - 9)]
@@ -114,22 +114,24 @@ def test_rope_kv_write(model, n, position, nthreads):
     cos, sin = rope_tables(CAPACITY, s["head_dim"])
     rng = np.random.default_rng(n * 100 + position)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
-    k_cache, v_cache = _caches(s, position, seed=position)
-    arrays = {"qkv": qkv, "k": k_cache, "v": v_cache}
+    kv = _caches(s, position, seed=position)
+    arrays = {"qkv": qkv, "kv": kv}
     out = assert_shares_partition(
-        lambda a, tid, nt: k("rope", a["qkv"], cos, sin, a["k"], a["v"], position, n, tid, nt),
+        lambda a, tid, nt: k(
+            "rope", a["qkv"], cos, sin, *sequence_rows(a["kv"], position, n), n, tid, nt
+        ),
         arrays,
-        ["qkv", "k", "v"],
+        ["qkv", "kv"],
         nthreads,
     )
     offsets = (lay["q_offset"], lay["k_offset"], lay["v_offset"])
     ref_qkv, ref_k, ref_v = _ref_rope_kv_write(
-        qkv, cos, sin, k_cache, v_cache, position, shape=_shape(s), offsets=offsets
+        qkv, cos, sin, kv[0], kv[1], position, shape=_shape(s), offsets=offsets
     )
     assert_close(out["qkv"], ref_qkv)
     # Slots outside position..position+n-1 are untouched (NaN stays NaN, history stays).
-    assert_close(out["k"], ref_k)
-    np.testing.assert_array_equal(out["v"], ref_v.astype(np.float32))
+    assert_close(out["kv"][0], ref_k)
+    np.testing.assert_array_equal(out["kv"][1], ref_v.astype(np.float32))
 
 
 @pytest.mark.parametrize(("n", "position"), CASES)
@@ -138,17 +140,18 @@ def test_attention(model, n, position, nthreads):
     s, lay, scale, k = model
     rng = np.random.default_rng(n * 1000 + position)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32) * 2
-    k_cache, v_cache = _caches(s, position + n, seed=position + 7)
+    kv = _caches(s, position + n, seed=position + 7)
+    rows = sequence_rows(kv, position, n)
     out_cols = s["heads"] * s["head_dim"]
     arrays = {"out": np.full((n, out_cols), np.nan, np.float32)}
     out = assert_shares_partition(
-        lambda a, tid, nt: k("attn", qkv, k_cache, v_cache, a["out"], position, n, tid, nt),
+        lambda a, tid, nt: k("attn", qkv, a["out"], *rows, n, tid, nt),
         arrays,
         ["out"],
         nthreads,
     )["out"]
     ref = _ref_attention(
-        qkv, k_cache, v_cache, position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
+        qkv, kv[0], kv[1], position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
     )
     assert_close(out, ref)
 
@@ -159,12 +162,12 @@ def test_attention_peaked_scores_are_stable(model):
     n, position = 3, 40
     rng = np.random.default_rng(5)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32) * 40
-    k_cache, v_cache = _caches(s, position + n, seed=9)
-    k_cache *= 30
+    kv = _caches(s, position + n, seed=9)
+    kv[0] *= 30
     out = np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
-    k("attn", qkv, k_cache, v_cache, out, position, n, 0, 1)
+    k("attn", qkv, out, *sequence_rows(kv, position, n), n, 0, 1)
     ref = _ref_attention(
-        qkv, k_cache, v_cache, position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
+        qkv, kv[0], kv[1], position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
     )
     assert np.isfinite(out).all()
     assert_close(out, ref, rtol=1e-4)
@@ -180,8 +183,8 @@ def test_prefill_then_decode_in_thread_pool(model, nthreads):
     lib.spc_pool_run.argtypes = [ctypes.c_void_p] * 3
     lib.spc_pool_destroy.argtypes = [ctypes.c_void_p]
     cos, sin = rope_tables(CAPACITY, s["head_dim"])
-    k_cache, v_cache = _caches(s, 0, seed=1)
-    ref_k, ref_v = k_cache.astype(np.float64), v_cache.astype(np.float64)
+    kv = _caches(s, 0, seed=1)
+    ref_k, ref_v = kv[0].astype(np.float64), kv[1].astype(np.float64)
     rng = np.random.default_rng(2)
     pool = lib.spc_pool_create(nthreads)
     try:
@@ -197,13 +200,14 @@ def test_prefill_then_decode_in_thread_pool(model, nthreads):
                 ref_qkv, ref_k, ref_v, position, shape=_shape(s), q_offset=lay["q_offset"],
                 scale=scale,
             )  # fmt: skip
+            caches, positions, k_at, v_at = sequence_rows(kv, position, n)
             args = np.array(
-                [pool, qkv.ctypes.data, cos.ctypes.data, sin.ctypes.data, k_cache.ctypes.data,
-                 v_cache.ctypes.data, out.ctypes.data, position, n], np.uint64,
+                [pool, qkv.ctypes.data, cos.ctypes.data, sin.ctypes.data, out.ctypes.data,
+                 caches.ctypes.data, positions.ctypes.data, k_at, v_at, n], np.uint64,
             )  # fmt: skip
             lib.spc_pool_run(pool, k.address("step"), args.ctypes.data)
             assert_close(out, ref_out)
-            assert_close(k_cache[:, : position + n], ref_k[:, : position + n])
+            assert_close(kv[0][:, : position + n], ref_k[:, : position + n])
             position += n
     finally:
         lib.spc_pool_destroy(pool)
@@ -242,15 +246,77 @@ def test_attention_long_context(shape, tmp_path):
         },
     )
     rng = np.random.default_rng(3)
-    cache_shape = (s["kv_heads"], capacity, s["head_dim"])
-    k_cache = rng.standard_normal(cache_shape, dtype=np.float32)
-    v_cache = rng.standard_normal(cache_shape, dtype=np.float32)
-    k_cache[:, position + n :] = np.nan
-    v_cache[:, position + n :] = np.nan
+    kv = _caches(s, position + n, seed=3, capacity=capacity)
+    rows = sequence_rows(kv, position, n)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32) * 3
-    ref = _ref_attention(qkv, k_cache, v_cache, position, shape=_shape(s), q_offset=0, scale=scale)
+    ref = _ref_attention(qkv, kv[0], kv[1], position, shape=_shape(s), q_offset=0, scale=scale)
     for nthreads in (1, 2):
         out = np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
         for tid in range(nthreads):
-            k("attn", qkv, k_cache, v_cache, out, position, n, tid, nthreads)
+            k("attn", qkv, out, *rows, n, tid, nthreads)
         assert_close(out, ref)
+
+
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_rows_of_several_sequences_in_one_step(model, nthreads):
+    """A batched step: each row has its own cache and position (two sequences decoding
+    at different lengths, a third prefilling two tokens); every row's output and cache
+    writes equal that sequence run alone. Ablation: one shared cache (the single-sequence
+    step) answers differently."""
+    s, lay, scale, k = model
+    lib = k.lib
+    lib.spc_pool_create.restype = ctypes.c_void_p
+    lib.spc_pool_create.argtypes = [ctypes.c_int32]
+    lib.spc_pool_run.argtypes = [ctypes.c_void_p] * 3
+    lib.spc_pool_destroy.argtypes = [ctypes.c_void_p]
+    cos, sin = rope_tables(CAPACITY, s["head_dim"])
+    filled = [5, 17, 0]
+    caches = [_caches(s, f, seed=20 + i) for i, f in enumerate(filled)]
+    rows = [(0, 5), (1, 17), (2, 0), (2, 1)]  # (sequence, position)
+    n = len(rows)
+    rng = np.random.default_rng(4)
+    qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
+    offsets = (lay["q_offset"], lay["k_offset"], lay["v_offset"])
+
+    def expected(kvs):
+        out = np.zeros((n, s["heads"] * s["head_dim"]))
+        for seq in range(len(kvs)):
+            mine = [i for i, (q, _) in enumerate(rows) if q == seq]
+            if not mine:
+                continue
+            position = rows[mine[0]][1]
+            ref_qkv, ref_k, ref_v = _ref_rope_kv_write(
+                qkv[mine], cos, sin, kvs[seq][0], kvs[seq][1], position, shape=_shape(s),
+                offsets=offsets,
+            )  # fmt: skip
+            out[mine] = _ref_attention(
+                ref_qkv, ref_k, ref_v, position, shape=_shape(s), q_offset=lay["q_offset"],
+                scale=scale,
+            )  # fmt: skip
+        return out
+
+    def run(which):
+        kvs = [c.copy() for c in caches]
+        out = np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
+        pointers = np.array([kvs[which(q)].ctypes.data for q, _ in rows], np.uint64)
+        positions = np.array([p for _, p in rows], np.int32)
+        step_qkv = qkv.copy()
+        args = np.array(
+            [pool, step_qkv.ctypes.data, cos.ctypes.data, sin.ctypes.data, out.ctypes.data,
+             pointers.ctypes.data, positions.ctypes.data, 0, kvs[0][0].size, n], np.uint64,
+        )  # fmt: skip
+        lib.spc_pool_run(pool, k.address("step"), args.ctypes.data)
+        return out, kvs
+
+    pool = lib.spc_pool_create(nthreads)
+    try:
+        out, kvs = run(lambda q: q)
+        assert_close(out, expected(caches))
+        for seq, (kv, f) in enumerate(zip(kvs, filled, strict=True)):
+            written = f + sum(1 for q, _ in rows if q == seq)
+            np.testing.assert_array_equal(np.isnan(kv[:, :, written:]), True)
+            assert not np.isnan(kv[:, :, :written]).any()
+        shared, _ = run(lambda q: 0)
+        assert not np.allclose(shared, expected(caches), atol=1e-3, equal_nan=True)
+    finally:
+        lib.spc_pool_destroy(pool)

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 import pytest
-from test_ops_support import assert_close, build_kernels
+from test_ops_support import assert_close, build_kernels, sequence_rows
 
 from sparsec.codegen import ops
 from sparsec.errors import SparsecError
@@ -72,15 +72,16 @@ def _inputs(n: int, position: int, rotary: int, seed: int):
 
 
 def _run(k, qkv, k_cache, v_cache, cos, sin, norms, position, nthreads, qk_norm):
-    qkv, k_cache, v_cache = qkv.copy(), k_cache.copy(), v_cache.copy()
+    qkv, kv = qkv.copy(), np.stack([k_cache, v_cache])
     n = qkv.shape[0]
     out = np.full((n, HEADS * HD), np.nan, np.float32)
     extra = norms if qk_norm else []
+    rows = sequence_rows(kv, position, n)
     for tid in range(nthreads):
-        k("rope", qkv, cos, sin, k_cache, v_cache, *extra, position, n, tid, nthreads)
+        k("rope", qkv, cos, sin, *extra, *rows, n, tid, nthreads)
     for tid in range(nthreads):
-        k("attn", qkv, k_cache, v_cache, out, position, n, tid, nthreads)
-    return out, k_cache, v_cache
+        k("attn", qkv, out, *rows, n, tid, nthreads)
+    return out, kv[0], kv[1]
 
 
 def _reference(qkv, k_cache, v_cache, cos, sin, norms, position, window, rotary_dim, qk_norm):

@@ -39,12 +39,24 @@ class Kernels:
             if isinstance(param.type, ir.PointerType):
                 assert isinstance(value, np.ndarray) and value.flags.c_contiguous
                 c_args.append(ctypes.c_void_p(value.ctypes.data))
+            elif param.type.width == 64:
+                c_args.append(ctypes.c_int64(int(value)))
             else:
                 c_args.append(ctypes.c_int32(int(value)))
         getattr(self.lib, name)(*c_args)
 
     def address(self, name: str) -> int:
         return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
+
+
+def sequence_rows(kv: np.ndarray, position: int, n: int):
+    """The per-row arguments of the attention kernels for ``n`` rows of one sequence at
+    ``position..``, whose cache ``kv`` is one layer's keys and values, [2, KVH, C, hd]:
+    (caches, positions, k_at, v_at)."""
+    assert kv.flags.c_contiguous and kv.dtype == np.float32
+    positions = np.arange(position, position + n, dtype=np.int32)
+    caches = np.full(n, kv.ctypes.data, np.uint64)
+    return caches, positions, 0, kv[0].size
 
 
 def build_kernels(

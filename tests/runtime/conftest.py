@@ -13,7 +13,7 @@ def libs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fake_libs")
     return {
         "ok": fake.build_fake(out),
-        "abi3": fake.build_fake(out, FAKE_ABI=3),
+        "abi4": fake.build_fake(out, FAKE_ABI=4),
         "create_fails": fake.build_fake(out, FAKE_CREATE_FAILS=True),
         "one_shot": fake.build_fake(out, T=fake.C),  # takes a whole context per call
         "int8_code": fake.build_fake(out, FAKE_PRECISION=1),

@@ -1,4 +1,4 @@
-/* A toy model implementing the sparsec native ABI v2, for runtime tests.
+/* A toy model implementing the sparsec native ABI v3, for runtime tests.
  *
  * Not a transformer, but it touches everything the runtime manages: the weights
  * pointer (embeddings, output matrix, per-layer value scales, a position bias) and
@@ -21,7 +21,7 @@
 #include <string.h>
 
 #ifndef FAKE_ABI
-#define FAKE_ABI 2
+#define FAKE_ABI 3
 #endif
 #ifndef FAKE_PRECISION
 #define FAKE_PRECISION 0
@@ -69,12 +69,12 @@ static float *slot(float *kv, int l, int kind, int g, int pos) {
     return kv + ((((size_t)l * 2 + kind) * KVH + g) * C + pos) * HD;
 }
 
-static void run_token(ctx_t *c, int32_t t, int32_t p, float *logits) {
+static void run_token(ctx_t *c, float *kv, int32_t t, int32_t p, float *logits) {
     double x[D], ctx[HD];
     for (int d = 0; d < D; d++) x[d] = c->emb[(size_t)t * D + d];
     for (int l = 0; l < L; l++) {
         for (int g = 0; g < KVH; g++) {
-            float *k = slot(c->kv, l, 0, g, p), *v = slot(c->kv, l, 1, g, p);
+            float *k = slot(kv, l, 0, g, p), *v = slot(kv, l, 1, g, p);
             for (int i = 0; i < HD; i++) {
                 k[i] = (float)(x[g * HD + i] * (l + 1) + 0.01 * p);
                 v[i] = (float)(x[g * HD + i] * c->wv[l]);
@@ -82,9 +82,9 @@ static void run_token(ctx_t *c, int32_t t, int32_t p, float *logits) {
             double wsum = 0;
             memset(ctx, 0, sizeof ctx);
             for (int j = 0; j <= p; j++) {
-                double kj = slot(c->kv, l, 0, g, j)[0];
+                double kj = slot(kv, l, 0, g, j)[0];
                 double s = 1.0 / (1.0 + kj * kj);
-                const float *vj = slot(c->kv, l, 1, g, j);
+                const float *vj = slot(kv, l, 1, g, j);
                 wsum += s;
                 for (int i = 0; i < HD; i++) ctx[i] += s * vj[i];
             }
@@ -106,7 +106,23 @@ int32_t sparsec_forward(void *ctx, const int32_t *tokens, int32_t n_tokens, int3
     if (position < 0 || position + n_tokens > C) return 2;
     for (int32_t s = 0; s < n_tokens; s++) {
         float *row = all_logits ? logits + (size_t)s * V : (s == n_tokens - 1 ? logits : NULL);
-        run_token(c, tokens[s], position + s, row);
+        run_token(c, c->kv, tokens[s], position + s, row);
+    }
+    return 0;
+}
+
+int32_t sparsec_forward_rows(void *ctx, const int32_t *tokens, int32_t n_rows,
+                             const int32_t *positions, float *const *caches, float *logits,
+                             int32_t all_logits) {
+    ctx_t *c = ctx;
+    if (n_rows < 1 || n_rows > T) return 1;
+    for (int32_t s = 0; s < n_rows; s++) {
+        if (positions[s] < 0 || positions[s] >= C) return 2;
+        if (!caches[s] || ((uintptr_t)caches[s] % 64)) return 3;
+    }
+    for (int32_t s = 0; s < n_rows; s++) {
+        float *row = all_logits ? logits + (size_t)s * V : (s == n_rows - 1 ? logits : NULL);
+        run_token(c, caches[s], tokens[s], positions[s], row);
     }
     return 0;
 }

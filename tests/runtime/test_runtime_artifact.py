@@ -39,7 +39,7 @@ def test_layout_round_trip(libs, weights, tmp_path):
 
     manifest = json.loads(data[offset : offset + size].decode("utf-8"))
     assert manifest == written
-    assert manifest["magic"] == "sparsec-model" and manifest["abi_version"] == 2
+    assert manifest["magic"] == "sparsec-model" and manifest["abi_version"] == 3
     expected = fake.manifest()
     assert {k: manifest[k] for k in expected} == expected
     artifact = read_artifact(out)

@@ -136,13 +136,13 @@ def test_abi_version_mismatch(model_path, tmp_path):
     newer.write_bytes(model_path.read_bytes())
 
     def edit(m):
-        m["abi_version"] = 3
+        m["abi_version"] = 4
         m["sparsec_version"] = "0.9.0"
         del m["layers"]  # a newer ABI may change fields: the version is checked first
 
     fake.rewrite_manifest(newer, edit)
     assert load_error(newer) == (
-        f"{newer} uses model ABI version 3 but this sparsec 0.1.0 loads ABI version 2; "
+        f"{newer} uses model ABI version 4 but this sparsec 0.1.0 loads ABI version 3; "
         "load it with sparsec 0.9.0 (the version that compiled it) or recompile it with this one"
     )
 
@@ -157,7 +157,7 @@ def test_abi_v1_file(model_path, tmp_path):
     old.write_bytes(data[: offset + size] + struct.pack("<QQ8s", offset, size, b"SPARSEC1"))
     assert load_error(old) == (
         f"{old} uses model ABI version 1, written by an earlier sparsec, but this sparsec 0.1.0 "
-        "loads ABI version 2; recompile it with `sparsec compile` or load it with the sparsec "
+        "loads ABI version 3; recompile it with `sparsec compile` or load it with the sparsec "
         "that compiled it"
     )
 
@@ -323,15 +323,16 @@ def test_library_without_abi_symbols(tmp_path, weights):
     write_artifact(lib, fake.pack(weights), fake.manifest(), path)
     assert load_error(path) == (
         f"{path} does not export sparsec_abi_version, sparsec_build_info, sparsec_create, "
-        "sparsec_forward, sparsec_destroy; it is not a sparsec ABI v2 model library: "
+        "sparsec_forward, sparsec_forward_rows, sparsec_destroy; it is not a sparsec ABI v3 "
+        "model library: "
         "recompile it with `sparsec compile`"
     )
 
 
 def test_native_abi_disagrees_with_manifest(make_model):
-    path = make_model(lib="abi3")
+    path = make_model(lib="abi4")
     assert load_error(path) == (
-        f"{path}: its native code implements ABI version 3 but its manifest says 2; "
+        f"{path}: its native code implements ABI version 4 but its manifest says 3; "
         "the file is inconsistent: recompile it with `sparsec compile`"
     )
 
