@@ -10,7 +10,8 @@ Supported: ``model``, ``prompt`` (a string, or one list of token ids) / ``messag
 (role and content, a string or text parts), ``max_tokens`` (chat also
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop`` (a string or
 up to 4), ``n`` (1 only), ``stream``, ``stream_options.include_usage``, ``user``
-(ignored), and ``ignore_eos`` (llama.cpp's and vLLM's extension: exactly max_tokens). Refused with 400 when set to anything but their neutral value:
+(ignored), and ``ignore_eos`` (llama.cpp's and vLLM's extension: exactly max_tokens).
+Refused with 400 when set to anything but their neutral value:
 ``logprobs``, ``top_logprobs``, ``echo``, ``suffix``, ``best_of``, ``logit_bias``,
 ``presence_penalty``, ``frequency_penalty``, ``tools``, ``response_format``.
 """
