@@ -38,7 +38,7 @@ DESCRIPTION = """\
 Compile sparse, quantized LLMs into one native CPU library.
 
 pipeline:  MODEL --sparsify--> HF folder --export--> model.onnx
-           --optimize--> model.opt.onnx --compile--> model.so --run/generate
+           --optimize--> model.opt.onnx --compile--> model.so --run/generate/serve
 
 MODEL is a Hugging Face folder, a .gguf file, or the built-in name smollm2-135m.
 Run 'sparsec COMMAND --help' for the options of each step.

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Tuning:
     # Token tile sizes, largest first; n_tokens is covered greedily (e.g. 13 = 8 + 4 + 1).
-    token_tiles: tuple[int, ...] = (8, 4, 1)
+    # A 2-token tile (batched decode of 2, 3, 6, 7 streams) reads each weight once where
+    # two single-token passes read it twice.
+    token_tiles: tuple[int, ...] = (8, 4, 2, 1)
     # Row blocks computed together in multi-token tiles (register tiling over rows too:
     # a tile of T tokens x G blocks needs T + G loads per T * G multiply-adds). Measured
     # on the 30-layer stack at 16-64 tokens: 1.3-1.7x over G = 1. int8 stays at 2 because
@@ -46,6 +48,15 @@ class Tuning:
             "bitmask_i8": 2048,
         }
     )
+    # The same in multi-token tiles (prefill, batched decode), every format: each weight
+    # vector takes a tile's worth of multiply-adds, so the stream must be fetched from
+    # further ahead to stay in flight. Measured on the Intel Xeon (Sapphire Rapids
+    # class), 2 threads, 70% sparse, weights from DRAM, 8 tokens: bitmask_i8 3072x576
+    # 81 -> 48 us, 576x1536 34 -> 26, 960x576 28 -> 18, dense_i8 49152x576 1122 -> 912,
+    # bitmask_f32 3072x576 156 -> 145, dense_f32 flat; 32 KiB no better than 16 KiB.
+    # The avx2 kernels on the same CPU, 4 tokens: bitmask_i8 3072x576 122 -> 85 us,
+    # dense_i8 49152x576 1740 -> 1039 (8 KiB the same as 16 KiB).
+    tile_prefetch_bytes: int = 16384
 
 
 # The measurements above were made on the AVX-512 machines of sessions 1-10 (Intel Xeon,
