@@ -58,6 +58,13 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------- engine
 
 
+def _row(r: dict) -> str:
+    return (
+        f"{r['aggregate']:.0f} tok/s aggregate, {r['per_stream']:.0f} per stream, "
+        f"TTFT {r['ttft'] * 1e3:.0f} ms"
+    )
+
+
 def engine_round(engine, batch: list[list[int]], new_tokens: int) -> dict:
     t0 = time.perf_counter()
     reqs = [
@@ -83,8 +90,7 @@ def measure_engine(so: Path, batch_prompts, streams, new_tokens, reps) -> dict:
             rounds = [engine_round(engine, batch_prompts[:n], new_tokens) for _ in range(reps)]
             best = max(rounds, key=lambda r: r["aggregate"])
             out[n] = best
-            print(f"engine {n:2d} streams: {best['aggregate']:.0f} tok/s aggregate, "
-                  f"{best['per_stream']:.0f} per stream, TTFT {best['ttft'] * 1e3:.0f} ms")  # fmt: skip
+            print(f"engine {n:2d} streams: {_row(best)}")
     return out
 
 
@@ -191,8 +197,7 @@ def measure_http(server: ServerProcess, model, batch_prompts, streams, new_token
         rounds = [http_round(server.url, model, batch_prompts[:n], new_tokens) for _ in range(reps)]
         best = max(rounds, key=lambda r: r["aggregate"])
         out[n] = best
-        print(f"{server.name} {n:2d} streams: {best['aggregate']:.0f} tok/s aggregate, "
-              f"{best['per_stream']:.0f} per stream, TTFT {best['ttft'] * 1e3:.0f} ms")  # fmt: skip
+        print(f"{server.name} {n:2d} streams: {_row(best)}")
     return out
 
 
