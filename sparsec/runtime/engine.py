@@ -322,6 +322,8 @@ class Engine:
             )
 
     def _prefill_chunk(self, seq: _Sequence) -> None:
+        if self._closed:  # close() from a listener: the model is no longer ours
+            return
         ids = seq.request.prompt_ids
         start = seq.position
         chunk = ids[start : start + len(self._tokens)]
@@ -339,6 +341,8 @@ class Engine:
         self._advance(seq, self._logits[0])
 
     def _decode_step(self) -> None:
+        if self._closed:
+            return
         running = self._running
         for i, seq in enumerate(running):
             self._tokens[i] = seq.last

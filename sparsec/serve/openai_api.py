@@ -261,13 +261,18 @@ def response(job: Job, rid: str, model: str, generation) -> dict:
     else:
         choice = {"index": 0, "text": generation.text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
+    body = _envelope(rid, obj, model, choice)
+    body["usage"] = usage(len(generation.prompt_token_ids), len(generation.token_ids))
+    return body
+
+
+def _envelope(rid: str, obj: str, model: str, choice: dict) -> dict:
     return {
         "id": rid,
         "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": [choice],
-        "usage": usage(len(generation.prompt_token_ids), len(generation.token_ids)),
     }
 
 
@@ -284,13 +289,7 @@ def chunk(job: Job, rid: str, model: str, *, text=None, finish=None, first=False
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _envelope(rid, obj, model, choice)
 
 
 def usage_chunk(job: Job, rid: str, model: str, generation) -> dict:

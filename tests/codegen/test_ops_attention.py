@@ -173,15 +173,20 @@ def test_attention_peaked_scores_are_stable(model):
     assert_close(out, ref, rtol=1e-4)
 
 
-@pytest.mark.parametrize("nthreads", [2, 3])
-def test_prefill_then_decode_in_thread_pool(model, nthreads):
-    """rope+barrier+attention run concurrently by the native pool over several steps."""
-    s, lay, scale, k = model
-    lib = k.lib
+def _bind_pool(lib):
+    """The native thread pool's entry points (threadpool.c) on the kernels' library."""
     lib.spc_pool_create.restype = ctypes.c_void_p
     lib.spc_pool_create.argtypes = [ctypes.c_int32]
     lib.spc_pool_run.argtypes = [ctypes.c_void_p] * 3
     lib.spc_pool_destroy.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_prefill_then_decode_in_thread_pool(model, nthreads):
+    """rope+barrier+attention run concurrently by the native pool over several steps."""
+    s, lay, scale, k = model
+    lib = _bind_pool(k.lib)
     cos, sin = rope_tables(CAPACITY, s["head_dim"])
     kv = _caches(s, 0, seed=1)
     ref_k, ref_v = kv[0].astype(np.float64), kv[1].astype(np.float64)
@@ -264,11 +269,7 @@ def test_rows_of_several_sequences_in_one_step(model, nthreads):
     writes equal that sequence run alone. Ablation: one shared cache (the single-sequence
     step) answers differently."""
     s, lay, scale, k = model
-    lib = k.lib
-    lib.spc_pool_create.restype = ctypes.c_void_p
-    lib.spc_pool_create.argtypes = [ctypes.c_int32]
-    lib.spc_pool_run.argtypes = [ctypes.c_void_p] * 3
-    lib.spc_pool_destroy.argtypes = [ctypes.c_void_p]
+    lib = _bind_pool(k.lib)
     cos, sin = rope_tables(CAPACITY, s["head_dim"])
     filled = [5, 17, 0]
     caches = [_caches(s, f, seed=20 + i) for i, f in enumerate(filled)]
