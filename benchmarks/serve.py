@@ -256,7 +256,8 @@ def load_test(server: ServerProcess, batch_prompts, total=200, clients=16, new_t
 def write_report(result: dict) -> None:
     streams = result["streams"]
     lines = [
-        f"SmolLM2-135M int8 70% (magnitude), {result['threads']} threads, "
+        f"SmolLM2-135M int8 70% (magnitude), KV cache {result['kv_cache']}, "
+        f"{result['threads']} threads, "
         f"{result['new_tokens']} new tokens per stream, {result['cpu']}; read-bandwidth "
         f"probe {result['probe_gbps']:.1f} GB/s",
         "",
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-http", action="store_true", help="the Engine only")
+    p.add_argument(
+        "--kv-cache", default="float32", choices=("float32", "float16"), help="sparsec's"
+    )
     args = p.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",")]
 
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
 
     OUT.mkdir(parents=True, exist_ok=True)
     v = load_variants("smollm2-135m", [0.7], OUT)[0]
-    so = sparsec_library(v, "int8", "auto", CONTEXT)
+    so = sparsec_library(v, "int8", "auto", CONTEXT, kv_cache=args.kv_cache)
     batch = prompts(v.tokenizer, max(streams + [16]))
     probe = ReadBandwidthProbe().measure(nthreads=2)
     result = {
@@ -309,6 +313,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "streams": streams,
         "probe_gbps": probe.median,
+        "kv_cache": args.kv_cache,
         "artifact": str(so),
         "systems": {},
         "targets": {},

@@ -46,6 +46,11 @@ META_QUANTIZATION = "sparsec.quantization"  # "w8a8" when exported from an --int
 META_SPARSITY = "sparsec.sparsity"  # JSON per weight: shape, sparsity, pattern (optimized)
 
 # --- custom op domain of the optimized graph -----------------------------------------
+# Element types of a compiled model's KV cache (`sparsec compile --kv-cache`), with their
+# bytes: float32 by default; float16 halves the cache's memory and the bytes attention
+# reads per step (keys and values rounded to half precision when written).
+KV_CACHE_DTYPES = {"float32": 4, "float16": 2}
+
 DOMAIN = "sparsec"
 DOMAIN_VERSION = 1
 

@@ -199,13 +199,19 @@ def compiler_digest() -> str:
 
 
 def sparsec_library(
-    v: Variant, precision: str, kernels: str, max_context: int, target: str = "auto"
+    v: Variant,
+    precision: str,
+    kernels: str,
+    max_context: int,
+    target: str = "auto",
+    kv_cache: str = "float32",
 ) -> Path:
     from sparsec.codegen.target import host_target
 
     tgt = host_target(target)
+    kv = "" if kv_cache == "float32" else f"_kv{kv_cache}"  # not matched by the globs below
     # "." ends the ISA name: the stale-build glob of avx2 must not match avx2-vnni's
-    stem = f"sparsec-{precision}-{kernels}-c{max_context}.{tgt.isa.name}."
+    stem = f"sparsec-{precision}-{kernels}-c{max_context}{kv}.{tgt.isa.name}."
     out = v.folder / f"{stem}{compiler_digest()}.so"
     if not out.is_file():
         from sparsec.codegen.compile import compile_model
@@ -218,6 +224,7 @@ def sparsec_library(
             max_context=max_context,
             quiet=True,
             target=tgt,
+            kv_cache=kv_cache,
         )
         old = f"sparsec-{precision}-{kernels}-c{max_context}-*.so"  # names before targets
         for stale in [*v.folder.glob(f"{stem}*.so"), *v.folder.glob(old)]:

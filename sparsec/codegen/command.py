@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sparsec.arguments import int_range
 from sparsec.codegen.target import ISAS  # stdlib-only module: llvmlite loads on first use
+from sparsec.contract import KV_CACHE_DTYPES
 from sparsec.runtime.arguments import MAX_THREADS
 
 
@@ -55,6 +56,15 @@ def register(sub) -> None:
         "(the default)",
     )
     p.add_argument(
+        "--kv-cache",
+        choices=tuple(KV_CACHE_DTYPES),
+        default="float32",
+        help="element type of the KV cache: float16 halves its memory (per sequence: "
+        "`sparsec inspect` shows it) and the bytes attention reads per step, which is what "
+        "batched decode (`sparsec serve`) and long contexts spend; keys and values are "
+        "rounded to half precision, so logits move by about 1e-3. Default float32.",
+    )
+    p.add_argument(
         "--target",
         choices=("auto", *ISAS),
         default="auto",
@@ -93,6 +103,7 @@ def _compile(args) -> int:
         max_context=args.max_context,
         kernels=args.kernels,
         target=target,
+        kv_cache=args.kv_cache,
     )
     out = Path(args.output)
     n_sparse = sum(1 for layer in manifest["layers"] if "bitmask" in layer["kernel"])

@@ -97,10 +97,12 @@ def emit_model(
     quiet: bool = False,
     choose=None,
     target: Target | None = None,
+    kv_cache: str = "float32",
 ) -> EmittedModel:
     """Lower ``src`` (.onnx) and emit its kernels for ``target`` (default: this host's,
     ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear layer's
-    format (default: ``default_chooser``, timed on this host)."""
+    format (default: ``default_chooser``, timed on this host). ``kv_cache``: the KV
+    cache's element type, ``contract.KV_CACHE_DTYPES``."""
     from sparsec.codegen.emit import emit_program
     from sparsec.codegen.program import lower
     from sparsec.codegen.target import host_target
@@ -108,7 +110,7 @@ def emit_model(
     from sparsec.progress import stage
 
     start = time.perf_counter()
-    _check_options(precision, kernels, threads, max_context, max_tokens)
+    _check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
     tgt = target or host_target()
     model = load_graph(src, quiet=quiet)
     meta = model.metadata_props
@@ -143,6 +145,7 @@ def emit_model(
             capacity=capacity,
             choose=choose or default_chooser(target=tgt),
             target=tgt,
+            kv_cache=kv_cache,
         )
     defines = {
         "SPC_ABI": ABI_VERSION,
@@ -167,7 +170,7 @@ def emit_model(
         "default_threads": int(threads or min(os.cpu_count() or 1, 8)),
         "kv_cache": {
             "shape": cfg.kv_cache_shape(capacity),
-            "dtype": "float32",
+            "dtype": kv_cache,
         },
         "layers": [asdict(layer) for layer in emitted.layers],
         "embedding": emitted.embedding,
@@ -179,7 +182,7 @@ def emit_model(
 MAX_TOKENS_PER_CALL = 4096  # rows of every scratch buffer; prefill runs in such chunks
 
 
-def _check_options(precision, kernels, threads, max_context, max_tokens) -> None:
+def _check_options(precision, kernels, threads, max_context, max_tokens, kv_cache) -> None:
     """The compile options of the API (the CLI parses them into these types first)."""
 
     def integer(value, name: str, low: int, high: int | None, none_ok: bool) -> None:
@@ -192,6 +195,9 @@ def _check_options(precision, kernels, threads, max_context, max_tokens) -> None
 
     if precision not in ("fp32", "int8"):
         raise SparsecError(f"unknown precision {precision!r}; choose fp32 or int8")
+    if kv_cache not in contract.KV_CACHE_DTYPES:
+        choices = " or ".join(contract.KV_CACHE_DTYPES)
+        raise SparsecError(f"unknown kv_cache {kv_cache!r}; choose {choices}")
     if kernels not in ("auto", "dense", "bitmask"):
         raise SparsecError(f"unknown --kernels {kernels!r}; choose auto, dense or bitmask")
     integer(threads, "threads", 1, MAX_THREADS, none_ok=True)
@@ -237,7 +243,7 @@ def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False
 def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest. ``options``: those
     of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose,
-    target)."""
+    target, kv_cache)."""
     from sparsec.onnx_io import check_onnx_output
 
     check_onnx_output(out, src)  # the CLI's output checks, for API callers too

@@ -139,9 +139,12 @@ class _Emitter:
         capacity: int,
         choose,
         target: Target,
+        kv_cache: str = "float32",
     ):
         self.prog = prog
         self.target = target
+        # Only a float16 cache changes the attention kernels (float32 keeps their code).
+        self.kv_options = {"kv_half": True} if kv_cache == "float16" else {}
         self.precision = precision
         self.kernels = kernels
         self.max_tokens = max_tokens
@@ -403,6 +406,7 @@ class _Emitter:
             k_offset=a["k_offset"],
             v_offset=a["v_offset"],
             **options,
+            **self.kv_options,
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
         norms = [self.table(a[k]) for k in ("q_norm", "k_norm") if k in a]
@@ -425,6 +429,7 @@ class _Emitter:
             scale=a["scale"],
             q_offset=a["q_offset"],
             **({"window": a["window"]} if "window" in a else {}),
+            **self.kv_options,
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
         self.call(
@@ -503,6 +508,7 @@ def emit_program(
     capacity: int,
     choose,
     target: Target,
+    kv_cache: str = "float32",
 ) -> Emitted:
     """Emit ``prog`` as an LLVM module for ``target`` and pack its weights (see module
     docstring)."""
@@ -516,4 +522,5 @@ def emit_program(
         capacity=capacity,
         choose=choose,
         target=target,
+        kv_cache=kv_cache,
     ).emit()

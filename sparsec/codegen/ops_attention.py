@@ -11,6 +11,11 @@ from it and its values at ``v_at``, slot j holding the token at position j). One
 sequence's prefill is rows with the same cache and consecutive positions; a batched
 decode step is one row per sequence, each with its own cache (docs/runtime.md).
 
+``kv_half``: the caches hold float16 (``sparsec compile --kv-cache float16``): keys and
+values are rounded to half precision when written (``vcvtps2ph``) and widened when read
+(``vcvtph2ps``); the math stays float32. Half the KV bytes to read per step and to hold
+per sequence.
+
 Attention keeps a running max and sum (online softmax) over blocks of 16 keys: the
 16 q.k dot products of a block are computed as 16 vectors of partial sums and
 reduced together by one transpose-add butterfly, the block's exp is one vector exp,
@@ -43,6 +48,7 @@ from sparsec.codegen.irbuild import (
     i64,
     kernel_function,
     load,
+    load_vec,
     loop,
     ptr_add,
     span_chunks,
@@ -60,6 +66,36 @@ from sparsec.errors import SparsecError
 # The per-row arguments that end both kernels' parameters (before n, tid, nthreads):
 # every row's cache and position, then the layer's key and value offsets in a cache.
 ROW_ARGS = [FPTR.as_pointer(), I32.as_pointer(), I64, I64]
+
+
+HALF = ir.HalfType()
+
+
+class _Cache:
+    """Loads and stores of cache rows in the cache's element type (float32 or float16),
+    as float32 vectors; pointers are typed in that element (offsets count elements)."""
+
+    def __init__(self, b: ir.IRBuilder, half: bool):
+        self.b = b
+        self.half = half
+        self.elem = HALF if half else F32
+
+    def base(self, pointer):
+        return self.b.bitcast(pointer, self.elem.as_pointer()) if self.half else pointer
+
+    def load(self, ptr, width: int):
+        if not self.half:
+            return load(self.b, ptr, width)
+        return self.b.fpext(
+            load_vec(self.b, ptr, ir.VectorType(HALF, width), align=2), vtype(width)
+        )
+
+    def store(self, value, ptr) -> None:
+        if self.half:
+            value = self.b.fptrunc(value, ir.VectorType(HALF, value.type.count))
+            store(self.b, value, ptr, align=2)
+        else:
+            store(self.b, value, ptr)
 
 
 def _check_heads(num_heads: int, kv_num_heads: int, head_dim: int) -> None:
@@ -85,6 +121,7 @@ def emit_rope_kv_write(
     v_offset: int,
     rotary_dim: int | None = None,
     qk_norm_eps: float | None = None,
+    kv_half: bool = False,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(float* qkv, const float* cos, const float* sin, [const float* q_norm,
@@ -114,6 +151,7 @@ def emit_rope_kv_write(
     fn = kernel_function(module, name, [FPTR] * (3 + norms) + ROW_ARGS + [I32] * 3)
     qkv, cos, sin, *norm_weights, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
+    kv = _Cache(b, kv_half)
     per_token = num_heads + kv_num_heads
     begin, end = thread_share(b, b.mul(b.sext(n, I64), i64(per_token)), tid, nthreads)
 
@@ -131,7 +169,9 @@ def emit_rope_kv_write(
             v = b.fmul(load(b, ptr_add(b, x, off), width), splat(b, inv, width))
             store(b, b.fmul(v, load(b, ptr_add(b, weight, off), width)), ptr_add(b, x, off))
 
-    def rotate(x, cos_row, sin_row, dsts):
+    def rotate(x, cos_row, sin_row, cache_dst=None):
+        """Rotate the head at ``x`` in place; also write it to ``cache_dst`` if given."""
+        dsts = [(x, store)] + ([(cache_dst, lambda _, v, p: kv.store(v, p))] if cache_dst else [])
         for off, width in span_chunks(half, lanes):
             x1 = load(b, ptr_add(b, x, off), width)
             x2 = load(b, ptr_add(b, x, half + off), width)
@@ -139,14 +179,13 @@ def emit_rope_kv_write(
             s = load(b, ptr_add(b, sin_row, off), width)
             out1 = b.fsub(b.fmul(x1, c), b.fmul(x2, s))
             out2 = b.fadd(b.fmul(x2, c), b.fmul(x1, s))
-            for dst in dsts:
-                store(b, out1, ptr_add(b, dst, off))
-                store(b, out2, ptr_add(b, dst, half + off))
+            for dst, put in dsts:
+                put(b, out1, ptr_add(b, dst, off))
+                put(b, out2, ptr_add(b, dst, half + off))
         for off, width in span_chunks(head_dim - rotary, lanes):  # features not rotated
             v = load(b, ptr_add(b, x, rotary + off), width)
-            for dst in dsts:
-                if dst is not x:
-                    store(b, v, ptr_add(b, dst, rotary + off))
+            if cache_dst is not None:
+                kv.store(v, ptr_add(b, cache_dst, rotary + off))
 
     with loop(b, begin, end, name="unit") as unit:
         token = b.udiv(unit, i64(per_token))
@@ -160,21 +199,21 @@ def emit_rope_kv_write(
                 q = ptr_add(b, row, b.add(i64(q_offset), b.mul(head, i64(head_dim))))
                 if norms:
                     normalize(q, norm_weights[0])
-                rotate(q, cos_row, sin_row, [q])
+                rotate(q, cos_row, sin_row)
             with is_kv:
                 group = b.sub(head, i64(num_heads))
                 col = b.mul(group, i64(head_dim))
                 slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
-                cache = b.load(ptr_add(b, caches, token))
+                cache = kv.base(b.load(ptr_add(b, caches, token)))
                 k = ptr_add(b, row, b.add(i64(k_offset), col))
                 if norms:
                     normalize(k, norm_weights[1])
                 k_slot = ptr_add(b, ptr_add(b, cache, k_at), slot)
-                rotate(k, cos_row, sin_row, [k, k_slot])
+                rotate(k, cos_row, sin_row, k_slot)
                 v = ptr_add(b, row, b.add(i64(v_offset), col))
                 v_slot = ptr_add(b, ptr_add(b, cache, v_at), slot)
                 for off, width in span_chunks(head_dim, lanes):
-                    store(b, load(b, ptr_add(b, v, off), width), ptr_add(b, v_slot, off))
+                    kv.store(load(b, ptr_add(b, v, off), width), ptr_add(b, v_slot, off))
     b.ret_void()
     return fn
 
@@ -191,6 +230,7 @@ def emit_attention(
     qkv_stride: int,
     q_offset: int,
     window: int | None = None,
+    kv_half: bool = False,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const float* qkv, float* out[n, num_heads*head_dim], float** caches,
@@ -219,7 +259,7 @@ def emit_attention(
     fn = kernel_function(module, name, [FPTR] * 2 + ROW_ARGS + [I32] * 3)
     qkv, out, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    state = _GroupState(b, group, head_dim, isa.lanes_f32)
+    state = _GroupState(b, group, head_dim, isa.lanes_f32, _Cache(b, kv_half))
     n64 = b.sext(n, I64)
     begin, end = thread_share(b, b.mul(n64, i64(num_heads)), tid, nthreads)
 
@@ -248,7 +288,7 @@ def emit_attention(
     head = b.add(b.mul(kv, i64(group)), first)
     q_col = b.add(i64(q_offset), b.mul(head, i64(head_dim)))
     q = ptr_add(b, qkv, b.add(b.mul(token, i64(qkv_stride)), q_col))
-    cache = b.load(ptr_add(b, caches, token))
+    cache = state.kv.base(b.load(ptr_add(b, caches, token)))
     cache_off = b.mul(kv, i64(capacity * head_dim))
     keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
     values = ptr_add(b, ptr_add(b, cache, v_at), cache_off)
@@ -277,7 +317,8 @@ class _GroupState:
     copied into fixed stack slots that LLVM promotes to registers.
     """
 
-    def __init__(self, b: ir.IRBuilder, group: int, head_dim: int, lanes: int):
+    def __init__(self, b: ir.IRBuilder, group: int, head_dim: int, lanes: int, kv: _Cache):
+        self.kv = kv  # how cache rows are read
         self.head_dim = head_dim
         self.lanes = lanes  # of one vector: keys per block, lanes of the running sum
         self.chunks = span_chunks(head_dim, lanes)
@@ -398,7 +439,7 @@ def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
         k_row = ptr_add(b, keys, slot)
         part = None
         for (off, w), qc in zip(chunks, qs, strict=True):
-            kc = load(b, ptr_add(b, k_row, off), w)
+            kc = state.kv.load(ptr_add(b, k_row, off), w)
             if w == lanes:
                 part = b.fmul(qc, kc) if part is None else fma(b, qc, kc, part)
             else:
@@ -425,7 +466,7 @@ def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
         slots_k = (state.acc[0][k], state.acc[1][k])
         accs = [b.fmul(b.load(a), splat(b, alpha, w)) for a in slots_k]
         for lane, slot in enumerate(slots):
-            v = load(b, ptr_add(b, ptr_add(b, values, slot), off), w)
+            v = state.kv.load(ptr_add(b, ptr_add(b, values, slot), off), w)
             accs[lane % 2] = fma(b, broadcast_lane(b, weights, lane, w), v, accs[lane % 2])
         for a, value in zip(slots_k, accs, strict=True):
             b.store(value, a)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsec.contract import ConfigError, ModelConfig
+from sparsec.contract import KV_CACHE_DTYPES, ConfigError, ModelConfig
 from sparsec.errors import SparsecError
 from sparsec.resources import available_memory
 from sparsec.runtime import verified
@@ -306,8 +306,11 @@ def validate_manifest(m: dict) -> None:
             f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, head_dim] "
             f"= {expected}"
         )
-    if kv.get("dtype") != "float32":
-        raise ManifestError(f"field 'kv_cache.dtype' is {kv.get('dtype')!r}, expected 'float32'")
+    if kv.get("dtype") not in KV_CACHE_DTYPES:
+        raise ManifestError(
+            f"field 'kv_cache.dtype' is {kv.get('dtype')!r}, expected one of "
+            f"{', '.join(map(repr, KV_CACHE_DTYPES))}"
+        )
     code = _check(m, "code", dict, "")
     code_size = _check(code, "size", _INT, "code.", positive=True)
     _digest_field(code, "blake2b", "code.")

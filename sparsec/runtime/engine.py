@@ -163,9 +163,9 @@ class Engine:
         self.model = model
         self.parallel = parallel
         self.max_queue = max_queue
-        shape = tuple(model.manifest["kv_cache"]["shape"])
-        self.cache_bytes = parallel * int(np.prod(shape)) * 4
-        self._caches = aligned_zeros((parallel, *shape), np.float32)
+        kv = model.manifest["kv_cache"]
+        self._caches = aligned_zeros((parallel, *kv["shape"]), kv["dtype"])
+        self.cache_bytes = self._caches.nbytes
         self._cache_ptrs = [self._caches[i].ctypes.data for i in range(parallel)]
         self._tokens = aligned_zeros((limit,), np.int32)
         self._positions = aligned_zeros((limit,), np.int32)

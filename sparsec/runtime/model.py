@@ -174,7 +174,7 @@ class Model:
         self.weights_memory = weights_memory  # "file mapping" or "huge pages" (see load)
         self.weights_verified = "now"  # how load checked the weights' hashes (see load)
 
-        self._kv_cache = aligned_zeros(tuple(m["kv_cache"]["shape"]), np.float32)
+        self._kv_cache = aligned_zeros(tuple(m["kv_cache"]["shape"]), m["kv_cache"]["dtype"])
         self._logits = aligned_zeros((self.max_tokens_per_call, self.vocab_size), np.float32)
         self._tokens = aligned_zeros((self.max_tokens_per_call,), np.int32)
         self._logits_ptr = self._logits.ctypes.data

@@ -28,6 +28,7 @@ import _ctypes
 import ctypes
 import os
 
+from sparsec.contract import KV_CACHE_DTYPES
 from sparsec.errors import SparsecError
 from sparsec.runtime.artifact import ABI_VERSION, PRECISIONS, Artifact, read_code
 
@@ -61,6 +62,7 @@ BUILD_FIELDS = (
     "max_tokens_per_call",
     "precision",
     "weights_size",
+    "kv_cache_dtype",
 )
 
 
@@ -78,6 +80,8 @@ def build_constants(manifest: dict) -> dict[str, int]:
         "max_tokens_per_call": manifest["max_tokens_per_call"],
         "precision": PRECISIONS.index(manifest["precision"]),
         "weights_size": manifest["weights"]["size"],
+        # a cache of the wrong element type would be written past its end
+        "kv_cache_dtype": list(KV_CACHE_DTYPES).index(manifest["kv_cache"]["dtype"]),
     }
 
 
@@ -194,6 +198,8 @@ class NativeLibrary:
 def _shown(field: str, value: int):
     if field == "precision" and 0 <= value < len(PRECISIONS):
         return PRECISIONS[value]
+    if field == "kv_cache_dtype" and 0 <= value < len(KV_CACHE_DTYPES):
+        return list(KV_CACHE_DTYPES)[value]
     return value
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from sparsec.contract import ModelConfig
+from sparsec.contract import KV_CACHE_DTYPES, ModelConfig
 from sparsec.errors import SparsecError
 from sparsec.runtime.artifact import Artifact
 from sparsec.runtime.cpu import missing_cpu_features
@@ -62,7 +62,10 @@ def summarize(artifact: Artifact) -> dict:
         "max_context": m["max_context"],
         "max_tokens_per_call": m["max_tokens_per_call"],
         "default_threads": m["default_threads"],
-        "kv_cache": {**m["kv_cache"], "bytes": math.prod(kv_shape) * 4},
+        "kv_cache": {
+            **m["kv_cache"],
+            "bytes": math.prod(kv_shape) * KV_CACHE_DTYPES[m["kv_cache"]["dtype"]],
+        },
         "weights": m["weights"],
         "non_weight_bytes": artifact.file_size - m["weights"]["size"],
         "generation": m["generation"],
@@ -115,7 +118,8 @@ def format_summary(s: dict) -> str:
         ("cpu features", f"{' '.join(s['cpu_features']) or '(none)'} ({host})"),
         (
             "context",
-            f"{s['max_context']} tokens (KV cache {human_bytes(s['kv_cache']['bytes'])}), "
+            f"{s['max_context']} tokens (KV cache {human_bytes(s['kv_cache']['bytes'])} "
+            f"{s['kv_cache']['dtype']} per sequence), "
             f"{s['max_tokens_per_call']} tokens per call, {s['default_threads']} threads",
         ),
         (

@@ -24,9 +24,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=[("fp32", 0.7), ("int8", 0.7)], ids=["fp32", "int8"])
-def model(request, tmp_path_factory):
-    precision, sparsity = request.param
+def _compile(tmp_path_factory, precision, sparsity, kv_cache="float32"):
     torch_model, tokenizer = make_tiny_llama(seed=1)
     zero_smallest(torch_model, sparsity)
     root = tmp_path_factory.mktemp("batched")
@@ -41,7 +39,18 @@ def model(request, tmp_path_factory):
         max_context=128,
         max_tokens=16,
         quiet=True,
+        kv_cache=kv_cache,
     )
+    return so
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("fp32", 0.7, "float32"), ("int8", 0.7, "float32"), ("int8", 0.7, "float16")],
+    ids=["fp32", "int8", "int8-kv16"],
+)
+def model(request, tmp_path_factory):
+    so = _compile(tmp_path_factory, *request.param)
     with runtime.load(so, threads=2) as m:
         yield m
 
@@ -70,8 +79,8 @@ def test_rows_of_three_sequences_equal_each_alone(model):
         rows = [m.forward(ids, all_logits=False)]
         rows += [m.forward([t], all_logits=False) for t in nxt]
         want.append(np.stack(rows))
-    shape = tuple(m.manifest["kv_cache"]["shape"])
-    caches = [aligned_zeros(shape, np.float32) for _ in prompts]
+    kv = m.manifest["kv_cache"]
+    caches = [aligned_zeros(tuple(kv["shape"]), kv["dtype"]) for _ in prompts]
     got = [[] for _ in prompts]
     for i, ids in enumerate(prompts):  # prefill, a chunk at a time
         for start in range(0, len(ids), m.max_tokens_per_call):
@@ -104,3 +113,24 @@ def test_engine_greedy_equals_single(model):
     for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
         assert g.text == w.text
+
+
+def test_float16_kv_cache_is_close_to_float32(tmp_path_factory):
+    """``--kv-cache float16``: half the cache bytes; logits within 1e-2 of the float32
+    cache's (keys and values rounded to half precision) and the same greedy tokens."""
+    # fp32 weights: int8 activations would turn the rounding into flips of their own
+    so32 = _compile(tmp_path_factory, "fp32", 0.7, "float32")
+    so16 = _compile(tmp_path_factory, "fp32", 0.7, "float16")
+    ids = None
+    with runtime.load(so32) as m32, runtime.load(so16) as m16:
+        ids = m32.encode(PROMPTS[2])
+        assert m16._kv_cache.dtype == np.float16
+        assert m16._kv_cache.nbytes * 2 == m32._kv_cache.nbytes
+        a, b = m32.forward(ids), m16.forward(ids)
+        err = np.abs(a - b).max()
+        print(f"float16 KV cache: logits max abs diff {err:.2e} of max {np.abs(a).max():.2f}")
+        assert 0 < err < 1e-2 * np.abs(a).max(), err  # rounded, and only a little
+        m32.reset(), m16.reset()
+        assert m16.generate(ids, max_new_tokens=24).token_ids == (
+            m32.generate(ids, max_new_tokens=24).token_ids
+        )

@@ -321,3 +321,72 @@ def test_rows_of_several_sequences_in_one_step(model, nthreads):
         assert not np.allclose(shared, expected(caches), atol=1e-3, equal_nan=True)
     finally:
         lib.spc_pool_destroy(pool)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "smollm2"])
+@pytest.mark.parametrize(("n", "position"), [(1, 37), (5, 30), (16, 31)])
+def test_float16_kv_cache(shape, n, position, tmp_path):
+    """``kv_half``: keys and values are stored as float16 and read back widened; the
+    output equals attention over the float16-rounded cache. Ablation: the float32
+    kernels on the same history answer attention over the unrounded cache, which the
+    half-precision answer is measurably not."""
+    s, _ = CONFIGS[shape]
+    lay = _layout(s, padded=False)
+    heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
+    scale = 1.0 / np.sqrt(s["head_dim"])
+
+    def kernels(half):
+        options = {"kv_half": True} if half else {}
+        return build_kernels(
+            tmp_path / f"half{half}",
+            {
+                "rope": functools.partial(
+                    ops.emit_rope_kv_write, **heads, capacity=CAPACITY, **lay, **options
+                ),
+                "attn": functools.partial(
+                    ops.emit_attention,
+                    **heads,
+                    capacity=CAPACITY,
+                    scale=scale,
+                    qkv_stride=lay["qkv_stride"],
+                    q_offset=lay["q_offset"],
+                    **options,
+                ),  # fmt: skip
+            },
+        )
+
+    (tmp_path / "halfTrue").mkdir()
+    (tmp_path / "halfFalse").mkdir()
+    cos, sin = rope_tables(CAPACITY, s["head_dim"])
+    rng = np.random.default_rng(n + position)
+    qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
+    history32 = _caches(s, position, seed=position)
+    history = history32.astype(np.float16)
+    offsets = (lay["q_offset"], lay["k_offset"], lay["v_offset"])
+    ref_qkv, ref_k, ref_v = _ref_rope_kv_write(
+        qkv, cos, sin, history[0], history[1], position, shape=_shape(s), offsets=offsets
+    )
+    written = slice(position, position + n)
+    k16, v16 = ref_k.astype(np.float16), ref_v.astype(np.float16)
+    want = _ref_attention(
+        ref_qkv, k16, v16, position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
+    )
+
+    def run(k, cache):
+        x, out = qkv.copy(), np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
+        positions = np.arange(position, position + n, dtype=np.int32)
+        caches = np.full(n, cache.ctypes.data, np.uint64)
+        v_at = cache[0].size  # in the cache's elements
+        for tid in range(2):
+            k("rope", x, cos, sin, caches, positions, 0, v_at, n, tid, 2)
+        for tid in range(2):
+            k("attn", x, out, caches, positions, 0, v_at, n, tid, 2)
+        return out
+
+    half = history.copy()
+    out = run(kernels(True), half)
+    np.testing.assert_allclose(half[0][:, written], k16[:, written].astype(np.float32), rtol=1e-3)
+    np.testing.assert_array_equal(half[1][:, written], v16[:, written])
+    assert_close(out, want, rtol=1e-4)
+    exact = run(kernels(False), history32.copy())
+    assert np.abs(exact - want).max() > 1e-4 * np.abs(want).max()

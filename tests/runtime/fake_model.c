@@ -39,7 +39,7 @@ int32_t sparsec_abi_version(void) { return FAKE_ABI; }
 /* The order of sparsec/runtime/native.py BUILD_FIELDS; weights: emb, out, wv, pos_bias. */
 int32_t sparsec_build_info(int64_t *out, int32_t capacity) {
     const int64_t info[] = {FAKE_ABI, V, D, L, KVH, HD, C, T, FAKE_PRECISION,
-                            4 * ((int64_t)V * D * 2 + L + 1)};
+                            4 * ((int64_t)V * D * 2 + L + 1), 0 /* float32 KV cache */};
     int32_t n = (int32_t)(sizeof info / sizeof info[0]);
     for (int32_t i = 0; i < n && i < capacity; i++) out[i] = info[i];
     return n;

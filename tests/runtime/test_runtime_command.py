@@ -63,7 +63,7 @@ def test_inspect_table(model_path, capsys):
     lines = out.splitlines()
     assert lines[0] == f"{model_path}  (sparsec 0.1.0, ABI 3)"
     assert "fake: layers 2, hidden 260, heads 2, kv heads 2, head_dim 130" in out
-    assert "this host: ok" in out and "64 tokens (KV cache 266.2 KB)" in out
+    assert "this host: ok" in out and "64 tokens (KV cache 266.2 KB float32 per sequence)" in out
     assert "50.0% of weights (" in out and "100.0% of FLOPs, 1 of 2 layers" in out
     # a manifest without the embedding record (older .so files) has a float table
     assert next(ln for ln in lines if ln.split()[:1] == ["embedding"]).endswith("float32 table")
