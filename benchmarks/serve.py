@@ -294,7 +294,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-http", action="store_true", help="the Engine only")
     p.add_argument(
-        "--kv-cache", default="float32", choices=("float32", "float16"), help="sparsec's"
+        "--kv-cache",
+        default="float32,float16",
+        help="sparsec's KV cache types for the Engine rows, comma-separated; HTTP and the "
+        "load test use the first (default float32,float16)",
     )
     args = p.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",")]
@@ -304,7 +307,9 @@ def main(argv=None) -> int:
 
     OUT.mkdir(parents=True, exist_ok=True)
     v = load_variants("smollm2-135m", [0.7], OUT)[0]
-    so = sparsec_library(v, "int8", "auto", CONTEXT, kv_cache=args.kv_cache)
+    kv_caches = args.kv_cache.split(",")
+    libraries = {kv: sparsec_library(v, "int8", "auto", CONTEXT, kv_cache=kv) for kv in kv_caches}
+    so = libraries[kv_caches[0]]
     batch = prompts(v.tokenizer, max(streams + [16]))
     probe = ReadBandwidthProbe().measure(nthreads=2)
     result = {
@@ -313,13 +318,15 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "streams": streams,
         "probe_gbps": probe.median,
-        "kv_cache": args.kv_cache,
+        "kv_cache": kv_caches[0],
         "artifact": str(so),
         "systems": {},
         "targets": {},
     }
-    engine = measure_engine(so, batch, streams, args.new_tokens, args.reps)
-    result["systems"]["sparsec Engine (no HTTP)"] = {str(k): x for k, x in engine.items()}
+    for kv, library in libraries.items():
+        engine = measure_engine(library, batch, streams, args.new_tokens, args.reps)
+        name = "sparsec Engine (no HTTP)" + ("" if kv == kv_caches[0] else f", KV {kv}")
+        result["systems"][name] = {str(k): x for k, x in engine.items()}
     if not args.no_http:
         server = sparsec_server(so)
         try:

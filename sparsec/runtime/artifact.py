@@ -306,9 +306,10 @@ def validate_manifest(m: dict) -> None:
             f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, head_dim] "
             f"= {expected}"
         )
-    if kv.get("dtype") not in KV_CACHE_DTYPES:
+    dtype = kv.get("dtype")
+    if not isinstance(dtype, str) or dtype not in KV_CACHE_DTYPES:  # a list is unhashable
         raise ManifestError(
-            f"field 'kv_cache.dtype' is {kv.get('dtype')!r}, expected one of "
+            f"field 'kv_cache.dtype' is {dtype!r}, expected one of "
             f"{', '.join(map(repr, KV_CACHE_DTYPES))}"
         )
     code = _check(m, "code", dict, "")

@@ -119,6 +119,8 @@ def test_sealed_garbage_manifest(model_path, tmp_path, raw, detail):
         (lambda m: m.__setitem__("precision", "int4"), "'precision' is 'int4', expected one"),
         (lambda m: m.__setitem__("embedding", ["rows"]), "'embedding' is ['rows'], expected a str"),
         (lambda m: m["kv_cache"].__setitem__("shape", [1, 2, 3, 4, 5]), "expected [L, 2, KVH"),
+        (lambda m: m["kv_cache"].__setitem__("dtype", []), "'kv_cache.dtype' is [], expected"),
+        (lambda m: m["kv_cache"].__setitem__("dtype", "bfloat16"), "'float32', 'float16'"),
         (lambda m: m["config"].__setitem__("vocab_size", "260"), "'vocab_size' is '260'"),
         (lambda m: m.__setitem__("tokenizer", "{not json"), "its tokenizer does not parse"),
     ],
@@ -388,3 +390,12 @@ def test_path_that_is_no_file_name():
     assert load_error("\ud800.so") == "cannot read '\\ud800.so': the path is not a valid file name"
     with pytest.raises(SparsecError, match="the path is not a valid file name"):
         artifact_module.read_artifact("a\0b.so")  # load refuses it earlier, by name
+
+
+def test_manifest_kv_dtype_must_match_the_code(model_path, tmp_path):
+    """A manifest that claims a float16 cache for float32 code would get a buffer half
+    the size the code writes: the build constant refuses it."""
+    bad = tmp_path / "kv16.so"
+    bad.write_bytes(model_path.read_bytes())
+    fake.rewrite_manifest(bad, lambda m: m["kv_cache"].__setitem__("dtype", "float16"))
+    assert "kv_cache_dtype" in load_error(bad) and "float32" in load_error(bad)
