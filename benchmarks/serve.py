@@ -6,9 +6,10 @@ continuous batching on the same (70% magnitude-zeroed) weights, Q8_0 and Q4_0.
 
 1. Engine (Python API, no HTTP): 1, 4, 8, 16 concurrent requests, greedy, exactly
    --new-tokens each (ignore_eos), distinct prompts (no prefix reuse anywhere).
-2. HTTP: ``sparsec serve`` and ``llama-server`` as subprocesses, each with 16 slots
-   and 2 threads; the load generator (one thread per stream, streaming
-   /v1/completions) runs in this process on the same 2 cores.
+2. HTTP: ``sparsec serve`` and ``llama-server`` (Q8_0, Q4_0) as subprocesses, each with
+   16 slots and 2 threads, all started first and measured in interleaved rounds; the
+   load generator (one thread per stream, streaming /v1/completions) runs in this
+   process on the same 2 cores.
 3. Memory: 200 requests from 16 concurrent clients against ``sparsec serve``; the
    server's RSS after warm-up (the first 32) and at the end.
 
@@ -190,14 +191,20 @@ class ServerProcess:
                 self.proc.wait()
 
 
-def measure_http(server: ServerProcess, model, batch_prompts, streams, new_tokens, reps):
-    out = {}
-    http_round(server.url, model, batch_prompts[:2], 16)  # warm-up
+def measure_http(servers: dict, batch_prompts, streams, new_tokens, reps) -> dict:
+    """Rounds interleaved across the servers (all running, the idle ones asleep), so the
+    VM's drifting memory bandwidth hits every server alike; best round of each."""
+    for server in servers.values():
+        http_round(server.url, "m", batch_prompts[:2], 16)  # warm-up
+    out = {name: {} for name in servers}
     for n in streams:
-        rounds = [http_round(server.url, model, batch_prompts[:n], new_tokens) for _ in range(reps)]
-        best = max(rounds, key=lambda r: r["aggregate"])
-        out[n] = best
-        print(f"{server.name} {n:2d} streams: {_row(best)}")
+        rounds = {name: [] for name in servers}
+        for _ in range(reps):
+            for name, server in servers.items():
+                rounds[name].append(http_round(server.url, "m", batch_prompts[:n], new_tokens))
+        for name in servers:
+            out[name][str(n)] = max(rounds[name], key=lambda r: r["aggregate"])
+            print(f"{name} {n:2d} streams: {_row(out[name][str(n)])}")
     return out
 
 
@@ -328,24 +335,20 @@ def main(argv=None) -> int:
         name = "sparsec Engine (no HTTP)" + ("" if kv == kv_caches[0] else f", KV {kv}")
         result["systems"][name] = {str(k): x for k, x in engine.items()}
     if not args.no_http:
-        server = sparsec_server(so)
+        servers = {}
         try:
-            rows = measure_http(server, "m", batch, streams, args.new_tokens, args.reps)
-            result["systems"]["sparsec serve (HTTP)"] = {str(k): x for k, x in rows.items()}
-            result["load_test"] = load_test(server, batch)
+            servers["sparsec serve (HTTP)"] = sparsec_server(so)
+            if args.llama_server:
+                for i, gtype in enumerate(("q8_0", "q4_0")):
+                    servers[f"llama-server {gtype.upper()} (HTTP)"] = llama_server(
+                        args.llama_server, gguf_file(v, gtype), 18480 + i
+                    )
+            rows = measure_http(servers, batch, streams, args.new_tokens, args.reps)
+            result["systems"].update(rows)
+            result["load_test"] = load_test(servers["sparsec serve (HTTP)"], batch)
         finally:
-            server.stop()
-        if args.llama_server:
-            for i, gtype in enumerate(("q8_0", "q4_0")):
-                gguf = gguf_file(v, gtype)
-                server = llama_server(args.llama_server, gguf, 18480 + i)
-                try:
-                    rows = measure_http(server, "m", batch, streams, args.new_tokens, args.reps)
-                    result["systems"][f"llama-server {gtype.upper()} (HTTP)"] = {
-                        str(k): x for k, x in rows.items()
-                    }
-                finally:
-                    server.stop()
+            for server in servers.values():
+                server.stop()
     sys_rows = result["systems"]
     e = sys_rows["sparsec Engine (no HTTP)"]
     if "8" in e and "1" in e:
