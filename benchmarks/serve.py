@@ -98,20 +98,22 @@ def measure_engine(so: Path, batch_prompts, streams, new_tokens, reps) -> dict:
 # ----------------------------------------------------------------------------- HTTP
 
 
-def _stream_one(url: str, model: str, prompt: list[int], new_tokens: int) -> dict:
-    import httpx
-
+def _stream_one(client, url: str, prompt: list[int], new_tokens: int, start=None) -> dict:
+    """One streamed completion on ``client`` (an open httpx.Client); waits on the
+    ``start`` barrier first, so a round's requests leave together."""
     body = {
-        "model": model,
+        "model": "m",
         "prompt": prompt,
         "max_tokens": new_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
     }
+    if start is not None:
+        start.wait()
     t0 = time.perf_counter()
     first = None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if (
@@ -125,11 +127,28 @@ def _stream_one(url: str, model: str, prompt: list[int], new_tokens: int) -> dic
     return {"start": t0, "first": first, "end": end}
 
 
-def http_round(url, model, batch, new_tokens) -> dict:
-    with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-        rows = list(pool.map(lambda p: _stream_one(url, model, p, new_tokens), batch))
-    start = min(r["start"] for r in rows)
-    wall = max(r["end"] for r in rows) - start
+def http_round(url, batch, new_tokens) -> dict:
+    """``len(batch)`` concurrent streams from threads with connections opened (and a
+    warm-up request made) before the clock starts: the round times the server, not
+    thread start-up or TCP connects."""
+    import httpx
+
+    clients = [httpx.Client(timeout=600) for _ in batch]
+    try:
+        for c in clients:
+            c.get(url + "/health")  # opens the keep-alive connection
+        start = threading.Barrier(len(batch))
+        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+            futures = [
+                pool.submit(_stream_one, c, url, p, new_tokens, start)
+                for c, p in zip(clients, batch, strict=True)
+            ]
+            rows = [f.result() for f in futures]
+    finally:
+        for c in clients:
+            c.close()
+    t0 = min(r["start"] for r in rows)
+    wall = max(r["end"] for r in rows) - t0
     return {
         "aggregate": len(batch) * new_tokens / wall,
         "per_stream": statistics.mean((new_tokens - 1) / (r["end"] - r["first"]) for r in rows),
@@ -195,13 +214,13 @@ def measure_http(servers: dict, batch_prompts, streams, new_tokens, reps) -> dic
     """Rounds interleaved across the servers (all running, the idle ones asleep), so the
     VM's drifting memory bandwidth hits every server alike; best round of each."""
     for server in servers.values():
-        http_round(server.url, "m", batch_prompts[:2], 16)  # warm-up
+        http_round(server.url, batch_prompts[:2], 16)  # warm-up
     out = {name: {} for name in servers}
     for n in streams:
         rounds = {name: [] for name in servers}
         for _ in range(reps):
             for name, server in servers.items():
-                rounds[name].append(http_round(server.url, "m", batch_prompts[:n], new_tokens))
+                rounds[name].append(http_round(server.url, batch_prompts[:n], new_tokens))
         for name in servers:
             out[name][str(n)] = max(rounds[name], key=lambda r: r["aggregate"])
             print(f"{name} {n:2d} streams: {_row(out[name][str(n)])}")
@@ -231,16 +250,19 @@ def load_test(server: ServerProcess, batch_prompts, total=200, clients=16, new_t
     rss = {}
 
     def client():
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            _stream_one(server.url, "m", batch_prompts[i % len(batch_prompts)], new_tokens)
-            with lock:
-                done.append(i)
-                if len(done) == 32:
-                    rss["warm"] = server.rss_mb()
+        import httpx
+
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                _stream_one(http, server.url, batch_prompts[i % len(batch_prompts)], new_tokens)
+                with lock:
+                    done.append(i)
+                    if len(done) == 32:
+                        rss["warm"] = server.rss_mb()
 
     rss["start"] = server.rss_mb()
     t0 = time.perf_counter()

@@ -165,6 +165,9 @@ class Engine:
         self.max_queue = max_queue
         kv = model.manifest["kv_cache"]
         self._caches = aligned_zeros((parallel, *kv["shape"]), kv["dtype"])
+        # Touch every page now: a slot's first request would otherwise pay the page
+        # faults of its whole cache (measured: the first 8-stream round 25% slower).
+        self._caches.fill(0)
         self.cache_bytes = self._caches.nbytes
         self._cache_ptrs = [self._caches[i].ctypes.data for i in range(parallel)]
         self._tokens = aligned_zeros((limit,), np.int32)
