@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from sparsec import resources
 from sparsec.errors import SparsecError
 from sparsec.runtime.arguments import check_bool, check_generate_options, show
 from sparsec.runtime.decoding import Decoding
@@ -164,6 +165,17 @@ class Engine:
         self.parallel = parallel
         self.max_queue = max_queue
         kv = model.manifest["kv_cache"]
+        need = parallel * int(np.prod(kv["shape"])) * np.dtype(kv["dtype"]).itemsize
+        available = resources.available_memory()
+        # Checked before allocating: the pages are touched below, and an allocation
+        # larger than memory would be granted (overcommit) and then OOM-killed.
+        if available is not None and need > available:
+            raise SparsecError(
+                f"the KV caches of {parallel} parallel sequences need {need / 2**30:.1f} GiB "
+                f"({kv['dtype']}, {model.max_context} tokens each) but {available / 2**30:.1f} "
+                "GiB of memory is available; lower parallel (--parallel), or recompile with a "
+                "smaller --max-context or --kv-cache float16"
+            )
         self._caches = aligned_zeros((parallel, *kv["shape"]), kv["dtype"])
         # Touch every page now: a slot's first request would otherwise pay the page
         # faults of its whole cache (measured: the first 8-stream round 25% slower).

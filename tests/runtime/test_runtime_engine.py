@@ -200,3 +200,17 @@ def test_ignore_eos_generates_exactly_max_new_tokens(make_model):
             engine.submit("a", ignore_eos="yes")
     assert plain.token_ids == [fake.EOS] and plain.finish_reason == "eos"
     assert len(forced.token_ids) == 7 and forced.finish_reason == "length"
+
+
+def test_kv_caches_beyond_memory_are_refused_up_front(model, monkeypatch):
+    """Checked before allocating (the engine touches every page, which overcommit would
+    let the OOM killer answer)."""
+    from sparsec import resources
+
+    per_slot = model._kv_cache.nbytes
+    monkeypatch.setattr(resources, "available_memory", lambda: 3 * per_slot)
+    with model.engine(parallel=3) as engine:
+        assert engine.cache_bytes == 3 * per_slot
+    with pytest.raises(SparsecError, match=r"KV caches of 4 parallel sequences need .* lower"):
+        model.engine(parallel=4)
+    assert model.generate("a", max_new_tokens=2).token_ids  # nothing was left held
