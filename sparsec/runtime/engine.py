@@ -42,7 +42,6 @@ from sparsec.runtime.sampling import Sampler
 # Event kinds a listener receives, in order: any number of TEXT, then one DONE (its
 # value the Generation) or one ERROR (its value the exception).
 TEXT, DONE, ERROR = "text", "done", "error"
-_END = object()
 
 
 class QueueFull(SparsecError):
@@ -154,8 +153,8 @@ class Engine:
             or not (1 <= parallel <= limit)
         ):
             raise SparsecError(
-                f"parallel must be an integer from 1 to {limit} (the model's tokens per "
-                f"step, --max-tokens-per-call at compile time), got {show(parallel)}"
+                f"parallel must be an integer from 1 to {limit} (the model's "
+                f"max_tokens_per_call: rows per native step), got {show(parallel)}"
             )
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise SparsecError(f"max_queue must be an integer >= 0, got {show(max_queue)}")
@@ -186,6 +185,10 @@ class Engine:
         self._positions = aligned_zeros((limit,), np.int32)
         self._row_caches = aligned_zeros((limit,), np.uint64)
         self._logits = aligned_zeros((limit, model.vocab_size), np.float32)
+        # The native call's pointer arguments, resolved once (as Model.generate does).
+        self._row_pointers = [
+            a.ctypes.data for a in (self._tokens, self._positions, self._row_caches, self._logits)
+        ]
         self._free = list(range(parallel - 1, -1, -1))
         self._waiting: collections.deque[tuple[Request, Decoding, float]] = collections.deque()
         self._prefilling: list[_Sequence] = []
@@ -317,15 +320,8 @@ class Engine:
 
     def _run_rows(self, n: int, all_logits: bool) -> None:
         native = self.model._native
-        rc = native.forward_rows(
-            native.ctx,
-            self._tokens.ctypes.data,
-            n,
-            self._positions.ctypes.data,
-            self._row_caches.ctypes.data,
-            self._logits.ctypes.data,
-            int(all_logits),
-        )
+        tokens, positions, caches, logits = self._row_pointers
+        rc = native.forward_rows(native.ctx, tokens, n, positions, caches, logits, int(all_logits))
         self.native_calls += 1
         if rc:
             m = self.model

@@ -199,17 +199,15 @@ class Model:
         in its thread pool or corrupts the cache), and a caller that waited on a lock
         could wait for a whole generation, or forever for a call of its own thread.
         """
-        if not self._lock.acquire(blocking=False):
-            raise self._busy_error(what)
-        self._busy = (what, threading.current_thread())
+        self._claim(what)
         try:
             yield
         finally:
-            self._busy = None
-            self._lock.release()
+            self._release_claim()
 
     def _claim(self, what: str) -> None:
-        """Hold the model until ``_release_claim`` (an Engine, for its lifetime)."""
+        """Hold the model until ``_release_claim`` (a call, or an Engine for its
+        lifetime); refused at once when it is held."""
         if not self._lock.acquire(blocking=False):
             raise self._busy_error(what)
         self._busy = (what, threading.current_thread())

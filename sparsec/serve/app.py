@@ -41,16 +41,15 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _engine_error(exc: BaseException, prompt_param: str) -> ApiError:
-    """An engine exception as the API error the client gets."""
+def _engine_error(exc: BaseException) -> ApiError:
+    """An engine exception as the API error the client gets (a prompt past the context
+    never gets here: ``Server._submit`` answers it with its own code first)."""
     if isinstance(exc, QueueFull):
         return ApiError(429, str(exc), type="rate_limit_error", code="queue_full")
     if isinstance(exc, EngineClosed):
         return ApiError(503, str(exc), type="server_error", code="unavailable")
     if isinstance(exc, SparsecError):
-        text = str(exc)
-        code = "context_length_exceeded" if "exceeds the max context" in text else None
-        return ApiError(400, text, param=prompt_param if code else None, code=code)
+        return ApiError(400, str(exc))
     log.exception("request failed", exc_info=exc)
     return ApiError(500, "internal error in the server; see its log", type="server_error")
 
@@ -173,7 +172,7 @@ class Server:
         except ApiError:
             raise
         except Exception as exc:  # SparsecError, QueueFull, EngineClosed
-            raise _engine_error(exc, param) from exc
+            raise _engine_error(exc) from exc
 
     # ------------------------------------------------------------------ routes
 
@@ -218,7 +217,7 @@ class Server:
                 if kind == DONE:
                     return JSONResponse(api.response(job, rid, self.model_name, value))
                 if kind == ERROR:
-                    return _error(_engine_error(value, "prompt"))
+                    return _error(_engine_error(value))
         finally:
             handle.cancel()  # a no-op once finished; frees the slot if the task died
 
@@ -238,7 +237,7 @@ class Server:
                         yield _sse(api.usage_chunk(job, rid, name, value))
                     break
                 else:
-                    yield _sse(_engine_error(value, "prompt").body())
+                    yield _sse(_engine_error(value).body())
                     break
             yield b"data: [DONE]\n\n"
         finally:

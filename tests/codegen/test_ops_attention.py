@@ -66,16 +66,17 @@ def _emit_step(module, functions):
     b.ret_void()
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def model(request, tmp_path_factory):
-    s, padded = CONFIGS[request.param]
-    lay = _layout(s, padded)
+def _build_attention(out_dir, s, lay, extra=None, **options):
+    """The rope_kv_write ("rope") and attention ("attn") kernels of shape ``s`` and qkv
+    layout ``lay`` (``options``: e.g. kv_half), and their scale."""
     heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
     scale = 1.0 / np.sqrt(s["head_dim"])
     kernels = build_kernels(
-        tmp_path_factory.mktemp(f"attention-{request.param}"),
+        out_dir,
         {
-            "rope": functools.partial(ops.emit_rope_kv_write, **heads, capacity=CAPACITY, **lay),
+            "rope": functools.partial(
+                ops.emit_rope_kv_write, **heads, capacity=CAPACITY, **lay, **options
+            ),
             "attn": functools.partial(
                 ops.emit_attention,
                 **heads,
@@ -83,10 +84,20 @@ def model(request, tmp_path_factory):
                 scale=scale,
                 qkv_stride=lay["qkv_stride"],
                 q_offset=lay["q_offset"],
+                **options,
             ),  # fmt: skip
         },
-        extra=_emit_step,
+        extra=extra,
     )
+    return kernels, scale
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request, tmp_path_factory):
+    s, padded = CONFIGS[request.param]
+    lay = _layout(s, padded)
+    out = tmp_path_factory.mktemp(f"attention-{request.param}")
+    kernels, scale = _build_attention(out, s, lay, extra=_emit_step)
     return s, lay, scale, kernels
 
 
@@ -332,31 +343,14 @@ def test_float16_kv_cache(shape, n, position, tmp_path):
     half-precision answer is measurably not."""
     s, _ = CONFIGS[shape]
     lay = _layout(s, padded=False)
-    heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
-    scale = 1.0 / np.sqrt(s["head_dim"])
 
     def kernels(half):
+        out = tmp_path / f"half{half}"
+        out.mkdir()
         options = {"kv_half": True} if half else {}
-        return build_kernels(
-            tmp_path / f"half{half}",
-            {
-                "rope": functools.partial(
-                    ops.emit_rope_kv_write, **heads, capacity=CAPACITY, **lay, **options
-                ),
-                "attn": functools.partial(
-                    ops.emit_attention,
-                    **heads,
-                    capacity=CAPACITY,
-                    scale=scale,
-                    qkv_stride=lay["qkv_stride"],
-                    q_offset=lay["q_offset"],
-                    **options,
-                ),  # fmt: skip
-            },
-        )
+        return _build_attention(out, s, lay, **options)[0]
 
-    (tmp_path / "halfTrue").mkdir()
-    (tmp_path / "halfFalse").mkdir()
+    scale = 1.0 / np.sqrt(s["head_dim"])
     cos, sin = rope_tables(CAPACITY, s["head_dim"])
     rng = np.random.default_rng(n + position)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
