@@ -95,7 +95,9 @@ class Checkpoint:
         if not zipfile.is_zipfile(path):  # torch.save writes a zip; truncation breaks it
             raise self._corrupt(path, "not a complete PyTorch file (truncated?)")
         try:
-            tensors = torch.load(path, weights_only=False)
+            # To the CPU: a checkpoint written on a GPU resumes on any --device (the run
+            # moves what it needs to its device).
+            tensors = torch.load(path, weights_only=False, map_location="cpu")
         except (
             RuntimeError,
             OSError,

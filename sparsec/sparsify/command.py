@@ -40,6 +40,8 @@ def register(sub) -> None:
         "A MODEL that is already sparse (the output of an earlier sparsify) is pruned "
         "further, with --teacher naming the dense model: gradual pruning in stages, "
         "such as 50% then 70%. "
+        "Under 'torchrun --nproc-per-node N -m sparsec sparsify ...' the N processes share "
+        "the SparseGPT calibration (rank 0 writes the output). "
         f"Data sources: {DATA_HELP}.",
     )
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
@@ -159,6 +161,13 @@ def register(sub) -> None:
         help="seconds (default 300; 0: at every layer and step)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]",
+        help="where the forwards, SparseGPT and distillation run (default: auto, CUDA when "
+        "PyTorch sees a GPU, else cpu); under torchrun, cuda is each rank's LOCAL_RANK GPU",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_sparsify)
 
@@ -242,7 +251,9 @@ def _sparsify(args) -> int:
     for k in ("calibration", "train", "eval"):  # nargs lists or the default tuples
         values[k] = list(values[k])
     opts = SparsifyOptions(**{**values, "output": Path(args.output)})
-    print(summary(sparsify(opts)))
+    out = sparsify(opts)
+    if out is not None:  # None: a rank > 0 of a torchrun job, which writes nothing
+        print(summary(out))
     return 0
 
 

@@ -44,10 +44,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         h_all = hidden.to(dtype)
         # The logits' gradient, one row per token, in the matmul dtype: two matmuls after
         # the loop turn it into the hidden states' and the head's gradients.
-        grad_logits = torch.empty(hidden.shape[0], w.shape[0], dtype=dtype)
+        grad_logits = torch.empty(hidden.shape[0], w.shape[0], dtype=dtype, device=hidden.device)
         ce_sum = hidden.new_zeros((), dtype=torch.float64)
         kl_sum = hidden.new_zeros((), dtype=torch.float64)
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], CHUNK):
                 rows = slice(start, start + CHUNK)
                 log_s = torch.log_softmax(h_all[rows] @ w.T, dim=-1, dtype=torch.float32)
@@ -118,7 +118,8 @@ def fused_head_loss(
         raise ValueError("teacher_hidden and teacher_head_weight go together")
     if teacher_hidden is None and kl_weight:
         raise ValueError("a KL term needs the teacher's hidden states")
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    kind = hidden.device.type  # the autocast of the device the loss runs on
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     dim = hidden.shape[-1]
     loss, ce, kl = _FusedHeadLoss.apply(
         hidden.reshape(-1, dim),

@@ -17,7 +17,7 @@ from torch import nn
 
 from sparsec.errors import SparsecError
 from sparsec.sparsify.layer_walk import decoder_layers
-from sparsec.sparsify.prune import LayerInputs, capture_first_layer_inputs, run_layer
+from sparsec.sparsify.prune import HessianSum, LayerInputs, capture_first_layer_inputs, run_layer
 
 OUTLIER_M = 5.0  # the paper's threshold for Llama models
 OWL_LAMBDA = 0.08  # the paper's spread: densities within target ± 0.08
@@ -33,9 +33,15 @@ def _layer_outlier_ratio(linears: list[nn.Linear], col_sq: list[torch.Tensor], m
     return float((scores > m * scores.mean()).double().mean())
 
 
-def _mean_input_squares(layer: nn.Module, linears: list[nn.Linear], inputs: LayerInputs):
-    """Run ``layer``; return each Linear's per-input-column mean of x², and the outputs."""
-    sums = [torch.zeros(lin.in_features, dtype=torch.float64) for lin in linears]
+def _mean_input_squares(
+    layer: nn.Module, linears: list[nn.Linear], inputs: LayerInputs, total: HessianSum | None
+):
+    """Run ``layer``; return each Linear's per-input-column mean of x², and the outputs.
+    ``total`` sums the column sums and token counts over the ranks of a distributed run."""
+    sums = [
+        torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
+        for lin in linears
+    ]
     tokens = [0] * len(linears)
 
     def accumulate(i: int, x: torch.Tensor) -> None:
@@ -52,20 +58,29 @@ def _mean_input_squares(layer: nn.Module, linears: list[nn.Linear], inputs: Laye
     finally:
         for h in handles:
             h.remove()
+    if total is not None:
+        for i in range(len(linears)):
+            sums[i], tokens[i] = total(sums[i], tokens[i])
     return [s / max(n, 1) for s, n in zip(sums, tokens, strict=True)], outputs
 
 
 @torch.no_grad()
 def outlier_ratios(
-    model: nn.Module, calibration: torch.Tensor, m: float = OUTLIER_M, chunk: int = 4
+    model: nn.Module,
+    calibration: torch.Tensor,
+    m: float = OUTLIER_M,
+    chunk: int = 4,
+    total: HessianSum | None = None,
 ) -> list[float]:
-    """Each decoder layer's share of weights scoring above ``m`` x its mean Wanda score."""
+    """Each decoder layer's share of weights scoring above ``m`` x its mean Wanda score.
+    Under torchrun ``calibration`` is this rank's share and ``total`` sums over the ranks
+    (``Ranks.sum_hessian``: it adds any float64 tensor and a count)."""
     captured = capture_first_layer_inputs(model, calibration, chunk)
     hidden = captured.hidden
     ratios = []
     for i, layer in enumerate(decoder_layers(model)):
         linears = [mod for mod in layer.modules() if isinstance(mod, nn.Linear)]
-        squares, hidden = _mean_input_squares(layer, linears, captured.at_layer(i, hidden))
+        squares, hidden = _mean_input_squares(layer, linears, captured.at_layer(i, hidden), total)
         ratios.append(_layer_outlier_ratio(linears, squares, m))
     return ratios
 

@@ -28,6 +28,7 @@ def perplexity(
     windows = [tokens[s : s + seq_len] for s in range(0, tokens.numel() - 1, seq_len)]
     windows = [w for w in windows if w.numel() > 1]
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total_nll, total_count = 0.0, 0
     try:
@@ -39,6 +40,7 @@ def perplexity(
             for row, w in enumerate(group):
                 ids[row, : w.numel()] = w
                 mask[row, : w.numel()] = 1
+            ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll = nn.functional.cross_entropy(

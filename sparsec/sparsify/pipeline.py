@@ -34,8 +34,10 @@ from sparsec.errors import SparsecError
 from sparsec.paths import check_output_path
 from sparsec.progress import stage
 from sparsec.sparsify import data as data_mod
+from sparsec.sparsify import distributed
 from sparsec.sparsify import report as report_mod
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt, write_errors
+from sparsec.sparsify.device import check_device, resolve_device
 from sparsec.sparsify.layer_walk import decoder_layers, prunable_linears
 from sparsec.sparsify.owl import OWL_LAMBDA, check_owl_lambda, outlier_ratios, owl_sparsities
 from sparsec.sparsify.patterns import Pattern, check_sparsity, parse_pattern
@@ -65,6 +67,8 @@ def default_lr(sparsity: float) -> float:
 
 
 SMOOTH_SAMPLES = 16  # calibration sequences for the smoothing statistics
+# Calibration sequences a forward of the pruning walk (and the unit a torchrun job shards).
+CALIBRATION_CHUNK = 4
 # A MODEL with this share of zero weights or more was pruned before: it is pruned further
 # (gradual pruning, as Sparse Llama's 70% models were made from its 50% ones) and the
 # report's "dense" row is the teacher's. Dense checkpoints have next to no exact zeros.
@@ -151,6 +155,7 @@ class SparsifyOptions:
     checkpoint_every: float = 300.0  # seconds between checkpoints (0: every layer/step)
     resume: bool = False
     quiet: bool = False
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N (device.py)
 
     def fingerprint(self) -> dict:
         """The options a checkpoint must agree with to be resumed."""
@@ -180,10 +185,16 @@ def _bar(opts: SparsifyOptions, total: int, initial: int, desc: str):
 
 
 class Run:
-    """One sparsify run: the model, its state and the checkpoint that mirrors them."""
+    """One sparsify run: the model, its state and the checkpoint that mirrors them.
 
-    def __init__(self, opts: SparsifyOptions):
+    Under torchrun (``ranks.distributed``) every rank runs this with its share of the
+    calibration; rank 0 alone goes on after pruning (distributed.py says why).
+    """
+
+    def __init__(self, opts: SparsifyOptions, ranks: distributed.Ranks | None = None):
         self.opts = opts
+        self.ranks = ranks or distributed.Ranks()
+        self.device = self.ranks.device
         self.calibration_seq_len = opts.calibration_seq_len  # cut to the model's context
         self.checkpoint = Checkpoint(opts.checkpoint_folder)
         self.last_save = time.monotonic()
@@ -200,17 +211,35 @@ class Run:
 
     # --- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
+        if not self.ranks.main or self._sharded():
+            return
         tensors = dict(self.tensors)
         tensors["model"] = self.model.state_dict()
         self.checkpoint.save(self.state, tensors)
         self.last_save = time.monotonic()
 
+    def _sharded(self) -> bool:
+        """Pruning under torchrun: each rank holds only its share of the activations, so
+        there is no whole state to checkpoint (not yet: see docs/sparsify.md)."""
+        return self.ranks.distributed and self.state["stage"] == "start"
+
     def safe_point(self) -> None:
         """Between layers/steps: checkpoint when due, and stop here after a Ctrl-C."""
         due = time.monotonic() - self.last_save >= self.opts.checkpoint_every
-        if due or self.interrupt.requested:
+        requested = self.interrupt.requested
+        if self._sharded():  # every rank stops after the same layer, or none does
+            requested = self.ranks.any(requested)
+            if requested:
+                _log(
+                    self.opts,
+                    "\ninterrupted: a distributed run keeps no checkpoint while it prunes; "
+                    "run the command again to start over",
+                )
+                raise KeyboardInterrupt
+            return
+        if due or requested:
             self.save()
-        if self.interrupt.requested:
+        if requested:
             _log(
                 self.opts,
                 f"\ninterrupted: checkpoint saved in {self.checkpoint.folder}; "
@@ -248,8 +277,11 @@ class Run:
             self.tensors["calibration"] = calibration
         start = self.state.get("next_layer", 0)
         layers = decoder_layers(self.model)
+        # Under torchrun: this rank's share, and the sums over all ranks' shares.
+        calibration = self.ranks.shard(calibration, CALIBRATION_CHUNK)
+        total = self.ranks.sum_hessian if self.ranks.distributed else None
         if "layer_sparsity" not in self.state:  # from the dense model, before any pruning
-            self.state["layer_sparsity"] = self._layer_sparsities(calibration, len(layers))
+            self.state["layer_sparsity"] = self._layer_sparsities(calibration, len(layers), total)
         bar = _bar(opts, len(layers), start, f"{opts.method} {opts.sparsity:.0%}")
         started = time.monotonic() - self.state["timings"].get("prune", 0.0)
 
@@ -268,10 +300,12 @@ class Run:
                 calibration,
                 self.state["layer_sparsity"],
                 self.pattern,
+                chunk=CALIBRATION_CHUNK,
                 method=opts.method,
                 start_layer=start,
                 start_inputs=self.tensors.get("layer_inputs"),
                 on_layer=on_layer,
+                hessian_sum=total,
             )
         finally:
             bar.close()
@@ -280,12 +314,12 @@ class Run:
         self.state["stage"] = "pruned"
         self.save()
 
-    def _layer_sparsities(self, calibration, layers: int) -> list[float]:
+    def _layer_sparsities(self, calibration, layers: int, total=None) -> list[float]:
         opts = self.opts
         if opts.layer_sparsity == "uniform":
             return [opts.sparsity] * layers
         started = time.monotonic()
-        ratios = outlier_ratios(self.model, calibration)
+        ratios = outlier_ratios(self.model, calibration, chunk=CALIBRATION_CHUNK, total=total)
         sparsities = owl_sparsities(ratios, opts.sparsity, opts.owl_lambda)
         self.state["timings"]["owl"] = time.monotonic() - started
         shown = ", ".join(f"{s:.3f}" for s in sparsities)
@@ -304,6 +338,7 @@ class Run:
         batches = data_mod.TokenData(self.tokenizer, opts.calibration).windows(
             samples, self.calibration_seq_len, opts.seed
         )
+        batches = batches.to(self.device)
         count = smooth_(self.model, activation_maxima(self.model, batches))
         self.state["smoothed"] = True
         self.state["timings"]["smooth"] = time.monotonic() - started
@@ -349,6 +384,7 @@ class Run:
         try:
             while trainer.step < opts.steps:
                 ids, mask = data.batch(trainer.step, opts.batch_size, opts.seq_len, opts.seed)
+                ids, mask = ids.to(self.device), mask.to(self.device)
                 qat = trainer.step >= qat_from and opts.qat_steps > 0
                 if qat:
                     self.smooth()  # QAT trains the smoothed weights
@@ -398,10 +434,11 @@ class Run:
         from sparsec.models import load_model
 
         teacher, _ = load_model(self.opts.teacher or self.opts.model, quiet=True)
-        return teacher
+        return teacher.to(self.device)
 
     # --- the whole run -----------------------------------------------------------------
-    def execute(self) -> Path:
+    def execute(self) -> Path | None:
+        """The whole run; the output folder, or None on a rank > 0 of a torchrun job."""
         opts = self.opts
         from sparsec.models import load_model
 
@@ -424,6 +461,9 @@ class Run:
                     data_mod.check_example_share(opts.example_share, train)
 
         self.model, self.tokenizer = load_model(opts.model, quiet=opts.quiet)
+        self.model.to(self.device)
+        where = f"rank {self.ranks.rank} of {self.ranks.world_size}, " * self.ranks.distributed
+        _log(opts, f"sparsify on {where}{self.device}")
         # The config read again, as loaded (a GGUF's header may not have said).
         context, hidden = _text_config_limits(self.model.config)
         self.calibration_seq_len = check_model_limits(opts, context, hidden, opts.model)
@@ -452,7 +492,7 @@ class Run:
                 source: data_mod.TokenData(self.tokenizer, [source]).stream for source in opts.eval
             }
         self.teacher = None
-        if opts.steps and opts.teacher is None and not opts.resume:
+        if opts.steps and opts.teacher is None and not opts.resume and self.ranks.main:
             self.teacher = copy.deepcopy(self.model)  # the dense model, before pruning
 
         with GracefulInterrupt() as self.interrupt:
@@ -465,6 +505,10 @@ class Run:
             self.evaluate("dense")
             if self.state["stage"] == "start":
                 self.prune()
+            if not self.ranks.main:
+                # Its share of the calibration is all a rank > 0 does: distillation, INT8,
+                # evaluation and the output are rank 0's alone (not sharded yet).
+                return None
             self.evaluate("one-shot")
             if opts.steps and self.state["stage"] == "pruned":
                 self.distill()
@@ -538,6 +582,7 @@ def check_options(opts: SparsifyOptions) -> Pattern:
         data_mod.check_share(opts.example_share)
     pattern = parse_pattern(opts.pattern)
     check_sparsity(opts.sparsity, pattern)
+    check_device(opts.device)
     if opts.method not in ("sparsegpt", "magnitude"):
         raise SparsecError(f"unknown pruning method {opts.method}; use sparsegpt or magnitude")
     if opts.layer_sparsity not in ("uniform", "owl"):
@@ -708,19 +753,35 @@ def _physical_memory() -> int | None:
         return None
 
 
-def sparsify(opts: SparsifyOptions) -> Path:
+def sparsify(opts: SparsifyOptions) -> Path | None:
     """Run the whole pipeline; returns the output folder. Options, paths and the model's
-    limits are checked first: a bad one fails before any model or data is read."""
+    limits are checked first: a bad one fails before any model or data is read.
+
+    Under torchrun (2+ ranks) the ranks share the SparseGPT calibration (distributed.py);
+    rank 0 returns the output folder, the others None.
+    """
     pattern = check_options(opts)
+    device = resolve_device(opts.device)
     check_paths(opts)
     for model in filter(None, (opts.model, opts.teacher)):
         check_model_limits(opts, *model_limits(model), model)
-    if opts.bf16:
+    if opts.bf16 and device.type == "cpu":  # a GPU has bfloat16 in hardware
         require_bf16_cpu()
-    run = Run(opts)
-    run.pattern = pattern
-    torch.manual_seed(opts.seed)
-    return run.execute()
+    if opts.resume and distributed.launched():
+        raise SparsecError(
+            "--resume under torchrun is not supported yet: resume in one process (the "
+            "checkpoint, written by rank 0 once pruning is done, holds the whole state)"
+        )
+    with distributed.process_group(device) as ranks:
+        if not ranks.main:  # progress and messages from rank 0 only
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # load_model's "Loading weights"
+            opts = replace(opts, quiet=True)
+        run = Run(opts, ranks)
+        run.pattern = pattern
+        torch.manual_seed(opts.seed)
+        return run.execute()
 
 
 def summary(folder: Path) -> str:

@@ -28,6 +28,10 @@ from sparsec.sparsify.layer_walk import (
 from sparsec.sparsify.patterns import Pattern, magnitude_mask
 from sparsec.sparsify.sparsegpt import HessianAccumulator, sparsegpt_prune
 
+# Sums a rank's ``(Σ x xᵀ, token count)`` over every rank of a distributed run
+# (``distributed.Ranks.sum_hessian``); None in a single process.
+HessianSum = Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]
+
 
 class _StopForward(Exception):
     pass
@@ -87,9 +91,10 @@ def capture_first_layer_inputs(model: nn.Module, calibration: torch.Tensor, chun
     for layer in layers:
         layer.forward = _skip
     try:
+        device = next(model.parameters()).device
         for start in range(0, calibration.shape[0], chunk):
             try:
-                model(input_ids=calibration[start : start + chunk], use_cache=False)
+                model(input_ids=calibration[start : start + chunk].to(device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -149,6 +154,7 @@ def prune_layer(
     prefix: str,
     method: str = "sparsegpt",
     staged: bool = True,
+    hessian_sum: HessianSum | None = None,
 ) -> tuple[list[LayerReport], dict[str, torch.Tensor], LayerInputs]:
     """Prune one decoder layer in place; return its reports, keep-masks and its outputs.
 
@@ -156,6 +162,7 @@ def prune_layer(
     every chunk's forward has reached it, and lets the forwards go on (``walk_layer``):
     one forward per chunk. Without it the layer is re-run from its start for every group,
     the plain reference of the same result at about twice the work.
+    ``hessian_sum`` adds the other ranks' calibration tokens to every group's Hessian.
     """
     reports, masks = [], {}
     groups = linear_groups(layer, inputs.hidden[0], inputs.kwargs[0])
@@ -184,25 +191,36 @@ def prune_layer(
             inputs.hidden,
             inputs.kwargs,
             groups,
-            lambda group, xs: prune_group(group, _hessian(xs)),
+            lambda group, xs: prune_group(group, _hessian(xs, hessian_sum)),
         )
         return reports, masks, LayerInputs(outputs, inputs.kwargs)
     for group in groups:
         accumulator = HessianAccumulator(next(iter(group.values())))
         run_layer(layer, inputs, stop_after=list(group.values()))
-        prune_group(group, accumulator.hessian())
+        accumulator.handle.remove()
+        prune_group(group, _finish(accumulator.xtx, accumulator.tokens, hessian_sum))
     return reports, masks, LayerInputs(run_layer(layer, inputs), inputs.kwargs)
 
 
-def _hessian(xs: list[torch.Tensor]) -> torch.Tensor:
-    """``(2/n) Σ x xᵀ`` over every token of the chunks ``xs``."""
+def _hessian(xs: list[torch.Tensor], hessian_sum: HessianSum | None = None) -> torch.Tensor:
+    """``(2/n) Σ x xᵀ`` over every token of the chunks ``xs`` (and of the other ranks')."""
     dim = xs[0].shape[-1]
-    xtx = torch.zeros(dim, dim, dtype=torch.float64)
+    xtx = torch.zeros(dim, dim, dtype=torch.float64, device=xs[0].device)
     tokens = 0
     for x in xs:
         flat = x.reshape(-1, dim).float()
         xtx += (flat.T @ flat).double()
         tokens += flat.shape[0]
+    return _finish(xtx, tokens, hessian_sum)
+
+
+def _finish(xtx: torch.Tensor, tokens: int, hessian_sum: HessianSum | None) -> torch.Tensor:
+    # Summed in float64 before the division: the ranks' sums then agree with one
+    # process's to float64 rounding, far below what could move a float32 mask decision.
+    if hessian_sum is not None:
+        xtx, tokens = hessian_sum(xtx, tokens)
+    if tokens == 0:
+        raise SparsecError("a layer saw no calibration tokens; pass a non-empty --calibration")
     return 2.0 * xtx / tokens
 
 
@@ -222,12 +240,15 @@ def prune_model(
     start_layer: int = 0,
     start_inputs: list[torch.Tensor] | None = None,
     on_layer: Callable[[int, list[LayerReport], dict, LayerInputs], None] | None = None,
+    hessian_sum: HessianSum | None = None,
 ) -> None:
     """Prune every decoder layer from ``start_layer`` on, in place.
 
     ``sparsity`` is one fraction for every layer or a list with one per decoder layer.
     ``on_layer(i, reports, masks, outputs)`` runs after layer i (progress, checkpoints);
     resuming passes the saved inputs of ``start_layer`` as ``start_inputs``.
+    ``calibration`` goes to the model's device chunk by chunk; under torchrun it is this
+    rank's share, and ``hessian_sum`` sums the Hessians over the ranks.
     """
     prunable_linears(model)  # fail early on models without Linears
     path, layers = find_decoder_layers(model)
@@ -235,10 +256,17 @@ def prune_model(
     if len(per_layer) != len(layers):
         raise SparsecError(f"{len(per_layer)} layer sparsities for {len(layers)} decoder layers")
     captured = capture_first_layer_inputs(model, calibration, chunk)
-    hidden = captured.hidden if start_inputs is None else list(start_inputs)
+    device = next(model.parameters()).device
+    hidden = captured.hidden if start_inputs is None else [h.to(device) for h in start_inputs]
     for i in range(start_layer, len(layers)):
         reports, masks, inputs = prune_layer(
-            layers[i], captured.at_layer(i, hidden), per_layer[i], pattern, f"{path}.{i}", method
+            layers[i],
+            captured.at_layer(i, hidden),
+            per_layer[i],
+            pattern,
+            f"{path}.{i}",
+            method,
+            hessian_sum=hessian_sum,
         )
         hidden = inputs.hidden
         if on_layer is not None:

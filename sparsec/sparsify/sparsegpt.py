@@ -35,7 +35,9 @@ class HessianAccumulator:
     """Accumulates ``H = (2/n) Σ x xᵀ`` from a Linear's inputs through a forward hook."""
 
     def __init__(self, linear: nn.Linear):
-        self.xtx = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float64)
+        self.xtx = torch.zeros(
+            linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
+        )
         self.tokens = 0
         self.handle = linear.register_forward_hook(self._hook)
 
@@ -61,7 +63,7 @@ class PruneResult:
 def upper_cholesky_of_inverse(h: torch.Tensor, dampening: float = DAMPENING) -> torch.Tensor:
     """``Hinv`` as in the reference: dampen, invert through Cholesky, factor again (upper)."""
     h = h.clone()
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += dampening * torch.mean(torch.diag(h))
     try:
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
@@ -89,14 +91,14 @@ def sparsegpt_prune(
         raise SparsecError(f"pattern {pattern.name}: width {cols} is not a multiple of {group}")
     block_size = max(group, block_size // group * group)  # groups never straddle blocks
 
-    h = hessian.detach().clone().double()
+    h = hessian.detach().to(w.device, torch.float64, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0  # no input ever reaches them: zero costs nothing, so they go first
     hinv = upper_cholesky_of_inverse(h, dampening).float()
 
-    pruned = torch.zeros(rows, cols, dtype=torch.bool)
-    losses = torch.zeros(rows, dtype=torch.float64)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    losses = torch.zeros(rows, dtype=torch.float64, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
@@ -149,7 +151,7 @@ def _block_mask(
         k = pattern.m
         groups = score.reshape(rows, -1, k).sum(-1)  # [rows, count / k]
         n = budget(sparsity, rows * i1 // k, rows * i2 // k)
-        chosen = torch.zeros(groups.numel(), dtype=torch.bool)
+        chosen = torch.zeros(groups.numel(), dtype=torch.bool, device=w1.device)
         chosen[torch.topk(groups.flatten(), n, largest=False).indices] = True
         return chosen.reshape(rows, -1).repeat_interleave(k, dim=1)
     # Counting in weights of the whole layer keeps its total exactly round(s * numel).

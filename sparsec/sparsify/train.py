@@ -109,8 +109,9 @@ class MaskedTrainer:
         )
         modules = dict(model.named_modules())
         self.masked = [
-            (modules[name.removesuffix(".weight")].weight, mask)
+            (weight, mask.to(weight.device))  # masks from a checkpoint are on the CPU
             for name, mask in (masks or {}).items()
+            for weight in [modules[name.removesuffix(".weight")].weight]
         ]
         self.apply_masks()
 
@@ -123,7 +124,8 @@ class MaskedTrainer:
         """One optimizer step on the loss ``loss_fn()`` computes; returns its metrics."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
+        device_type = next(self.model.parameters()).device.type  # "cpu" or "cuda"
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss, metrics = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
