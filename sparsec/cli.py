@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "sparsec.export",
     "sparsec.passes.command",
     "sparsec.codegen.command",
+    "sparsec.build",
     "sparsec.runtime.command",
     "sparsec.serve.command",
     "sparsec.bench.command",
@@ -39,6 +40,7 @@ Compile sparse, quantized LLMs into one native CPU library.
 
 pipeline:  MODEL --sparsify--> HF folder --export--> model.onnx
            --optimize--> model.opt.onnx --compile--> model.so --run/generate/serve
+           (or MODEL --build--> model.so: export, optimize and compile in one step)
 
 MODEL is a Hugging Face folder, a .gguf file, or the built-in name smollm2-135m.
 Run 'sparsec COMMAND --help' for the options of each step.

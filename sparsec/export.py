@@ -9,7 +9,9 @@ shape, and optionally a greedy continuation token for token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -104,29 +106,89 @@ def _example_inputs(config, batch: int, seq: int, past: int, seed: int = 0):
 
 
 def export_model(
-    model, tokenizer, out: str | os.PathLike, *, source: str = "", quantization=None
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    source: str = "",
+    quantization=None,
+    checkpoint=None,
+    generation_config=None,
 ) -> Path:
     """Export ``model`` to ``out`` (written atomically) and return the path.
 
     ``quantization``: a ``sparsec.export_quant.W8A8`` (a sparsify ``--int8`` folder's
     quantization.json): its Linears are exported as int8 weights + DequantizeLinear with
     per-token activation fake quantization, which the passes fold.
+    ``checkpoint``: a ``sparsec.hf_checkpoint.Checkpoint`` holding the weights of
+    ``model``, a skeleton whose parameters were never filled (``models.open_skeleton``):
+    each weight is then read from the checkpoint only while the graph is saved.
     """
+    out = Path(out)
+    check_writable(out)
+    graph = export_graph(
+        model,
+        tokenizer,
+        source=source,
+        quantization=quantization,
+        checkpoint=checkpoint,
+        generation_config=generation_config,
+    )
+    save_atomic(graph, out)
+    return out
 
-    import onnx_ir as ir
-    import torch
+
+def export_graph(
+    model,
+    tokenizer,
+    *,
+    source: str = "",
+    quantization=None,
+    checkpoint=None,
+    generation_config=None,
+):
+    """``export_model``'s graph, in memory (an ``onnx_ir.Model``; weights not yet read
+    are ``LazyTensor`` s: a transposed weight is computed when it is read, not here)."""
+    from onnxscript.optimizer import optimize_ir
 
     from sparsec.export_quant import insert_weight_dequantize, quantized_linears
     from sparsec.models import tokenizer_assets
+
+    cfg = ModelConfig.from_hf(model.config)
+    linears = quantized_linears(model, quantization) if quantization else {}
+    onnx_model = _trace(model, cfg, linears)
+    transposed = _attach_checkpoint(onnx_model, model, checkpoint) if checkpoint else {}
+    # What torch.onnx's own optimize=True does, minus its folding of each weight's
+    # Transpose into a second, transposed copy held in memory: that copy is a lazy
+    # tensor here, made when the graph is saved or compiled (issue 22: export held
+    # 3.6x the fp32 weights at its peak).
+    _lazy_weight_transposes(onnx_model, transposed)
+    optimize_ir(onnx_model)
+    if linears:
+        insert_weight_dequantize(onnx_model, linears, quantization)
+        onnx_model.metadata_props[contract.META_QUANTIZATION] = "w8a8"
+    assets = tokenizer_assets(tokenizer, generation_config or model.generation_config)
+    meta = onnx_model.metadata_props
+    meta[contract.META_FORMAT] = "exported"
+    meta[contract.META_CONFIG] = cfg.to_json()
+    meta[contract.META_TOKENIZER] = assets["tokenizer"]
+    if assets["chat_template"]:
+        meta[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
+    meta[contract.META_GENERATION] = json.dumps(assets["generation"])
+    meta[contract.META_SOURCE] = source
+    return onnx_model
+
+
+def _trace(model, cfg: ModelConfig, linears: dict):
+    """The torch dynamo export of ``model`` with the contract's inputs and outputs, not
+    optimized (its initializers are the module's own tensors: no copy)."""
+    import torch
+
     from sparsec.sparsify.quant import ActivationFakeQuant
 
-    out = Path(out)
-    check_writable(out)
-    config = model.config
-    cfg = ModelConfig.from_hf(config)
     n_layers = cfg.num_hidden_layers
     wrapper = _cache_wrapper(model).eval()
-    ids, mask, pos, kv = _example_inputs(config, _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST)
+    ids, mask, pos, kv = _example_inputs(model.config, _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq")
     past = torch.export.Dim("past")
@@ -138,8 +200,9 @@ def export_model(
         tuple({0: batch, 2: past} for _ in range(2 * n_layers)),
     )
     input_names, output_names = _io_names(n_layers)
-    linears = quantized_linears(model, quantization) if quantization else {}
     activations = ActivationFakeQuant(linears) if linears else contextlib.nullcontext()
+    # "torchvision is not installed. Skipping torchvision::nms": noise for a language model.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad(), activations, _static_rope(model, cfg):
         warnings.simplefilter("ignore")
         try:
@@ -150,6 +213,7 @@ def export_model(
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
+                optimize=False,
                 verbose=False,
             )
         except Exception as e:
@@ -158,21 +222,101 @@ def export_model(
                 # in its own error; it is still an interrupt, not an export failure.
                 raise KeyboardInterrupt from e
             raise SparsecError(f"torch.onnx export failed: {_first_line(e)}") from e
-    onnx_model: ir.Model = program.model
-    if linears:
-        insert_weight_dequantize(onnx_model, linears, quantization)
-        onnx_model.metadata_props[contract.META_QUANTIZATION] = "w8a8"
-    assets = tokenizer_assets(tokenizer, model.generation_config)
-    meta = onnx_model.metadata_props
-    meta[contract.META_FORMAT] = "exported"
-    meta[contract.META_CONFIG] = cfg.to_json()
-    meta[contract.META_TOKENIZER] = assets["tokenizer"]
-    if assets["chat_template"]:
-        meta[contract.META_CHAT_TEMPLATE] = assets["chat_template"]
-    meta[contract.META_GENERATION] = json.dumps(assets["generation"])
-    meta[contract.META_SOURCE] = source
-    save_atomic(onnx_model, out)
-    return out
+    return program.model
+
+
+_WRAPPER_PREFIX = "inner."  # _cache_wrapper's attribute: the prefix of every initializer
+
+
+def _attach_checkpoint(onnx_model, model, checkpoint) -> dict:
+    """Point every parameter initializer of a skeleton's export at its checkpoint tensor
+    (a lazy float32 read); buffers (RoPE frequencies) keep the values the skeleton
+    computed. A tied parameter is found under any of its names. Returns, per attached
+    tensor's id, how to read it transposed straight from the checkpoint."""
+    transposed = {}
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    by_name = {name: names for names in aliases.values() for name in names}
+    for init_name, value in onnx_model.graph.initializers.items():
+        name = init_name.removeprefix(_WRAPPER_PREFIX)
+        if name not in by_name:
+            continue  # a buffer or a constant of the trace
+        present = [n for n in by_name[name] if n in checkpoint.tensors]
+        stored = present[0] if present else None
+        if len(present) > 1 and not _same_tensors(checkpoint, present):
+            # transformers then loads each name into its own tensor, untying them;
+            # the graph has one weight for the tied parameter.
+            raise SparsecError(
+                f"{checkpoint.folder}: config.json ties {' and '.join(present)} "
+                "(tie_word_embeddings), but the checkpoint stores different values for "
+                "them; set tie_word_embeddings to false, or keep one of them"
+            )
+        if stored is None:
+            raise SparsecError(
+                f"{checkpoint.folder}: the checkpoint has no tensor {name!r} (a parameter "
+                "of the model its config.json describes); re-save it with transformers' "
+                "save_pretrained"
+            )
+        want = tuple(value.shape)
+        have = checkpoint.tensors[stored].shape
+        if tuple(have) != want:
+            raise SparsecError(
+                f"{checkpoint.folder}: tensor {stored!r} is {list(have)}, but config.json "
+                f"makes it {list(want)}; the checkpoint and its config do not match"
+            )
+        value.const_value = checkpoint.lazy(stored)
+        transposed[id(value.const_value)] = functools.partial(
+            checkpoint.lazy, stored, transpose=True
+        )
+    return transposed
+
+
+def _same_tensors(checkpoint, names: list[str]) -> bool:
+    import numpy as np
+
+    first = checkpoint.array(names[0])
+    return all(np.array_equal(first, checkpoint.array(n)) for n in names[1:])
+
+
+def _lazy_weight_transposes(onnx_model, transposed: dict) -> None:
+    """``Transpose(W)`` of a 2-D initializer -> a new initializer, W transposed when it is
+    read (PyTorch's ``[out, in]`` Linear weights become the contract's ``[in, out]``).
+    ``transposed``: per tensor id, a faster way to read one transposed (from the
+    checkpoint: one float32 copy instead of two)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph = onnx_model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or not src.is_initializer() or src.const_value is None:
+            continue
+        perm = node.attributes.get("perm")
+        if len(src.shape) != 2 or (perm is not None and list(perm.value) != [1, 0]):
+            continue
+        if node.outputs[0].is_graph_output():
+            continue
+        tensor = src.const_value
+        if id(tensor) in transposed:
+            lazy = transposed[id(tensor)]()
+        else:
+
+            def load(tensor=tensor):
+                return ir.Tensor(np.ascontiguousarray(tensor.numpy().T))
+
+            shape = ir.Shape(list(src.shape)[::-1])
+            lazy = ir.LazyTensor(load, dtype=src.dtype, shape=shape)
+        weight_t = ir.Value(
+            name=f"{src.name}.T", shape=lazy.shape, type=ir.TensorType(src.dtype), const_value=lazy
+        )
+        graph.register_initializer(weight_t)
+        node.outputs[0].replace_all_uses_with(weight_t)
+        graph.remove(node, safe=True)
+        if not src.uses():
+            graph.initializers.pop(src.name)
 
 
 def _first_line(e: BaseException) -> str:
@@ -357,9 +501,11 @@ def _check_greedy_length(prompt: list[int], tokens: int, config) -> None:
 
 def _export_command(args) -> int:
     from sparsec.export_quant import read_quantization
-    from sparsec.models import input_paths, load_model, resolve
+    from sparsec.hf_checkpoint import has_checkpoint
+    from sparsec.models import input_paths, load_model, open_skeleton, resolve
     from sparsec.paths import check_output_path
     from sparsec.progress import stage
+    from sparsec.resources import check_verify_memory
 
     source = resolve(args.model)  # a bad MODEL fails now, with its own message
     out = check_output_path(args.output, **input_paths(source))
@@ -368,13 +514,29 @@ def _export_command(args) -> int:
     quantization = None
     if folder.is_dir() and not args.ignore_quantization:
         quantization = read_quantization(folder)
-    with stage(f"loading {args.model}"):
-        model, tokenizer = load_model(args.model, quiet=True)
+    checkpoint = generation = None
+    if source.kind == "hf" and quantization is None and has_checkpoint(source.folder):
+        # Weights stay in the checkpoint until the graph is saved, one tensor at a time.
+        with stage(f"reading {args.model} (config, tokenizer, checkpoint index)"):
+            model, tokenizer, checkpoint, generation = open_skeleton(args.model)
+        if not args.no_verify:
+            check_verify_memory(checkpoint.numel)
+    else:
+        with stage(f"loading {args.model}"):
+            model, tokenizer = load_model(args.model, quiet=True)
     prompt = tokenizer(args.prompt).input_ids
     if not args.no_verify and args.verify_tokens:
         _check_greedy_length(prompt, args.verify_tokens, model.config)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):
-        export_model(model, tokenizer, out, source=str(args.model), quantization=quantization)
+        export_model(
+            model,
+            tokenizer,
+            out,
+            source=str(args.model),
+            quantization=quantization,
+            checkpoint=checkpoint,
+            generation_config=generation,
+        )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if quantization:
         print(
@@ -383,6 +545,10 @@ def _export_command(args) -> int:
         )
     if args.no_verify:
         return 0
+    if checkpoint is not None:
+        del model
+        with stage(f"loading {args.model} in PyTorch (float32) for the check"):
+            model, _ = load_model(args.model, quiet=True)
     with stage("verifying under onnxruntime against PyTorch"):
         check = verify_export(
             out,

@@ -168,6 +168,58 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
     return model, tokenizer
 
 
+def open_skeleton(source: str | os.PathLike):
+    """A Hugging Face folder's model without its weights: ``(model, tokenizer,
+    checkpoint, generation_config)``, where ``model`` has the real module structure and
+    buffers but parameters that were never filled (allocated, untouched: no memory in
+    use), and ``checkpoint`` (``sparsec.hf_checkpoint.Checkpoint``) reads each weight
+    when asked. What export needs for a model of any size; ``load_model`` loads
+    everything as float32."""
+    require_compiler_stack()
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from sparsec.hf_checkpoint import Checkpoint
+
+    src = resolve(source)
+    if src.kind != "hf":
+        raise SparsecError(f"{src.name} is not a Hugging Face folder")
+    transformers.logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(src.folder)
+    except Exception as e:
+        raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
+    _check_architecture(getattr(config, "model_type", None), str(src.folder))
+    try:
+        ModelConfig.from_hf(config)
+    except SparsecError as e:
+        raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
+    checkpoint = Checkpoint(src.folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.folder)
+    except Exception as e:
+        raise SparsecError(f"cannot load the tokenizer of {src.folder}: {e}") from e
+    try:
+        generation = GenerationConfig.from_pretrained(src.folder)
+    except OSError:  # no generation_config.json: the model config's ids
+        generation = GenerationConfig.from_model_config(config)
+    config.dtype = torch.float32
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": no memory
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Tracing needs real CPU tensors; torch.empty gives address space whose pages are
+    # never touched (the export reads shapes only), so they take no memory.
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=torch.float32)
+            setattr(module, name, torch.nn.Parameter(empty, requires_grad=False))
+    model.tie_weights()
+    model = model.eval()
+    model.config.use_cache = True
+    return model, tokenizer, checkpoint, generation
+
+
 def _token_id_list(value) -> list[int]:
     """``value`` (an id, a list of ids or None) as a list of its non-negative int ids."""
     values = value if isinstance(value, list | tuple) else [value]

@@ -67,7 +67,11 @@ def check_compile(graph_bytes: int, precision: str, out: Path, *, external: bool
             f"memory and {_gb(have)} is available; free memory, compile on a larger machine, "
             f"or set {SKIP_ENV}=1 to try anyway"
         )
-    packed = PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * graph_bytes
+    _check_disk(PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * graph_bytes, out, "compiling")
+
+
+def _check_disk(packed: float, out: Path, doing: str) -> None:
+    """``packed`` bytes in TMPDIR (the weights' temporary file) and beside ``out``."""
     needs: dict[Path, tuple[int, list[str]]] = {}
     for folder, what in (
         (Path(tempfile.gettempdir()), "the packed weights' temporary file (TMPDIR)"),
@@ -79,7 +83,50 @@ def check_compile(graph_bytes: int, precision: str, out: Path, *, external: bool
         needs[device] = (total + packed, [*whats, what])
         if needs[device][0] > free:
             raise SparsecError(
-                f"{where} has {_gb(free)} free and compiling needs about "
+                f"{where} has {_gb(free)} free and {doing} needs about "
                 f"{_gb(needs[device][0])} there for {' and '.join(needs[device][1])}; free "
                 f"some space, point TMPDIR or -o elsewhere, or set {SKIP_ENV}=1 to try anyway"
             )
+
+
+# The export's check runs the model in PyTorch (float32) and the exported graph under
+# onnxruntime side by side: about twice the float32 weights.
+VERIFY_MEMORY_PER_FP32_BYTE = 2.3
+
+
+def check_verify_memory(params: int) -> None:
+    """Refuse up front an export check (PyTorch and onnxruntime, both float32) of a
+    model of ``params`` parameters that this machine's memory cannot hold."""
+    if os.environ.get(SKIP_ENV):
+        return
+    need = VERIFY_MEMORY_PER_FP32_BYTE * 4 * params + BASE_MEMORY
+    have = available_memory()
+    if have is not None and need > have:
+        raise SparsecError(
+            f"checking the export against PyTorch ({params / 1e9:.2f}B parameters, float32 "
+            f"in PyTorch and in onnxruntime) needs about {_gb(need)} of memory and "
+            f"{_gb(have)} is available; pass --no-verify (the export itself reads one "
+            f"weight at a time), or set {SKIP_ENV}=1 to try anyway"
+        )
+
+
+# `sparsec build` reads one weight at a time: beside the runtime stack it holds the
+# largest weight a few times over (read, converted, transposed, packed) and the float32
+# embedding table. Measured (Intel Xeon): see the README's real-sizes table.
+BUILD_COPIES_OF_LARGEST = 4
+
+
+def check_build(params: int, largest: int, precision: str, out: Path) -> None:
+    """Refuse a ``sparsec build`` (``params`` parameters, the largest tensor ``largest``
+    elements) that this machine's memory or disk cannot hold."""
+    if os.environ.get(SKIP_ENV):
+        return
+    need = BUILD_COPIES_OF_LARGEST * 4 * largest + 2 * BASE_MEMORY
+    have = available_memory()
+    if have is not None and need > have:
+        raise SparsecError(
+            f"building this model (largest tensor {largest / 1e6:.0f}M elements) needs about "
+            f"{_gb(need)} of memory and {_gb(have)} is available; free memory, or set "
+            f"{SKIP_ENV}=1 to try anyway"
+        )
+    _check_disk(PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * 4 * params, out, "building")

@@ -26,6 +26,12 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="the .onnx graph")
     p.add_argument("-o", "--output", required=True, help="the .so to write")
+    add_compile_options(p)
+    p.set_defaults(func=_compile)
+
+
+def add_compile_options(p) -> None:
+    """The options of the code generator (``sparsec compile`` and ``sparsec build``)."""
     p.add_argument(
         "--precision",
         choices=("fp32", "int8"),
@@ -82,7 +88,29 @@ def register(sub) -> None:
         help="LLVM cpu name the code is scheduled and tuned for (e.g. znver4, "
         "sapphirerapids); the ISA stays --target's. Default: this CPU.",
     )
-    p.set_defaults(func=_compile)
+
+
+def compile_options(args) -> dict:
+    """``emit_model``'s keyword arguments from the parsed ``add_compile_options``."""
+    from sparsec.codegen.target import host_target
+
+    return {
+        "precision": args.precision,
+        "threads": args.threads,
+        "max_context": args.max_context,
+        "kernels": args.kernels,
+        "target": host_target(args.target, args.target_cpu),
+        "kv_cache": args.kv_cache,
+    }
+
+
+def summary(out: Path, manifest: dict) -> str:
+    """The line a command prints after writing a model."""
+    n_sparse = sum(1 for layer in manifest["layers"] if "bitmask" in layer["kernel"])
+    return (
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(manifest['layers'])} linear "
+        f"kernels, {n_sparse} sparse, compiled in {manifest['compile']['seconds']} s)"
+    )
 
 
 def _compile(args) -> int:
@@ -92,23 +120,7 @@ def _compile(args) -> int:
     check_onnx_output(args.output, args.model)
     require_compiler_stack()
     from sparsec.codegen.compile import compile_model
-    from sparsec.codegen.target import host_target
 
-    target = host_target(args.target, args.target_cpu)
-    manifest = compile_model(
-        args.model,
-        args.output,
-        precision=args.precision,
-        threads=args.threads,
-        max_context=args.max_context,
-        kernels=args.kernels,
-        target=target,
-        kv_cache=args.kv_cache,
-    )
-    out = Path(args.output)
-    n_sparse = sum(1 for layer in manifest["layers"] if "bitmask" in layer["kernel"])
-    print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(manifest['layers'])} linear "
-        f"kernels, {n_sparse} sparse, compiled in {manifest['compile']['seconds']} s)"
-    )
+    manifest = compile_model(args.model, args.output, **compile_options(args))
+    print(summary(Path(args.output), manifest))
     return 0

@@ -99,10 +99,11 @@ def emit_model(
     target: Target | None = None,
     kv_cache: str = "float32",
 ) -> EmittedModel:
-    """Lower ``src`` (.onnx) and emit its kernels for ``target`` (default: this host's,
-    ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear layer's
-    format (default: ``default_chooser``, timed on this host). ``kv_cache``: the KV
-    cache's element type, ``contract.KV_CACHE_DTYPES``."""
+    """Lower ``src`` (.onnx, or an optimized ``onnx_ir.Model`` in memory, which this
+    consumes: ``sparsec build``) and emit its kernels for ``target`` (default: this
+    host's, ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear
+    layer's format (default: ``default_chooser``, timed on this host). ``kv_cache``: the
+    KV cache's element type, ``contract.KV_CACHE_DTYPES``."""
     from sparsec.codegen.emit import emit_program
     from sparsec.codegen.program import lower
     from sparsec.codegen.target import host_target
@@ -110,18 +111,25 @@ def emit_model(
     from sparsec.progress import stage
 
     start = time.perf_counter()
-    _check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
+    check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
     tgt = target or host_target()
-    model = load_graph(src, quiet=quiet)
+    if isinstance(src, str | os.PathLike):
+        model, where = load_graph(src, quiet=quiet), str(src)
+    else:
+        model, src = src, None  # the caller's graph; `src` no longer holds it
+        where = model.metadata_props.get(contract.META_SOURCE) or "the graph"
+        if model.metadata_props.get(contract.META_FORMAT) != "optimized":
+            raise SparsecError(f"{where}: emit_model takes an optimized graph in memory")
+        metadata.read(model.metadata_props, where, require_config=True)
     meta = model.metadata_props
-    tokenizer = metadata.tokenizer(meta, str(src))
-    generation = metadata.generation(meta, str(src), required=True)
-    prog = lower(model, where=str(src))
+    tokenizer = metadata.tokenizer(meta, where)
+    generation = metadata.generation(meta, where, required=True)
+    prog = lower(model, where=where)
     # Then the whole graph as onnxruntime would run it (its sparsec ops through their
     # function bodies): what lowering does not read must still be a valid graph, so
     # compile never accepts a graph the reference rejects. After lowering, whose checks
     # name the tensor and both sizes where they apply.
-    check_graph(model, str(src), functions=True)
+    check_graph(model, where, functions=True)
     # Lowering copied the weights it needs: free the graph's before packing (its
     # objects form reference cycles, so only a collection frees them: 655 MB for
     # SmolLM2, measured).
@@ -175,14 +183,14 @@ def emit_model(
         "layers": [asdict(layer) for layer in emitted.layers],
         "embedding": emitted.embedding,
     }
-    source = meta.get(contract.META_SOURCE) or str(src)
+    source = meta.get(contract.META_SOURCE) or where
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
 
 
 MAX_TOKENS_PER_CALL = 4096  # rows of every scratch buffer; prefill runs in such chunks
 
 
-def _check_options(precision, kernels, threads, max_context, max_tokens, kv_cache) -> None:
+def check_options(precision, kernels, threads, max_context, max_tokens, kv_cache) -> None:
     """The compile options of the API (the CLI parses them into these types first)."""
 
     def integer(value, name: str, low: int, high: int | None, none_ok: bool) -> None:

@@ -203,7 +203,8 @@ class _Emitter:
         w = head.args["weights"][0].value
         if w.shape != table.shape or not np.array_equal(w, table):
             return None
-        packed = self._pack(head)
+        packed = self._pack(head, w)
+        del w
         if packed.fmt in ("dense_f32", "dense_i8"):
             del self.tables["embedding"]
             return head, packed, self.blob.add(packed.data)
@@ -212,9 +213,10 @@ class _Emitter:
             self.tables["embedding"] = q * linear.weight_scale(packed)[:, None]
         return head, packed, None
 
-    def _pack(self, ins: Instr) -> linear.PackedLinear:
+    def _pack(self, ins: Instr, w: np.ndarray) -> linear.PackedLinear:
+        """``ins``'s layer packed; ``w``: its stacked float weights (read by the caller:
+        each layer's weights are read from the graph once, and one layer at a time)."""
         weights = ins.args["weights"]
-        w = _stacked([wt.value for wt in weights])
         pre_quantized = all(wt.int8 is not None for wt in weights)
         precision = "int8" if (self.precision == "int8" or self.prog.activation_quant) else "fp32"
         fmt = self.choose(w, precision, self.kernels)
@@ -230,7 +232,7 @@ class _Emitter:
         if self.tied_head and self.tied_head[0] is ins:
             _, packed, offset = self.tied_head
         else:
-            packed, offset = self._pack(ins), None
+            packed, offset = self._pack(ins, w), None
         fmt = packed.fmt
         is_int8 = fmt.endswith("_i8")
         # int8 kernels read the quantized copy, laid out by the quantize kernel

@@ -107,7 +107,7 @@ def check_program(prog, where: str) -> None:
             entry = prog.sparsity.get(w.name)
             if entry is None:
                 continue
-            shape = [int(w.value.shape[1]), int(w.value.shape[0])]  # the graph's [in, out]
+            shape = [int(w.shape[1]), int(w.shape[0])]  # the graph's [in, out]
             if entry["shape"] != shape:
                 raise SparsecError(
                     f"{where}: weight {w.name!r} is {shape} ([in, out]) in the graph, but "

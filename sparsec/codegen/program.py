@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,12 +59,25 @@ class View:
 
 @dataclass
 class Weight:
-    """A linear weight, ``float32 [out, in]`` (PyTorch layout), maybe pre-quantized."""
+    """A linear weight, ``float32 [out, in]`` (PyTorch layout), maybe pre-quantized.
+
+    ``value`` reads it from the graph each time it is asked for (a graph's weights can
+    be files of many GB or lazy reads of a checkpoint: the packer loads one layer at a
+    time and none is held by the program); ``source`` is an array or that reader."""
 
     name: str
-    value: np.ndarray
+    shape: tuple[int, int]  # [out, in]
+    source: np.ndarray | Callable[[], np.ndarray]
     int8: np.ndarray | None = None  # [out, in] when the graph carried DequantizeLinear
     scale: np.ndarray | None = None  # [out]
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.source() if callable(self.source) else self.source
+
+    @classmethod
+    def of(cls, name: str, array: np.ndarray, int8=None, scale=None) -> Weight:
+        return cls(name, tuple(array.shape), array, int8, scale)
 
 
 @dataclass
@@ -217,13 +231,20 @@ class _Lowering:
             wq = np.ascontiguousarray(q.T)
             # Named after the int8 initializer, as the sparsity record keys it.
             name = producer.inputs[0].name
-            return Weight(name, wq.astype(np.float32) * scale[:, None], wq, scale.copy())
-        w = _const(value, what)
+            return Weight.of(name, wq.astype(np.float32) * scale[:, None], wq, scale.copy())
+        w = _const(value, what)  # read once here to check it; packing reads it again
         if w.ndim != 2 or w.dtype != np.float32:
             raise SparsecError(
                 f"{what}: expected a float32 [in, out] weight, got {w.dtype} {w.shape}"
             )
-        return Weight(value.name, np.ascontiguousarray(w.T))
+        shape = (int(w.shape[1]), int(w.shape[0]))
+        del w
+        tensor = value.const_value
+
+        def load() -> np.ndarray:
+            return np.ascontiguousarray(tensor.numpy().T)
+
+        return Weight(value.name, shape, load)
 
     # -- the walk ----------------------------------------------------------------------
     def run(self) -> Program:
@@ -385,7 +406,7 @@ class _Lowering:
         for u, w in zip(group, weights, strict=True):
             self._check_input_width(u, w, x_value, x.width)
         if is_logits:
-            rows, vocab = weights[0].value.shape[0], self.prog.config.vocab_size
+            rows, vocab = weights[0].shape[0], self.prog.config.vocab_size
             if rows != vocab:
                 what = f"the output width of the LM head {weights[0].name!r}"
                 raise disagree(self.where, what, rows, "vocab_size", vocab)
@@ -394,7 +415,7 @@ class _Lowering:
                 self._check_int8(u, w, "reads a PerTokenFakeQuant activation")
         else:
             self.unquantized.append(group[0].name)
-        width = sum(w.value.shape[0] for w in weights)
+        width = sum(w.shape[0] for w in weights)
         if is_logits:  # written straight to the caller's logits array, not scratch
             self.prog.buffers[contract.LOGITS] = width
             out = View(contract.LOGITS, 0, width)
@@ -415,9 +436,9 @@ class _Lowering:
         )
         offset = 0
         for u, w in zip(group, weights, strict=True):
-            self.views[u.outputs[0].name] = View(out.buf, offset, w.value.shape[0])
+            self.views[u.outputs[0].name] = View(out.buf, offset, w.shape[0])
             self.weight_of[u.outputs[0].name] = w.name
-            offset += w.value.shape[0]
+            offset += w.shape[0]
 
     def _producer(self, value) -> str:
         """``value``'s origin in words, for messages: the weight that computes it."""
@@ -425,11 +446,11 @@ class _Lowering:
         return f"from weight {name!r}" if name else "not a linear's output"
 
     def _check_input_width(self, node, w: Weight, x_value, width: int) -> None:
-        if w.value.shape[1] != width:
+        if w.shape[1] != width:
             raise malformed(
                 self.where,
                 f"node {node.name!r}: weight {w.name!r} [in, out] = "
-                f"{list(w.value.shape[::-1])} multiplies {x_value.name!r} of {width} features",
+                f"{list(w.shape[::-1])} multiplies {x_value.name!r} of {width} features",
             )
 
     def _check_int8(self, node, w: Weight, why: str) -> None:
@@ -561,23 +582,23 @@ class _Lowering:
     def lower_SwiGLU(self, node) -> None:
         x = self.view(node.inputs[0])
         gate, up, down = (self.weight(node.inputs[i], f"node {node.name!r}") for i in (1, 2, 3))
-        ffn, cfg = gate.value.shape[0], self.prog.config
+        ffn, cfg = gate.shape[0], self.prog.config
         for w in (gate, up):
             self._check_input_width(node, w, node.inputs[0], x.width)
-        if up.value.shape[0] != ffn:
+        if up.shape[0] != ffn:
             raise malformed(
                 self.where,
                 f"node {node.name!r}: the gate weight {gate.name!r} has {ffn} outputs, the up "
-                f"weight {up.name!r} {up.value.shape[0]}",
+                f"weight {up.name!r} {up.shape[0]}",
             )
         if ffn != cfg.intermediate_size:
             what = f"the MLP width of node {node.name!r} (outputs of {gate.name!r})"
             raise disagree(self.where, what, ffn, "intermediate_size", cfg.intermediate_size)
-        if down.value.shape[1] != ffn:
+        if down.shape[1] != ffn:
             raise malformed(
                 self.where,
                 f"node {node.name!r}: the down weight {down.name!r} [in, out] = "
-                f"{list(down.value.shape[::-1])} does not read the MLP's {ffn} features",
+                f"{list(down.shape[::-1])} does not read the MLP's {ffn} features",
             )
         quantize = _attr(node, "quantize_activations", 0, kind=int)
         if quantize not in (0, 1):
@@ -605,7 +626,7 @@ class _Lowering:
         )
         h = self.new_buffer(ffn, "m")
         self.prog.instrs.append(Instr("swiglu_act", {"gu": gu, "h": h, "ffn": ffn}))
-        y = self.new_buffer(down.value.shape[0], "y")
+        y = self.new_buffer(down.shape[0], "y")
         self.prog.instrs.append(
             Instr(
                 "linear",

@@ -21,11 +21,21 @@ def register(sub) -> None:
         action="store_true",
         help="print per pass what fused and how often, node counts and the sparsity table",
     )
-    p.add_argument(
+    checks = p.add_mutually_exclusive_group()
+    checks.add_argument(
         "--no-validate",
-        action="store_true",
+        dest="validate",
+        action="store_false",
+        default=None,
         help="skip the attention fusion's numerical check (it runs the whole graph under "
-        "onnxruntime, which needs memory for the model's weights twice over)",
+        "onnxruntime, which needs memory for the model's weights twice over). Default: "
+        "run it when the weights are at most 2.1 GB, else skip it and say so",
+    )
+    checks.add_argument(
+        "--validate",
+        dest="validate",
+        action="store_true",
+        help="run the attention fusion's numerical check whatever the weights' size",
     )
     p.add_argument(
         "--verify",
@@ -46,9 +56,11 @@ def _optimize_command(args) -> int:
     from sparsec.progress import stage
 
     with stage(f"optimizing {args.model}"):
-        report = optimize_file(args.model, out, report=False, validate=not args.no_validate)
+        report = optimize_file(args.model, out, report=False, validate=args.validate)
     if args.report:
         print(report.to_text())
+    for skipped in report.skipped:
+        print(f"note: not run: {skipped}")
     fused = ", ".join(f"{what} x{n}" for p in report.passes for what, n in p.fused.items())
     nodes = f"{report.nodes_before} -> {report.nodes_after} nodes"
     print(f"wrote {out}: {nodes} ({fused or 'nothing fused'})")

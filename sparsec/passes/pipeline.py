@@ -24,12 +24,22 @@ ALLOWED_OPS = frozenset(
 )
 
 
-def optimize(model, *, validate: bool = True, check: bool = True):
+# The attention fusion's numerical check runs the whole graph under onnxruntime, which
+# holds every weight again (and, past protobuf's 2 GB, a temporary copy on disk): by
+# default it runs up to this many bytes of weights (SmolLM2 fp32: 0.54 GB; a 1B fp32:
+# 5 GB). The fusion is the same pattern in every layer and at every size.
+VALIDATE_MAX_BYTES = 2 << 30
+
+
+def optimize(model, *, validate: bool | None = None, check: bool = True):
     """Run every pass on ``model`` (an ``onnx_ir.Model``, changed in place).
 
     Returns ``(model, OptimizeReport)``. ``validate`` runs the attention fusion's
-    numerical check under onnxruntime; ``check`` refuses malformed input first.
+    numerical check under onnxruntime (None: when the weights are at most
+    ``VALIDATE_MAX_BYTES``; a skip is named in ``report.skipped``); ``check`` refuses
+    malformed input first.
     """
+    from sparsec.onnx_io import initializer_bytes
     from sparsec.passes import check as checks
     from sparsec.passes.attention import CachedAttentionPass
     from sparsec.passes.cleanup import CleanupPass
@@ -49,6 +59,15 @@ def optimize(model, *, validate: bool = True, check: bool = True):
     if check:
         checks.check(model)
     report = OptimizeReport(nodes_before=len(model.graph), ops_before=op_counts(model))
+    if validate is None:
+        weights = initializer_bytes(model)
+        validate = weights <= VALIDATE_MAX_BYTES
+        if not validate:
+            report.skipped.append(
+                f"the attention fusion's check under onnxruntime ({weights / 1e9:.1f} GB of "
+                f"weights, over {VALIDATE_MAX_BYTES / 1e9:.1f} GB: it would hold them "
+                "again); `sparsec optimize --validate` runs it"
+            )
     names = NameWeightsPass()
     passes = [
         CleanupPass(),
@@ -85,9 +104,11 @@ def _run(the_pass, model, report: OptimizeReport) -> None:
     report.passes.append(the_pass.report)
 
 
-def optimize_file(src, dst, *, report: bool = False, validate: bool = True) -> OptimizeReport:
+def optimize_file(
+    src, dst, *, report: bool = False, validate: bool | None = None
+) -> OptimizeReport:
     """Optimize the graph in ``src`` into ``dst`` (written atomically); prints the
-    report when ``report``. Returns the report."""
+    report when ``report``. Returns the report. ``validate``: as ``optimize``'s."""
     from sparsec.passes import check as checks
 
     src, dst = Path(src), Path(dst)

@@ -45,6 +45,7 @@ class OptimizeReport:
     passes: list[PassReport] = field(default_factory=list)
     sparsity: list[SparsityRow] = field(default_factory=list)
     outside_contract: dict[str, int] = field(default_factory=dict)  # op -> count
+    skipped: list[str] = field(default_factory=list)  # checks not run, and why (printed)
 
     def fused(self, what: str) -> int:
         """How often ``what`` was created, over all passes."""

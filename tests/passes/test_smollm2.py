@@ -38,7 +38,7 @@ def smol_optimized(smol_onnx):
 
 def test_every_block_fuses(smol_optimized):
     model, report = smol_optimized
-    assert report.nodes_before == 2245
+    assert report.nodes_before == 2244  # the tied head's Transpose is an initializer at export
     assert report.fused("RMSNormalization") == 61
     assert report.fused("SkipRMSNormalization") == 60
     assert report.fused("CachedAttention") == 30
