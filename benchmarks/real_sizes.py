@@ -150,7 +150,9 @@ def bench_tokenizer():
     return fast
 
 
-def write_checkpoint(size: str, folder: Path, sparsity: float, seed: int = 0) -> dict:
+def write_checkpoint(
+    size: str, folder: Path, sparsity: float, seed: int = 0, layers: int | None = None
+) -> dict:
     """A random bf16 checkpoint of ``size`` in ``folder`` (sharded safetensors + index,
     config, generation config, byte-level tokenizer)."""
     from statistics import NormalDist
@@ -164,7 +166,7 @@ def write_checkpoint(size: str, folder: Path, sparsity: float, seed: int = 0) ->
     start = time.perf_counter()
     tokenizer = bench_tokenizer()
     config = LlamaConfig(
-        **SHAPES[size][1],
+        **{**SHAPES[size][1], **({"num_hidden_layers": layers} if layers else {})},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         dtype="bfloat16",
@@ -226,8 +228,10 @@ def run_stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
     log(f"{name}: {' '.join(argv)}")
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    anon = AnonSampler(proc.pid)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    anon.stop()
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     written = sum(_size(p) for p in outputs)
@@ -235,14 +239,45 @@ def run_stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
         "stage": name,
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+        "peak_anon_gb": round(anon.peak / 1e9, 2),
         "written_gb": round(written / 1e9, 2),
         "rc": proc.returncode,
         "tail": output.strip().splitlines()[-3:],
     }
-    log(f"{name}: rc {row['rc']}, {row['seconds']} s, peak RSS {row['peak_rss_gb']} GB")
+    log(
+        f"{name}: rc {row['rc']}, {row['seconds']} s, peak RSS {row['peak_rss_gb']} GB "
+        f"(anonymous {row['peak_anon_gb']} GB)"
+    )
     if proc.returncode:
         log(output[-3000:])
     return row
+
+
+class AnonSampler:
+    """Peak RssAnon of a process, sampled every 20 ms: the memory it owns. ``ru_maxrss``
+    also counts the pages of files it maps (weights read from a data file), which the
+    kernel can drop and re-read."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self._done = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.02):
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _size(path: Path) -> int:
@@ -310,6 +345,18 @@ def gguf_bytes_per_token(path: Path) -> int:
     return total
 
 
+def wait_until_idle(limit_s: float = 1200.0) -> float:
+    """Decode timings need the machine to themselves: wait (at most ``limit_s``) until
+    the 1-minute load average, which counts this script's finished stages too, falls
+    below 0.7; returns the load average the timings start at."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        if load < 0.7 or time.monotonic() > deadline:
+            return load
+        time.sleep(10)
+
+
 def probe() -> float:
     from sparsec.bench.bandwidth import ReadBandwidthProbe
 
@@ -319,11 +366,29 @@ def probe() -> float:
 # --- one size ------------------------------------------------------------------------------
 
 
+def check_truncated(size: str, work: Path, layers: int = 2) -> dict:
+    """Where PyTorch float32 and a float32 .so of the whole model do not fit beside each
+    other (3B, 7B): the same shape cut to ``layers`` decoder layers (every width, the
+    vocabulary, head_dim and the KV-head layout as at full size) through `sparsec build`
+    in fp32, its teacher-forced logits against PyTorch's on the same bf16 checkpoint."""
+    ckpt, so = work / f"{size}-{layers}layers", work / f"{size}-{layers}layers.so"
+    write_checkpoint(size, ckpt, 0.0, seed=1, layers=layers)
+    argv = sparsec("build", ckpt, "-o", so, "--max-context", str(CONTEXT))
+    row = run_stage(f"{layers}-layer build fp32", argv, [so])
+    result = check_against_pytorch(ckpt, so) if row["rc"] == 0 else {"error": row["tail"]}
+    shutil.rmtree(ckpt)
+    _remove(so)
+    return {"layers": layers, **result}
+
+
 def measure_size(size: str, work: Path, args) -> dict:
     name = SHAPES[size][0]
     result: dict = {"size": size, "shape": name, "stages": [], "decode": {}}
     stages = result["stages"]
-    for sparsity in (0.0, 0.7):
+    if size in args.check_truncated:
+        result["fp32_vs_pytorch_truncated"] = check_truncated(size, work)
+        log(f"truncated check: {result['fp32_vs_pytorch_truncated']}")
+    for sparsity in args.sparsities:
         tag = f"s{int(sparsity * 100):02d}"
         ckpt = work / f"{size}-{tag}"
         log(f"{name} {tag}: writing the bf16 checkpoint")
@@ -369,6 +434,7 @@ def measure_size(size: str, work: Path, args) -> dict:
             result["fp32_vs_pytorch"] = check_against_pytorch(ckpt, sos.get("fp32"))
         if not args.keep:
             shutil.rmtree(ckpt)
+        result["decode"][f"load_before_{tag}"] = wait_until_idle()
         bandwidth = probe()
         log(f"read-bandwidth probe, 2 threads: {bandwidth:.1f} GB/s")
         result["decode"][f"probe_{tag}_gbps"] = round(bandwidth, 2)
@@ -432,24 +498,83 @@ def _remove(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def markdown(report: dict) -> str:
+    """The README's tables from a report: stages, then decode."""
+    lines = [
+        f"CPU: {report['cpu']}",
+        "",
+        "| model | stage | wall s | peak RSS GB (anonymous) | written GB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for size in report["sizes"]:
+        for ckpt in ("s00", "s70"):
+            c = size.get(f"checkpoint_{ckpt}")
+            if c:
+                lines.append(
+                    f"| {size['shape']} | {ckpt} bf16 checkpoint ({c['parameters'] / 1e9:.2f}B "
+                    f"params) | {c['seconds']} | | {c['bytes'] / 1e9:.2f} |"
+                )
+        for row in size["stages"]:
+            rss = row.get("peak_rss_gb", "")
+            anon = f" ({row['peak_anon_gb']})" if "peak_anon_gb" in row else ""
+            lines.append(
+                f"| {size['shape']} | {row['stage']} | {row['seconds']} | {rss}{anon} | "
+                f"{row['written_gb']} |"
+            )
+    lines += [
+        "",
+        "| model | system | tok/s | GB/token | of the probe | probe GB/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for size in report["sizes"]:
+        decode = size["decode"]
+        for key, row in decode.items():
+            if not isinstance(row, dict):
+                continue
+            probe_gbps = decode.get(f"probe_{key.split()[0]}_gbps", "")
+            lines.append(
+                f"| {size['shape']} | {key} | {row['tok_s']} | "
+                f"{row['bytes_per_token'] / 1e9:.3f} | {row['of_probe']:.0%} | {probe_gbps} |"
+            )
+    for size in report["sizes"]:
+        for key in ("fp32_vs_pytorch", "fp32_vs_pytorch_truncated"):
+            if size.get(key):
+                lines.append(f"\n{size['shape']} {key}: {json.dumps(size[key])}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1b,3b,7b", help="comma list of 1b, 3b, 7b")
     ap.add_argument("--precisions", default="int8,fp32", help="sparsec build precisions")
+    ap.add_argument("--sparsities", default="0,0.7", help="comma list of zeroed fractions")
     ap.add_argument(
         "--fp32-sizes", default="1b", help="sizes also built in fp32 (disk: 2x 4 B/param)"
     )
     ap.add_argument("--staged", default="1b", help="sizes also run through export/optimize/compile")
     ap.add_argument("--check-fp32", default="1b", help="sizes whose fp32 .so is checked")
+    ap.add_argument(
+        "--check-truncated",
+        default="3b,7b",
+        help="sizes checked against PyTorch with 2 decoder layers (fp32)",
+    )
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "real_sizes")
     ap.add_argument("--json", type=Path, default=ROOT / "out" / "real_sizes.json")
     ap.add_argument("--keep", action="store_true", help="keep checkpoints, models, GGUFs")
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the tables of --json's report and exit"
+    )
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.json.read_text())))
+        return 0
     args.precisions = [p for p in args.precisions.split(",") if p]
+    args.sparsities = [float(x) for x in args.sparsities.split(",") if x]
     args.fp32_sizes = set(args.fp32_sizes.split(","))
     args.staged = set(args.staged.split(",")) if args.staged else set()
     args.check_fp32 = set(args.check_fp32.split(",")) if args.check_fp32 else set()
+    args.check_truncated = set(args.check_truncated.split(",")) if args.check_truncated else set()
     args.work.mkdir(parents=True, exist_ok=True)
     cpu = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),

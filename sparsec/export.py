@@ -505,7 +505,7 @@ def _export_command(args) -> int:
     from sparsec.models import input_paths, load_model, open_skeleton, resolve
     from sparsec.paths import check_output_path
     from sparsec.progress import stage
-    from sparsec.resources import check_verify_memory
+    from sparsec.resources import check_export_disk, check_verify_memory
 
     source = resolve(args.model)  # a bad MODEL fails now, with its own message
     out = check_output_path(args.output, **input_paths(source))
@@ -527,6 +527,8 @@ def _export_command(args) -> int:
     prompt = tokenizer(args.prompt).input_ids
     if not args.no_verify and args.verify_tokens:
         _check_greedy_length(prompt, args.verify_tokens, model.config)
+    params = checkpoint.numel if checkpoint else sum(p.numel() for p in model.parameters())
+    check_export_disk(params, out)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):
         export_model(
             model,

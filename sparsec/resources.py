@@ -4,9 +4,10 @@ full disk (issue 22). Stdlib only: the runtime imports it too.
 
 The estimates are measured ratios of anonymous memory (Intel Xeon, RssAnon peaks):
 ``sparsec compile`` of a single-file graph holds about 2.3x its bytes (SmolLM2-135M,
-0.66 GB: 1.48 GB; the protobuf and the lowered copy); of a graph with external data
-about 1.0x (Qwen2.5-0.5B fp32, 2.53 GB: 2.6 GB anonymous, the weights themselves being
-mapped pages of the data file, which the kernel can drop). Set
+0.66 GB: 1.48 GB; the protobuf and, then, a lowered copy of the weights); of a graph
+with external data, whose weights are mapped pages of the data file that the kernel can
+drop, 0.38x since lowering keeps no copy (Llama-3.2-1B-shaped fp32, 5.99 GB: 2.26 GB
+anonymous; int8 1.7 GB; was 1.0x with the copy). Set
 ``SPARSEC_NO_RESOURCE_CHECK=1`` to run anyway (swap, or a known-better estimate).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from sparsec.errors import SparsecError
 
 SKIP_ENV = "SPARSEC_NO_RESOURCE_CHECK"
-COMPILE_MEMORY_PER_GRAPH_BYTE = {"single file": 2.4, "external data": 1.1}
+COMPILE_MEMORY_PER_GRAPH_BYTE = {"single file": 2.4, "external data": 0.5}
 BASE_MEMORY = 512 << 20  # Python, onnx-ir, llvmlite, the LLVM module
 # Packed weights per graph byte: fp32 about 1x (plus padding); int8 a quarter plus scales.
 PACKED_PER_GRAPH_BYTE = {"fp32": 1.05, "int8": 0.3}
@@ -70,13 +71,23 @@ def check_compile(graph_bytes: int, precision: str, out: Path, *, external: bool
     _check_disk(PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * graph_bytes, out, "compiling")
 
 
-def _check_disk(packed: float, out: Path, doing: str) -> None:
+def check_export_disk(params: int, out: Path) -> None:
+    """Refuse an export whose float32 graph (4 bytes a parameter) cannot fit beside
+    ``out``."""
+    if os.environ.get(SKIP_ENV):
+        return
+    _check_disk(4.05 * params, out, "the export", temporary=False)
+
+
+def _check_disk(packed: float, out: Path, doing: str, *, temporary: bool = True) -> None:
     """``packed`` bytes in TMPDIR (the weights' temporary file) and beside ``out``."""
     needs: dict[Path, tuple[int, list[str]]] = {}
-    for folder, what in (
-        (Path(tempfile.gettempdir()), "the packed weights' temporary file (TMPDIR)"),
-        (out.parent, f"the output {out.name}"),
-    ):
+    places = [(out.parent, f"the output {out.name}")]
+    if temporary:
+        places.insert(
+            0, (Path(tempfile.gettempdir()), "the packed weights' temporary file (TMPDIR)")
+        )
+    for folder, what in places:
         where, free = _free(folder)
         device = where.stat().st_dev
         total, whats = needs.get(device, (0, []))

@@ -19,7 +19,7 @@ def register(sub) -> None:
         "to every layer's shape, precision and sparsity, the whole forward step, the "
         "packed weights and a manifest. Load it with "
         "`from sparsec import runtime; runtime.load('model.so')` or `sparsec run`. "
-        "Memory: about 2.4x the graph's bytes at the peak (1.1x with external data), and "
+        "Memory: about 2.4x the graph's bytes at the peak (0.5x with external data), and "
         "the packed weights' size "
         "free in TMPDIR and beside the output; a compile that cannot fit is refused up "
         "front with the estimate (SPARSEC_NO_RESOURCE_CHECK=1 runs it anyway).",

@@ -163,7 +163,7 @@ def test_compile_is_refused_up_front_without_the_disk(tiny_graph, tmp_path, monk
 
 
 def test_external_data_graphs_need_less_memory(tmp_path, monkeypatch):
-    """A graph's weights in data files are mapped pages, not a copy: 1.1x its bytes
+    """A graph's weights in data files are mapped pages, not a copy: 0.5x its bytes
     instead of 2.4x."""
     import shutil
 

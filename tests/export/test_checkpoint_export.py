@@ -157,3 +157,31 @@ def test_checkpoint_array_converts_and_transposes(tmp_path):
     assert got.dtype == np.float32 and np.array_equal(got, want)
     got_t = checkpoint.array(name, transpose=True)
     assert got_t.flags.c_contiguous and np.array_equal(got_t, want.T)
+
+
+def test_the_pytorch_check_is_refused_up_front_when_memory_is_short(tmp_path, monkeypatch, capsys):
+    """`sparsec export` of a checkpoint reads one weight at a time, but its check runs the
+    model in PyTorch and onnxruntime at once: refused before any work when that cannot
+    fit, naming --no-verify; with --no-verify the export runs."""
+    from sparsec import resources
+    from sparsec.cli import main
+
+    folder = _checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(resources, "available_memory", lambda: 1 << 20)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(folder), "-o", str(out)]) == 1
+    assert not out.exists()
+    assert "pass --no-verify" in capsys.readouterr().err
+    assert main(["export", str(folder), "-o", str(out), "--no-verify"]) == 0
+    assert out.exists()
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    from sparsec import resources
+    from sparsec.cli import main
+
+    folder = _checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(resources, "_free", lambda f: (tmp_path, 1000))
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(folder), "-o", str(out), "--no-verify"]) == 1
+    assert "the export needs about" in capsys.readouterr().err and not out.exists()
