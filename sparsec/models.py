@@ -126,7 +126,7 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
     require_compiler_stack()
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(source)
     if quiet:
@@ -149,15 +149,7 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
     else:
-        try:
-            config = AutoConfig.from_pretrained(src.folder)
-        except Exception as e:
-            raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
-        _check_architecture(getattr(config, "model_type", None), str(src.folder))
-        try:  # refuse what no stage supports before reading the weights
-            ModelConfig.from_hf(config)
-        except SparsecError as e:
-            raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
+        _read_config(src)  # refuse what no stage supports before reading the weights
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.folder)
             model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
@@ -166,6 +158,22 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
     model = model.float().eval()
     model.config.use_cache = True
     return model, tokenizer
+
+
+def _read_config(src: ModelSource):
+    """A Hugging Face folder's config, refused now if no stage supports it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src.folder)
+    except Exception as e:
+        raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
+    _check_architecture(getattr(config, "model_type", None), str(src.folder))
+    try:
+        ModelConfig.from_hf(config)
+    except SparsecError as e:
+        raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
+    return config
 
 
 def open_skeleton(source: str | os.PathLike):
@@ -179,7 +187,7 @@ def open_skeleton(source: str | os.PathLike):
     import torch
     import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from sparsec.hf_checkpoint import Checkpoint
 
@@ -187,15 +195,7 @@ def open_skeleton(source: str | os.PathLike):
     if src.kind != "hf":
         raise SparsecError(f"{src.name} is not a Hugging Face folder")
     transformers.logging.set_verbosity_error()
-    try:
-        config = AutoConfig.from_pretrained(src.folder)
-    except Exception as e:
-        raise SparsecError(f"cannot read {src.folder / 'config.json'}: {e}") from e
-    _check_architecture(getattr(config, "model_type", None), str(src.folder))
-    try:
-        ModelConfig.from_hf(config)
-    except SparsecError as e:
-        raise SparsecError(f"{src.folder / 'config.json'}: {e}") from e
+    config = _read_config(src)
     checkpoint = Checkpoint(src.folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.folder)

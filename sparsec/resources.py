@@ -53,6 +53,15 @@ def _free(folder: Path) -> tuple[Path, int]:
     return folder, shutil.disk_usage(folder).free
 
 
+def _check_memory(need: float, doing: str, advice: str) -> None:
+    have = available_memory()
+    if have is not None and need > have:
+        raise SparsecError(
+            f"{doing} needs about {_gb(need)} of memory and {_gb(have)} is available; "
+            f"{advice}, or set {SKIP_ENV}=1 to try anyway"
+        )
+
+
 def check_compile(graph_bytes: int, precision: str, out: Path, *, external: bool) -> None:
     """Refuse a compile of a graph of ``graph_bytes`` (the .onnx and its data files;
     ``external``: its weights are in data files) that this machine's memory or disk
@@ -60,14 +69,11 @@ def check_compile(graph_bytes: int, precision: str, out: Path, *, external: bool
     if os.environ.get(SKIP_ENV):
         return
     layout = "external data" if external else "single file"
-    need = COMPILE_MEMORY_PER_GRAPH_BYTE[layout] * graph_bytes + BASE_MEMORY
-    have = available_memory()
-    if have is not None and need > have:
-        raise SparsecError(
-            f"compiling this graph ({_gb(graph_bytes)} of weights) needs about {_gb(need)} of "
-            f"memory and {_gb(have)} is available; free memory, compile on a larger machine, "
-            f"or set {SKIP_ENV}=1 to try anyway"
-        )
+    _check_memory(
+        COMPILE_MEMORY_PER_GRAPH_BYTE[layout] * graph_bytes + BASE_MEMORY,
+        f"compiling this graph ({_gb(graph_bytes)} of weights)",
+        "free memory, compile on a larger machine",
+    )
     _check_disk(PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * graph_bytes, out, "compiling")
 
 
@@ -110,15 +116,12 @@ def check_verify_memory(params: int) -> None:
     model of ``params`` parameters that this machine's memory cannot hold."""
     if os.environ.get(SKIP_ENV):
         return
-    need = VERIFY_MEMORY_PER_FP32_BYTE * 4 * params + BASE_MEMORY
-    have = available_memory()
-    if have is not None and need > have:
-        raise SparsecError(
-            f"checking the export against PyTorch ({params / 1e9:.2f}B parameters, float32 "
-            f"in PyTorch and in onnxruntime) needs about {_gb(need)} of memory and "
-            f"{_gb(have)} is available; pass --no-verify (the export itself reads one "
-            f"weight at a time), or set {SKIP_ENV}=1 to try anyway"
-        )
+    _check_memory(
+        VERIFY_MEMORY_PER_FP32_BYTE * 4 * params + BASE_MEMORY,
+        f"checking the export against PyTorch ({params / 1e9:.2f}B parameters, float32 "
+        "in PyTorch and in onnxruntime)",
+        "pass --no-verify (the export itself reads one weight at a time)",
+    )
 
 
 # `sparsec build` reads one weight at a time: beside the runtime stack it holds the
@@ -132,12 +135,9 @@ def check_build(params: int, largest: int, precision: str, out: Path) -> None:
     elements) that this machine's memory or disk cannot hold."""
     if os.environ.get(SKIP_ENV):
         return
-    need = BUILD_COPIES_OF_LARGEST * 4 * largest + 2 * BASE_MEMORY
-    have = available_memory()
-    if have is not None and need > have:
-        raise SparsecError(
-            f"building this model (largest tensor {largest / 1e6:.0f}M elements) needs about "
-            f"{_gb(need)} of memory and {_gb(have)} is available; free memory, or set "
-            f"{SKIP_ENV}=1 to try anyway"
-        )
+    _check_memory(
+        BUILD_COPIES_OF_LARGEST * 4 * largest + 2 * BASE_MEMORY,
+        f"building this model (largest tensor {largest / 1e6:.0f}M elements)",
+        "free memory",
+    )
     _check_disk(PACKED_PER_GRAPH_BYTE.get(precision, 1.05) * 4 * params, out, "building")
