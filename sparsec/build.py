@@ -29,53 +29,33 @@ def build(
     """Build MODEL (Hugging Face folder, .gguf file or built-in name) into ``out`` (.so,
     written atomically); returns its manifest. ``options``: ``emit_model``'s (precision,
     threads, max_context, kernels, max_tokens, choose, target, kv_cache)."""
-    from sparsec.codegen.compile import build_model, check_options, emit_model
+    from sparsec.codegen.compile import DEFAULT_MAX_TOKENS, build_model, check_options, emit_model
     from sparsec.errors import require_compiler_stack
-    from sparsec.export import export_graph
-    from sparsec.export_quant import read_quantization
-    from sparsec.hf_checkpoint import has_checkpoint
-    from sparsec.models import input_paths, load_model, open_skeleton, resolve
+    from sparsec.export import open_source
+    from sparsec.models import input_paths, resolve
     from sparsec.onnx_io import check_writable
     from sparsec.passes import optimize
     from sparsec.paths import check_output_path
     from sparsec.progress import stage
     from sparsec.resources import check_build
 
-    source = resolve(model)
-    out = check_output_path(out, **input_paths(source))
+    out = check_output_path(out, **input_paths(resolve(model)))
     check_writable(out)
     check_options(
         options.get("precision", "fp32"),
         options.get("kernels", "auto"),
         options.get("threads"),
         options.get("max_context"),
-        options.get("max_tokens", 64),
+        options.get("max_tokens", DEFAULT_MAX_TOKENS),
         options.get("kv_cache", "float32"),
     )
     require_compiler_stack()
-    quantization = None
-    if source.kind == "hf" and not ignore_quantization:
-        quantization = read_quantization(source.folder)
-    checkpoint = generation = None
-    if source.kind == "hf" and quantization is None and has_checkpoint(source.folder):
-        with stage(f"reading {model} (config, tokenizer, checkpoint index)", quiet=quiet):
-            torch_model, tokenizer, checkpoint, generation = open_skeleton(model)
-        sizes = [int(_numel(t.shape)) for t in checkpoint.tensors.values()]
-    else:
-        with stage(f"loading {model}", quiet=quiet):
-            torch_model, tokenizer = load_model(model, quiet=True)
-        sizes = [p.numel() for p in torch_model.parameters()]
+    src = open_source(model, ignore_quantization=ignore_quantization, quiet=quiet)
+    sizes = src.tensor_sizes()
     check_build(sum(sizes), max(sizes), options.get("precision", "fp32"), out)
     with stage("exporting (torch dynamo; weights are read when packed)", quiet=quiet):
-        graph = export_graph(
-            torch_model,
-            tokenizer,
-            source=str(model),
-            quantization=quantization,
-            checkpoint=checkpoint,
-            generation_config=generation,
-        )
-    del torch_model
+        graph = src.graph(str(model))
+    del src
     gc.collect()
     with stage("optimizing (sparsec optimize's passes)", quiet=quiet):
         graph, report = optimize(graph)
@@ -91,13 +71,6 @@ def build(
     emitted = emit_model(graph, quiet=quiet, **options)
     del graph
     return build_model(emitted, out, quiet=quiet)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def register(sub) -> None:

@@ -12,10 +12,12 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sparsec import contract
 from sparsec.arguments import int_range
@@ -105,6 +107,57 @@ def _example_inputs(config, batch: int, seq: int, past: int, seed: int = 0):
     return ids, mask, pos, kv
 
 
+@dataclass
+class ExportSource:
+    """What export reads for a MODEL argument: the PyTorch model (a skeleton when the
+    weights stay in ``checkpoint``), its tokenizer, and a sparsify folder's W8A8
+    quantization or the checkpoint's generation config where there is one."""
+
+    model: Any
+    tokenizer: Any
+    quantization: Any = None
+    checkpoint: Any = None
+    generation: Any = None
+
+    def tensor_sizes(self) -> list[int]:
+        """Elements of each weight (from the checkpoint's index when it is one)."""
+        if self.checkpoint is not None:
+            return [math.prod(t.shape) for t in self.checkpoint.tensors.values()]
+        return [p.numel() for p in self.model.parameters()]
+
+    def graph(self, source: str):
+        return export_graph(
+            self.model,
+            self.tokenizer,
+            source=source,
+            quantization=self.quantization,
+            checkpoint=self.checkpoint,
+            generation_config=self.generation,
+        )
+
+
+def open_source(name, *, ignore_quantization: bool = False, quiet: bool = False) -> ExportSource:
+    """MODEL as export reads it: a Hugging Face folder with a safetensors checkpoint
+    (and no quantization.json) as a skeleton whose weights are read one at a time when
+    the graph is saved or compiled; anything else loaded whole (``models.load_model``)."""
+    from sparsec.export_quant import read_quantization
+    from sparsec.hf_checkpoint import has_checkpoint
+    from sparsec.models import load_model, open_skeleton, resolve
+    from sparsec.progress import stage
+
+    source = resolve(name)
+    quantization = None
+    if source.kind == "hf" and not ignore_quantization:
+        quantization = read_quantization(source.folder)
+    if source.kind == "hf" and quantization is None and has_checkpoint(source.folder):
+        with stage(f"reading {name} (config, tokenizer, checkpoint index)", quiet=quiet):
+            model, tokenizer, checkpoint, generation = open_skeleton(name)
+        return ExportSource(model, tokenizer, checkpoint=checkpoint, generation=generation)
+    with stage(f"loading {name}", quiet=quiet):
+        model, tokenizer = load_model(name, quiet=True)
+    return ExportSource(model, tokenizer, quantization=quantization)
+
+
 def export_model(
     model,
     tokenizer,
@@ -126,15 +179,8 @@ def export_model(
     """
     out = Path(out)
     check_writable(out)
-    graph = export_graph(
-        model,
-        tokenizer,
-        source=source,
-        quantization=quantization,
-        checkpoint=checkpoint,
-        generation_config=generation_config,
-    )
-    save_atomic(graph, out)
+    src = ExportSource(model, tokenizer, quantization, checkpoint, generation_config)
+    save_atomic(src.graph(source), out)
     return out
 
 
@@ -500,9 +546,7 @@ def _check_greedy_length(prompt: list[int], tokens: int, config) -> None:
 
 
 def _export_command(args) -> int:
-    from sparsec.export_quant import read_quantization
-    from sparsec.hf_checkpoint import has_checkpoint
-    from sparsec.models import input_paths, load_model, open_skeleton, resolve
+    from sparsec.models import input_paths, load_model, resolve
     from sparsec.paths import check_output_path
     from sparsec.progress import stage
     from sparsec.resources import check_export_disk, check_verify_memory
@@ -510,35 +554,17 @@ def _export_command(args) -> int:
     source = resolve(args.model)  # a bad MODEL fails now, with its own message
     out = check_output_path(args.output, **input_paths(source))
     check_writable(out)
-    folder = Path(args.model)
-    quantization = None
-    if folder.is_dir() and not args.ignore_quantization:
-        quantization = read_quantization(folder)
-    checkpoint = generation = None
-    if source.kind == "hf" and quantization is None and has_checkpoint(source.folder):
-        # Weights stay in the checkpoint until the graph is saved, one tensor at a time.
-        with stage(f"reading {args.model} (config, tokenizer, checkpoint index)"):
-            model, tokenizer, checkpoint, generation = open_skeleton(args.model)
-        if not args.no_verify:
-            check_verify_memory(checkpoint.numel)
-    else:
-        with stage(f"loading {args.model}"):
-            model, tokenizer = load_model(args.model, quiet=True)
+    src = open_source(args.model, ignore_quantization=args.ignore_quantization)
+    model, tokenizer, quantization = src.model, src.tokenizer, src.quantization
+    params = sum(src.tensor_sizes())
+    if src.checkpoint is not None and not args.no_verify:
+        check_verify_memory(params)  # the check loads the model whole
     prompt = tokenizer(args.prompt).input_ids
     if not args.no_verify and args.verify_tokens:
         _check_greedy_length(prompt, args.verify_tokens, model.config)
-    params = checkpoint.numel if checkpoint else sum(p.numel() for p in model.parameters())
     check_export_disk(params, out)
     with stage(f"exporting to {out} (torch dynamo; minutes for a real model)"):
-        export_model(
-            model,
-            tokenizer,
-            out,
-            source=str(args.model),
-            quantization=quantization,
-            checkpoint=checkpoint,
-            generation_config=generation,
-        )
+        save_atomic(src.graph(str(args.model)), out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if quantization:
         print(
@@ -547,8 +573,8 @@ def _export_command(args) -> int:
         )
     if args.no_verify:
         return 0
-    if checkpoint is not None:
-        del model
+    if src.checkpoint is not None:
+        del model, src
         with stage(f"loading {args.model} in PyTorch (float32) for the check"):
             model, _ = load_model(args.model, quiet=True)
     with stage("verifying under onnxruntime against PyTorch"):

@@ -95,11 +95,6 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     @property
-    def numel(self) -> int:
-        """Parameters (elements of every tensor)."""
-        return sum(int(np.prod(t.shape, dtype=np.int64)) for t in self.tensors.values())
-
-    @property
     def dtypes(self) -> set[str]:
         return {t.dtype for t in self.tensors.values()}
 
