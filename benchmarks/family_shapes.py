@@ -1,15 +1,16 @@
 """Each family at its real layer shapes, through every stage.
 
-The published configs of Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Mistral-7B-v0.1 and
-Phi-4-mini (sizes, vocab, RoPE scaling, window, tied head), with random weights (HF's
-own init), the depth cut to ``--layers`` (default 2; Mistral-7B 1) and the vocabulary
-to ``--vocab`` (default 32768, to keep the run short; larger graphs go to external
-data): every decoder layer has its real shape. Weights are 70% magnitude-zeroed. Per family:
-export -> optimize -> compile (int8 and fp32, sparse kernels) -> teacher-forced logits of a 32-token
-prompt against transformers (fp32) and the W8A8 reference (int8): max |Δ| relative to
-max |logits| (int8: also over the rows before the reference's first activation
-rounding tie, after which one int8 step may differ, and the reference's own spread:
-float64 against float32 W8A8), the top-1 agreement, and the wall time of each stage.
+The published configs of Llama-3.2-1B, Qwen2.5-0.5B, Qwen3-0.6B, Mistral-7B-v0.1,
+Phi-4-mini, OPT-1.3B and OPT-6.7B (sizes, vocab, RoPE scaling, window, tied head), with
+random weights (HF's own init), the depth cut to ``--layers`` (default 2; Mistral-7B and
+OPT-6.7B 1) and the vocabulary to ``--vocab`` (default 32768, to keep the run short;
+larger graphs go to external data): every decoder layer has its real shape. Weights are
+70% magnitude-zeroed. Per family: export -> optimize -> compile (int8 and fp32, sparse
+kernels) -> teacher-forced logits of a 32-token prompt against transformers (fp32) and
+the W8A8 reference (int8): max |Δ| relative to max |logits| (int8: also over the rows
+before the reference's first activation rounding tie, after which one int8 step may
+differ, and the reference's own spread: float64 against float32 W8A8), the top-1
+agreement, and the wall time of each stage.
 
     .venv/bin/python benchmarks/family_shapes.py [--layers N] [FAMILY ...]
 """
@@ -50,10 +51,18 @@ REAL = {
         num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
         rope_theta=10000.0, partial_rotary_factor=0.75, tie_word_embeddings=True,
         pad_token_id=199999, bos_token_id=199999, eos_token_id=199999)),
+    "opt-1.3b": ("OPTConfig", dict(
+        vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_attention_heads=32,
+        max_position_embeddings=2048, word_embed_proj_dim=2048, activation_function="relu",
+        enable_bias=True, tie_word_embeddings=True)),
+    "opt-6.7b": ("OPTConfig", dict(
+        vocab_size=50272, hidden_size=4096, ffn_dim=16384, num_attention_heads=32,
+        max_position_embeddings=2048, word_embed_proj_dim=4096, activation_function="relu",
+        enable_bias=True, tie_word_embeddings=True)),
 }  # fmt: skip
 
 
-LAYERS = {"mistral-7b": 1}  # one 7B layer is 0.9 GB in fp32
+LAYERS = {"mistral-7b": 1, "opt-6.7b": 1}  # one 7B layer is 0.9 GB in fp32
 
 
 def run(family: str, layers: int, vocab: int, folder: Path) -> dict:
@@ -79,8 +88,7 @@ def run(family: str, layers: int, vocab: int, folder: Path) -> dict:
         if values.get(key, -1) >= values["vocab_size"]:
             values[key] = values["vocab_size"] - 1
     config = getattr(transformers, config_class)(**values, num_hidden_layers=layers)
-    model = getattr(transformers, config_class.replace("Config", "ForCausalLM"))(config)
-    model = model.float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # HF initializes these to 0 and 1: draw them so they count
         for name, p in model.named_parameters():
             if name.endswith(".bias"):

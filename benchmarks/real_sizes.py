@@ -88,6 +88,12 @@ SHAPES = {
             max_position_embeddings=4096,
         ),
     ),
+    # The sparse fine-tuning paper's model (Kurtic et al. 2023): MPT-7B's config.json.
+    "mpt-7b": (
+        "MPT-7B",
+        dict(d_model=4096, n_heads=32, n_layers=32, vocab_size=50432, max_seq_len=2048),
+    ),
+    "mpt-smoke": ("tiny MPT", dict(d_model=256, n_heads=4, n_layers=2, vocab_size=1000)),
     "smoke": (  # the script's own quick check
         "tiny",
         dict(
@@ -161,19 +167,24 @@ def write_checkpoint(
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MptConfig
+
+    from sparsec.sparsify.layer_walk import prunable_linears
 
     start = time.perf_counter()
     tokenizer = bench_tokenizer()
-    config = LlamaConfig(
-        **{**SHAPES[size][1], **({"num_hidden_layers": layers} if layers else {})},
+    mpt = size.startswith("mpt")
+    layer_key = "n_layers" if mpt else "num_hidden_layers"
+    config = (MptConfig if mpt else LlamaConfig)(
+        **{**SHAPES[size][1], **({layer_key: layers} if layers else {})},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         dtype="bfloat16",
     )
     with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
     names = dict(skeleton.named_parameters())
+    prunable = {f"{n}.weight" for n in prunable_linears(skeleton)}
     if config.tie_word_embeddings:  # stored once, as save_pretrained does
         names.pop("lm_head.weight", None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -198,8 +209,7 @@ def write_checkpoint(
             values = np.ones(shape, np.float32)
         else:
             values = rng.standard_normal(shape, dtype=np.float32) * np.float32(INIT_STD)
-            prunable = ".layers." in name and name.endswith("_proj.weight")
-            if threshold and prunable:
+            if threshold and name in prunable:
                 values[np.abs(values) < threshold] = 0.0
         shard[name] = torch.from_numpy(values).to(torch.bfloat16)
         del values

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from sparsec.errors import SparsecError
 
@@ -85,11 +85,14 @@ def parse_cache_name(name: str | None) -> CacheName | None:
 # What the stages support today, per field. A family is only listed once every stage
 # (sparsify, export, passes, codegen, runtime) handles it end to end.
 SUPPORTED: dict[str, tuple] = {
-    "family": ("llama", "qwen2", "qwen3", "mistral", "phi3"),
-    "norm": ("rms",),
-    "activation": ("silu",),
+    "family": ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2", "mpt"),
+    "norm": ("rms", "layer"),
+    "norm_bias": (False, True),
+    "mlp": ("gated", "plain"),
+    "activation": ("silu", "relu", "gelu", "gelu_tanh"),
+    "positions": ("rope", "learned", "alibi"),
     "attention_bias": (False, True),
-    "mlp_bias": (False,),
+    "mlp_bias": (False, True),
     "qk_norm": (False, True),
     # Scalings whose inverse frequencies are constants the exporter traces (dynamic
     # recomputes them from the sequence length: not one static graph).
@@ -98,6 +101,21 @@ SUPPORTED: dict[str, tuple] = {
     "rope.type": ("default", "llama3", "linear", "yarn", "longrope"),
 }
 # Any positive int is supported: (any window, None = all positions).
+
+# The MLP activations a gated or plain MLP may have, per kind (the kernels' names):
+# a gated MLP of another activation (GeGLU) is refused until a kernel exists.
+MLP_ACTIVATIONS = {"gated": ("silu",), "plain": ("relu", "gelu", "gelu_tanh")}
+
+# Hugging Face activation names -> the description's (one name per function).
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",  # GPT-2: the tanh approximation
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": None,  # a different approximation: refused by name
+}
 
 # What each family's config implies without saying so in a field.
 FAMILY_TRAITS: dict[str, dict] = {
@@ -140,16 +158,33 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     tie_word_embeddings: bool
-    norm: str  # "rms": RMSNorm with a weight
+    norm: str  # "rms": RMSNorm with a weight; "layer": LayerNorm with a weight
     norm_eps: float
-    activation: str  # the gated MLP's activation: "silu" (SwiGLU)
+    activation: str  # the MLP's activation: "silu" (SwiGLU), "relu", "gelu", "gelu_tanh"
     attention_bias: bool  # q/k/v projections carry a bias
     mlp_bias: bool  # the MLP's Linears carry a bias
     qk_norm: bool  # per-head RMSNorm on q and k before RoPE
     rope: RoPE
     sliding_window: int | None  # attend to the last N positions only; None: all
+    # Fields added after the first files were written: their defaults are what a file
+    # without them meant (a Llama block).
+    norm_bias: bool = False  # LayerNorm with a bias (OPT, GPT-2)
+    mlp: str = "gated"  # "gated": act(x @ gate) * (x @ up); "plain": act(x @ up) (OPT, GPT-2)
+    positions: str = "rope"  # "rope" | "learned": a table of absolute positions (OPT, GPT-2)
+    # | "alibi": a per-head linear bias on the scores (MPT); alibi_bias_max sets the slopes
+    alibi_bias_max: float = 8.0
 
     # -- derived sizes ------------------------------------------------------------------
+    def alibi_slopes(self) -> list[float]:
+        """ALiBi's slope per head (MPT's rule): ``2^-(k * max / n)`` for k = 1..n, n the
+        heads rounded up to a power of 2; with fewer heads, the odd k then the even ones."""
+        heads = self.num_attention_heads
+        n = 2 ** math.ceil(math.log2(heads))
+        slopes = [1.0 / 2.0 ** (k * self.alibi_bias_max / n) for k in range(1, n + 1)]
+        if n != heads:
+            slopes = (slopes[1::2] + slopes[::2])[:heads]
+        return slopes
+
     @property
     def q_width(self) -> int:
         return self.num_attention_heads * self.head_dim
@@ -166,12 +201,22 @@ class ModelConfig:
         """What sets this model apart from a plain Llama block, in words (for
         ``sparsec inspect``): empty for SmolLM2."""
         out = []
-        if self.rope.type != "default":
+        if self.norm != "rms":
+            out.append("LayerNorm" + (" with bias" if self.norm_bias else ""))
+        if self.mlp != "gated":
+            out.append(f"{self.activation} MLP")
+        if self.positions == "alibi":
+            out.append(f"ALiBi (bias max {self.alibi_bias_max:g})")
+        elif self.positions != "rope":
+            out.append(f"{self.positions} positions")
+        elif self.rope.type != "default":
             out.append(f"RoPE {self.rope.type} scaling")
         if self.rope.partial_rotary_factor != 1.0:
             out.append(f"partial rotary {self.rope.partial_rotary_factor:g}")
         if self.attention_bias:
             out.append("attention bias")
+        if self.mlp_bias:
+            out.append("MLP bias")
         if self.qk_norm:
             out.append("q/k norm")
         if self.sliding_window is not None:
@@ -191,39 +236,8 @@ class ModelConfig:
                 f"unsupported model: family = {family!r} "
                 f"(supported: {', '.join(map(repr, SUPPORTED['family']))})"
             )
-        params = dict(getattr(config, "rope_parameters", None) or {})
-        theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
-        rope_type = params.pop("rope_type", params.pop("type", "default"))
-        partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-        heads = config.num_attention_heads
-        traits = FAMILY_TRAITS.get(family, {})
-        result = cls(
-            family=family,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            max_position_embeddings=_static_positions(config, str(rope_type), params),
-            tie_word_embeddings=bool(config.tie_word_embeddings),
-            norm="rms",
-            norm_eps=float(config.rms_norm_eps),
-            activation=config.hidden_act,
-            attention_bias=traits.get(
-                "attention_bias", bool(getattr(config, "attention_bias", False))
-            ),
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=traits.get("qk_norm", False),
-            rope=RoPE(
-                theta=float(theta),
-                type=str(rope_type),
-                partial_rotary_factor=float(partial),
-                scaling=tuple(sorted((str(k), v) for k, v in params.items())),
-            ),
-            sliding_window=_sliding_window(config, family),
-        )
+        fields_of = _HF_READERS.get(family, _llama_fields)
+        result = cls(family=family, **fields_of(config, family))
         result.check_supported()
         return result
 
@@ -236,9 +250,10 @@ class ModelConfig:
             d = _from_legacy(d)
         values = {}
         for f in fields(cls):
-            if f.name not in d:
+            if f.name in d:
+                values[f.name] = d[f.name]
+            elif f.default is MISSING:  # a field with a default came later (a Llama value)
                 raise ConfigError(f"sparsec.config has no field {f.name!r}")
-            values[f.name] = d[f.name]
         rope = values["rope"]
         if not isinstance(rope, dict) or "theta" not in rope:
             raise ConfigError("sparsec.config field 'rope' must be an object with 'theta'")
@@ -296,10 +311,14 @@ class ModelConfig:
                 f"{self.max_position_embeddings}, expected at most {MAX_POSITIONS} (the RoPE "
                 "tables hold a row per position)"
             )
-        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm"):
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qk_norm", "norm_bias"):
             if type(getattr(self, name)) is not bool:
                 raise ConfigError(f"sparsec.config field {name!r} must be true or false")
-        for name, value in (("norm_eps", self.norm_eps), ("rope.theta", self.rope.theta)):
+        for name, value in (
+            ("norm_eps", self.norm_eps),
+            ("rope.theta", self.rope.theta),
+            ("alibi_bias_max", self.alibi_bias_max),
+        ):
             if type(value) not in (int, float) or value <= 0:
                 raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected > 0")
             if not math.isfinite(value):
@@ -310,6 +329,8 @@ class ModelConfig:
             ("family", self.family),
             ("norm", self.norm),
             ("activation", self.activation),
+            ("mlp", self.mlp),
+            ("positions", self.positions),
             ("rope.type", self.rope.type),
         ):
             if not isinstance(value, str):
@@ -332,6 +353,15 @@ class ModelConfig:
     def check_supported(self) -> None:
         """Refuse, up front, a value that some stage does not handle."""
         self._check_types()
+        if self.mlp == "gated" and self.mlp_bias:  # SwiGLU has no bias inputs
+            raise SparsecError(
+                "unsupported model: mlp_bias = True (supported: False) with a gated MLP"
+            )
+        if self.mlp in MLP_ACTIVATIONS and self.activation not in MLP_ACTIVATIONS[self.mlp]:
+            raise SparsecError(
+                f"unsupported model: a {self.mlp} MLP with activation = {self.activation!r} "
+                f"(supported: {', '.join(map(repr, MLP_ACTIVATIONS[self.mlp]))})"
+            )
         for field_name, supported in SUPPORTED.items():
             owner, _, attr = field_name.rpartition(".")
             value = getattr(getattr(self, owner) if owner else self, attr)
@@ -340,6 +370,180 @@ class ModelConfig:
                     f"unsupported model: {field_name} = {value!r} "
                     f"(supported: {', '.join(map(repr, supported))})"
                 )
+
+
+def _activation(name) -> str:
+    """The description's name of a Hugging Face activation, or a refusal naming it."""
+    act = HF_ACTIVATIONS.get(name)
+    if act is None:
+        known = ", ".join(sorted(k for k, v in HF_ACTIVATIONS.items() if v))
+        raise SparsecError(f"unsupported model: activation = {name!r} (supported: {known})")
+    return act
+
+
+def _refuse_unless(config, checks: dict) -> None:
+    """Refuse a config whose field differs from the value every stage assumes."""
+    for name, expected in checks.items():
+        value = getattr(config, name, expected)
+        if value != expected:
+            raise SparsecError(f"unsupported model: {name} = {value!r} (supported: {expected!r})")
+
+
+def _rope_fields(config, rope_type: str, params: dict, theta, partial) -> RoPE:
+    return RoPE(
+        theta=float(theta),
+        type=str(rope_type),
+        partial_rotary_factor=float(partial),
+        scaling=tuple(sorted((str(k), v) for k, v in params.items())),
+    )
+
+
+def _llama_fields(config, family: str) -> dict:
+    """Llama and the families built like it (Qwen2/3, Mistral, Phi-3): RMSNorm, a gated
+    MLP, RoPE."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = params.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    partial = params.pop("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    heads = config.num_attention_heads
+    traits = FAMILY_TRAITS.get(family, {})
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        max_position_embeddings=_static_positions(config, str(rope_type), params),
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        norm="rms",
+        norm_eps=float(config.rms_norm_eps),
+        activation=_activation(config.hidden_act),
+        attention_bias=traits.get("attention_bias", bool(getattr(config, "attention_bias", False))),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        qk_norm=traits.get("qk_norm", False),
+        rope=_rope_fields(config, rope_type, params, theta, partial),
+        sliding_window=_sliding_window(config, family),
+    )
+
+
+def _opt_fields(config, family: str) -> dict:
+    """OPT: pre-LayerNorm blocks with biases, learned positions (offset 2, folded by
+    the passes), a ReLU MLP (``fc1``, ``fc2``)."""
+    _refuse_unless(
+        config,
+        {
+            "do_layer_norm_before": True,  # OPT-350m normalizes after: not a pre-norm block
+            "_remove_final_layer_norm": False,
+            "layer_norm_elementwise_affine": True,
+            "word_embed_proj_dim": config.hidden_size,  # no project_in/out
+        },
+    )
+    heads = config.num_attention_heads
+    bias = bool(getattr(config, "enable_bias", True))
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=config.hidden_size // heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        norm="layer",
+        norm_eps=1e-5,  # torch.nn.LayerNorm's default; OPT's config has no field for it
+        norm_bias=True,
+        activation=_activation(config.activation_function),
+        mlp="plain",
+        attention_bias=bias,
+        mlp_bias=bias,
+        qk_norm=False,
+        positions="learned",
+        rope=RoPE(theta=10000.0),  # unused: no rotary positions
+        sliding_window=None,
+    )
+
+
+def _gpt2_fields(config, family: str) -> dict:
+    """GPT-2: pre-LayerNorm blocks, Conv1D (``[in, out]``) projections with biases, a
+    fused ``c_attn``, learned positions, a GELU (tanh) MLP."""
+    _refuse_unless(
+        config,
+        {
+            "scale_attn_by_inverse_layer_idx": False,
+            "add_cross_attention": False,
+            "scale_attn_weights": True,
+        },
+    )
+    heads = config.n_head
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.n_embd,
+        intermediate_size=config.n_inner or 4 * config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=config.n_embd // heads,
+        max_position_embeddings=config.n_positions,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+        norm="layer",
+        norm_eps=float(config.layer_norm_epsilon),
+        norm_bias=True,
+        activation=_activation(config.activation_function),
+        mlp="plain",
+        attention_bias=True,
+        mlp_bias=True,
+        qk_norm=False,
+        positions="learned",
+        rope=RoPE(theta=10000.0),
+        sliding_window=None,
+    )
+
+
+def _mpt_fields(config, family: str) -> dict:
+    """MPT (the sparse fine-tuning paper's model): pre-LayerNorm blocks (no biases with
+    ``no_bias``), a fused ``Wqkv``, ALiBi instead of positions, a GELU MLP, tied
+    embeddings."""
+    attn = config.attn_config
+    _refuse_unless(
+        attn,
+        {"alibi": True, "qk_ln": False, "clip_qkv": None, "attn_type": "multihead_attention"},
+    )
+    # transformers' MPT has no biases and a 4x MLP whatever these say: a checkpoint that
+    # needs otherwise does not load into it.
+    _refuse_unless(config, {"no_bias": True, "expansion_ratio": 4})
+    if getattr(attn, "prefix_lm", False):
+        raise SparsecError("unsupported model: attn_config.prefix_lm = True (supported: False)")
+    heads = config.n_heads
+    bias = False
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=4 * config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=config.d_model // heads,
+        max_position_embeddings=config.max_seq_len,  # ALiBi's bias table ends there
+        tie_word_embeddings=True,  # MPT's LM head is its embedding
+        norm="layer",
+        norm_eps=float(config.layer_norm_epsilon),
+        norm_bias=bias,
+        activation="gelu",  # MptMLP: nn.GELU(approximate="none")
+        mlp="plain",
+        attention_bias=bias,
+        mlp_bias=bias,
+        qk_norm=False,
+        positions="alibi",
+        alibi_bias_max=float(attn.alibi_bias_max),
+        rope=RoPE(theta=10000.0),
+        sliding_window=None,
+    )
+
+
+_HF_READERS = {"opt": _opt_fields, "gpt2": _gpt2_fields, "mpt": _mpt_fields}
 
 
 def _static_positions(config, rope_type: str, params: dict) -> int:

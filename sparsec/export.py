@@ -139,7 +139,11 @@ class ExportSource:
 def open_source(name, *, ignore_quantization: bool = False, quiet: bool = False) -> ExportSource:
     """MODEL as export reads it: a Hugging Face folder with a safetensors checkpoint
     (and no quantization.json) as a skeleton whose weights are read one at a time when
-    the graph is saved or compiled; anything else loaded whole (``models.load_model``)."""
+    the graph is saved or compiled; anything else loaded whole (``models.load_model``).
+    A compressed-tensors checkpoint reads the same way (``sparsec.compressed``): its
+    sparse weights decompressed one at a time, its W8A8 int8 weights and scales as the
+    ``quantization`` of a ``sparsify --int8`` folder (the model then loaded whole)."""
+    from sparsec.compressed import read_w8a8
     from sparsec.export_quant import read_quantization
     from sparsec.hf_checkpoint import has_checkpoint
     from sparsec.models import load_model, open_skeleton, resolve
@@ -149,6 +153,13 @@ def open_source(name, *, ignore_quantization: bool = False, quiet: bool = False)
     quantization = None
     if source.kind == "hf" and not ignore_quantization:
         quantization = read_quantization(source.folder)
+        w8a8 = read_w8a8(source.folder)
+        if quantization is not None and w8a8 is not None:
+            raise SparsecError(
+                f"{source.folder} has both a quantization.json and a compressed-tensors "
+                "quantization_config; keep one of them"
+            )
+        quantization = quantization or w8a8
     if source.kind == "hf" and quantization is None and has_checkpoint(source.folder):
         with stage(f"reading {name} (config, tokenizer, checkpoint index)", quiet=quiet):
             model, tokenizer, checkpoint, generation = open_skeleton(name)
@@ -225,6 +236,13 @@ def export_graph(
     return onnx_model
 
 
+# Families whose forward torch.export cannot trace with the named dimensions: their
+# relations are inferred instead (Dim.AUTO). MPT slices its ALiBi table with
+# ``max(0, 1 - query_length)``, whose guard contradicts an independent ``seq`` dimension;
+# the graph is the same, and export's check runs it at prefill and decode shapes.
+_INFERRED_DIMS = {"mpt"}
+
+
 def _trace(model, cfg: ModelConfig, linears: dict):
     """The torch dynamo export of ``model`` with the contract's inputs and outputs, not
     optimized (its initializers are the module's own tensors: no copy)."""
@@ -235,10 +253,14 @@ def _trace(model, cfg: ModelConfig, linears: dict):
     n_layers = cfg.num_hidden_layers
     wrapper = _cache_wrapper(model).eval()
     ids, mask, pos, kv = _example_inputs(model.config, _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq")
-    past = torch.export.Dim("past")
-    total = torch.export.Dim("total")
+    inferred = cfg.family in _INFERRED_DIMS
+    if inferred:
+        batch = seq = past = total = torch.export.Dim.AUTO
+    else:
+        batch = torch.export.Dim("batch")
+        seq = torch.export.Dim("seq")
+        past = torch.export.Dim("past")
+        total = torch.export.Dim("total")
     dynamic_shapes = (
         {0: batch, 1: seq},
         {0: batch, 1: total},
@@ -252,13 +274,18 @@ def _trace(model, cfg: ModelConfig, linears: dict):
     with warnings.catch_warnings(), torch.no_grad(), activations, _static_rope(model, cfg):
         warnings.simplefilter("ignore")
         try:
+            traced = wrapper
+            if inferred:  # torch.onnx.export would name the dimensions: trace first
+                traced = torch.export.export(
+                    wrapper, (ids, mask, pos, *kv), dynamic_shapes=dynamic_shapes, strict=False
+                )
             program = torch.onnx.export(
-                wrapper,
+                traced,
                 (ids, mask, pos, *kv),
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes=dynamic_shapes,
+                dynamic_shapes=None if inferred else dynamic_shapes,
                 optimize=False,
                 verbose=False,
             )

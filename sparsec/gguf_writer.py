@@ -67,6 +67,11 @@ def write_gguf_tensors(config, tokenizer, get, out: str | os.PathLike, dtype: st
     from sparsec.contract import ModelConfig
 
     cfg = ModelConfig.from_hf(config)
+    if cfg.family != "llama":  # the tensor names and metadata below are llama.cpp's Llama
+        raise SparsecError(
+            f"GGUF export writes Llama models only, not {cfg.family!r}; llama.cpp's own "
+            "convert_hf_to_gguf.py converts the others"
+        )
     out = Path(out)
     from gguf import quants
 

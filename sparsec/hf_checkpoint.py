@@ -21,6 +21,9 @@ from sparsec.errors import SparsecError
 
 # safetensors dtype names this reader converts to float32, and their bytes per element.
 STORED_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+# What a compressed-tensors checkpoint stores besides (sparsec.compressed reads them):
+# int8 weights, packed bitmasks, shapes and row offsets.
+RAW_DTYPES = {**STORED_DTYPES, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -33,7 +36,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * STORED_DTYPES[self.dtype]
+        return int(np.prod(self.shape, dtype=np.int64)) * RAW_DTYPES[self.dtype]
 
 
 def has_checkpoint(folder: str | Path) -> bool:
@@ -42,9 +45,12 @@ def has_checkpoint(folder: str | Path) -> bool:
 
 
 class Checkpoint:
-    """The tensors of the safetensors checkpoint in ``folder`` (read lazily)."""
+    """The tensors of the safetensors checkpoint in ``folder`` (read lazily).
 
-    def __init__(self, folder: str | Path):
+    ``readable``: the stored dtypes accepted (a subclass that decodes compressed tensors
+    accepts more)."""
+
+    def __init__(self, folder: str | Path, *, readable: dict = STORED_DTYPES):
         from safetensors import safe_open
 
         self.folder = Path(folder)
@@ -56,7 +62,7 @@ class Checkpoint:
                     for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                         part = f.get_slice(name)
                         stored = StoredTensor(file, part.get_dtype(), tuple(part.get_shape()))
-                        if stored.dtype not in STORED_DTYPES:
+                        if stored.dtype not in readable:
                             raise SparsecError(
                                 f"{file}: tensor {name!r} is {stored.dtype}; sparsec reads "
                                 f"{', '.join(STORED_DTYPES)} checkpoints"
@@ -126,3 +132,13 @@ class Checkpoint:
             return ir.Tensor(self.array(name, transpose=transpose), name=name)
 
         return ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=name)
+
+
+def open_checkpoint(folder: str | Path) -> Checkpoint:
+    """The checkpoint in ``folder`` as export reads it: a compressed-tensors checkpoint
+    (config.json's ``quantization_config``) decompressed tensor by tensor
+    (``sparsec.compressed.CompressedCheckpoint``), any other as stored."""
+    from sparsec.compressed import CompressedCheckpoint, read_info
+
+    info = read_info(folder)
+    return CompressedCheckpoint(folder, info) if info is not None else Checkpoint(folder)

@@ -149,15 +149,67 @@ def load_model(source: str | os.PathLike, *, quiet: bool = False):
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
     else:
-        _read_config(src)  # refuse what no stage supports before reading the weights
+        from sparsec import compressed
+
+        config = _read_config(src)  # refuse what no stage supports before reading the weights
+        # A compressed-tensors checkpoint (sparsify --format compressed-tensors, llm-compressor)
+        # is decompressed by sparsec.compressed into a plain float32 model.
+        ct_info = compressed.read_info(src.folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.folder)
-            model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
+            if ct_info is None:
+                model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32)
         except Exception as e:
             raise SparsecError(f"cannot load model from {src.folder}: {e}") from e
-    model = model.float().eval()
+        if ct_info is not None:
+            model = compressed.load_model(src.folder, config)
+    model = as_linear_modules(model.float().eval())
     model.config.use_cache = True
     return model, tokenizer
+
+
+# Set on a model whose transformers Conv1D modules became nn.Linear: their names.
+CONV1D_NAMES = "_sparsec_conv1d"
+
+
+def as_linear_modules(model):
+    """``model`` with every transformers ``Conv1D`` (GPT-2's projections: ``x @ W + b``
+    with ``W [in, out]``) replaced, in place, by the ``nn.Linear`` computing the same
+    (``W`` transposed), so that sparsify, W8A8 and the export see one kind of linear
+    layer. ``save_model`` writes them back in the checkpoint's own layout."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        n_in, n_out = module.weight.shape
+        linear = torch.nn.Linear(n_in, n_out, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.to(module.weight.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, linear)
+        names.append(name)
+    if names:
+        setattr(model, CONV1D_NAMES, frozenset(names))
+    return model
+
+
+def checkpoint_state_dict(model) -> dict | None:
+    """The state dict to save for ``model``: its own, with the weights of former
+    ``Conv1D`` modules transposed back (``as_linear_modules``); None when nothing
+    changed (save_pretrained then reads the model itself)."""
+    names = getattr(model, CONV1D_NAMES, None)
+    if not names:
+        return None
+    state = model.state_dict()
+    for name in names:
+        state[f"{name}.weight"] = state[f"{name}.weight"].T.contiguous()
+    return state
 
 
 def _read_config(src: ModelSource):
@@ -189,14 +241,14 @@ def open_skeleton(source: str | os.PathLike):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from sparsec.hf_checkpoint import Checkpoint
+    from sparsec.hf_checkpoint import open_checkpoint
 
     src = resolve(source)
     if src.kind != "hf":
         raise SparsecError(f"{src.name} is not a Hugging Face folder")
     transformers.logging.set_verbosity_error()
     config = _read_config(src)
-    checkpoint = Checkpoint(src.folder)
+    checkpoint = open_checkpoint(src.folder)  # compressed-tensors: decompressed when read
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.folder)
     except Exception as e:
@@ -289,7 +341,7 @@ def save_model(model, tokenizer, out: str | os.PathLike) -> Path:
     out = Path(out)
     tmp = atomic_output_dir(out)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=checkpoint_state_dict(model))
         tokenizer.save_pretrained(tmp)
         check_stop()  # an interrupt a library swallowed still keeps the previous folder
         replace_dir(tmp, out)

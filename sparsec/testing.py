@@ -100,7 +100,13 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "mistral": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
     "phi3": ("Phi3Config", {"partial_rotary_factor": 0.5}),
-}
+    # Pre-LayerNorm blocks with biases everywhere, learned positions (offset 2), ReLU MLP.
+    "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    # Conv1D ([in, out]) projections, a fused c_attn, learned positions, GELU (tanh) MLP.
+    "gpt2": ("GPT2Config", {"n_inner": 128}),
+    # The paper's model: ALiBi, LayerNorm without bias, GELU MLP, a fused Wqkv.
+    "mpt": ("MptConfig", {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256}),
+}  # fmt: skip
 
 
 def make_tiny_family(family: str, seed: int = 0, **overrides):
@@ -113,14 +119,22 @@ def make_tiny_family(family: str, seed: int = 0, **overrides):
     config_class, family_overrides = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(**{**TINY_CONFIG, **family_overrides, **overrides})
-    model_class = getattr(transformers, config_class.replace("Config", "ForCausalLM"))
-    model = model_class(config).float().eval()
+    from sparsec.models import as_linear_modules
+
+    # GPT-2's Conv1D projections as nn.Linear, as load_model gives them (same function)
+    model = as_linear_modules(transformers.AutoModelForCausalLM.from_config(config).float().eval())
     std = TINY_CONFIG["initializer_range"]
+    # Norms by kind, whatever their names (GPT-2: ln_1); drawn in parameter order.
+    norms = {
+        id(m.weight)
+        for m in model.modules()
+        if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None
+    }
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, std)
-            elif "norm" in name and name.endswith(".weight"):
+            elif id(param) in norms:
                 param.normal_(1.0, std)
     return model, make_byte_tokenizer()
 
@@ -130,15 +144,16 @@ def zero_smallest(model, sparsity: float) -> None:
     block (a speed stand-in until real sparsification; keeps exact zeros)."""
     import torch
 
+    from sparsec.sparsify.layer_walk import prunable_linears
+
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "layers." in name:
-                w = module.weight
-                k = int(round(w.numel() * sparsity))
-                if k == 0:
-                    continue
-                threshold = w.abs().flatten().kthvalue(k).values
-                w.mul_(w.abs() > threshold)
+        for module in prunable_linears(model).values():
+            w = module.weight
+            k = int(round(w.numel() * sparsity))
+            if k == 0:
+                continue
+            threshold = w.abs().flatten().kthvalue(k).values
+            w.mul_(w.abs() > threshold)
 
 
 def int8_tie_position(w8a8_model, ids: list[int], margin: float = 3e-5) -> int:

@@ -64,12 +64,12 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
     import json
     import shutil
 
-    d = tmp_path / "gpt2ish"
+    d = tmp_path / "bloomish"
     shutil.copytree(tiny_model_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
+    cfg["model_type"] = "bloom"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SparsecError, match="unsupported architecture 'gpt2'.*supported: llama"):
+    with pytest.raises(SparsecError, match="unsupported architecture 'bloom'.*supported: llama"):
         models.load_model(d)
 
 

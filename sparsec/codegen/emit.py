@@ -359,6 +359,56 @@ class _Emitter:
         fn = self._shared_kernel(ops.emit_rmsnorm, dim=a["x"].width, eps=a["eps"], residual=False)
         self.call(fn, [self.ptr(a["x"]), self.table(a["w"]), self.ptr(a["y"])])
 
+    def emit_embed_positions(self, ins: Instr) -> None:
+        # The token embedding's kernel, indexed by each row's position (learned positions).
+        fn = self._shared_kernel(
+            ops.emit_embedding, vocab=ins.args["rows"], dim=self.prog.config.hidden_size
+        )
+        self.call(fn, [self.table("positions"), self.f["positions"], self.ptr(ins.args["out"])])
+
+    def emit_layernorm(self, ins: Instr) -> None:
+        a = ins.args
+        fn = self._shared_kernel(
+            ops.emit_layernorm,
+            dim=a["x"].width,
+            eps=a["eps"],
+            residual=False,
+            bias=a["b"] is not None,
+        )
+        bias = [self.table(a["b"])] if a["b"] is not None else []
+        self.call(fn, [self.ptr(a["x"]), self.table(a["w"]), *bias, self.ptr(a["y"])])
+
+    def emit_skip_layernorm(self, ins: Instr) -> None:
+        a = ins.args
+        fn = self._shared_kernel(
+            ops.emit_layernorm,
+            dim=a["resid"].width,
+            eps=a["eps"],
+            residual=True,
+            bias=a["b"] is not None,
+        )
+        bias = [self.table(a["b"])] if a["b"] is not None else []
+        self.call(
+            fn,
+            [
+                self.ptr(a["resid"]),
+                self.ptr(a["delta"]),
+                self.table(a["w"]),
+                *bias,
+                self.ptr(a["y"]),
+            ],
+        )
+
+    def emit_activation(self, ins: Instr) -> None:
+        x = ins.args["x"]
+        fn = self._shared_kernel(
+            ops.emit_activation,
+            dim=x.width,
+            stride=self.prog.buffers[x.buf],
+            kind=ins.args["kind"],
+        )
+        self.call(fn, [self.ptr(x)])
+
     def emit_skip_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
         fn = self._shared_kernel(
@@ -386,7 +436,7 @@ class _Emitter:
     def _attn_common(self, a: dict) -> dict:
         if a["max_positions"] < self.capacity:
             raise SparsecError(
-                f"max context {self.capacity} exceeds the model's RoPE table "
+                f"max context {self.capacity} exceeds the model's position table "
                 f"({a['max_positions']} positions); use --max-context {a['max_positions']} or less"
             )
         return dict(
@@ -400,7 +450,7 @@ class _Emitter:
     def emit_rope_kv(self, ins: Instr) -> None:
         a = ins.args
         # Optional parts only when present: Llama's kernels keep their names and code.
-        options = {k: a[k] for k in ("rotary_dim", "qk_norm_eps") if k in a}
+        options = {k: a[k] for k in ("rotary_dim", "qk_norm_eps", "rope") if k in a}
         fn = self._shared_kernel(
             ops.emit_rope_kv_write,
             **self._attn_common(a),
@@ -412,12 +462,12 @@ class _Emitter:
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
         norms = [self.table(a[k]) for k in ("q_norm", "k_norm") if k in a]
+        tables = [self.table("rope.cos"), self.table("rope.sin")] if a.get("rope", True) else []
         self.call(
             fn,
             [
                 qkv,
-                self.table("rope.cos"),
-                self.table("rope.sin"),
+                *tables,
                 *norms,
                 *self.row_args(a["layer"]),
             ],
@@ -430,7 +480,7 @@ class _Emitter:
             **self._attn_common(a),
             scale=a["scale"],
             q_offset=a["q_offset"],
-            **({"window": a["window"]} if "window" in a else {}),
+            **{k: a[k] for k in ("window", "alibi") if k in a},
             **self.kv_options,
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))

@@ -25,20 +25,27 @@ from llvmlite import ir
 
 from sparsec.codegen.ops_attention import emit_attention, emit_rope_kv_write
 from sparsec.codegen.ops_elementwise import (
+    emit_activation,
     emit_bias_add,
     emit_embedding,
+    emit_position_add,
     emit_residual_add,
+    emit_softcap,
     emit_swiglu_act,
 )
-from sparsec.codegen.ops_norm import emit_rmsnorm
+from sparsec.codegen.ops_norm import emit_layernorm, emit_rmsnorm
 
 __all__ = [
+    "emit_activation",
     "emit_attention",
     "emit_bias_add",
     "emit_embedding",
+    "emit_layernorm",
+    "emit_position_add",
     "emit_residual_add",
     "emit_rmsnorm",
     "emit_rope_kv_write",
+    "emit_softcap",
     "emit_swiglu_act",
     "shared_kernel",
 ]

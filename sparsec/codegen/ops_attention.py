@@ -60,7 +60,7 @@ from sparsec.codegen.irbuild import (
     widen,
 )
 from sparsec.codegen.target import AVX512, Isa
-from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp
+from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp, vtanh
 from sparsec.errors import SparsecError
 
 # The per-row arguments that end both kernels' parameters (before n, tid, nthreads):
@@ -122,6 +122,7 @@ def emit_rope_kv_write(
     rotary_dim: int | None = None,
     qk_norm_eps: float | None = None,
     kv_half: bool = False,
+    rope: bool = True,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(float* qkv, const float* cos, const float* sin, [const float* q_norm,
@@ -135,9 +136,15 @@ def emit_rope_kv_write(
     ``rotary_dim``: only the first features of a head rotate (partial rotary; None:
     all). ``qk_norm_eps``: each q and k head is first RMS-normalized and scaled by
     ``q_norm``/``k_norm`` ``[head_dim]`` (Qwen3; None: no norm, no such arguments).
+    ``rope=False``: no rotation (learned positions, ALiBi) and no ``cos``/``sin``
+    arguments: k and v are written to the cache as they are, q is left alone (unless
+    the q/k norm applies); the work units are then the kv heads only when there is no
+    q norm.
     """
     _check_heads(num_heads, kv_num_heads, head_dim)
     check_positive(capacity=capacity, qkv_stride=qkv_stride)
+    if not rope and rotary_dim is not None:
+        raise SparsecError("rotary_dim is meaningless without RoPE (rope=False)")
     rotary = head_dim if rotary_dim is None else rotary_dim
     if rotary % 2 or not 0 < rotary <= head_dim:
         raise SparsecError(
@@ -148,11 +155,15 @@ def emit_rope_kv_write(
     half = rotary // 2
     lanes = isa.lanes_f32
     norms = 0 if qk_norm_eps is None else 2
-    fn = kernel_function(module, name, [FPTR] * (3 + norms) + ROW_ARGS + [I32] * 3)
-    qkv, cos, sin, *norm_weights, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
+    tables = 2 if rope else 0
+    fn = kernel_function(module, name, [FPTR] * (1 + tables + norms) + ROW_ARGS + [I32] * 3)
+    qkv, *weights, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
+    (cos, sin), norm_weights = (weights[:2], weights[2:]) if rope else ((None, None), weights)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     kv = _Cache(b, kv_half)
-    per_token = num_heads + kv_num_heads
+    # Without RoPE or a q norm the q heads have nothing to do: no work units for them.
+    q_units = num_heads if rope or norms else 0
+    per_token = q_units + kv_num_heads
     begin, end = thread_share(b, b.mul(b.sext(n, I64), i64(per_token)), tid, nthreads)
 
     def normalize(x, weight):
@@ -187,33 +198,51 @@ def emit_rope_kv_write(
             if cache_dst is not None:
                 kv.store(v, ptr_add(b, cache_dst, rotary + off))
 
+    def copy_to_cache(x, cache_dst):
+        for off, width in span_chunks(head_dim, lanes):
+            kv.store(load(b, ptr_add(b, x, off), width), ptr_add(b, cache_dst, off))
+
+    def q_unit(row, head, cos_row, sin_row):
+        q = ptr_add(b, row, b.add(i64(q_offset), b.mul(head, i64(head_dim))))
+        if norms:
+            normalize(q, norm_weights[0])
+        if rope:
+            rotate(q, cos_row, sin_row)
+
+    def kv_unit(token, row, group, pos, cos_row, sin_row):
+        col = b.mul(group, i64(head_dim))
+        slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
+        cache = kv.base(b.load(ptr_add(b, caches, token)))
+        k = ptr_add(b, row, b.add(i64(k_offset), col))
+        if norms:
+            normalize(k, norm_weights[1])
+        k_slot = ptr_add(b, ptr_add(b, cache, k_at), slot)
+        if rope:
+            rotate(k, cos_row, sin_row, k_slot)
+        else:
+            copy_to_cache(k, k_slot)
+        v = ptr_add(b, row, b.add(i64(v_offset), col))
+        v_slot = ptr_add(b, ptr_add(b, cache, v_at), slot)
+        copy_to_cache(v, v_slot)
+
     with loop(b, begin, end, name="unit") as unit:
         token = b.udiv(unit, i64(per_token))
         head = b.sub(unit, b.mul(token, i64(per_token)))
         pos = b.sext(b.load(ptr_add(b, positions, token)), I64)
         row = ptr_add(b, qkv, b.mul(token, i64(qkv_stride)))
-        cos_row = ptr_add(b, cos, b.mul(pos, i64(half)))
-        sin_row = ptr_add(b, sin, b.mul(pos, i64(half)))
-        with b.if_else(b.icmp_unsigned("<", head, i64(num_heads))) as (is_q, is_kv):
-            with is_q:
-                q = ptr_add(b, row, b.add(i64(q_offset), b.mul(head, i64(head_dim))))
-                if norms:
-                    normalize(q, norm_weights[0])
-                rotate(q, cos_row, sin_row)
-            with is_kv:
-                group = b.sub(head, i64(num_heads))
-                col = b.mul(group, i64(head_dim))
-                slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
-                cache = kv.base(b.load(ptr_add(b, caches, token)))
-                k = ptr_add(b, row, b.add(i64(k_offset), col))
-                if norms:
-                    normalize(k, norm_weights[1])
-                k_slot = ptr_add(b, ptr_add(b, cache, k_at), slot)
-                rotate(k, cos_row, sin_row, k_slot)
-                v = ptr_add(b, row, b.add(i64(v_offset), col))
-                v_slot = ptr_add(b, ptr_add(b, cache, v_at), slot)
-                for off, width in span_chunks(head_dim, lanes):
-                    kv.store(load(b, ptr_add(b, v, off), width), ptr_add(b, v_slot, off))
+        cos_row = sin_row = None
+        if rope:
+            cos_row = ptr_add(b, cos, b.mul(pos, i64(half)))
+            sin_row = ptr_add(b, sin, b.mul(pos, i64(half)))
+        if q_units:
+            with b.if_else(b.icmp_unsigned("<", head, i64(q_units))) as (is_q, is_kv):
+                with is_q:
+                    q_unit(row, head, cos_row, sin_row)
+                with is_kv:
+                    group = b.sub(head, i64(q_units))
+                    kv_unit(token, row, group, pos, cos_row, sin_row)
+        else:
+            kv_unit(token, row, head, pos, cos_row, sin_row)
     b.ret_void()
     return fn
 
@@ -231,6 +260,8 @@ def emit_attention(
     q_offset: int,
     window: int | None = None,
     kv_half: bool = False,
+    alibi: tuple[float, ...] | None = None,
+    softcap: float | None = None,
     isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const float* qkv, float* out[n, num_heads*head_dim], float** caches,
@@ -240,6 +271,10 @@ def emit_attention(
     head h, kv group g = h // (num_heads / kv_num_heads): out = softmax_j(scale * q .
     k_cache[g, j]) . v_cache[g, j] over j = 0..p, or j = p-window+1..p with a sliding
     ``window`` (Mistral; None: all).
+
+    ``softcap``: scores s = scale * q . k become softcap * tanh(s / softcap) (Gemma 2's
+    attn_logit_softcapping). ``alibi``: one slope per query head; head h's score
+    against key slot j then gets + alibi[h] * (j - p) (MPT; after the soft-cap).
 
     Work units are (kv group, token, head within the group), in that order, split
     contiguously among threads. A decode step (n = 1) thus spreads its heads over the
@@ -255,11 +290,27 @@ def emit_attention(
         raise SparsecError(f"attention scale {scale!r} must be finite")
     if window is not None:
         check_positive(window=window)
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise SparsecError(f"attention soft-cap {softcap!r} must be finite and positive")
+    slopes = None
+    if alibi is not None:
+        alibi = tuple(float(a) for a in alibi)
+        if len(alibi) != num_heads or not all(math.isfinite(a) for a in alibi):
+            raise SparsecError(
+                f"alibi needs {num_heads} finite slopes (one per query head), got {alibi!r}"
+            )
+        slopes = ir.GlobalVariable(module, ir.ArrayType(F32, num_heads), f"{name}.alibi")
+        slopes.global_constant = True
+        slopes.linkage = "internal"
+        slopes.initializer = ir.Constant(ir.ArrayType(F32, num_heads), list(alibi))
     group = num_heads // kv_num_heads
     fn = kernel_function(module, name, [FPTR] * 2 + ROW_ARGS + [I32] * 3)
     qkv, out, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     state = _GroupState(b, group, head_dim, isa.lanes_f32, _Cache(b, kv_half))
+    state.softcap = softcap
+    if slopes is not None:
+        state.slope = entry_alloca(b, F32)
     n64 = b.sext(n, I64)
     begin, end = thread_share(b, b.mul(n64, i64(num_heads)), tid, nthreads)
 
@@ -295,6 +346,8 @@ def emit_attention(
     out_col = b.mul(head, i64(head_dim))
     dst = ptr_add(b, out, b.add(b.mul(token, i64(num_heads * head_dim)), out_col))
     pos = b.sext(b.load(ptr_add(b, positions, token)), I64)
+    if slopes is not None:
+        state.slopes = b.gep(slopes, [i64(0), head], inbounds=True)
     _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window)
     b.branch(head_bb)
 
@@ -336,6 +389,12 @@ class _GroupState:
         self.max = entry_alloca(b, F32)
         self.total = entry_alloca(b, vtype(lanes))
         self.acc = [[entry_alloca(b, vtype(w)) for _, w in self.chunks] for _ in range(2)]
+        # Options of the scores (emit_attention sets them): a soft-cap, and the address
+        # of the ALiBi slope of the group's first head being processed (head r's slope
+        # is copied into ``slope`` with its state).
+        self.softcap: float | None = None
+        self.slopes: ir.Value | None = None
+        self.slope: ir.Value | None = None  # an entry-block slot, with ALiBi
 
     def _places(self, r: ir.Value):
         """(working slot, array address, width) pairs of head r's state."""
@@ -353,6 +412,8 @@ class _GroupState:
     def load(self, r: ir.Value) -> None:
         for slot, addr, width in self._places(r):
             self.b.store(load(self.b, addr, width) if width else self.b.load(addr), slot)
+        if self.slopes is not None:
+            self.b.store(self.b.load(ptr_add(self.b, self.slopes, r)), self.slope)
 
     def save(self, r: ir.Value) -> None:
         for slot, addr, width in self._places(r):
@@ -417,6 +478,21 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window=None
             store(b, b.fmul(acc, splat(b, inv, w)), ptr_add(b, out, off))
 
 
+def _adjust_scores(b, state, scores, j0, pos):
+    """The options' changes to a block's (scaled) scores of keys j0..j0+lanes-1: the
+    soft-cap, then the ALiBi bias slope * (j - pos)."""
+    ty = scores.type
+    if state.softcap is not None:
+        capped = vtanh(b, b.fmul(scores, const(ty, 1.0 / state.softcap)))
+        scores = b.fmul(capped, const(ty, float(state.softcap)))
+    if state.slopes is not None:
+        distance = b.sitofp(b.sub(j0, pos), F32)  # j0 - pos, exact below 2^24
+        lane = ir.Constant(ty, [float(i) for i in range(ty.count)])
+        distance = b.fadd(splat(b, distance, ty.count), lane)
+        scores = fma(b, distance, splat(b, b.load(state.slope), ty.count), scores)
+    return scores
+
+
 def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
     """Fold keys j0..j0+15 into the working state. ``masked``: keys past ``pos`` (the
     causal limit), and before ``oldest`` when given (a sliding window), get weight 0
@@ -447,6 +523,7 @@ def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
                 part = tail if part is None else b.fadd(part, tail)
         partials.append(part)
     scores = transpose_sums(b, partials)
+    scores = _adjust_scores(b, state, scores, j0, pos)
     if masked:
         offsets = ir.Constant(ir.VectorType(I64, lanes), list(range(lanes)))
         j = b.add(splat(b, j0, lanes), offsets)

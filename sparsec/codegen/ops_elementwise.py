@@ -1,4 +1,5 @@
-"""Row-wise and elementwise kernels: embedding lookup, residual add, SwiGLU activation.
+"""Row-wise and elementwise kernels: embedding lookup, residual add, SwiGLU/GeGLU
+activation, in-place activations (ReLU, GELU), learned position embeddings, soft-capping.
 
 Every kernel is a void C function whose last three parameters are
 ``(int32 n, int32 tid, int32 nthreads)``: ``n`` rows (tokens) this step, and the
@@ -7,6 +8,8 @@ disjoint share of the work; the shares of tids 0..nthreads-1 together cover it a
 """
 
 from __future__ import annotations
+
+import math
 
 from llvmlite import ir
 
@@ -30,7 +33,8 @@ from sparsec.codegen.irbuild import (
     vtype,
 )
 from sparsec.codegen.target import AVX512, Isa
-from sparsec.codegen.vmath import silu_mul
+from sparsec.codegen.vmath import fmax, gelu, gelu_tanh_mul, silu_mul, vtanh
+from sparsec.errors import SparsecError
 
 # Columns per work unit of the elementwise kernels: 1 KiB of each operand, enough
 # work to be worth a unit, small enough that one decode row splits across threads.
@@ -163,12 +167,28 @@ def emit_bias_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) 
     return _emit_add(module, name, dim, isa, every_row=True)
 
 
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
 def emit_swiglu_act(
-    module: ir.Module, name: str, *, ffn_dim: int, isa: Isa = AVX512
+    module: ir.Module,
+    name: str,
+    *,
+    ffn_dim: int,
+    activation: str = "silu",
+    isa: Isa = AVX512,
 ) -> ir.Function:
     """``void name(const float* gu[n, 2*ffn_dim], float* h[n, ffn_dim], int32 n, tid,
-    nthreads)``: h = silu(gate) * up with gate = gu[:, :ffn_dim], up = gu[:, ffn_dim:]."""
+    nthreads)``: h = silu(gate) * up with gate = gu[:, :ffn_dim], up = gu[:, ffn_dim:].
+
+    ``activation``: "silu" (SwiGLU), "gelu_tanh" (GeGLU with the tanh GELU: Gemma) or
+    "gelu" (GeGLU with the exact GELU) is applied to the gate.
+    """
     check_positive(ffn_dim=ffn_dim)
+    if activation not in GATED_ACTIVATIONS:
+        raise SparsecError(
+            f"gated activation must be one of {GATED_ACTIVATIONS}, not {activation!r}"
+        )
     fn = kernel_function(module, name, [FPTR, FPTR, I32, I32, I32])
     gu, h, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -181,10 +201,104 @@ def emit_swiglu_act(
         def act(off, width):
             g = load(b, ptr_add(b, gate, off), width)
             u = load(b, ptr_add(b, up, off), width)
-            store(b, silu_mul(b, g, u), ptr_add(b, dst, off))
+            if activation == "silu":
+                value = silu_mul(b, g, u)
+            elif activation == "gelu_tanh":
+                value = gelu_tanh_mul(b, g, u)
+            else:
+                value = b.fmul(gelu(b, g), u)
+            store(b, value, ptr_add(b, dst, off))
 
         for_span(b, length, act, lanes=isa.lanes_f32, name="act")
 
     for_row_blocks(b, n, ffn_dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
+    b.ret_void()
+    return fn
+
+
+def _emit_in_place(module: ir.Module, name: str, dim: int, stride: int, isa: Isa, op):
+    """``void name(float* x, int32 n, tid, nthreads)``: x[r, :dim] = op(x[r, :dim]) for
+    rows ``stride`` floats apart."""
+    check_positive(dim=dim, stride=stride)
+    if stride < dim:
+        raise SparsecError(f"row stride {stride} is shorter than the row ({dim} floats)")
+    fn = kernel_function(module, name, [FPTR, I32, I32, I32])
+    x, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def unit(row, col, length):
+        x_row = ptr_add(b, x, b.add(b.mul(row, i64(stride)), col))
+
+        def apply(off, width):
+            px = ptr_add(b, x_row, off)
+            store(b, op(b, load(b, px, width)), px)
+
+        for_span(b, length, apply, lanes=isa.lanes_f32, name="act")
+
+    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
+    b.ret_void()
+    return fn
+
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+def _relu(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    return fmax(b, v, const(v.type, 0.0))
+
+
+def emit_activation(
+    module: ir.Module, name: str, *, dim: int, stride: int, kind: str, isa: Isa = AVX512
+) -> ir.Function:
+    """``void name(float* x, int32 n, tid, nthreads)``: x = act(x) in place on the
+    first ``dim`` floats of each row, rows ``stride`` floats apart (stride >= dim).
+
+    ``kind``: "relu" (max(x, 0)), "gelu" (exact: 0.5 x (1 + erf(x / sqrt 2))) or
+    "gelu_tanh" (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))).
+    """
+    ops = {"relu": _relu, "gelu": gelu, "gelu_tanh": gelu_tanh_mul}
+    if kind not in ops:
+        raise SparsecError(f"activation must be one of {ACTIVATIONS}, not {kind!r}")
+    return _emit_in_place(module, name, dim, stride, isa, ops[kind])
+
+
+def emit_softcap(
+    module: ir.Module, name: str, *, dim: int, stride: int, cap: float, isa: Isa = AVX512
+) -> ir.Function:
+    """``void name(float* x, int32 n, tid, nthreads)``: x = cap * tanh(x / cap) in place
+    on the first ``dim`` floats of rows ``stride`` floats apart (Gemma 2's final logit
+    soft-capping)."""
+    if not (isinstance(cap, float | int) and math.isfinite(cap) and cap > 0):
+        raise SparsecError(f"soft-cap {cap!r} must be a finite positive number")
+
+    def capped(b, v):
+        inv = const(v.type, 1.0 / cap)
+        return b.fmul(vtanh(b, b.fmul(v, inv)), const(v.type, float(cap)))
+
+    return _emit_in_place(module, name, dim, stride, isa, capped)
+
+
+def emit_position_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
+    """``void name(const float* table, const int32* positions, float* x[n, dim], int32 n,
+    tid, nthreads)``: x[i] += table[positions[i], :dim] (learned absolute position
+    embeddings: OPT, GPT-2; ``table`` rows are ``dim`` floats). Positions are trusted:
+    the caller checks them against the table."""
+    check_positive(dim=dim)
+    fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
+    table, positions, x, n, tid, nthreads = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def unit(row, col, length):
+        pos = b.sext(b.load(ptr_add(b, positions, row)), I64)
+        src = ptr_add(b, table, b.add(b.mul(pos, i64(dim)), col))
+        dst = ptr_add(b, x, b.add(b.mul(row, i64(dim)), col))
+
+        def add(off, width):
+            pd = ptr_add(b, dst, off)
+            store(b, b.fadd(load(b, pd, width), load(b, ptr_add(b, src, off), width)), pd)
+
+        for_span(b, length, add, lanes=isa.lanes_f32, name="pos")
+
+    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
     b.ret_void()
     return fn

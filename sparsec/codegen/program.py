@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsec import contract, metadata
-from sparsec.codegen.graph_check import check_graph, check_program, disagree, malformed
+from sparsec.codegen.graph_check import FIX, check_graph, check_program, disagree, malformed
 from sparsec.errors import SparsecError
 
 ALLOWED_OPS = {
@@ -29,8 +29,12 @@ ALLOWED_OPS = {
     ("", "MatMul"),
     ("", "Add"),
     ("", "RMSNormalization"),
+    ("", "LayerNormalization"),
+    ("", "Relu"),
+    ("", "Gelu"),
     ("", "DequantizeLinear"),
     (contract.DOMAIN, "SkipRMSNormalization"),
+    (contract.DOMAIN, "SkipLayerNormalization"),
     (contract.DOMAIN, "CachedAttention"),
     (contract.DOMAIN, "SwiGLU"),
     (contract.DOMAIN, "PerTokenFakeQuant"),
@@ -45,6 +49,7 @@ ATTENTION_ATTRIBUTES = {
     "rotary_dim",
     "window",
     "qk_norm_epsilon",
+    "alibi_slopes",
 }
 
 
@@ -280,6 +285,9 @@ class _Lowering:
 
     def lower_Gather(self, node) -> None:
         table = _const(node.inputs[0], f"node {node.name!r}: embedding table")
+        if node.inputs[1].name == contract.POSITION_IDS:
+            self._lower_positions(node, table)
+            return
         if (
             node.inputs[1].name != contract.INPUT_IDS
             or table.ndim != 2
@@ -287,7 +295,8 @@ class _Lowering:
             or "embedding" in self.prog.tables
         ):
             raise SparsecError(
-                f"node {node.name!r}: only the input_ids embedding Gather is supported"
+                f"node {node.name!r}: only the input_ids embedding Gather and a position_ids "
+                "position table Gather are supported"
             )
         name, cfg = node.inputs[0].name, self.prog.config
         if table.dtype != np.float32:
@@ -304,13 +313,43 @@ class _Lowering:
         self.prog.instrs.append(Instr("embed", {"out": out, "vocab": table.shape[0]}))
         self.views[node.outputs[0].name] = out
 
-    def _norm_weight(self, node, value, width: int) -> str:
+    def _lower_positions(self, node, table: np.ndarray) -> None:
+        """Learned absolute positions (OPT, GPT-2): row ``p`` of the table is position
+        ``p``; gathered per row like the token embedding, into its own buffer."""
+        name, cfg = node.inputs[0].name, self.prog.config
+        if (
+            cfg.positions != "learned"
+            or table.ndim != 2
+            or _attr(node, "axis", 0, kind=int) != 0
+            or "positions" in self.prog.tables
+        ):
+            raise SparsecError(
+                f"node {node.name!r}: a position table Gather needs sparsec.config positions "
+                f"'learned' (is {cfg.positions!r}) and one 2-D table"
+            )
+        if table.dtype != np.float32:
+            raise malformed(self.where, f"position table {name!r} is {table.dtype}, not float32")
+        if table.shape[1] != cfg.hidden_size:
+            what = f"the number of columns of the position table {name!r}"
+            raise disagree(self.where, what, table.shape[1], "hidden_size", cfg.hidden_size)
+        if table.shape[0] < cfg.max_position_embeddings:
+            what = f"the number of rows (positions) of the position table {name!r}"
+            positions = cfg.max_position_embeddings
+            raise disagree(self.where, what, table.shape[0], "max_position_embeddings", positions)
+        self.prog.tables["positions"] = np.ascontiguousarray(table[: cfg.max_position_embeddings])
+        out = self.new_buffer(table.shape[1], "p")
+        self.prog.instrs.append(
+            Instr("embed_positions", {"out": out, "rows": cfg.max_position_embeddings})
+        )
+        self.views[node.outputs[0].name] = out
+
+    def _norm_weight(self, node, value, width: int, what: str = "norm scale") -> str:
         name = f"norm.{value.name}"
-        scale = _const(value, f"node {node.name!r}: norm scale")
+        scale = _const(value, f"node {node.name!r}: {what}")
         if scale.shape != (width,):
             raise malformed(
                 self.where,
-                f"node {node.name!r}: norm scale {value.name!r} is {list(scale.shape)}, but it "
+                f"node {node.name!r}: {what} {value.name!r} is {list(scale.shape)}, but it "
                 f"normalizes {width} features",
             )
         self.prog.tables[name] = scale.astype(np.float32)
@@ -320,6 +359,7 @@ class _Lowering:
         x = self.view(node.inputs[0])
         if _attr(node, "axis", -1, kind=int) not in (-1, 2):
             raise SparsecError(f"node {node.name!r}: RMSNormalization must normalize the last axis")
+        self._check_norm(node, "rms")
         y = self.new_buffer(x.width, "h")
         self.prog.instrs.append(
             Instr(
@@ -334,7 +374,81 @@ class _Lowering:
         )
         self.views[node.outputs[0].name] = y
 
+    def _check_norm(self, node, kind: str) -> None:
+        """The norm kind, and a bias exactly when sparsec.config says the norms have one."""
+        cfg = self.prog.config
+        if cfg.norm != kind:
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} is a {node.op_type}, but sparsec.config "
+                f"norm is {cfg.norm!r}; {FIX}"
+            )
+
+    def _layer_norm_args(self, node, scale_at: int, width: int) -> dict:
+        self._check_norm(node, "layer")
+        bias = node.inputs[scale_at + 1] if len(node.inputs) > scale_at + 1 else None
+        if (bias is not None) != self.prog.config.norm_bias:
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} has {'a' if bias is not None else 'no'} "
+                f"bias, but sparsec.config norm_bias is {self.prog.config.norm_bias}; {FIX}"
+            )
+        args = {
+            "w": self._norm_weight(node, node.inputs[scale_at], width),
+            "b": None if bias is None else self._norm_weight(node, bias, width, "norm bias"),
+            "eps": _attr(node, "epsilon", 1e-5, kind=float),
+        }
+        return args
+
+    def lower_LayerNormalization(self, node) -> None:
+        x = self.view(node.inputs[0])
+        if (
+            _attr(node, "axis", -1, kind=int) not in (-1, 2)
+            or _attr(node, "stash_type", 1, kind=int) != 1
+            or any(o is not None and o.uses() for o in node.outputs[1:])
+        ):
+            raise SparsecError(
+                f"node {node.name!r}: LayerNormalization must normalize the last axis in "
+                "float32, with only its first output read"
+            )
+        y = self.new_buffer(x.width, "h")
+        args = self._layer_norm_args(node, 1, x.width)
+        self.prog.instrs.append(Instr("layernorm", {"x": x, "y": y, **args}))
+        self.views[node.outputs[0].name] = y
+
+    def lower_Relu(self, node) -> None:
+        self._lower_activation(node, "relu")
+
+    def lower_Gelu(self, node) -> None:
+        approximate = _attr(node, "approximate", "none")
+        if approximate not in ("none", "tanh"):
+            raise SparsecError(f"node {node.name!r}: Gelu approximate={approximate!r}")
+        self._lower_activation(node, "gelu" if approximate == "none" else "gelu_tanh")
+
+    def _lower_activation(self, node, kind: str) -> None:
+        """An MLP's activation (a plain MLP: up, activation, down), in place on the up
+        projection's output: nothing else reads it."""
+        cfg = self.prog.config
+        if cfg.mlp != "plain" or cfg.activation != kind:
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} is a {kind} activation, but sparsec.config "
+                f"has a {cfg.mlp} MLP with activation {cfg.activation!r}; {FIX}"
+            )
+        x_value = node.inputs[0]
+        if len(self.consumers[x_value.name]) != 1:
+            raise SparsecError(
+                f"node {node.name!r}: {node.op_type}'s input is read elsewhere too; it must be "
+                "an MLP's up projection"
+            )
+        x = self.view(x_value)
+        self.prog.instrs.append(Instr("activation", {"x": x, "kind": kind}))
+        self.views[node.outputs[0].name] = x
+
+    def lower_SkipLayerNormalization(self, node) -> None:
+        self._lower_skip_norm(node, "skip_layernorm")
+
     def lower_SkipRMSNormalization(self, node) -> None:
+        self._lower_skip_norm(node, "skip_rmsnorm")
+
+    def _lower_skip_norm(self, node, op: str) -> None:
         a, b = node.inputs[0], node.inputs[1]
         # The residual stream is whichever input has no use after this node: it is
         # updated in place and becomes the ``sum`` output.
@@ -344,29 +458,26 @@ class _Lowering:
             or self.view(resid).width != self.prog.buffers[self.view(resid).buf]
         ):
             raise SparsecError(
-                f"node {node.name!r}: neither SkipRMSNormalization input is free to update in place"
+                f"node {node.name!r}: neither {node.op_type} input is free to update in place"
             )
         r, d = self.view(resid), self.view(delta)
         if d.width != r.width:
             raise malformed(
                 self.where,
-                f"node {node.name!r}: SkipRMSNormalization adds {delta.name!r} "
+                f"node {node.name!r}: {node.op_type} adds {delta.name!r} "
                 f"({self._producer(delta)}) of {d.width} features to the residual stream "
                 f"{resid.name!r} of {r.width}",
             )
         y = self.new_buffer(r.width, "h")
-        self.prog.instrs.append(
-            Instr(
-                "skip_rmsnorm",
-                {
-                    "resid": r,
-                    "delta": d,
-                    "w": self._norm_weight(node, node.inputs[2], r.width),
-                    "y": y,
-                    "eps": _attr(node, "epsilon", 1e-5, kind=float),
-                },
-            )
-        )
+        if op == "skip_layernorm":
+            args = self._layer_norm_args(node, 2, r.width)
+        else:
+            self._check_norm(node, "rms")
+            args = {
+                "w": self._norm_weight(node, node.inputs[2], r.width),
+                "eps": _attr(node, "epsilon", 1e-5, kind=float),
+            }
+        self.prog.instrs.append(Instr(op, {"resid": r, "delta": d, "y": y, **args}))
         self.views[node.outputs[0].name] = y
         if len(node.outputs) > 1 and node.outputs[1] is not None:
             self.views[node.outputs[1].name] = r
@@ -482,10 +593,12 @@ class _Lowering:
         layer = cache.layer
         cfg = self.prog.config
         unknown = set(node.attributes) - ATTENTION_ATTRIBUTES
-        if unknown or len(node.inputs) not in (8, 10):
+        rope = cfg.positions == "rope"
+        if unknown or len(node.inputs) not in ((8, 10) if rope else (6,)):
             raise SparsecError(
                 f"node {node.name!r}: CachedAttention with attributes {sorted(unknown)} or "
-                f"{len(node.inputs)} inputs is not in the contract (docs/graph-contract.md §3)"
+                f"{len(node.inputs)} inputs is not in the contract for sparsec.config positions "
+                f"{cfg.positions!r} (docs/graph-contract.md §3)"
             )
         heads, kv_heads = _attr(node, "num_heads", kind=int), _attr(node, "kv_num_heads", kind=int)
         for attr, got, key, expected in (
@@ -517,7 +630,7 @@ class _Lowering:
             )
         rotary_dim = _attr(node, "rotary_dim", 0, kind=int) or head_dim
         expected_rotary = int(head_dim * cfg.rope.partial_rotary_factor)
-        if rotary_dim != expected_rotary or rotary_dim % 2:
+        if rope and (rotary_dim != expected_rotary or rotary_dim % 2):
             what = f"the rotary width (attribute rotary_dim) of node {node.name!r}"
             partial = f"{cfg.rope.partial_rotary_factor} (head_dim * it = {expected_rotary})"
             raise disagree(self.where, what, rotary_dim, "rope.partial_rotary_factor", partial)
@@ -540,6 +653,62 @@ class _Lowering:
                     raise SparsecError(f"node {node.name!r}: {which} norm scale is not [head_dim]")
                 options[f"{which}_norm"] = f"{which}_norm.{layer}"
                 self.prog.tables[options[f"{which}_norm"]] = w
+        common = {
+            "layer": layer,
+            "qkv": q.buf,
+            "q_offset": q.offset,
+            "k_offset": k.offset,
+            "v_offset": v.offset,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "max_positions": cfg.max_position_embeddings,
+        }
+        if rope:
+            common["max_positions"] = self._rope_tables(node, rotary_dim)
+        else:
+            options["rope"] = False
+        self.prog.instrs.append(Instr("rope_kv", {**common, **options}))
+        out = self.new_buffer(heads * head_dim, "a")
+        attention = {**common, "out": out, "scale": scale}
+        if window:
+            attention["window"] = window
+        alibi = self._alibi_slopes(node)
+        if alibi is not None:
+            attention["alibi"] = alibi
+        self.prog.instrs.append(Instr("attention", attention))
+        self.views[node.outputs[0].name] = out
+        for i, o in enumerate(node.outputs[1:3]):
+            if o is not None and o.name != (contract.present_key, contract.present_value)[i](layer):
+                raise SparsecError(f"node {node.name!r}: cache outputs must be the present outputs")
+
+    def _alibi_slopes(self, node) -> tuple[float, ...] | None:
+        """The node's ALiBi slopes, which must be the ones sparsec.config's heads and
+        alibi_bias_max give (MPT), exactly when it says positions 'alibi'."""
+        cfg = self.prog.config
+        slopes = _attr(node, "alibi_slopes")
+        if (slopes is not None) != (cfg.positions == "alibi"):
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} has {'' if slopes is not None else 'no '}"
+                f"ALiBi slopes, but sparsec.config positions is {cfg.positions!r}; {FIX}"
+            )
+        if slopes is None:
+            return None
+        expected = np.array(cfg.alibi_slopes(), np.float64)
+        got = np.array(list(slopes), np.float64)
+        if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-5, atol=0):
+            raise disagree(
+                self.where,
+                f"the ALiBi slopes of node {node.name!r}",
+                [round(float(v), 6) for v in got],
+                "alibi_bias_max (with num_attention_heads)",
+                f"{cfg.alibi_bias_max} (slopes {[round(v, 6) for v in expected]})",
+            )
+        return tuple(float(v) for v in expected)
+
+    def _rope_tables(self, node, rotary_dim: int) -> int:
+        """Check and record the RoPE tables (shared by every layer); their rows."""
+        cfg = self.prog.config
         cos = _const(node.inputs[6], "cos_cache").astype(np.float32)
         sin = _const(node.inputs[7], "sin_cache").astype(np.float32)
         if cos.ndim != 2 or cos.shape[1] != rotary_dim // 2 or sin.shape != cos.shape:
@@ -557,27 +726,7 @@ class _Lowering:
                     f"node {node.name!r}: its RoPE tables differ from the first layer's "
                     "(one cos_cache/sin_cache serves every layer)",
                 )
-        common = {
-            "layer": layer,
-            "qkv": q.buf,
-            "q_offset": q.offset,
-            "k_offset": k.offset,
-            "v_offset": v.offset,
-            "heads": heads,
-            "kv_heads": kv_heads,
-            "head_dim": head_dim,
-            "max_positions": cos.shape[0],
-        }
-        self.prog.instrs.append(Instr("rope_kv", {**common, **options}))
-        out = self.new_buffer(heads * head_dim, "a")
-        attention = {**common, "out": out, "scale": scale}
-        if window:
-            attention["window"] = window
-        self.prog.instrs.append(Instr("attention", attention))
-        self.views[node.outputs[0].name] = out
-        for i, o in enumerate(node.outputs[1:3]):
-            if o is not None and o.name != (contract.present_key, contract.present_value)[i](layer):
-                raise SparsecError(f"node {node.name!r}: cache outputs must be the present outputs")
+        return cos.shape[0]
 
     def lower_SwiGLU(self, node) -> None:
         x = self.view(node.inputs[0])

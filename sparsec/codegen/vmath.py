@@ -1,6 +1,7 @@
 """Vector math on llvmlite IR for the op kernels: max, fma, horizontal reductions, the
-16-way transposed sum, exp and SiLU. Widths come from the values' own vector types (the
-target's lanes), so one emitter serves any ISA; the building blocks are ``irbuild``.
+16-way transposed sum, exp, tanh, erf, SiLU and GELU. Widths come from the values' own
+vector types (the target's lanes), so one emitter serves any ISA; the building blocks
+are ``irbuild``.
 """
 
 from __future__ import annotations
@@ -127,3 +128,95 @@ def silu_mul(b: ir.IRBuilder, gate: ir.Value, up: ir.Value) -> ir.Value:
     ty = gate.type
     denom = b.fadd(const(ty, 1.0), vexp(b, b.fsub(const(ty, 0.0), gate)))
     return b.fdiv(b.fmul(gate, up), denom)
+
+
+# ----------------------------------------------------------------- tanh, erf, GELU
+
+# tanh(x) = x + x^3 * P(x^2) on |x| <= 0.625 (Cephes tanhf, < 1 ulp); beyond it
+# 1 - 2 / (exp(2|x|) + 1) with x's sign (< 1.5 ulp; exp overflows to inf: exactly 1).
+_TANH_SMALL = 0.625
+_TANH_POLY = (
+    -5.70498872745e-3,
+    2.06390887954e-2,
+    -5.37397155531e-2,
+    1.33314422036e-1,
+    -3.33332819422e-1,
+)
+# erf(x) = x + x * P(x^2) on |x| <= 0.9296875; beyond it 1 - exp(Q(|x|)) with x's
+# sign, Q ~ log(erfc) fitted on [0.9296875, 4] (|x| is clamped to 4: erf(4) rounds to
+# 1 in float32). Weighted least-squares fits of float64 erf, coefficients rounded to
+# float32: about 1 ulp each.
+_ERF_SMALL = 0.9296875
+_ERF_CLAMP = 4.0
+_ERF_POLY_SMALL = (
+    -5.978841800242662e-4,
+    4.991380963474512e-3,
+    -2.6765858754515648e-2,
+    1.1281811445951462e-1,
+    -3.7612494826316833e-1,
+    1.2837915122509003e-1,
+)
+_ERF_POLY_LARGE = (
+    1.6025210243242327e-6,
+    -4.5355205656960607e-5,
+    5.907205631956458e-4,
+    -4.7303070314228535e-3,
+    2.6335611939430237e-2,
+    -1.0992530733346939e-1,
+    -6.319952011108398e-1,
+    -1.1301316022872925,
+    2.94292374746874e-4,
+)
+_SQRT_HALF = 0.7071067811865476
+_GELU_TANH_K = math.sqrt(2.0 / math.pi)  # gelu_tanh: tanh(K * (x + 0.044715 x^3))
+_GELU_TANH_C = 0.044715
+
+
+def _horner(b: ir.IRBuilder, coefs, x: ir.Value) -> ir.Value:
+    ty = x.type
+    acc = const(ty, coefs[0])
+    for c in coefs[1:]:
+        acc = fma(b, acc, x, const(ty, c))
+    return acc
+
+
+def vtanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """tanh(x) for float or float vectors, within ~1.5 ulp; +-1 for large |x|."""
+    ty = x.type
+    ax = vector_intrinsic(b, "llvm.fabs", ty, [x])
+    z = b.fmul(x, x)
+    small = fma(b, b.fmul(_horner(b, _TANH_POLY, z), z), x, x)
+    e = vexp(b, b.fadd(ax, ax))
+    large = b.fsub(const(ty, 1.0), b.fdiv(const(ty, 2.0), b.fadd(e, const(ty, 1.0))))
+    large = vector_intrinsic(b, "llvm.copysign", ty, [large, x])
+    return b.select(b.fcmp_ordered(">", ax, const(ty, _TANH_SMALL)), large, small)
+
+
+def verf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """erf(x) for float or float vectors, within ~1 ulp (+ the exp's error); +-1 for
+    large |x|."""
+    ty = x.type
+    ax = vector_intrinsic(b, "llvm.fabs", ty, [x])
+    small = fma(b, _horner(b, _ERF_POLY_SMALL, b.fmul(x, x)), x, x)
+    t = b.select(b.fcmp_ordered("<", ax, const(ty, _ERF_CLAMP)), ax, const(ty, _ERF_CLAMP))
+    large = b.fsub(const(ty, 1.0), vexp(b, _horner(b, _ERF_POLY_LARGE, t)))
+    large = vector_intrinsic(b, "llvm.copysign", ty, [large, x])
+    return b.select(b.fcmp_ordered(">", ax, const(ty, _ERF_SMALL)), large, small)
+
+
+def gelu(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """Exact GELU: 0.5 x (1 + erf(x / sqrt 2))."""
+    ty = x.type
+    erf = verf(b, b.fmul(x, const(ty, _SQRT_HALF)))
+    return b.fmul(b.fmul(x, const(ty, 0.5)), b.fadd(erf, const(ty, 1.0)))
+
+
+def gelu_tanh_mul(b: ir.IRBuilder, x: ir.Value, up: ir.Value | None = None) -> ir.Value:
+    """gelu_tanh(x) (* up): 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3),
+    computed as x / (1 + exp(-2u)) (the same value; no cancellation for negative x)."""
+    ty = x.type
+    x3 = b.fmul(b.fmul(x, x), x)
+    u = fma(b, x3, const(ty, _GELU_TANH_C), x)
+    denom = b.fadd(const(ty, 1.0), vexp(b, b.fmul(u, const(ty, -2.0 * _GELU_TANH_K))))
+    num = x if up is None else b.fmul(x, up)
+    return b.fdiv(num, denom)

@@ -70,13 +70,14 @@ class Layer:
     present_key: ir.Value  # the old Concat outputs
     present_value: ir.Value
     y: ir.Value  # merged heads, [B, S, H*hd], read by the output projection
-    cos_cache: ir.Value
-    sin_cache: ir.Value
+    cos_cache: ir.Value | None  # None: no RoPE (learned positions)
+    sin_cache: ir.Value | None
     scale: float
     rotary_dim: int = 0  # 0: the whole head rotates
     q_norm: ir.Value | None = None  # per-head RMSNorm scales [hd] of q and k (Qwen3)
     k_norm: ir.Value | None = None
     qk_norm_epsilon: float = 0.0
+    alibi: tuple[float, ...] | None = None  # ALiBi's slope per head (MPT)
 
 
 def _only_consumer(value: ir.Value, ignore=("Shape",)) -> ir.Node:
@@ -164,14 +165,22 @@ def _cache_concat(graph: ir.Graph, name: str, past_name: str) -> tuple[ir.Node, 
     return concat, concat.inputs[1]
 
 
-def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
-    """The attention of layer ``index``, or NoMatch saying where it differs."""
+def match_layer(
+    graph: ir.Graph, index: int, position_ids: ir.Value, rope: bool = True, alibi: bool = False
+) -> Layer:
+    """The attention of layer ``index``, or NoMatch saying where it differs. ``rope``:
+    q and k are rotated (else the model has learned positions: nothing between the
+    projections and the attention but head plumbing and the query's scaling)."""
     k_concat, k_new = _cache_concat(graph, contract.present_key(index), contract.past_key(index))
     v_concat, v_heads = _cache_concat(
         graph, contract.present_value(index), contract.past_value(index)
     )
-    k_rope = _rope_input(k_new, position_ids, f"{contract.present_key(index)} entries")
-    k_proj, k_norm = _up_norm(k_rope.inputs[0], "the key")
+    if rope:
+        k_rope = _rope_input(k_new, position_ids, f"{contract.present_key(index)} entries")
+        k_proj, k_norm = _up_norm(k_rope.inputs[0], "the key")
+    else:
+        k_rope = None
+        k_proj, k_norm = _up_norm(k_new, "the key")
     v_proj = _up_plumbing(v_heads)
 
     scale: list[float] = []
@@ -179,18 +188,25 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
     if scores_mm.inputs[1] is not k_side:
         raise NoMatch(f"the keys are not the right operand of MatMul {scores_mm.name!r}")
     q_side = scores_mm.inputs[0]
+    if not rope:  # OPT scales the projection, before the head split
+        q_side = _up_plumbing(q_side)
     while (p := q_side.producer()) is not None and p.op_type in ("Mul", "Div") and p.domain == "":
         inner = p.inputs[0] if const(p.inputs[0]) is None else p.inputs[1]
         if not _scaling(p, inner, scale):
             raise NoMatch(f"query scaling {p.name!r} is not by a constant scalar")
         q_side = inner
-    q_rope = _rope_input(q_side, position_ids, "the query")
-    if q_rope.inputs[1] is not k_rope.inputs[1] or q_rope.inputs[2] is not k_rope.inputs[2]:
-        raise NoMatch("query and key RoPE use different cos/sin tables")
-    rotary_dim = attr(q_rope, "rotary_embedding_dim", 0)
-    if attr(k_rope, "rotary_embedding_dim", 0) != rotary_dim:
-        raise NoMatch("query and key RoPE rotate different numbers of features")
-    q_proj, q_norm = _up_norm(q_rope.inputs[0], "the query")
+    if rope:
+        q_rope = _rope_input(q_side, position_ids, "the query")
+        if q_rope.inputs[1] is not k_rope.inputs[1] or q_rope.inputs[2] is not k_rope.inputs[2]:
+            raise NoMatch("query and key RoPE use different cos/sin tables")
+        rotary_dim = attr(q_rope, "rotary_embedding_dim", 0)
+        if attr(k_rope, "rotary_embedding_dim", 0) != rotary_dim:
+            raise NoMatch("query and key RoPE rotate different numbers of features")
+        q_proj, q_norm = _up_norm(q_rope.inputs[0], "the query")
+        cos_cache, sin_cache = q_rope.inputs[1], q_rope.inputs[2]
+    else:
+        rotary_dim, cos_cache, sin_cache = 0, None, None
+        q_proj, q_norm = _up_norm(q_side, "the query")
     if (q_norm is None) != (k_norm is None):
         raise NoMatch("only one of the query and the key is normalized")
     eps = 0.0
@@ -204,7 +220,16 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
     while add.op_type in ("Mul", "Div") and add.domain == "" and _scaling(add, value, scale):
         value = add.outputs[0]
         add = _only_consumer(value)
-    if not is_op(add, "Add"):
+    slopes = None
+    if alibi:  # Add(scores, ALiBi table slice), then the mask
+        if not is_op(add, "Add"):
+            raise NoMatch(f"the scores feed {add.op_type} {add.name!r}, not the ALiBi Add")
+        slopes = _alibi_slopes(add.inputs[1] if add.inputs[0] is value else add.inputs[0])
+        value = add.outputs[0]
+        add = _only_consumer(value)
+    if is_op(add, "Where") and add.inputs[2] is value and const(add.inputs[1]) is not None:
+        pass  # masked_fill(mask, min): what the mask is, the numerical check decides
+    elif not is_op(add, "Add"):
         raise NoMatch(f"the scores feed {add.op_type} {add.name!r}, not the mask Add")
     softmax = _only_consumer(add.outputs[0])
     if not is_op(softmax, "Softmax") or attr(softmax, "axis", -1) not in (-1, 3):
@@ -254,14 +279,31 @@ def match_layer(graph: ir.Graph, index: int, position_ids: ir.Value) -> Layer:
         present_key=k_concat.outputs[0],
         present_value=v_concat.outputs[0],
         y=y,
-        cos_cache=q_rope.inputs[1],
-        sin_cache=q_rope.inputs[2],
+        cos_cache=cos_cache,
+        sin_cache=sin_cache,
         scale=math.prod(scale),  # no scaling ops: the graph's attention is unscaled
         rotary_dim=rotary_dim,
         q_norm=None if q_norm is None else q_norm.inputs[1],
         k_norm=None if k_norm is None else k_norm.inputs[1],
         qk_norm_epsilon=float(eps),
+        alibi=slopes,
     )
+
+
+def _alibi_slopes(bias: ir.Value) -> tuple[float, ...]:
+    """The per-head slopes of an ALiBi bias: ``Slice`` s of a constant ``[H, 1, N]``
+    table ``slope_h * (j - (N - 1))`` (MPT's; the slices keep the last key positions)."""
+    while (p := bias.producer()) is not None and p.op_type in ("Slice", *PLUMBING):
+        bias = p.inputs[0]
+    table = const(bias)
+    if table is None or table.ndim != 3 or table.shape[1] != 1 or table.shape[2] < 2:
+        raise NoMatch(f"the ALiBi bias {bias.name!r} is not a constant [heads, 1, positions]")
+    n = table.shape[2]
+    slopes = table[:, 0, -1] - table[:, 0, -2]
+    expected = slopes[:, None] * (np.arange(n) - (n - 1))[None, :]
+    if not np.allclose(table[:, 0, :], expected, rtol=1e-5, atol=1e-5 * np.abs(table).max()):
+        raise NoMatch(f"the ALiBi bias {bias.name!r} is not linear in the key position")
+    return tuple(float(s) for s in slopes)
 
 
 # --- the interface after the rewrite must not need what it no longer has ------------------
@@ -320,11 +362,19 @@ def _options(layer: Layer, window: int) -> dict:
         options["window"] = window
     if layer.q_norm is not None:
         options["qk_norm_epsilon"] = layer.qk_norm_epsilon
+    if layer.alibi is not None:
+        options["alibi_slopes"] = list(layer.alibi)
     return options
 
 
 def validate(
-    model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, vocab: int, window: int = 0
+    model: ir.Model,
+    layers: list[Layer],
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    window: int = 0,
+    max_positions: int | None = None,
 ) -> list[str]:
     """Run the graph before the rewrite and compare every layer with the reference."""
     graph = model.graph
@@ -341,9 +391,11 @@ def validate(
             graph.outputs.remove(v)
     head_dim = layers[0].past_key.shape[3]
     cos, sin = const(layers[0].cos_cache), const(layers[0].sin_cache)
+    if cos is not None:
+        max_positions = cos.shape[0]
     problems = []
     rng = np.random.default_rng(0)
-    for batch, seq, past in _validation_shapes(cos.shape[0]):
+    for batch, seq, past in _validation_shapes(max_positions or 2):
         feeds = {}
         for v in graph.inputs:
             if v.name == contract.INPUT_IDS:
@@ -410,10 +462,11 @@ def _rewrite(model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, wi
     position_ids = next(v for v in graph.inputs if v.name == contract.POSITION_IDS)
     for layer in layers:
         norms = [layer.q_norm, layer.k_norm] if layer.q_norm is not None else []
+        tables = [layer.cos_cache, layer.sin_cache] if layer.cos_cache is not None else []
         node = ir.node(
             "CachedAttention",
             [layer.q_proj, layer.k_proj, layer.v_proj, layer.past_key, layer.past_value,
-             position_ids, layer.cos_cache, layer.sin_cache, *norms],
+             position_ids, *tables, *norms],
             attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": layer.scale,
                         **_options(layer, window)},
             domain=contract.DOMAIN,
@@ -470,10 +523,13 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         position_ids = next((v for v in graph.inputs if v.name == contract.POSITION_IDS), None)
         if position_ids is None:
             return self._fail("no position_ids input")
+        config = metadata.config(model.metadata_props)
+        rope = config is None or config.positions == "rope"
+        alibi = config is not None and config.positions == "alibi"
         layers, failures = [], []
         for i in range(n_layers):
             try:
-                layers.append(match_layer(graph, i, position_ids))
+                layers.append(match_layer(graph, i, position_ids, rope, alibi))
             except NoMatch as e:
                 failures.append(f"layer {i}: {e}")
         if failures:
@@ -491,7 +547,6 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         if not isinstance(q_width, int) or q_width % head_dim:
             return self._fail(f"query projection {layers[0].q_proj.name!r} has no static width")
         heads = q_width // head_dim
-        config = metadata.config(model.metadata_props)
         if config is not None and (heads, kv_heads, head_dim) != (
             expected := (config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         ):
@@ -514,7 +569,8 @@ class CachedAttentionPass(ir.passes.InPlacePass):
         if self.validate:
             vocab = config.vocab_size if config else _vocab(graph)
             try:
-                problems = validate(model, layers, heads, kv_heads, vocab, window)
+                max_positions = config.max_position_embeddings if config else None
+                problems = validate(model, layers, heads, kv_heads, vocab, window, max_positions)
             except Exception as e:  # onnxruntime refusing the graph, out of memory, ...
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 problems = [f"the graph could not be run under onnxruntime: {first}"]

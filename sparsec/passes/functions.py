@@ -20,10 +20,12 @@ MIN_IR_VERSION = 10
 _HEADER = f'<domain: "{contract.DOMAIN}", opset_import: ["" : {OPSET}, "{contract.DOMAIN}" : 1]>'
 
 
-def _cached_attention_text(*, qk_norm: bool) -> str:
+def _cached_attention_text(*, qk_norm: bool, rope: bool = True, alibi: bool = False) -> str:
     """The body of ``CachedAttention``; with ``qk_norm`` it takes the two per-head RMSNorm
-    scales as inputs 8 and 9 (an overload of the op: a model's attention nodes all have
-    one form, and ``attach`` picks the body by it)."""
+    scales as inputs 8 and 9; without ``rope`` it has no cos/sin tables (inputs 0-5 only:
+    learned positions); with ``alibi`` the ``alibi_slopes`` attribute's per-head bias
+    ``slope * (slot - position)`` is added to the visible scores (MPT). Overloads of the
+    op: a model's attention nodes all have one form, and ``attach`` picks the body by it."""
     extra_inputs = ", q_norm, k_norm" if qk_norm else ""
     extra_attributes = ", qk_norm_epsilon: float = 0.000001" if qk_norm else ""
     if qk_norm:
@@ -43,17 +45,40 @@ def _cached_attention_text(*, qk_norm: bool) -> str:
         q_in, k_in = "q_in", "k_in"
     else:
         normalize, q_in, k_in = "", "q", "k"
-    return f"""
-CachedAttention
-    <num_heads, kv_num_heads, scale, rotary_dim: int = 0, window: int = 0{extra_attributes}>
-    ({q_in}, {k_in}, v, past_key, past_value, position_ids, cos_cache, sin_cache{extra_inputs})
-    => (y, present_key, present_value) {{{normalize}
+    if rope:
+        tables = ", cos_cache, sin_cache"
+        rotate = """
     q_rot = RotaryEmbedding <num_heads: int = @num_heads,
                              rotary_embedding_dim: int = @rotary_dim>
         (q, cos_cache, sin_cache, position_ids)
     k_rot = RotaryEmbedding <num_heads: int = @kv_num_heads,
                              rotary_embedding_dim: int = @rotary_dim>
-        (k, cos_cache, sin_cache, position_ids)
+        (k, cos_cache, sin_cache, position_ids)"""
+    else:
+        tables = ""
+        rotate = """
+    q_rot = Identity(q)
+    k_rot = Identity(k)"""
+    if alibi:
+        extra_attributes += ", alibi_slopes"
+        mask = """
+    slopes_1d = Constant <value_floats: floats = @alibi_slopes> ()
+    slopes_shape = Constant <value_ints = [1, -1, 1, 1]> ()
+    slopes = Reshape(slopes_1d, slopes_shape)
+    slot_float = Cast <to = 1> (slot_index)
+    position_float = Cast <to = 1> (query_position)
+    distance = Sub(slot_float, position_float)
+    alibi = Mul(distance, slopes)
+    hidden = Constant <value_float = -3.4028234663852886e38> ()
+    mask = Where(visible, alibi, hidden)"""
+        mask_name = "mask"
+    else:
+        mask, mask_name = "", "visible"
+    return f"""
+CachedAttention
+    <num_heads, kv_num_heads, scale, rotary_dim: int = 0, window: int = 0{extra_attributes}>
+    ({q_in}, {k_in}, v, past_key, past_value, position_ids{tables}{extra_inputs})
+    => (y, present_key, present_value) {{{normalize}{rotate}
     axis0 = Constant <value_ints = [0]> ()
     axis1 = Constant <value_ints = [1]> ()
     axis_last = Constant <value_ints = [-1]> ()
@@ -97,9 +122,9 @@ CachedAttention
     reach = Where(no_window, unlimited, window_size)
     oldest = Sub(query_position, reach)
     in_window = Greater(slot_index, oldest)
-    visible = And(causal, in_window)
+    visible = And(causal, in_window){mask}
     q_heads = Transpose <perm = [0, 2, 1, 3]> (q4)
-    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, visible)
+    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, {mask_name})
     y_tokens = Transpose <perm = [0, 2, 1, 3]> (y_heads)
     y_shape = Constant <value_ints = [0, 0, -1]> ()
     y = Reshape(y_tokens, y_shape)
@@ -111,6 +136,11 @@ FUNCTION_TEXT = {
 SkipRMSNormalization <epsilon: float = 0.00001> (x, skip, scale) => (y, sum) {
     sum = Add(x, skip)
     y = RMSNormalization <axis = -1, epsilon: float = @epsilon> (sum, scale)
+}""",
+    "SkipLayerNormalization": """
+SkipLayerNormalization <epsilon: float = 0.00001> (x, skip, scale, bias) => (y, sum) {
+    sum = Add(x, skip)
+    y = LayerNormalization <axis = -1, epsilon: float = @epsilon> (sum, scale, bias)
 }""",
     "PerTokenFakeQuant": """
 PerTokenFakeQuant (x) => (y) {
@@ -151,9 +181,10 @@ SwiGLU <quantize_activations: int = 0> (x, w_gate, w_up, w_down) => (y) {{
 _DEPENDS = {"SwiGLU": ("PerTokenFakeQuant",)}
 
 
-def function_protos(op_types, *, qk_norm: bool = False):
+def function_protos(op_types, *, qk_norm: bool = False, rope: bool = True, alibi: bool = False):
     """``onnx.FunctionProto`` definitions of ``op_types`` and the ops they call;
-    ``qk_norm``: the CachedAttention form with q/k norm inputs."""
+    ``qk_norm``/``rope``/``alibi``: the CachedAttention form (with q/k norm inputs, with
+    RoPE, with ALiBi)."""
     import onnx.parser
 
     wanted: list[str] = []
@@ -164,21 +195,29 @@ def function_protos(op_types, *, qk_norm: bool = False):
             if name not in wanted:
                 wanted.append(name)
     texts = dict(FUNCTION_TEXT)
-    if qk_norm:
-        texts["CachedAttention"] = _cached_attention_text(qk_norm=True)
+    if qk_norm or not rope or alibi:
+        texts["CachedAttention"] = _cached_attention_text(qk_norm=qk_norm, rope=rope, alibi=alibi)
     return [onnx.parser.parse_function(_HEADER + texts[name]) for name in wanted]
 
 
-def attention_qk_norm(model) -> bool:
-    """Whether ``model``'s CachedAttention nodes take q/k norm scales (all or none)."""
+# CachedAttention's forms by input count: (q/k norm, RoPE).
+ATTENTION_FORMS = {8: (False, True), 10: (True, True), 6: (False, False)}
+
+
+def attention_form(model) -> dict:
+    """``{"qk_norm": bool, "rope": bool, "alibi": bool}``: the form of ``model``'s
+    CachedAttention nodes (all have one)."""
     forms = {
-        len(node.inputs) > 8
+        (ATTENTION_FORMS.get(len(node.inputs)), "alibi_slopes" in node.attributes)
         for node in model.graph
         if node.domain == contract.DOMAIN and node.op_type == "CachedAttention"
     }
+    if any(inputs is None for inputs, _ in forms):
+        raise ValueError("a CachedAttention node has neither 6, 8 nor 10 inputs")
     if len(forms) > 1:
-        raise ValueError("CachedAttention nodes mix the forms with and without q/k norm")
-    return forms == {True}
+        raise ValueError("CachedAttention nodes mix forms (q/k norm, RoPE, ALiBi)")
+    (qk_norm, rope), alibi = forms.pop() if forms else ((False, True), False)
+    return {"qk_norm": qk_norm, "rope": rope, "alibi": alibi}
 
 
 def sparsec_ops(model) -> list[str]:
@@ -209,7 +248,7 @@ def attach(model) -> None:
         return
     raise_opset(model)
     model.opset_imports[contract.DOMAIN] = contract.DOMAIN_VERSION
-    for proto in function_protos(ops, qk_norm=attention_qk_norm(model)):
+    for proto in function_protos(ops, **attention_form(model)):
         function = ir.serde.deserialize_function(proto)
         model.functions[function.identifier()] = function
 
@@ -227,7 +266,7 @@ def _with_functions(proto, model):
     ops = sparsec_ops(model)
     if ops:
         have = {(f.domain, f.name) for f in proto.functions}
-        for function in function_protos(ops, qk_norm=attention_qk_norm(model)):
+        for function in function_protos(ops, **attention_form(model)):
             if (function.domain, function.name) not in have:
                 proto.functions.append(function)
         versions = {o.domain: o for o in proto.opset_import}

@@ -34,8 +34,11 @@ def weight_initializers(value: ir.Value) -> tuple[ir.Value, ir.Value | None] | N
 
 
 def _matmul_of(value: ir.Value) -> ir.Node | None:
-    """The MatMul computing ``value`` (a projection output)."""
+    """The MatMul computing ``value`` (a projection output, maybe through its bias Add)."""
     node = value.producer()
+    if is_op(node, "Add"):
+        computed = [v for v in node.inputs if v.const_value is None]
+        node = computed[0].producer() if len(computed) == 1 else None
     return node if is_op(node, "MatMul") else None
 
 
@@ -63,6 +66,7 @@ def assign_roles(graph: ir.Graph) -> tuple[dict, dict]:
             nodes[id(node)] = (f"layers.{layer}." if layer is not None else "") + role
 
     proj_to_layer: dict[int, int] = {}
+    mlp_to_layer: dict[int, int] = {}
     layer = None
     for node in graph:
         if is_op(node, "CachedAttention", contract.DOMAIN):
@@ -85,6 +89,14 @@ def assign_roles(graph: ir.Graph) -> tuple[dict, dict]:
                 node.inputs[1:4], ("gate_proj", "up_proj", "down_proj"), strict=False
             ):
                 claim(value, layer, f"mlp.{role}")
+        elif node.op_type in ("Relu", "Gelu") and node.domain == "" and layer is not None:
+            up = _matmul_of(node.inputs[0])  # a plain MLP: up, activation, down
+            if up is not None:
+                claim(up.inputs[1], layer, "mlp.up_proj", up)
+                mlp_to_layer[id(up)] = layer
+            for user in _reads_through_quant(node.outputs[0]):
+                if is_op(user, "MatMul"):
+                    claim(user.inputs[1], layer, "mlp.down_proj", user)
         elif is_op(node, "Gather") and node.inputs[1].name == contract.INPUT_IDS:
             claim(node.inputs[0], None, "embed_tokens", node)
         elif is_op(node, "MatMul") and node.outputs[0].name == contract.LOGITS:
@@ -92,10 +104,13 @@ def assign_roles(graph: ir.Graph) -> tuple[dict, dict]:
     # Norms: named after what reads them.
     for node in graph:
         if not (
-            is_op(node, "RMSNormalization") or is_op(node, "SkipRMSNormalization", contract.DOMAIN)
+            is_op(node, "RMSNormalization")
+            or is_op(node, "LayerNormalization")
+            or is_op(node, "SkipRMSNormalization", contract.DOMAIN)
+            or is_op(node, "SkipLayerNormalization", contract.DOMAIN)
         ):
             continue
-        scale = node.inputs[1] if node.op_type == "RMSNormalization" else node.inputs[2]
+        scale = node.inputs[1] if node.domain == "" else node.inputs[2]
         readers = _reads_through_quant(node.outputs[0])
         role, where = None, None
         for r in readers:
@@ -103,6 +118,8 @@ def assign_roles(graph: ir.Graph) -> tuple[dict, dict]:
                 role, where = "input_layernorm", proj_to_layer[id(r)]
             elif is_op(r, "SwiGLU", contract.DOMAIN) and id(r) in nodes:
                 role, where = "post_attention_layernorm", int(nodes[id(r)].split(".")[1])
+            elif id(r) in mlp_to_layer:
+                role, where = "post_attention_layernorm", mlp_to_layer[id(r)]
             elif is_op(r, "MatMul") and r.outputs[0].name == contract.LOGITS:
                 role, where = "norm", None
         if role is not None:

@@ -1,7 +1,9 @@
 """The pass pipeline of ``sparsec optimize``: exported graph in, optimized graph out.
 
-Order matters: cleanup first (constants, no-op casts), weights into the int8 form and
-activation fake-quant into its op before the MLP fusion looks for them, fused
+Order matters: Gemm as MatMul before anything (the cleanup would fold its weight's
+transpose eagerly), cleanup next (constants, no-op casts), weights into the int8 form and
+activation fake-quant into its op before the MLP fusion looks for them, the tokens
+unflattened (OPT's MLP) and learned-position offsets folded before the fusions, fused
 projections (Phi-3's qkv_proj, gate_up_proj) split before the fusions match them, RMSNorm before
 the residual add that precedes it, RoPE before the attention that reads it, and the
 weight names before the sparsity record that uses them.
@@ -20,6 +22,7 @@ from sparsec.passes.report import OptimizeReport, op_counts
 
 ALLOWED_OPS = frozenset(
     {"Gather", "MatMul", "Add", "RMSNormalization", "DequantizeLinear"}
+    | {"LayerNormalization", "Relu", "Gelu"}
     | {f"{contract.DOMAIN}.{op}" for op in functions.FUNCTION_TEXT}
 )
 
@@ -44,10 +47,15 @@ def optimize(model, *, validate: bool | None = None, check: bool = True):
     from sparsec.passes.attention import CachedAttentionPass
     from sparsec.passes.cleanup import CleanupPass
     from sparsec.passes.fake_quant import FakeQuantPass
+    from sparsec.passes.flatten import RowFlattenPass
+    from sparsec.passes.gelu import GeluPass
+    from sparsec.passes.gemm import GemmToMatMulPass
     from sparsec.passes.names import NameWeightsPass
+    from sparsec.passes.positions import LearnedPositionsPass
     from sparsec.passes.qdq import FoldWeightQDQPass
     from sparsec.passes.rmsnorm import RMSNormPass
     from sparsec.passes.rope import RoPEPass
+    from sparsec.passes.skip_layernorm import SkipLayerNormPass
     from sparsec.passes.skip_rmsnorm import SkipRMSNormPass
     from sparsec.passes.sparsity import SparsityRecordPass
     from sparsec.passes.split_linear import SplitFusedLinearPass
@@ -70,12 +78,17 @@ def optimize(model, *, validate: bool | None = None, check: bool = True):
             )
     names = NameWeightsPass()
     passes = [
+        GemmToMatMulPass(),
         CleanupPass(),
         FoldWeightQDQPass(),
         FakeQuantPass(),
+        GeluPass(),
+        RowFlattenPass(),
+        LearnedPositionsPass(),
         SplitFusedLinearPass(),
         RMSNormPass(),
         SkipRMSNormPass(),
+        SkipLayerNormPass(),
         RoPEPass(),
         CachedAttentionPass(validate=validate),
         SwiGLUPass(),

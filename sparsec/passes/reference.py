@@ -40,6 +40,52 @@ def skip_rms_normalization(
     return rms_normalization(total, scale, epsilon=epsilon), total
 
 
+def layer_normalization(
+    x: np.ndarray,
+    scale: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+) -> np.ndarray:
+    """ONNX ``LayerNormalization`` (stash_type float32): ``(x - mean) / sqrt(var +
+    epsilon) * scale (+ bias)`` over ``axis..-1``, ``var`` the mean of squared
+    deviations."""
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    x32 = x.astype(np.float32)
+    centered = x32 - np.mean(x32, axis=axes, keepdims=True)
+    var = np.mean(np.square(centered), axis=axes, keepdims=True)
+    y = centered / np.sqrt(var + np.float32(epsilon)) * scale
+    return (y if bias is None else y + bias).astype(x.dtype)
+
+
+def skip_layer_normalization(
+    x: np.ndarray,
+    skip: np.ndarray,
+    scale: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    epsilon: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sparsec.SkipLayerNormalization``: ``sum = x + skip``, ``y = LayerNorm(sum) *
+    scale (+ bias)``; returns ``(y, sum)``."""
+    total = x + skip
+    return layer_normalization(total, scale, bias, epsilon=epsilon), total
+
+
+def gelu(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    """ONNX ``Gelu``: ``0.5 x (1 + erf(x / sqrt 2))``, or with ``approximate = "tanh"``
+    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``; computed in float64."""
+    from math import erf, pi, sqrt
+
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        inner = np.tanh(sqrt(2 / pi) * (x64 + 0.044715 * x64**3))
+    else:
+        inner = np.vectorize(erf, otypes=[np.float64])(x64 / sqrt(2))
+    return (0.5 * x64 * (1 + inner)).astype(x.dtype)
+
+
 def rotary_embedding(
     x: np.ndarray,
     positions: np.ndarray,
@@ -72,8 +118,8 @@ def cached_attention(
     past_key: np.ndarray,
     past_value: np.ndarray,
     position_ids: np.ndarray,
-    cos_cache: np.ndarray,
-    sin_cache: np.ndarray,
+    cos_cache: np.ndarray | None = None,
+    sin_cache: np.ndarray | None = None,
     q_norm: np.ndarray | None = None,
     k_norm: np.ndarray | None = None,
     *,
@@ -83,15 +129,18 @@ def cached_attention(
     rotary_dim: int = 0,
     window: int = 0,
     qk_norm_epsilon: float = 1e-6,
+    alibi_slopes: list[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sparsec.CachedAttention``: RoPE on q and k, the new keys/values written into
-    the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
-    slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``.
+        the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
+        slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``.
 
-    Optional parts (docs/graph-contract.md section 3): ``q_norm``/``k_norm`` ``[hd]``
-    scales of a per-head RMSNorm of q and k before RoPE (Qwen3), ``rotary_dim`` (only
-    the first features rotate; 0: all), ``window`` (a query at position p sees slots
-    ``p-window+1..p`` only; 0: all)."""
+        Optional parts (docs/graph-contract.md section 3): ``q_norm``/``k_norm`` ``[hd]``
+        scales of a per-head RMSNorm of q and k before RoPE (Qwen3), ``rotary_dim`` (only
+        the first features rotate; 0: all; no ``cos_cache``/``sin_cache``: no RoPE, for
+        learned positions), ``alibi_slopes`` (one per head: the score of slot ``j`` from a
+    query at ``p`` gets ``+ slope * (j - p)``, MPT), ``window`` (a query at position p sees slots
+        ``p-window+1..p`` only; 0: all)."""
     batch, seq, _ = q.shape
     capacity, head_dim = past_key.shape[2], past_key.shape[3]
     if num_heads % kv_num_heads:
@@ -108,8 +157,9 @@ def cached_attention(
     if q_norm is not None:
         qh = rms_normalization(qh, q_norm, epsilon=qk_norm_epsilon)
         kh = rms_normalization(kh, k_norm, epsilon=qk_norm_epsilon)
-    qh = rotary_embedding(qh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
-    kh = rotary_embedding(kh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
+    if cos_cache is not None:
+        qh = rotary_embedding(qh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
+        kh = rotary_embedding(kh, positions, cos_cache, sin_cache, rotary_dim=rotary_dim)
     vh = v.reshape(batch, seq, kv_num_heads, head_dim)
     present_key, present_value = past_key.copy(), past_value.copy()
     for b in range(batch):
@@ -124,7 +174,11 @@ def cached_attention(
             for h in range(num_heads):
                 keys = present_key[b, h // group, first:last]
                 values = present_value[b, h // group, first:last]
-                weights = _softmax(np.float32(scale) * (keys @ qh[b, s, h]))
+                scores = np.float32(scale) * (keys @ qh[b, s, h])
+                if alibi_slopes is not None:
+                    distance = np.arange(first, last) - positions[b, s]
+                    scores = scores + np.float32(alibi_slopes[h]) * distance.astype(np.float32)
+                weights = _softmax(scores)
                 y[b, s, h] = weights @ values
     return y.reshape(batch, seq, num_heads * head_dim), present_key, present_value
 
@@ -203,11 +257,19 @@ def _run_node(node, args: list) -> list[np.ndarray]:
                 args[0], args[1], epsilon=a.get("epsilon", 1e-5), axis=a.get("axis", -1)
             )
         ]
+    if op == ("", "LayerNormalization"):
+        return [layer_normalization(*args, epsilon=a.get("epsilon", 1e-5), axis=a.get("axis", -1))]
+    if op == ("", "Relu"):
+        return [np.maximum(args[0], np.float32(0))]
+    if op == ("", "Gelu"):
+        return [gelu(args[0], a.get("approximate", "none"))]
     if op == ("", "DequantizeLinear"):
         zp = args[2] if len(args) > 2 else None
         return [dequantize_linear(args[0], args[1], zp, axis=a.get("axis", 1))]
     if op == ("sparsec", "SkipRMSNormalization"):
         return list(skip_rms_normalization(*args, epsilon=a.get("epsilon", 1e-5)))
+    if op == ("sparsec", "SkipLayerNormalization"):
+        return list(skip_layer_normalization(*args, epsilon=a.get("epsilon", 1e-5)))
     if op == ("sparsec", "CachedAttention"):
         return list(
             cached_attention(
@@ -218,6 +280,7 @@ def _run_node(node, args: list) -> list[np.ndarray]:
                 rotary_dim=a.get("rotary_dim", 0),
                 window=a.get("window", 0),
                 qk_norm_epsilon=a.get("qk_norm_epsilon", 1e-6),
+                alibi_slopes=a.get("alibi_slopes"),
             )
         )
     if op == ("sparsec", "SwiGLU"):

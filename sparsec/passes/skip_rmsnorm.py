@@ -17,6 +17,18 @@ from sparsec.passes._graph import attr
 from sparsec.passes._rules import RuleSetPass
 
 
+def residual_add_failure(x, skip) -> str | None:
+    """Why ``Add(x, skip)`` is not a residual add of two ``[B, S, D]`` rows, or None."""
+    for v in (x, skip):
+        if v.shape is not None and v.shape.rank() != 3:
+            return f"{v.name!r} is not [B, S, D]"
+    if x.shape is not None and skip.shape is not None:
+        for a, b in zip(x.shape, skip.shape, strict=True):
+            if isinstance(a, int) and isinstance(b, int) and a != b:
+                return "the add broadcasts (a bias, not a residual)"
+    return None
+
+
 class _SkipRMSNorm(pattern.RewriteRuleClassBase):
     def __init__(self):
         super().__init__(name="SkipRMSNorm")
@@ -31,14 +43,8 @@ class _SkipRMSNorm(pattern.RewriteRuleClassBase):
         norm = y.producer()
         if attr(norm, "axis", -1) != -1 or attr(norm, "stash_type", 1) != 1:
             return result.fail("RMSNormalization is not over the last axis in float32", norm)
-        for v in (x, skip):
-            if v.shape is not None and v.shape.rank() != 3:
-                return result.fail(f"{v.name!r} is not [B, S, D]", v)
-        if x.shape is not None and skip.shape is not None:
-            for a, b in zip(x.shape, skip.shape, strict=True):
-                if isinstance(a, int) and isinstance(b, int) and a != b:
-                    return result.fail("the add broadcasts (a bias, not a residual)", [x, skip])
-        return result
+        why = residual_add_failure(x, skip)
+        return result.fail(why, [x, skip]) if why else result
 
     def rewrite(self, op, x, skip, scale, y, **_):
         return op.SkipRMSNormalization(

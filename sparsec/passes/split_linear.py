@@ -7,6 +7,9 @@ initializer or the contract's ``DequantizeLinear(int8 [in, out], scale [out], ax
 (split with its scales). The blocks must tile the columns exactly (no overlap, no
 column unread).
 
+A constant ``[out]`` bias ``Add`` between the MatMul and the cut (GPT-2's ``c_attn``) is
+cut with it: each block gets its MatMul and its part of the bias.
+
 Phi-3 stores q|k|v as one ``qkv_proj`` and gate|up as one ``gate_up_proj``; after the
 split the graph has the Llama form, so the attention and SwiGLU fusions match it as
 they are, and the code generator fuses the MatMuls that share an input back into one
@@ -83,6 +86,23 @@ def _blocks(out: ir.Value, width: int) -> list[tuple[ir.Value, int, int]] | None
     return blocks if edges[-1] == width and len(blocks) > 1 else None
 
 
+def _index(add: ir.Node, out_of: ir.Node) -> int:
+    """Which input of ``add`` the MatMul ``out_of`` computes."""
+    return 0 if add.inputs[0] is out_of.outputs[0] else 1
+
+
+def _bias_add(out: ir.Value, width: int) -> ir.Node | None:
+    """The one ``Add`` of a constant ``[width]`` bias that alone reads ``out``, if any."""
+    users = list(out.uses())
+    if len(users) != 1 or not is_op(users[0][0], "Add"):
+        return None
+    add = users[0][0]
+    bias = const(add.inputs[1 - users[0][1]])
+    if bias is None or bias.shape != (width,) or add.outputs[0].is_graph_output():
+        return None
+    return add
+
+
 class SplitFusedLinearPass(ir.passes.InPlacePass):
     """``Slice``/``Split`` of ``MatMul(x, W)`` columns -> one MatMul per block."""
 
@@ -101,7 +121,11 @@ class SplitFusedLinearPass(ir.passes.InPlacePass):
             if found is None:
                 continue
             w, scale, dq = found
-            blocks = _blocks(node.outputs[0], w.shape[1])
+            out, bias = node.outputs[0], None
+            add = _bias_add(out, w.shape[1])
+            if add is not None:
+                out, bias = add.outputs[0], const(add.inputs[1 - _index(add, out_of=node)])
+            blocks = _blocks(out, w.shape[1])
             if blocks is None:
                 continue
             base = (dq.inputs[0] if dq is not None else node.inputs[1]).name
@@ -119,8 +143,15 @@ class SplitFusedLinearPass(ir.passes.InPlacePass):
                 mm.outputs[0].name = unique_name(taken, f"{node.outputs[0].name}.cols{start}")
                 mm.outputs[0].shape, mm.outputs[0].type = value.shape, value.type
                 graph.insert_after(at, mm)
-                at = mm
-                ir.convenience.replace_all_uses_with(value, mm.outputs[0])
+                at, result = mm, mm.outputs[0]
+                if bias is not None:
+                    b = add_initializer(graph, taken, f"{base}.bias.cols{start}", bias[start:end])
+                    plus = ir.node("Add", [result, b], name=unique_name(taken, f"{mm.name}.bias"))
+                    plus.outputs[0].name = unique_name(taken, f"{result.name}.biased")
+                    plus.outputs[0].shape, plus.outputs[0].type = value.shape, value.type
+                    graph.insert_after(at, plus)
+                    at, result = plus, plus.outputs[0]
+                ir.convenience.replace_all_uses_with(value, result)
             count += 1
         if count:
             common.RemoveUnusedNodesPass()(model)

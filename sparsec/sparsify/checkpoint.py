@@ -5,6 +5,10 @@ written to ``next/`` and swapped in with renames, so a crash or an out-of-memory
 any moment leaves either the old or the new checkpoint complete, never a mix. A save that
 fails (a full disk) removes its ``next/`` and keeps the last complete checkpoint.
 
+A distributed distillation's checkpoint (``save_sharded``) also holds ``sharded/``, the
+model and optimizer written by every rank with torch.distributed.checkpoint; rank 0
+writes state.json and tensors.pt (the masks, the schedule) after it and swaps it in.
+
 ``GracefulInterrupt`` turns the first Ctrl-C into a flag that the long loops check
 between layers or steps: they then save a checkpoint and stop. A second Ctrl-C
 interrupts at once (the last checkpoint stays usable).
@@ -30,9 +34,12 @@ import torch
 from safetensors import SafetensorError
 
 from sparsec.errors import SparsecError
+from sparsec.interrupts import Terminated, request_stop
 
 # The folders a checkpoint is made of: remove() deletes these, never anything else.
 _PARTS = ("next", "current", "old")
+# Inside one: the torch.distributed.checkpoint folder of a distributed distillation.
+SHARDED = "sharded"
 
 
 class Checkpoint:
@@ -50,19 +57,56 @@ class Checkpoint:
         return self._complete() is not None
 
     def save(self, state: dict, tensors: dict) -> None:
-        nxt, cur, old = (self.folder / n for n in _PARTS)
-        kept = f"any earlier checkpoint in {self.folder} is kept for --resume"
-        try:
-            with write_errors(self.folder, kept):
+        self._write_next(state, tensors, fresh=True)
+        self._swap()
+
+    def save_sharded(self, state: dict, tensors: dict, sharded: dict, ranks) -> None:
+        """Collective over ``ranks``: each writes its shards of ``sharded`` (model and
+        optimizer, torch.distributed.checkpoint) into ``next/sharded/``; then rank 0
+        writes ``state`` (marked ``"sharded"``) and ``tensors`` beside them and swaps the
+        whole in. Every rank returns once the new checkpoint is in place."""
+        from sparsec.sparsify import fsdp
+
+        nxt = self.folder / "next"
+        if ranks.main:
+            with write_errors(self.folder, self._kept):
                 self.folder.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(nxt, ignore_errors=True)
                 nxt.mkdir()
+        ranks.barrier()
+        try:
+            with write_errors(nxt, self._kept):
+                fsdp.save_sharded(sharded, nxt / SHARDED)  # fails on every rank if on one
+            if ranks.main:
+                self._write_next({**state, "sharded": ranks.world_size}, tensors, fresh=False)
+                self._swap()
+        except BaseException:
+            if ranks.main:
+                shutil.rmtree(nxt, ignore_errors=True)
+            raise
+        ranks.barrier()
+
+    @property
+    def _kept(self) -> str:
+        return f"any earlier checkpoint in {self.folder} is kept for --resume"
+
+    def _write_next(self, state: dict, tensors: dict, fresh: bool) -> None:
+        nxt = self.folder / "next"
+        try:
+            with write_errors(self.folder, self._kept):
+                if fresh:
+                    self.folder.mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(nxt, ignore_errors=True)
+                    nxt.mkdir()
                 with open(nxt / "tensors.pt", "wb") as file:
                     torch_save(tensors, file)
                 (nxt / "state.json").write_text(json.dumps(state, indent=1) + "\n")
         except BaseException:
             shutil.rmtree(nxt, ignore_errors=True)  # never a half-written checkpoint
             raise
+
+    def _swap(self) -> None:
+        nxt, cur, old = (self.folder / n for n in _PARTS)
         shutil.rmtree(old, ignore_errors=True)
         if cur.exists():
             os.replace(cur, old)
@@ -113,7 +157,21 @@ class Checkpoint:
         return tensors
 
     def load(self) -> tuple[dict, dict]:
-        return self.load_state(), self.load_tensors()
+        """``(state, tensors)``; a distributed distillation's checkpoint has no "model" in
+        its tensors (``sharded_folder`` holds it) and ``state["sharded"]``, the world size
+        it was written with."""
+        state = self.load_state()
+        if not state.get("sharded"):
+            return state, self.load_tensors()
+        return state, self.load_tensors(required=("masks", "schedule"))
+
+    def sharded_folder(self) -> Path:
+        """The torch.distributed.checkpoint folder of a distributed distillation's
+        checkpoint."""
+        folder = self._found() / SHARDED
+        if not (folder / ".metadata").is_file():
+            raise self._corrupt(folder, "no .metadata: not a whole sharded checkpoint")
+        return folder
 
     def _found(self) -> Path:
         found = self._complete()
@@ -139,27 +197,61 @@ class Checkpoint:
 
 
 class GracefulInterrupt:
-    """Within ``with``: the first SIGINT sets ``requested``; the second raises at once."""
+    """Within ``with``: the first SIGINT sets ``requested``; the second raises at once.
 
-    def __init__(self):
+    ``terminate``: SIGTERM is handled the same way (under torchrun, where the agent
+    passes a SIGTERM on to every rank and kills them 30 s later). ``escalate`` False: a
+    second signal only repeats the request (under torchrun, which passes the terminal's
+    Ctrl-C on, so every rank sees it twice). ``stop()`` is the exception that ends the
+    run once the request was honoured.
+    """
+
+    def __init__(self, terminate: bool = False):
         self.requested = False
-        self._previous = None
+        self.signal: int | None = None
+        self.escalate = True
+        self._signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+        self._previous: dict = {}
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and self.escalate:
+            if signum == signal.SIGTERM:
+                request_stop(signum)
+                raise Terminated
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signum
+
+    def stop(self) -> KeyboardInterrupt:
+        """Terminated after a SIGTERM (recorded, so the CLI exits 143), else
+        KeyboardInterrupt, also on a rank that stops for another rank's signal."""
+        if self.signal == signal.SIGTERM:
+            request_stop(signal.SIGTERM)
+            return Terminated()
+        return KeyboardInterrupt()
+
+    def alone(self) -> None:
+        """From here one process works on alone (rank 0 after a torchrun job's shared
+        stages): SIGTERM stops it at once again, and a stop already asked for stops it now
+        (the last checkpoint stays)."""
+        previous = self._previous.pop(signal.SIGTERM, None)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if self.requested:
+            raise self.stop()
 
     def __enter__(self) -> GracefulInterrupt:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-            self._previous = None
+        for signum in self._signals:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
 
 
 class _RecordingWriter:

@@ -41,7 +41,8 @@ def register(sub) -> None:
         "further, with --teacher naming the dense model: gradual pruning in stages, "
         "such as 50% then 70%. "
         "Under 'torchrun --nproc-per-node N -m sparsec sparsify ...' the N processes share "
-        "the SparseGPT calibration (rank 0 writes the output). "
+        "the SparseGPT calibration and distill with FSDP2, each on --batch-size / N "
+        "sequences of every batch (rank 0 writes the output; --resume works on any N). "
         f"Data sources: {DATA_HELP}.",
     )
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
@@ -119,7 +120,26 @@ def register(sub) -> None:
         "teacher's next-token distribution (logit distillation); or ce+kl, both",
     )
     p.add_argument(
-        "--int8", action="store_true", help="W8A8: int8-grid weights + quantization.json"
+        "--int8",
+        action="store_true",
+        help="W8A8: int8-grid weights (+ quantization.json, or int8 tensors with "
+        "--format compressed-tensors)",
+    )
+    p.add_argument(
+        "--format",
+        dest="output_format",
+        choices=["hf", "compressed-tensors"],
+        default="hf",
+        help="how OUTPUT stores the weights. hf (default): a plain Hugging Face folder, "
+        "float32 safetensors with exact zeros (and quantization.json with --int8); every "
+        "tool and every sparsec version reads it, so it stays the default. "
+        "compressed-tensors: the checkpoint format of llm-compressor, which vLLM and "
+        "transformers (with compressed-tensors installed) load: config.json's "
+        "quantization_config records the sparsity (sparsity_config) and, with --int8, the "
+        "Linears are stored as int8 with per-channel scales (W8A8, activations per token): "
+        "4x smaller Linears, 0.41 of the float32 folder for SmolLM2-135M. The zeros are "
+        "stored as zeros (compressed-tensors 0.15+ has no bitmask compression). sparsec "
+        "export and build read both formats",
     )
     p.add_argument(
         "--no-smoothing",

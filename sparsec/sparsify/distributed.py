@@ -17,9 +17,11 @@ the weights of every Linear of it; the ranks stay identical because the solve is
 deterministic on identical inputs (same code, same device type). OWL's per-column
 statistics are summed the same way.
 
-What is not (yet): distillation, smoothing and evaluation run on rank 0 alone after
-pruning (ranks > 0 leave when the walk is done); checkpoints of a sharded walk (each rank
-holds only its share of the activations) and ``--resume`` under torchrun.
+After the walk the ranks distill together, the student and teacher sharded with FSDP2
+and each rank on its share of every batch (fsdp.py); ``all_sum``, ``any_of`` and
+``batch_share`` are what that needs here. What is not (yet): smoothing and the
+evaluations after distillation run on rank 0 alone; checkpoints of a sharded walk (each
+rank holds only its share of the activations).
 
 Failures: collectives time out after ``SPARSEC_DIST_TIMEOUT`` seconds (default 600: the
 ranks do the same work between two collectives, so a wait that long means a rank is stuck);
@@ -104,12 +106,50 @@ class Ranks:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on one (a Ctrl-C seen by any rank)."""
+        return self.any_of(flag)[0]
+
+    def any_of(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag True on every rank when it is True on one, in one collective."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
+            return flags
+        value = torch.tensor([int(f) for f in flags], device=self.device)
         with _collective(self):
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return tuple(bool(v) for v in value.tolist())
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks (float64, on ``values``' device)."""
+        if not self.distributed:
+            return values.double()
+        summed = values.to(self.device, torch.float64)  # a copy: NCCL needs the GPU's
+        with _collective(self):
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(values.device)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            with _collective(self):
+                dist.barrier()
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world_size:
+            raise SparsecError(batch_error(batch_size, self.world_size))
+
+    def batch_share(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's rows of a global batch: rows ``rank * b/N`` to ``(rank + 1) * b/N``."""
+        if not self.distributed:
+            return tensors
+        rows = tensors[0].shape[0] // self.world_size
+        return tuple(t[self.rank * rows : (self.rank + 1) * rows] for t in tensors)
+
+
+def batch_error(batch_size: int, world_size: int) -> str:
+    fits = -(-batch_size // world_size) * world_size
+    return (
+        f"--batch-size {batch_size} does not split over the {world_size} ranks of this "
+        f"torchrun job (each rank trains on an equal share of every batch): pass a "
+        f"multiple of {world_size}, such as --batch-size {fits}"
+    )
 
 
 @contextlib.contextmanager
@@ -133,7 +173,12 @@ def _reason(e: BaseException) -> str:
 
 def launched() -> bool:
     """Started by torchrun (or another launcher setting its variables) with 2+ ranks."""
-    return _env_int("WORLD_SIZE", 1) > 1
+    return world_size() > 1
+
+
+def world_size() -> int:
+    """The job's ranks as torchrun's WORLD_SIZE says (1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def timeout() -> timedelta:

@@ -20,6 +20,12 @@ import torch
 CHUNK = 64  # tokens a chunk: 12.6 MB of float32 logits at SmolLM2's vocabulary
 
 
+def target_counts(input_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[int, int]:
+    """``(real next-token targets, real tokens)`` of a batch: what the cross-entropy and
+    the KL term are averaged over."""
+    return int((_targets(input_ids, token_mask) >= 0).sum()), int(token_mask.bool().sum())
+
+
 def _targets(input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Next-token targets per position, -100 where there is none (last position, padding)."""
     targets = torch.full_like(input_ids, -100)
@@ -32,13 +38,18 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     Returns ``(loss, ce, kl)``; ``ce`` and ``kl`` are for logging (``kl`` is NaN without a
     teacher). Matmuls run in ``dtype`` (bfloat16 under ``--bf16``), softmaxes in float32.
+    ``counts``: the ``(targets, KL rows)`` the sums are divided by, when they are not this
+    batch's own (a rank's share of a global batch divides by the global counts).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, kl_rows, weights):
-        ce_weight, kl_weight, dtype = weights
-        n_ce = max(1, int((targets >= 0).sum()))
-        n_kl = max(1, int(kl_rows.sum()))
+        ce_weight, kl_weight, dtype, counts = weights
+        if counts is None:
+            n_ce = max(1, int((targets >= 0).sum()))
+            n_kl = max(1, int(kl_rows.sum()))
+        else:
+            n_ce, n_kl = (max(1, int(n)) for n in counts)
         w = weight.to(dtype)
         wt = teacher_weight.to(dtype) if teacher_hidden is not None else None
         h_all = hidden.to(dtype)
@@ -106,6 +117,7 @@ def fused_head_loss(
     kl_weight: float = 0.0,
     teacher_hidden: torch.Tensor | None = None,
     teacher_head_weight: torch.Tensor | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """Output loss from the final (normed) hidden states ``[batch, seq, dim]`` and the head.
 
@@ -113,6 +125,10 @@ def fused_head_loss(
     ``language_model_loss``), plus with a teacher the KL divergence from its next-token
     distribution (mean over real tokens, as ``logit_kl_loss``). Returns the weighted loss
     and the unweighted ``ce`` and ``kl`` (NaN without a teacher) as floats.
+
+    ``counts``: the number of real targets and of real tokens to take the means over, in
+    place of this batch's own (``target_counts``): under torchrun a rank's share of a
+    batch is divided by the whole batch's counts, so the shares' losses sum to its loss.
     """
     if (teacher_hidden is None) != (teacher_head_weight is None):
         raise ValueError("teacher_hidden and teacher_head_weight go together")
@@ -128,6 +144,6 @@ def fused_head_loss(
         None if teacher_head_weight is None else teacher_head_weight.detach(),
         _targets(input_ids, token_mask).reshape(-1),
         token_mask.reshape(-1).bool(),
-        (float(ce_weight), float(kl_weight), dtype),
+        (float(ce_weight), float(kl_weight), dtype, counts),
     )
     return loss, ce.item(), kl.item()

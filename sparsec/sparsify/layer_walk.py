@@ -160,19 +160,24 @@ def walk_layer(
 
 # --- where a group's input comes from (for folding scales into it) ----------------------
 _MULTIPLY = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_LAYER_NORM = {nn.functional.layer_norm, torch.layer_norm}
+_RELU = {nn.functional.relu, torch.relu, torch.Tensor.relu}
 
 
 @dataclass(frozen=True)
 class InputSource:
     """What a Linear group's input is the product of, when a per-channel scale of that
-    input can be folded exactly into a weight: a 1-D parameter (a norm's weight), or the
-    rows of a Linear (the ``up`` of a gated MLP, its output times the activation).
+    input can be folded exactly into a weight: a 1-D parameter (a norm's weight, with
+    its ``bias`` for a LayerNorm), or the rows of a Linear (the ``up`` of a gated MLP, its
+    output times the activation; a ReLU MLP's ``fc1``, since relu(z) / s = relu(z / s)
+    for s > 0).
 
     ``rows``: the Linear's output rows the input is, where it is a slice of a wider output
     (Phi-3's ``gate_up_proj``: the up half of the rows); None: all of them.
     """
 
     parameter: nn.Parameter | None = None
+    bias: nn.Parameter | None = None  # added after ``parameter`` scales (LayerNorm)
     linear: nn.Linear | None = None
     rows: slice | None = None
 
@@ -188,9 +193,14 @@ class _Producers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        recorded = args
+        if func in _LAYER_NORM and kwargs:  # F.layer_norm passes weight and bias by name
+            names = ("input", "normalized_shape", "weight", "bias")
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            recorded = tuple(bound.get(n) for n in names)
         for tensor in out if isinstance(out, tuple | list) else (out,):
             if isinstance(tensor, torch.Tensor):
-                self.made_by[id(tensor)] = (func, args)
+                self.made_by[id(tensor)] = (func, recorded)
                 self.keep.append(tensor)
         return out
 
@@ -234,9 +244,18 @@ def trace_groups(model: nn.Module, input_ids: torch.Tensor) -> list[list[tuple]]
 
 def _source(x: torch.Tensor, made_by: dict, by_weight: dict) -> InputSource | None:
     func, args = made_by.get(id(x), (None, ()))
+    width = x.shape[-1]
+    if func in _LAYER_NORM and len(args) >= 3:
+        weight = args[2]
+        bias = args[3] if len(args) > 3 else None
+        if isinstance(weight, nn.Parameter) and weight.shape == (width,):
+            if bias is None or isinstance(bias, nn.Parameter) and bias.shape == (width,):
+                return InputSource(parameter=weight, bias=bias)
+        return None
+    if func in _RELU and len(args) >= 1 and isinstance(args[0], torch.Tensor):
+        return _linear_rows(args[0], made_by, by_weight)
     if func not in _MULTIPLY or len(args) != 2:
         return None
-    width = x.shape[-1]
     for operand in args:
         if isinstance(operand, nn.Parameter) and operand.shape == (width,):
             return InputSource(parameter=operand)

@@ -25,6 +25,13 @@ def perplexity(
     """
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
+    # Learned position tables (OPT, GPT-2) end at max_position_embeddings, MPT's ALiBi
+    # table at max_seq_len; RoPE models would extrapolate, these would index past them.
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "max_seq_len"):
+        positions = getattr(config, name, None)
+        if isinstance(positions, int) and positions > 1:
+            seq_len = min(seq_len, positions)
     windows = [tokens[s : s + seq_len] for s in range(0, tokens.numel() - 1, seq_len)]
     windows = [w for w in windows if w.numel() > 1]
     was_training = model.training

@@ -31,10 +31,11 @@ from sparsec.arguments import (
     check_ranges,
 )
 from sparsec.errors import SparsecError
+from sparsec.models import checkpoint_state_dict
 from sparsec.paths import check_output_path
 from sparsec.progress import stage
 from sparsec.sparsify import data as data_mod
-from sparsec.sparsify import distributed
+from sparsec.sparsify import distributed, fsdp
 from sparsec.sparsify import report as report_mod
 from sparsec.sparsify.checkpoint import Checkpoint, GracefulInterrupt, write_errors
 from sparsec.sparsify.device import check_device, resolve_device
@@ -156,6 +157,7 @@ class SparsifyOptions:
     resume: bool = False
     quiet: bool = False
     device: str = "auto"  # auto (CUDA when available), cpu, cuda or cuda:N (device.py)
+    output_format: str = "hf"  # or "compressed-tensors" (sparsec/compressed.py)
 
     def fingerprint(self) -> dict:
         """The options a checkpoint must agree with to be resumed."""
@@ -188,7 +190,8 @@ class Run:
     """One sparsify run: the model, its state and the checkpoint that mirrors them.
 
     Under torchrun (``ranks.distributed``) every rank runs this with its share of the
-    calibration; rank 0 alone goes on after pruning (distributed.py says why).
+    calibration, then distills with its share of every batch (FSDP2, fsdp.py); rank 0
+    alone goes on after distillation (distributed.py says why).
     """
 
     def __init__(self, opts: SparsifyOptions, ranks: distributed.Ranks | None = None):
@@ -200,6 +203,10 @@ class Run:
         self.last_save = time.monotonic()
         self.interrupt: GracefulInterrupt | None = None
         self.tensors: dict = {}
+        # Under torchrun while the ranks distill: the trainer whose shards the
+        # checkpoints save (every rank takes part), and the sharded checkpoint to resume.
+        self.sharded_trainer: fsdp.ShardedTrainer | None = None
+        self.resume_sharded: Path | None = None
         self.state: dict = {
             "stage": "start",
             "options": opts.fingerprint(),
@@ -211,11 +218,23 @@ class Run:
 
     # --- checkpoints -------------------------------------------------------------------
     def save(self) -> None:
+        if self.sharded_trainer is not None:  # a collective: every rank writes its shards
+            self._save_sharded(self.sharded_trainer)
+            return
         if not self.ranks.main or self._sharded():
             return
         tensors = dict(self.tensors)
         tensors["model"] = self.model.state_dict()
         self.checkpoint.save(self.state, tensors)
+        self.last_save = time.monotonic()
+
+    def _save_sharded(self, trainer: fsdp.ShardedTrainer) -> None:
+        """The model and optimizer as torch.distributed.checkpoint shards, and rank 0's
+        state.json and tensors.pt (the masks, the schedule) beside them."""
+        tensors = {k: v for k, v in self.tensors.items() if k != "trainer"}
+        tensors["schedule"] = {"scheduler": trainer.scheduler.state_dict(), "step": trainer.step}
+        sharded = fsdp.sharded_state(self.model, trainer.optimizer)
+        self.checkpoint.save_sharded(self.state, tensors, sharded, self.ranks)
         self.last_save = time.monotonic()
 
     def _sharded(self) -> bool:
@@ -237,6 +256,8 @@ class Run:
                 )
                 raise KeyboardInterrupt
             return
+        if self.sharded_trainer is not None:  # every rank saves and stops at the same step
+            requested, due = self.ranks.any_of(requested, due)
         if due or requested:
             self.save()
         if requested:
@@ -245,7 +266,7 @@ class Run:
                 f"\ninterrupted: checkpoint saved in {self.checkpoint.folder}; "
                 "run the same command with --resume to continue",
             )
-            raise KeyboardInterrupt
+            raise self.interrupt.stop()
 
     # --- stages ------------------------------------------------------------------------
     def evaluate(self, stage: str, quantized: bool = False, model=None) -> None:
@@ -280,6 +301,9 @@ class Run:
         # Under torchrun: this rank's share, and the sums over all ranks' shares.
         calibration = self.ranks.shard(calibration, CALIBRATION_CHUNK)
         total = self.ranks.sum_hessian if self.ranks.distributed else None
+        start_inputs = self.tensors.get("layer_inputs")  # one process's, chunk by chunk
+        if start_inputs is not None and self.ranks.distributed:
+            start_inputs = start_inputs[self.ranks.rank :: self.ranks.world_size]
         if "layer_sparsity" not in self.state:  # from the dense model, before any pruning
             self.state["layer_sparsity"] = self._layer_sparsities(calibration, len(layers), total)
         bar = _bar(opts, len(layers), start, f"{opts.method} {opts.sparsity:.0%}")
@@ -303,7 +327,7 @@ class Run:
                 chunk=CALIBRATION_CHUNK,
                 method=opts.method,
                 start_layer=start,
-                start_inputs=self.tensors.get("layer_inputs"),
+                start_inputs=start_inputs,
                 on_layer=on_layer,
                 hessian_sum=total,
             )
@@ -345,21 +369,51 @@ class Run:
         _log(opts, f"smoothed {count} W8A8 inputs on {samples} calibration sequences")
 
     def distill(self) -> None:
+        """SquareHead distillation; under torchrun every rank trains its shard (fsdp.py)
+        and rank 0 alone comes out of it with the whole model."""
         opts = self.opts
         teacher = self.teacher or self._load_teacher()
+        self.teacher = None
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
-        if opts.bf16:
+        sharded = self.ranks.distributed
+        if opts.bf16 and not sharded:  # sharded: fsdp.mixed_precision on a GPU, else autocast
             bf16_linear_weights_(teacher)
         lr = opts.lr if opts.lr is not None else default_lr(opts.sparsity)
         config = TrainConfig(
             opts.steps, lr, opts.warmup, opts.batch_size, opts.seq_len, opts.seed, bf16=opts.bf16
         )
         self.state["train_config"] = config.to_dict()
-        trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
-        if "trainer" in self.tensors:
-            trainer.load_state_dict(self.tensors["trainer"])
+        pair = None
+        if sharded:
+            names = fsdp.trainable_names(self.model)
+            pair = fsdp.shard(self.model, teacher, self.ranks, opts.bf16)
+            trainer = fsdp.ShardedTrainer(self.model, config, self.tensors.get("masks"), self.ranks)
+            if "trainer" in self.tensors:  # a one-process checkpoint, continued sharded
+                fsdp.load_one_process_trainer(trainer, self.tensors.pop("trainer"), names)
+            if not self.ranks.main:  # only rank 0 writes them into the checkpoints
+                self.tensors.pop("masks", None)
+            self.sharded_trainer = trainer
+            _log(
+                opts,
+                f"distilling on {self.ranks.world_size} ranks (FSDP2), "
+                f"{opts.batch_size // self.ranks.world_size} of every {opts.batch_size} "
+                "sequences a rank",
+            )
+        else:
+            trainer = MaskedTrainer(self.model, config, self.tensors.get("masks"))
+            if "trainer" in self.tensors:
+                trainer.load_state_dict(self.tensors["trainer"])
+        if self.resume_sharded is not None:  # written by a distributed distillation
+            fsdp.load_sharded(self.model, trainer.optimizer, self.resume_sharded)
+            schedule = self.tensors.pop("schedule")
+            trainer.scheduler.load_state_dict(schedule["scheduler"])
+            trainer.step = schedule["step"]
+            self.resume_sharded = None
+        # Inside the FSDP root unit when sharded (fsdp.DistillPair); a plain call if not.
+        run = pair if pair is not None else (lambda fn, *args, **kwargs: fn(*args, **kwargs))
+        reduce = self.ranks.all_sum if sharded else None
         with stage("preparing training data", quiet=opts.quiet):
             data = data_mod.TokenData(self.tokenizer, opts.train, opts.example_share)
         if note := data.truncation_note(opts.seq_len):
@@ -367,8 +421,8 @@ class Run:
         curve_source, curve_tokens = next(iter(self.eval_tokens.items()))
         every = opts.eval_every or max(1, opts.steps // 10)
 
-        def curve_point(step: int) -> None:
-            ppl = perplexity(self.model, curve_tokens, max_tokens=opts.curve_tokens)
+        def curve_point(step: int) -> None:  # on every rank when sharded: the same work
+            ppl = run(perplexity, self.model, curve_tokens, max_tokens=opts.curve_tokens)
             self.state["curve"].append({"step": step, "perplexity": ppl})
             if step and not opts.quiet:
                 from tqdm import tqdm
@@ -381,17 +435,26 @@ class Run:
         bar = _bar(opts, opts.steps, trainer.step, "squarehead")
         started = time.monotonic() - self.state["timings"].get("distill", 0.0)
         qat_from = opts.steps - opts.qat_steps
+        if sharded:  # torchrun passes a Ctrl-C on: each rank sees it twice
+            self.interrupt.escalate = False
         try:
             while trainer.step < opts.steps:
                 ids, mask = data.batch(trainer.step, opts.batch_size, opts.seq_len, opts.seed)
+                ids, mask = self.ranks.batch_share(ids, mask)  # the whole batch in one process
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 qat = trainer.step >= qat_from and opts.qat_steps > 0
                 if qat:
                     self.smooth()  # QAT trains the smoothed weights
                 with QuantAwareLinears(self.linears) if qat else contextlib.nullcontext():
                     metrics = trainer.train_step(
-                        lambda ids=ids, mask=mask: distillation_loss(
-                            self.model, teacher, ids, mask, opts.output_loss
+                        lambda ids=ids, mask=mask: run(
+                            distillation_loss,
+                            self.model,
+                            teacher,
+                            ids,
+                            mask,
+                            opts.output_loss,
+                            reduce=reduce,
                         )
                     )
                 self.state["last_metrics"] = metrics
@@ -400,15 +463,36 @@ class Run:
                 if trainer.step % every == 0 or trainer.step == opts.steps:
                     curve_point(trainer.step)
                 self.state["timings"]["distill"] = time.monotonic() - started
-                self.tensors["trainer"] = trainer.state_dict()
+                if not sharded:
+                    self.tensors["trainer"] = trainer.state_dict()
                 if trainer.step < opts.steps:
                     self.safe_point()
         finally:
             bar.close()
+            self.sharded_trainer = None
+            self.interrupt.escalate = True
+        self.state["stage"] = "distilled"
+        if sharded:
+            full = fsdp.full_model_state(self.model)  # collective: rank 0's is whole
+            del pair, trainer, teacher
+            if not self.ranks.main:
+                self.model = None
+                return
+            self.model = self._plain_model(full)
         self.model.eval()
         self.tensors.pop("trainer", None)
-        self.state["stage"] = "distilled"
         self.save()
+
+    def _plain_model(self, state: dict):
+        """MODEL loaded again, with ``state`` (a distributed distillation's result, which
+        rank 0 then quantizes and writes alone) in place of its weights."""
+        from sparsec.models import load_model
+
+        model, _ = load_model(self.opts.model, quiet=True)
+        model.load_state_dict(state)
+        model.to(self.device)
+        self.linears = prunable_linears(model)
+        return model
 
     def _check_input_sparsity(self) -> float:
         """MODEL's fraction of zero weights; a sparse MODEL is pruned further (gradually)."""
@@ -461,6 +545,11 @@ class Run:
                     data_mod.check_example_share(opts.example_share, train)
 
         self.model, self.tokenizer = load_model(opts.model, quiet=opts.quiet)
+        if opts.output_format == "compressed-tensors" and checkpoint_state_dict(self.model):
+            raise SparsecError(
+                f"--format compressed-tensors: {opts.model}'s projections are Conv1D modules "
+                "(GPT-2), which compressed-tensors does not quantize; use --format hf"
+            )
         self.model.to(self.device)
         where = f"rank {self.ranks.rank} of {self.ranks.world_size}, " * self.ranks.distributed
         _log(opts, f"sparsify on {where}{self.device}")
@@ -477,7 +566,10 @@ class Run:
             self._check_resume(state, self.tensors)
             self.state = state
             self.state["options"] = opts.fingerprint()
-            self.model.load_state_dict(self.tensors.pop("model"))
+            if state.pop("sharded", None):  # a distributed distillation's: loaded by distill
+                self.resume_sharded = self.checkpoint.sharded_folder()
+            else:
+                self.model.load_state_dict(self.tensors.pop("model"))
             _log(opts, f"resuming from {self.checkpoint.folder} (stage {state['stage']})")
         if self.calibration_seq_len != opts.calibration_seq_len:
             _log(
@@ -492,10 +584,12 @@ class Run:
                 source: data_mod.TokenData(self.tokenizer, [source]).stream for source in opts.eval
             }
         self.teacher = None
-        if opts.steps and opts.teacher is None and not opts.resume and self.ranks.main:
+        if opts.steps and opts.teacher is None and not opts.resume:
             self.teacher = copy.deepcopy(self.model)  # the dense model, before pruning
 
-        with GracefulInterrupt() as self.interrupt:
+        # Under torchrun SIGTERM stops after the step too: the agent passes it on to every
+        # rank (and kills them 30 s later), and a checkpoint needs all ranks.
+        with GracefulInterrupt(terminate=self.ranks.distributed) as self.interrupt:
             if self.state.get("input_sparsity", 0.0) >= SPARSE_INPUT:
                 # Pruning further: the dense teacher is the reference, MODEL the start.
                 if "dense" not in self.state["perplexity"]:
@@ -505,13 +599,18 @@ class Run:
             self.evaluate("dense")
             if self.state["stage"] == "start":
                 self.prune()
-            if not self.ranks.main:
-                # Its share of the calibration is all a rank > 0 does: distillation, INT8,
-                # evaluation and the output are rank 0's alone (not sharded yet).
+            distilling = opts.steps and self.state["stage"] == "pruned"
+            if not self.ranks.main and not distilling:
+                # INT8, the evaluations after distillation and the output are rank 0's
+                # alone (not sharded yet).
                 return None
-            self.evaluate("one-shot")
-            if opts.steps and self.state["stage"] == "pruned":
-                self.distill()
+            self.evaluate("one-shot")  # on every rank that distills next: the same work
+            if distilling:
+                self.distill()  # sharded over the ranks under torchrun
+            if not self.ranks.main:
+                return None
+            if self.ranks.distributed:  # rank 0 goes on alone
+                self.interrupt.alone()
             self.teacher = None
             if opts.steps:
                 self.evaluate("distilled")
@@ -561,10 +660,24 @@ def write_output(opts: SparsifyOptions, model, tokenizer, scales, state: dict) -
         kept = f"the checkpoint in {opts.checkpoint_folder} is kept for --resume"
     try:
         with write_errors(out, kept):
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            if scales is not None:
-                write_quantization_json(tmp, scales)
+            if opts.output_format == "compressed-tensors":
+                from sparsec.compressed import save_compressed
+
+                save_compressed(
+                    model,
+                    tokenizer,
+                    tmp,
+                    sparse_linears=prunable_linears(model),
+                    scales=scales,
+                    pattern=opts.pattern,
+                )
+            else:
+                # GPT-2's projections back in their Conv1D layout (models.as_linear_modules)
+                weights = checkpoint_state_dict(model)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                tokenizer.save_pretrained(tmp)
+                if scales is not None:
+                    write_quantization_json(tmp, scales)
             report_mod.write_recipe(tmp / "recipe.yaml", opts, state, __version__)
             report_mod.write_report(tmp, opts, state)
             replace_dir(tmp, out)
@@ -594,6 +707,12 @@ def check_options(opts: SparsifyOptions) -> Pattern:
                 "pattern fixes: use --pattern unstructured or block16"
             )
         check_owl_lambda(opts.sparsity, opts.owl_lambda)
+    if opts.output_format not in ("hf", "compressed-tensors"):
+        raise SparsecError(f"unknown --format {opts.output_format!r}; use hf or compressed-tensors")
+    if opts.output_format == "compressed-tensors":
+        from sparsec.compressed import require_compressed_tensors
+
+        require_compressed_tensors()  # now, not after the run
     if opts.output_loss not in OUTPUT_LOSSES:
         raise SparsecError(
             f"unknown --output-loss {opts.output_loss!r}; use one of {', '.join(OUTPUT_LOSSES)}"
@@ -711,10 +830,10 @@ def model_limits(source: str) -> tuple[int | None, int | None]:
 def _text_config_limits(config) -> tuple[int | None, int | None]:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    return (
-        _positive(getattr(config, "max_position_embeddings", None)),
-        _positive(getattr(config, "hidden_size", None)),
-    )
+    context = getattr(config, "max_position_embeddings", None)
+    if context is None:  # MPT: its ALiBi table's length
+        context = getattr(config, "max_seq_len", None)
+    return _positive(context), _positive(getattr(config, "hidden_size", None))
 
 
 def _positive(value) -> int | None:
@@ -757,8 +876,9 @@ def sparsify(opts: SparsifyOptions) -> Path | None:
     """Run the whole pipeline; returns the output folder. Options, paths and the model's
     limits are checked first: a bad one fails before any model or data is read.
 
-    Under torchrun (2+ ranks) the ranks share the SparseGPT calibration (distributed.py);
-    rank 0 returns the output folder, the others None.
+    Under torchrun (2+ ranks) the ranks share the SparseGPT calibration (distributed.py)
+    and the distillation's batches (fsdp.py); rank 0 returns the output folder, the
+    others None.
     """
     pattern = check_options(opts)
     device = resolve_device(opts.device)
@@ -767,11 +887,15 @@ def sparsify(opts: SparsifyOptions) -> Path | None:
         check_model_limits(opts, *model_limits(model), model)
     if opts.bf16 and device.type == "cpu":  # a GPU has bfloat16 in hardware
         require_bf16_cpu()
-    if opts.resume and distributed.launched():
-        raise SparsecError(
-            "--resume under torchrun is not supported yet: resume in one process (the "
-            "checkpoint, written by rank 0 once pruning is done, holds the whole state)"
-        )
+    if distributed.launched() and opts.steps:  # every rank takes a share of each batch
+        world = distributed.world_size()
+        if opts.batch_size % world:
+            raise SparsecError(distributed.batch_error(opts.batch_size, world))
+        if opts.qat_steps:
+            raise SparsecError(
+                "--qat-steps under torchrun is not supported yet (smoothing and the W8A8 "
+                "forward are not sharded): run it in one process, or drop --qat-steps"
+            )
     with distributed.process_group(device) as ranks:
         if not ranks.main:  # progress and messages from rank 0 only
             from transformers.utils import logging as transformers_logging

@@ -8,8 +8,9 @@ Smoothing divides each input channel ``j`` of a Linear's input by
 (per-output-channel quantized) weights. The division is folded into what produces the
 input, so the graph keeps its ops and the compiler needs nothing new. Which inputs allow
 that is read off one traced forward (``layer_walk.trace_groups``), not from module
-names: an input that is a 1-D parameter times something (a norm's weight) or a Linear's
-output times something (a gated MLP's ``up``). On a Llama layer:
+names: an input that is a 1-D parameter times something (a norm's weight; a LayerNorm's
+bias is divided too) or a Linear's output times something (a gated MLP's ``up``; a ReLU
+MLP's ``fc1``, as ReLU commutes with a positive scale). On a Llama layer:
 
 - q/k/v input: the ``input_layernorm`` weight;
 - gate/up input: the ``post_attention_layernorm`` weight;
@@ -88,6 +89,8 @@ def _fold(source: InputSource, s: torch.Tensor) -> None:
     """Divide the input's channels by ``s`` where the input is made."""
     if source.parameter is not None:
         source.parameter.div_(s.to(source.parameter.dtype))
+        if source.bias is not None:  # LayerNorm: (x_hat * w + b) / s
+            source.bias.div_(s.to(source.bias.dtype))
         return
     linear = source.linear
     rows = source.rows if source.rows is not None else slice(None)

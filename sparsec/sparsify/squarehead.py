@@ -15,12 +15,13 @@ teaches the whole distribution rather than the one token the text has, or both s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from sparsec.sparsify.head_loss import fused_head_loss
+from sparsec.sparsify.head_loss import fused_head_loss, target_counts
 from sparsec.sparsify.layer_walk import decoder_layers
 
 EPS = 1e-6
@@ -91,11 +92,18 @@ def distillation_loss(
     input_ids: torch.Tensor,
     token_mask: torch.Tensor,
     output_loss: str = "ce",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SquareHead + the output loss on one batch; returns the loss and its parts.
 
     The output loss runs fused with the LM head (``head_loss``): the same values as
     ``language_model_loss`` and ``logit_kl_loss`` on full logits, without materialising them.
+
+    ``reduce`` (under torchrun: a float64 all-reduce sum over the ranks) makes the batch
+    one rank's share of a global batch: every mean is taken over the global batch's
+    tokens (the teacher's energies and the token counts are summed over the ranks first),
+    so the ranks' losses sum to the loss of the whole batch and their gradients to its
+    gradient. The metrics are then the whole batch's.
     """
     kl_term = output_loss in ("kl", "ce+kl")
     with torch.no_grad(), record_layer_outputs(teacher) as teacher_hidden:
@@ -106,7 +114,13 @@ def distillation_loss(
         final = student.get_decoder()(
             input_ids=input_ids, attention_mask=token_mask, use_cache=False
         ).last_hidden_state
-    feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
+    counts = None
+    if reduce is None:
+        feature = squarehead_loss(student_hidden, teacher_hidden, token_mask)
+    else:
+        feature, counts = _share_of_squarehead(
+            student_hidden, teacher_hidden, input_ids, token_mask, reduce
+        )
     head, ce, kl = fused_head_loss(
         final,
         student.get_output_embeddings().weight,
@@ -116,9 +130,48 @@ def distillation_loss(
         kl_weight=CE_WEIGHT if kl_term else 0.0,
         teacher_hidden=teacher_final if kl_term else None,
         teacher_head_weight=teacher.get_output_embeddings().weight if kl_term else None,
+        counts=counts,
     )
     loss = FEATURE_WEIGHT * feature + head
     parts = {"squarehead": feature.item(), "ce": ce}
     if kl_term:
         parts["kl"] = kl
-    return loss, {"loss": loss.item(), **parts}
+    metrics = {"loss": loss.item(), **parts}
+    if reduce is not None:  # the shares' parts sum to the whole batch's
+        summed = reduce(torch.tensor(list(metrics.values()), dtype=torch.float64))
+        metrics = dict(zip(metrics, summed.tolist(), strict=True))
+    return loss, metrics
+
+
+def _share_of_squarehead(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    eps: float = EPS,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """This rank's share of the global batch's SquareHead loss, and the global batch's
+    ``(targets, tokens)`` counts for the output loss, in one all-reduce.
+
+    ``loss_l = Σ_ranks Σ (h_s - h_t)² / n / (Σ_ranks Σ h_t² / n + eps)`` with ``n`` the
+    global batch's elements: each rank contributes its numerator over the global
+    denominator, so the contributions sum to ``squarehead_loss`` of the whole batch.
+    """
+    keep = token_mask.bool()
+    numerators, energies = [], []
+    elements = 0
+    for h_s, h_t in zip(student, teacher, strict=True):
+        h_s, h_t = h_s[keep].float(), h_t[keep].float()  # [tokens, dim]
+        numerators.append(((h_s - h_t) ** 2).sum())
+        energies.append((h_t.detach() ** 2).sum(dtype=torch.float64))
+        elements = h_t.numel()
+    counts = [elements, *target_counts(input_ids, token_mask)]
+    counts = torch.tensor(counts, dtype=torch.float64, device=keep.device)
+    summed = reduce(torch.cat([torch.stack(energies), counts]))
+    n = summed[len(energies)].clamp(min=1)
+    energy = (summed[: len(energies)] / n).float()
+    n = n.float()
+    losses = [num / n / (e + eps) for num, e in zip(numerators, energy, strict=True)]
+    targets, tokens = summed[len(energies) + 1 :].tolist()
+    return torch.stack(losses).sum(), (int(targets), int(tokens))

@@ -109,16 +109,23 @@ class MaskedTrainer:
         )
         modules = dict(model.named_modules())
         self.masked = [
-            (weight, mask.to(weight.device))  # masks from a checkpoint are on the CPU
+            (weight, self._mask_for(weight, mask))
             for name, mask in (masks or {}).items()
             for weight in [modules[name.removesuffix(".weight")].weight]
         ]
         self.apply_masks()
 
+    def _mask_for(self, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The mask as ``apply_masks`` multiplies ``weight`` by it."""
+        return mask.to(weight.device)  # masks from a checkpoint are on the CPU
+
     @torch.no_grad()
     def apply_masks(self) -> None:
         for weight, mask in self.masked:
             weight.mul_(mask)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def train_step(self, loss_fn: Callable[[], tuple[torch.Tensor, dict]]) -> dict:
         """One optimizer step on the loss ``loss_fn()`` computes; returns its metrics."""
@@ -127,7 +134,7 @@ class MaskedTrainer:
         device_type = next(self.model.parameters()).device.type  # "cpu" or "cuda"
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
             loss, metrics = loss_fn()
-        loss.backward()
+        self._backward(loss)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.optimizer.step()
         self.scheduler.step()

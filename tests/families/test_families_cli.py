@@ -13,7 +13,8 @@ from family_helpers import check_greedy, check_logits
 
 from sparsec import runtime
 from sparsec.cli import main
-from sparsec.models import save_model
+from sparsec.models import as_linear_modules, save_model
+from sparsec.sparsify.layer_walk import prunable_linears
 from sparsec.testing import FAMILIES, fake_quant_w8a8, make_tiny_family
 
 TEXT = (
@@ -46,9 +47,10 @@ def test_checkpoint_folder_through_every_command(family, tmp_path):
     assert main(["optimize", str(onnx), "-o", str(opt)]) == 0
     assert main(["compile", str(opt), "-o", str(so), "--max-context", "128"]) == 0
 
-    reference = AutoModelForCausalLM.from_pretrained(sparse).float().eval()
-    w = reference.model.layers[0].mlp.down_proj.weight
-    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    reference = as_linear_modules(AutoModelForCausalLM.from_pretrained(sparse).float().eval())
+    for linear in prunable_linears(reference).values():  # every decoder Linear, any family
+        w = linear.weight
+        assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
     reference = fake_quant_w8a8(reference)  # the W8A8 model the int8 export carries
     rt = runtime.load(so)
     assert rt.manifest["precision"] == "int8"

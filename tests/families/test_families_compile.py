@@ -111,3 +111,34 @@ def test_longrope_serves_its_short_factor_range(tmp_path, monkeypatch):
     dynamic = export.export_model(model, tokenizer, tmp_path / "dynamic.onnx")
     _, report = optimize(ir.load(dynamic))
     assert report.fused("CachedAttention") == 0
+
+
+def test_without_alibi_the_compiled_model_differs(built, tmp_path, monkeypatch):
+    """Ablation: MPT's attention compiled without its ALiBi slopes misses transformers."""
+    from sparsec import runtime
+    from sparsec.codegen import program
+    from sparsec.codegen.compile import compile_model
+
+    b = built("mpt")
+    monkeypatch.setattr(program._Lowering, "_alibi_slopes", lambda self, node: None)
+    compile_model(b.optimized, tmp_path / "m.so", max_context=128, quiet=True)
+    ids = b.tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        want = b.model(torch.tensor([ids])).logits[0].numpy()
+    got = runtime.load(tmp_path / "m.so").forward(ids)
+    assert np.abs(got - want).max() > 100 * FP32_ATOL
+
+
+def test_alibi_slopes_that_disagree_with_the_config_are_refused(built, tmp_path):
+    import onnx_ir as ir
+
+    from sparsec.codegen.compile import compile_model
+    from sparsec.errors import SparsecError
+
+    model = ir.load(built("mpt").optimized)
+    node = next(n for n in model.graph if n.op_type == "CachedAttention")
+    slopes = list(node.attributes["alibi_slopes"].value)
+    node.attributes["alibi_slopes"] = ir.AttrFloat32s("alibi_slopes", slopes[::-1])
+    ir.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(SparsecError, match="ALiBi slopes .* alibi_bias_max"):
+        compile_model(tmp_path / "bad.onnx", tmp_path / "m.so", max_context=128, quiet=True)

@@ -37,16 +37,20 @@ def test_everything_fuses(built, family):
         "mistral": {"window": 8},
         "phi3": {"rotary_dim": 8},
         "qwen3": {"qk_norm_epsilon": pytest.approx(config.norm_eps)},
+        "mpt": {"alibi_slopes": pytest.approx(config.alibi_slopes())},
     }.get(family, {})
     assert extra == expected
-    assert len(nodes[0].inputs) == (10 if family == "qwen3" else 8)
+    # q/k norm scales (Qwen3); no cos/sin tables with learned positions (OPT)
+    assert len(nodes[0].inputs) == {"qwen3": 10, "opt": 6, "gpt2": 6, "mpt": 6}.get(family, 8)
     biases = [
         n
         for n in model.graph
         if n.op_type == "Add" and any(i.const_value is not None for i in n.inputs)
     ]
-    # q, k, v biases per layer (Qwen2), q, k, v, o (Llama with attention_bias)
-    assert len(biases) == {"qwen2": 3, "llama3": 4}.get(family, 0) * config.num_hidden_layers
+    # q, k, v biases per layer (Qwen2), q, k, v, o (Llama with attention_bias), and the
+    # MLP's up and down too (OPT, GPT-2)
+    per_layer = {"qwen2": 3, "llama3": 4, "opt": 6, "gpt2": 6}.get(family, 0)
+    assert len(biases) == per_layer * config.num_hidden_layers
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "numpy"])

@@ -9,7 +9,12 @@ Each family is a tiny random model built from its own transformers config class
 - Qwen2: q/k/v Linears with a bias;
 - Qwen3: per-head RMSNorm on q and k;
 - Mistral: sliding-window attention (a window shorter than the calibration text);
-- Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, partial rotary.
+- Phi-3: fused ``qkv_proj`` and ``gate_up_proj``, partial rotary;
+- OPT: LayerNorm with a bias, a bias on every Linear, a ReLU MLP (``fc1``, ``fc2``), its
+  layers under ``model.decoder``;
+- GPT-2: Conv1D projections (nn.Linear after ``models.as_linear_modules``), a fused
+  ``c_attn``, a GELU MLP (whose down input cannot be smoothed);
+- MPT: ALiBi, LayerNorm without bias, a fused ``Wqkv``, a GELU MLP.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import transformers
 from torch import nn
 
+from sparsec.models import as_linear_modules
 from sparsec.sparsify.layer_walk import (
     InputSource,
     find_decoder_layers,
@@ -54,6 +60,10 @@ FAMILIES = {
     "qwen3": ("Qwen3", {"head_dim": 16}),
     "mistral": ("Mistral", {"sliding_window": 8, "head_dim": 16}),
     "phi3": ("Phi3", {"partial_rotary_factor": 0.5}),
+    # (without dropout: the SquareHead steps compare two losses of one batch)
+    "opt": ("OPT", {"ffn_dim": 128, "word_embed_proj_dim": 64, "dropout": 0.0}),
+    "gpt2": ("GPT2", {"n_inner": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
+    "mpt": ("Mpt", {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256}),
 }
 # Not a family: every Linear with a bias, the MLP's too (up_proj's bias rows are divided
 # when down's input is smoothed).
@@ -62,7 +72,30 @@ BIASED_LLAMA = {"llama-biases": ("Llama", {"attention_bias": True, "mlp_bias": T
 GROUPS = {
     "llama3": [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]],
     "phi3": [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]],
+    "opt": [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]],
+    "gpt2": [["c_attn"], ["c_proj"], ["c_fc"], ["c_proj"]],
+    "mpt": [["Wqkv"], ["out_proj"], ["up_proj"], ["down_proj"]],
 }
+# The down projection's input is act(up) with a GELU: no scale commutes with it.
+UNSMOOTHED_DOWN = {"gpt2", "mpt"}
+# Per family: where the decoder layers are, their two norms (before attention, before
+# the MLP), the MLP Linear whose rows make the last Linear's input, and the final norm.
+LAYOUT = {
+    "llama": ("model.layers", "input_layernorm", "post_attention_layernorm", "up_proj",
+              "model.norm"),
+    "phi3": ("model.layers", "input_layernorm", "post_attention_layernorm", "gate_up_proj",
+             "model.norm"),
+    "opt": ("model.decoder.layers", "self_attn_layer_norm", "final_layer_norm", "fc1",
+            "model.decoder.final_layer_norm"),
+    "gpt2": ("transformer.h", "ln_1", "ln_2", "c_fc", "transformer.ln_f"),
+    "mpt": ("transformer.blocks", "norm_1", "norm_2", "up_proj", "transformer.norm_f"),
+}  # fmt: skip
+
+
+def layout(family: str) -> tuple:
+    return LAYOUT.get(family, LAYOUT["llama"])
+
+
 SEQ = 32  # longer than Mistral's window of 8, so the window changes the attention
 
 
@@ -72,7 +105,7 @@ def make_family(family: str, seed: int = 0, **overrides) -> nn.Module:
     config = getattr(transformers, f"{name}Config")(
         **{**TINY_CONFIG, **config_overrides, **overrides}
     )
-    model = getattr(transformers, f"{name}ForCausalLM")(config).float().eval()
+    model = as_linear_modules(transformers.AutoModelForCausalLM.from_config(config).float().eval())
     with torch.no_grad():  # transformers starts biases at zero, where they test nothing
         for module in model.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -112,7 +145,7 @@ def parameters_outside(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_walk_finds_layers_and_groups(family):
     model = make_family(family)
     path, layers = find_decoder_layers(model)
-    assert path == "model.layers" and len(layers) == TINY_CONFIG["num_hidden_layers"]
+    assert path == layout(family)[0] and len(layers) == TINY_CONFIG["num_hidden_layers"]
     expected = GROUPS.get(family, GROUPS["llama3"])
     for layer in trace_groups(model, tokens(1, 16)):
         assert [[short(n) for n in group] for group, _ in layer] == expected
@@ -244,7 +277,8 @@ def test_squarehead_steps(family):
     assert len(hidden) == TINY_CONFIG["num_hidden_layers"]
     for caught, own in zip(hidden[:-1], out.hidden_states[1:-1], strict=True):
         assert torch.equal(caught, own)
-    torch.testing.assert_close(teacher.model.norm(hidden[-1]), out.hidden_states[-1])
+    final_norm = teacher.get_submodule(layout(family)[4])
+    torch.testing.assert_close(final_norm(hidden[-1]), out.hidden_states[-1])
 
     trainer = MaskedTrainer(student, TrainConfig(steps=2, lr=1e-3, warmup=0.0), masks)
     before = {n: lin.weight.detach().clone() for n, lin in prunable_linears(student).items()}
@@ -333,7 +367,9 @@ def test_w8a8_matches_a_hand_written_reference(family):
             biased += 1
             assert not np.allclose(out.double().numpy(), ref - b, rtol=1e-4, atol=1e-5), name
     assert (
-        biased == {"qwen2": 3, "llama-biases": 7}.get(family, 0) * TINY_CONFIG["num_hidden_layers"]
+        biased
+        == {"qwen2": 3, "llama-biases": 7, "opt": 6, "gpt2": 4}.get(family, 0)
+        * TINY_CONFIG["num_hidden_layers"]
     )
 
     assert torch.isfinite(logits).all()
@@ -346,16 +382,17 @@ def test_w8a8_matches_a_hand_written_reference(family):
 # --- smoothing --------------------------------------------------------------------------
 
 
-def with_outliers(model: nn.Module) -> nn.Module:
+def with_outliers(model: nn.Module, family: str) -> nn.Module:
     """Outlier channels in every smoothed input, as real LLMs have, so that the smoothing
     factors are far from 1."""
+    _, attn_norm, mlp_norm, up, _ = layout(family)
     with torch.no_grad():
         for layer in find_decoder_layers(model)[1]:
-            layer.input_layernorm.weight[3] = 30.0
-            layer.post_attention_layernorm.weight[7] = -25.0
-            for name, lin in layer.mlp.named_children():  # the up rows of down's input
-                if name in ("up_proj", "gate_up_proj"):
-                    rows = lin.out_features // 2 if name == "gate_up_proj" else 0
+            layer.get_submodule(attn_norm).weight[3] = 30.0
+            layer.get_submodule(mlp_norm).weight[7] = -25.0
+            for name, lin in layer.named_modules():  # the up rows of down's input
+                if name.rsplit(".", 1)[-1] == up:
+                    rows = lin.out_features // 2 if up == "gate_up_proj" else 0
                     lin.weight[rows + 11] *= 30.0
     return model
 
@@ -369,7 +406,8 @@ def w8a8_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", [*FAMILIES, *BIASED_LLAMA])
 def test_smoothing_is_exact_and_covers_gated_mlps(family):
-    model = with_outliers(make_family(family, seed=3))
+    model = with_outliers(make_family(family, seed=3), family)
+    _, attn_norm, mlp_norm, up, _ = layout(family)
     calibration, ids = tokens(4), tokens(2, 16, seed=1)
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -378,19 +416,29 @@ def test_smoothing_is_exact_and_covers_gated_mlps(family):
     for layer, sites in zip(layers, maxima, strict=True):
         names = [[short(n) for n in group] for group, _, _ in sites]
         expected = GROUPS.get(family, GROUPS["llama3"])
+        if family in UNSMOOTHED_DOWN:
+            assert names == [expected[0], expected[2]]  # not o_proj's, nor down's input
+            (_, attn, _), (_, mlp, _) = sites
+            assert attn.parameter is layer.get_submodule(attn_norm).weight
+            assert mlp.parameter is layer.get_submodule(mlp_norm).weight
+            continue
         assert names == [expected[0], expected[2], expected[3]]  # not o_proj's input
         (_, attn, _), (_, mlp, _), (_, down, x_down) = sites
-        assert attn.parameter is layer.input_layernorm.weight
-        assert mlp.parameter is layer.post_attention_layernorm.weight
+        assert attn.parameter is layer.get_submodule(attn_norm).weight
+        assert mlp.parameter is layer.get_submodule(mlp_norm).weight
+        # a LayerNorm's bias is divided with its weight (OPT)
+        assert attn.bias is getattr(layer.get_submodule(attn_norm), "bias", None)
         width = x_down.shape[0]
+        up_linear = next(m for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] == up)
+        assert down.linear is up_linear
         if family == "phi3":  # down's input is up * act(gate), the halves of one output
-            assert down.linear is layer.mlp.gate_up_proj
             assert down.rows == slice(width, 2 * width)
-        else:
-            assert down.linear is layer.mlp.up_proj and down.rows is None
+        else:  # up * act(gate), or relu(fc1) (OPT)
+            assert down.rows is None
 
     smoothed = copy.deepcopy(model)
-    assert smooth_(smoothed, activation_maxima(smoothed, calibration, batch_size=2)) == 3 * len(
+    sites = 2 if family in UNSMOOTHED_DOWN else 3
+    assert smooth_(smoothed, activation_maxima(smoothed, calibration, batch_size=2)) == sites * len(
         layers
     )
     with torch.no_grad():
@@ -405,7 +453,7 @@ def test_phi3_down_smoothing_folds_into_the_up_half_only():
     """The ablation: the same factors folded into the gate half of ``gate_up_proj``
     change the function (the activation does not commute with a scale); into the up half
     they do not."""
-    model = with_outliers(make_family("phi3", seed=3))
+    model = with_outliers(make_family("phi3", seed=3), "phi3")
     calibration, ids = tokens(4), tokens(2, 16, seed=1)
     with torch.no_grad():
         before = model(input_ids=ids).logits
@@ -460,7 +508,7 @@ def test_fused_gate_up_other_layouts(layout, rows):
     """The up rows are read off the view itself (``[..., a:b]``, ``split``, operands in
     either order); a strided view (interleaved gate/up) is not a row range and is left
     unsmoothed rather than folded wrongly."""
-    model = with_outliers(make_family("phi3", seed=3))
+    model = with_outliers(make_family("phi3", seed=3), "phi3")
     for layer in find_decoder_layers(model)[1]:
         layer.mlp.forward = layout(layer.mlp)
     calibration, ids = tokens(4), tokens(2, 16, seed=1)

@@ -91,7 +91,8 @@ def test_maxima_cover_the_three_smoothed_inputs():
 
 
 def test_a_layout_without_a_foldable_input_is_refused():
-    """A plain (not gated) MLP after a norm with no weight: nothing to fold into."""
+    """A plain (not gated) MLP with a tanh (no scale commutes with it; a ReLU's would
+    fold into fc_in's rows) after a norm with no weight: nothing to fold into."""
     import pytest
     from transformers import LlamaConfig
 
@@ -103,7 +104,7 @@ def test_a_layout_without_a_foldable_input_is_refused():
             self.fc_in, self.fc_out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
 
         def forward(self, x, **_):
-            return (x + self.fc_out(torch.relu(self.fc_in(torch.tanh(x)))),)
+            return (x + self.fc_out(torch.tanh(self.fc_in(torch.tanh(x)))),)
 
     class Toy(torch.nn.Module):
         def __init__(self):
