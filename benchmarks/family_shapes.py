@@ -51,6 +51,22 @@ REAL = {
         num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
         rope_theta=10000.0, partial_rotary_factor=0.75, tie_word_embeddings=True,
         pad_token_id=199999, bos_token_id=199999, eos_token_id=199999)),
+    "mpt-7b": ("MptConfig", dict(
+        vocab_size=50432, d_model=4096, n_heads=32, max_seq_len=2048)),
+    "gemma2-2b": ("Gemma2Config", dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"])),
+    "gemma3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=512, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"])),
+    "gpt2-xl": ("GPT2Config", dict(
+        vocab_size=50257, n_embd=1600, n_head=25, n_positions=1024, bos_token_id=50256,
+        eos_token_id=50256)),
     "opt-1.3b": ("OPTConfig", dict(
         vocab_size=50272, hidden_size=2048, ffn_dim=8192, num_attention_heads=32,
         max_position_embeddings=2048, word_embed_proj_dim=2048, activation_function="relu",
@@ -62,7 +78,7 @@ REAL = {
 }  # fmt: skip
 
 
-LAYERS = {"mistral-7b": 1, "opt-6.7b": 1}  # one 7B layer is 0.9 GB in fp32
+LAYERS = {"mistral-7b": 1, "opt-6.7b": 1, "mpt-7b": 1}  # one 7B layer is 0.9 GB in fp32
 
 
 def run(family: str, layers: int, vocab: int, folder: Path) -> dict:
@@ -73,6 +89,7 @@ def run(family: str, layers: int, vocab: int, folder: Path) -> dict:
     from sparsec import runtime
     from sparsec.codegen.compile import compile_model
     from sparsec.export import export_model
+    from sparsec.models import as_linear_modules
     from sparsec.passes import optimize_file
     from sparsec.testing import (
         fake_quant_w8a8,
@@ -89,6 +106,7 @@ def run(family: str, layers: int, vocab: int, folder: Path) -> dict:
             values[key] = values["vocab_size"] - 1
     config = getattr(transformers, config_class)(**values, num_hidden_layers=layers)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    model = as_linear_modules(model)  # GPT-2's Conv1D, as load_model gives it
     with torch.no_grad():  # HF initializes these to 0 and 1: draw them so they count
         for name, p in model.named_parameters():
             if name.endswith(".bias"):

@@ -114,6 +114,13 @@ SHAPES = {
 INIT_STD = 0.02  # transformers' initializer_range
 SHARD_BYTES = 2 << 30
 CONTEXT = 4096  # --max-context of every build (Llama 3's 131072 would be a 4 GB+ KV cache)
+
+
+def context(size: str) -> int:
+    """The builds' --max-context: CONTEXT, or less where the model ends sooner (MPT's
+    ALiBi table: max_seq_len, 2048 by default)."""
+    values = SHAPES[size][1]
+    return min(CONTEXT, values.get("max_position_embeddings", values.get("max_seq_len", 2048)))
 PROMPT = 32
 DECODE = 64
 REPS = 3
@@ -383,7 +390,7 @@ def check_truncated(size: str, work: Path, layers: int = 2) -> dict:
     in fp32, its teacher-forced logits against PyTorch's on the same bf16 checkpoint."""
     ckpt, so = work / f"{size}-{layers}layers", work / f"{size}-{layers}layers.so"
     write_checkpoint(size, ckpt, 0.0, seed=1, layers=layers)
-    argv = sparsec("build", ckpt, "-o", so, "--max-context", str(CONTEXT))
+    argv = sparsec("build", ckpt, "-o", so, "--max-context", str(context(size)))
     row = run_stage(f"{layers}-layer build fp32", argv, [so])
     result = check_against_pytorch(ckpt, so) if row["rc"] == 0 else {"error": row["tail"]}
     shutil.rmtree(ckpt)
@@ -414,7 +421,7 @@ def measure_size(size: str, work: Path, args) -> dict:
             for precision in ("fp32", "int8"):
                 so = work / f"{tag}-staged-{precision}.so"
                 argv = sparsec("compile", opt, "-o", so, "--precision", precision)
-                argv += ["--max-context", str(CONTEXT)]
+                argv += ["--max-context", str(context(size))]
                 stages.append(run_stage(f"{tag} compile {precision}", argv, [so]))
                 sos[f"staged {precision}"] = so
             _remove(opt)
@@ -423,7 +430,7 @@ def measure_size(size: str, work: Path, args) -> dict:
                 continue
             so = work / f"{tag}-{precision}.so"
             argv = sparsec("build", ckpt, "-o", so, "--precision", precision)
-            argv += ["--max-context", str(CONTEXT)]
+            argv += ["--max-context", str(context(size))]
             stages.append(run_stage(f"{tag} build {precision}", argv, [so]))
             sos[precision] = so
         if args.llama_bench:

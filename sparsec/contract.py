@@ -5,10 +5,13 @@ Stages meet only at files; these constants are what those files promise each oth
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 from dataclasses import MISSING, asdict, dataclass, fields
+
+import numpy as np
 
 from sparsec.errors import SparsecError
 
@@ -85,7 +88,18 @@ def parse_cache_name(name: str | None) -> CacheName | None:
 # What the stages support today, per field. A family is only listed once every stage
 # (sparsify, export, passes, codegen, runtime) handles it end to end.
 SUPPORTED: dict[str, tuple] = {
-    "family": ("llama", "qwen2", "qwen3", "mistral", "phi3", "opt", "gpt2", "mpt"),
+    "family": (
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "phi3",
+        "opt",
+        "gpt2",
+        "mpt",
+        "gemma2",
+        "gemma3_text",
+    ),
     "norm": ("rms", "layer"),
     "norm_bias": (False, True),
     "mlp": ("gated", "plain"),
@@ -104,7 +118,7 @@ SUPPORTED: dict[str, tuple] = {
 
 # The MLP activations a gated or plain MLP may have, per kind (the kernels' names):
 # a gated MLP of another activation (GeGLU) is refused until a kernel exists.
-MLP_ACTIVATIONS = {"gated": ("silu",), "plain": ("relu", "gelu", "gelu_tanh")}
+MLP_ACTIVATIONS = {"gated": ("silu", "gelu_tanh"), "plain": ("relu", "gelu", "gelu_tanh")}
 
 # Hugging Face activation names -> the description's (one name per function).
 HF_ACTIVATIONS = {
@@ -173,8 +187,21 @@ class ModelConfig:
     positions: str = "rope"  # "rope" | "learned": a table of absolute positions (OPT, GPT-2)
     # | "alibi": a per-head linear bias on the scores (MPT); alibi_bias_max sets the slopes
     alibi_bias_max: float = 8.0
+    embedding_scale: float = 1.0  # the token embeddings times this (Gemma: sqrt(hidden))
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    logit_softcap: float | None = None  # the same on the logits (Gemma 2)
+    # Per layer "sliding_attention" (``sliding_window``) or "full_attention", when the
+    # layers differ (Gemma 2 alternates); None: every layer as ``sliding_window`` says.
+    layer_types: tuple[str, ...] | None = None
+    rope_local: RoPE | None = None  # the sliding layers' own RoPE (Gemma 3); None: ``rope``
 
     # -- derived sizes ------------------------------------------------------------------
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (None: it sees every position)."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
     def alibi_slopes(self) -> list[float]:
         """ALiBi's slope per head (MPT's rule): ``2^-(k * max / n)`` for k = 1..n, n the
         heads rounded up to a power of 2; with fewer heads, the odd k then the even ones."""
@@ -220,7 +247,19 @@ class ModelConfig:
         if self.qk_norm:
             out.append("q/k norm")
         if self.sliding_window is not None:
-            out.append(f"sliding window {self.sliding_window}")
+            every = "" if self.layer_types is None else " on alternate layers"
+            if self.layer_types is not None:
+                n = sum(t == "sliding_attention" for t in self.layer_types)
+                every = f" on {n} of {len(self.layer_types)} layers"
+            out.append(f"sliding window {self.sliding_window}{every}")
+        if self.rope_local is not None:
+            out.append(f"RoPE theta {self.rope_local.theta:g} on the sliding layers")
+        if self.embedding_scale != 1.0:
+            out.append(f"embeddings x {self.embedding_scale:g}")
+        if self.attn_softcap is not None:
+            out.append(f"attention soft-cap {self.attn_softcap:g}")
+        if self.logit_softcap is not None:
+            out.append(f"logit soft-cap {self.logit_softcap:g}")
         if not self.tie_word_embeddings:
             out.append("untied LM head")
         return out
@@ -254,17 +293,11 @@ class ModelConfig:
                 values[f.name] = d[f.name]
             elif f.default is MISSING:  # a field with a default came later (a Llama value)
                 raise ConfigError(f"sparsec.config has no field {f.name!r}")
-        rope = values["rope"]
-        if not isinstance(rope, dict) or "theta" not in rope:
-            raise ConfigError("sparsec.config field 'rope' must be an object with 'theta'")
-        if not isinstance(rope.get("scaling") or {}, dict):
-            raise ConfigError("sparsec.config field 'rope.scaling' must be an object")
-        values["rope"] = RoPE(
-            theta=rope["theta"],
-            type=rope.get("type", "default"),
-            partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
-            scaling=tuple(sorted((rope.get("scaling") or {}).items())),
-        )
+        values["rope"] = _rope_from_dict(values["rope"], "rope")
+        if values.get("rope_local") is not None:
+            values["rope_local"] = _rope_from_dict(values["rope_local"], "rope_local")
+        if isinstance(values.get("layer_types"), list):  # JSON has no tuples
+            values["layer_types"] = tuple(values["layer_types"])
         result = cls(**values)
         result._check_types()
         return result
@@ -281,6 +314,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rope"]["scaling"] = dict(self.rope.scaling)
+        if self.rope_local is not None:
+            d["rope_local"]["scaling"] = dict(self.rope_local.scaling)
         return d
 
     def to_json(self) -> str:
@@ -317,7 +352,17 @@ class ModelConfig:
         for name, value in (
             ("norm_eps", self.norm_eps),
             ("rope.theta", self.rope.theta),
+            *((("rope_local.theta", self.rope_local.theta),) if self.rope_local else ()),
             ("alibi_bias_max", self.alibi_bias_max),
+            ("embedding_scale", self.embedding_scale),
+            *(
+                (name, value)
+                for name, value in (
+                    ("attn_softcap", self.attn_softcap),
+                    ("logit_softcap", self.logit_softcap),
+                )
+                if value is not None
+            ),
         ):
             if type(value) not in (int, float) or value <= 0:
                 raise ConfigError(f"sparsec.config field {name!r} is {value!r}, expected > 0")
@@ -344,6 +389,18 @@ class ModelConfig:
         window = self.sliding_window
         if window is not None and (type(window) is not int or window <= 0):
             raise ConfigError(f"sparsec.config field 'sliding_window' is {window!r}")
+        types = self.layer_types
+        if types is not None and (
+            not isinstance(types, tuple)
+            or len(types) != self.num_hidden_layers
+            or not set(types) <= {"sliding_attention", "full_attention"}
+            or window is None
+        ):
+            raise ConfigError(
+                "sparsec.config field 'layer_types' must list 'sliding_attention' or "
+                f"'full_attention' for each of the {self.num_hidden_layers} layers, with a "
+                "sliding_window"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"sparsec.config: {self.num_attention_heads} attention heads are not a "
@@ -353,6 +410,11 @@ class ModelConfig:
     def check_supported(self) -> None:
         """Refuse, up front, a value that some stage does not handle."""
         self._check_types()
+        if self.rope_local is not None and self.rope_local.type != "default":
+            raise SparsecError(
+                f"unsupported model: rope_local.type = {self.rope_local.type!r} "
+                "(supported: 'default')"
+            )
         if self.mlp == "gated" and self.mlp_bias:  # SwiGLU has no bias inputs
             raise SparsecError(
                 "unsupported model: mlp_bias = True (supported: False) with a gated MLP"
@@ -398,7 +460,7 @@ def _rope_fields(config, rope_type: str, params: dict, theta, partial) -> RoPE:
     )
 
 
-def _llama_fields(config, family: str) -> dict:
+def _llama_fields(config, family: str, one_window: bool = True) -> dict:
     """Llama and the families built like it (Qwen2/3, Mistral, Phi-3): RMSNorm, a gated
     MLP, RoPE."""
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -419,12 +481,12 @@ def _llama_fields(config, family: str) -> dict:
         tie_word_embeddings=bool(config.tie_word_embeddings),
         norm="rms",
         norm_eps=float(config.rms_norm_eps),
-        activation=_activation(config.hidden_act),
+        activation=_activation(getattr(config, "hidden_act", None) or config.hidden_activation),
         attention_bias=traits.get("attention_bias", bool(getattr(config, "attention_bias", False))),
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         qk_norm=traits.get("qk_norm", False),
         rope=_rope_fields(config, rope_type, params, theta, partial),
-        sliding_window=_sliding_window(config, family),
+        sliding_window=_sliding_window(config, family) if one_window else None,
     )
 
 
@@ -543,7 +605,64 @@ def _mpt_fields(config, family: str) -> dict:
     )
 
 
-_HF_READERS = {"opt": _opt_fields, "gpt2": _gpt2_fields, "mpt": _mpt_fields}
+def _gemma2_fields(config, family: str) -> dict:
+    """Gemma 2: Llama-like, with embeddings scaled by sqrt(hidden), GeGLU, norms after
+    the attention and the MLP as well as before (in the graph, nothing to describe),
+    soft-capped attention scores and logits, and sliding-window and full layers in
+    turn (``layer_types``)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    local = None
+    if "full_attention" in params:  # Gemma 3: a RoPE per kind of layer
+        config = copy.copy(config)
+        local = dict(params.get("sliding_attention") or {})
+        config.rope_parameters = dict(params["full_attention"])
+        local_theta = local.pop("rope_theta", 10000.0)
+        local_type = local.pop("rope_type", "default")
+        local = _rope_fields(config, local_type, local, local_theta, 1.0)
+    fields = _llama_fields(config, "llama", one_window=False)
+    types = tuple(getattr(config, "layer_types", None) or ())
+    kinds = set(types)
+    if not kinds <= {"sliding_attention", "full_attention"}:
+        raise SparsecError(f"unsupported model: layer_types {sorted(kinds)}")
+    window = getattr(config, "sliding_window", None) if "sliding_attention" in kinds else None
+    scale = float(np.float32(config.hidden_size**0.5))  # Gemma's normalizer, float32
+    fields.update(
+        activation=_activation(config.hidden_activation),
+        sliding_window=window,
+        layer_types=types if len(kinds) > 1 else None,
+        embedding_scale=scale,
+        attn_softcap=_optional_float(getattr(config, "attn_logit_softcapping", None)),
+        logit_softcap=_optional_float(getattr(config, "final_logit_softcapping", None)),
+        qk_norm=family == "gemma3_text",  # per-head RMSNorm on q and k, as Qwen3
+        rope_local=local,
+    )
+    return fields
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+_HF_READERS = {
+    "opt": _opt_fields,
+    "gpt2": _gpt2_fields,
+    "mpt": _mpt_fields,
+    "gemma2": _gemma2_fields,
+    "gemma3_text": _gemma2_fields,
+}
+
+
+def _rope_from_dict(rope, name: str) -> RoPE:
+    if not isinstance(rope, dict) or "theta" not in rope:
+        raise ConfigError(f"sparsec.config field {name!r} must be an object with 'theta'")
+    if not isinstance(rope.get("scaling") or {}, dict):
+        raise ConfigError(f"sparsec.config field '{name}.scaling' must be an object")
+    return RoPE(
+        theta=rope["theta"],
+        type=rope.get("type", "default"),
+        partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
+        scaling=tuple(sorted((rope.get("scaling") or {}).items())),
+    )
 
 
 def _static_positions(config, rope_type: str, params: dict) -> int:

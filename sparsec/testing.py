@@ -106,6 +106,14 @@ FAMILIES = {
     "gpt2": ("GPT2Config", {"n_inner": 128}),
     # The paper's model: ALiBi, LayerNorm without bias, GELU MLP, a fused Wqkv.
     "mpt": ("MptConfig", {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256}),
+    # Scaled embeddings, GeGLU, pre- and post-norms, soft-capped scores and logits (caps
+    # small enough to clip), a sliding layer then a full one.
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                                "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
+    # q/k norm, and RoPE bases that differ between the sliding and the full layer.
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8,
+                                    "query_pre_attn_scalar": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
 }  # fmt: skip
 
 

@@ -409,6 +409,21 @@ class _Emitter:
         )
         self.call(fn, [self.ptr(x)])
 
+    def emit_scale(self, ins: Instr) -> None:
+        x = ins.args["x"]
+        fn = self._shared_kernel(
+            ops.emit_scale, dim=x.width, stride=self.prog.buffers[x.buf], factor=ins.args["factor"]
+        )
+        self.call(fn, [self.ptr(x)])
+
+    def emit_softcap(self, ins: Instr) -> None:
+        # The logits rows the LM head wrote: every row, or the last one (decode)
+        vocab, b = ins.args["x"].width, self.b
+        all_rows = b.icmp_signed("!=", self.f["all_logits"], ir.Constant(I32, 0))
+        n = b.select(all_rows, self.f["n_tokens"], ir.Constant(I32, 1))
+        fn = self._shared_kernel(ops.emit_softcap, dim=vocab, stride=vocab, cap=ins.args["cap"])
+        self._call_n(fn, [self.f["logits"]], n)
+
     def emit_skip_rmsnorm(self, ins: Instr) -> None:
         a = ins.args
         fn = self._shared_kernel(
@@ -430,7 +445,8 @@ class _Emitter:
         self.call(fn, [self.ptr(ins.args["y"]), self.table(ins.args["bias"])])
 
     def emit_swiglu_act(self, ins: Instr) -> None:
-        fn = self._shared_kernel(ops.emit_swiglu_act, ffn_dim=ins.args["ffn"])
+        extra = {"activation": ins.args["activation"]} if "activation" in ins.args else {}
+        fn = self._shared_kernel(ops.emit_swiglu_act, ffn_dim=ins.args["ffn"], **extra)
         self.call(fn, [self.ptr(ins.args["gu"]), self.ptr(ins.args["h"])])
 
     def _attn_common(self, a: dict) -> dict:
@@ -462,7 +478,10 @@ class _Emitter:
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))
         norms = [self.table(a[k]) for k in ("q_norm", "k_norm") if k in a]
-        tables = [self.table("rope.cos"), self.table("rope.sin")] if a.get("rope", True) else []
+        name = a.get("tables", "rope")
+        tables = (
+            [self.table(f"{name}.cos"), self.table(f"{name}.sin")] if a.get("rope", True) else []
+        )
         self.call(
             fn,
             [
@@ -480,7 +499,7 @@ class _Emitter:
             **self._attn_common(a),
             scale=a["scale"],
             q_offset=a["q_offset"],
-            **{k: a[k] for k in ("window", "alibi") if k in a},
+            **{k: a[k] for k in ("window", "alibi", "softcap") if k in a},
             **self.kv_options,
         )
         qkv = self.ptr(View(a["qkv"], 0, self.prog.buffers[a["qkv"]]))

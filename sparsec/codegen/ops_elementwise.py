@@ -278,27 +278,14 @@ def emit_softcap(
     return _emit_in_place(module, name, dim, stride, isa, capped)
 
 
-def emit_position_add(module: ir.Module, name: str, *, dim: int, isa: Isa = AVX512) -> ir.Function:
-    """``void name(const float* table, const int32* positions, float* x[n, dim], int32 n,
-    tid, nthreads)``: x[i] += table[positions[i], :dim] (learned absolute position
-    embeddings: OPT, GPT-2; ``table`` rows are ``dim`` floats). Positions are trusted:
-    the caller checks them against the table."""
-    check_positive(dim=dim)
-    fn = kernel_function(module, name, [FPTR, I32PTR, FPTR, I32, I32, I32])
-    table, positions, x, n, tid, nthreads = fn.args
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-
-    def unit(row, col, length):
-        pos = b.sext(b.load(ptr_add(b, positions, row)), I64)
-        src = ptr_add(b, table, b.add(b.mul(pos, i64(dim)), col))
-        dst = ptr_add(b, x, b.add(b.mul(row, i64(dim)), col))
-
-        def add(off, width):
-            pd = ptr_add(b, dst, off)
-            store(b, b.fadd(load(b, pd, width), load(b, ptr_add(b, src, off), width)), pd)
-
-        for_span(b, length, add, lanes=isa.lanes_f32, name="pos")
-
-    for_row_blocks(b, n, dim, ELEMENTWISE_BLOCK, tid, nthreads, unit)
-    b.ret_void()
-    return fn
+def emit_scale(
+    module: ir.Module, name: str, *, dim: int, stride: int, factor: float, isa: Isa = AVX512
+) -> ir.Function:
+    """``void name(float* x, int32 n, tid, nthreads)``: x *= factor in place on the first
+    ``dim`` floats of rows ``stride`` floats apart (Gemma's embeddings times
+    sqrt(hidden))."""
+    if not (isinstance(factor, float | int) and math.isfinite(factor)):
+        raise SparsecError(f"scale factor {factor!r} must be a finite number")
+    return _emit_in_place(
+        module, name, dim, stride, isa, lambda b, v: b.fmul(v, const(v.type, float(factor)))
+    )

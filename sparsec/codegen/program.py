@@ -32,12 +32,14 @@ ALLOWED_OPS = {
     ("", "LayerNormalization"),
     ("", "Relu"),
     ("", "Gelu"),
+    ("", "Mul"),
     ("", "DequantizeLinear"),
     (contract.DOMAIN, "SkipRMSNormalization"),
     (contract.DOMAIN, "SkipLayerNormalization"),
     (contract.DOMAIN, "CachedAttention"),
     (contract.DOMAIN, "SwiGLU"),
     (contract.DOMAIN, "PerTokenFakeQuant"),
+    (contract.DOMAIN, "SoftCap"),
 }
 
 
@@ -50,6 +52,7 @@ ATTENTION_ATTRIBUTES = {
     "window",
     "qk_norm_epsilon",
     "alibi_slopes",
+    "softcap",
 }
 
 
@@ -510,7 +513,7 @@ class _Lowering:
         if node not in group:
             raise SparsecError(f"node {node.name!r}: MatMul needs a constant weight as input B")
         weights = [self.weight(u.inputs[1], f"node {u.name!r}") for u in group]
-        is_logits = any(u.outputs[0].name == contract.LOGITS for u in group)
+        is_logits = any(self._gives_logits(u) for u in group)
         if is_logits and len(group) > 1:
             raise SparsecError("the logits MatMul shares its input with another MatMul")
         x = self.view(x_value)
@@ -550,6 +553,57 @@ class _Lowering:
             self.views[u.outputs[0].name] = View(out.buf, offset, w.shape[0])
             self.weight_of[u.outputs[0].name] = w.name
             offset += w.shape[0]
+
+    def _gives_logits(self, node) -> bool:
+        """Whether ``node``'s output is the logits: the graph output itself, or soft-capped
+        into it (Gemma 2)."""
+        out = node.outputs[0]
+        if out.name == contract.LOGITS:
+            return True
+        users = self.consumers.get(out.name, [])
+        return (
+            len(users) == 1
+            and users[0].op_type == "SoftCap"
+            and users[0].outputs[0].name == contract.LOGITS
+        )
+
+    def lower_SoftCap(self, node) -> None:
+        x, cfg = self.view(node.inputs[0]), self.prog.config
+        if x.buf != contract.LOGITS or node.outputs[0].name != contract.LOGITS:
+            raise SparsecError(f"node {node.name!r}: SoftCap must give the logits")
+        cap = _attr(node, "cap", kind=float)
+        if cfg.logit_softcap is None or not math.isclose(cap, cfg.logit_softcap, rel_tol=1e-6):
+            what = f"the soft-cap (attribute cap) of node {node.name!r}"
+            raise disagree(self.where, what, cap, "logit_softcap", cfg.logit_softcap)
+        self.prog.instrs.append(Instr("softcap", {"x": x, "cap": cap}))
+        self.views[node.outputs[0].name] = x
+
+    def lower_Mul(self, node) -> None:
+        """The token embeddings times a constant (Gemma: sqrt(hidden)), in place."""
+        a, b = node.inputs
+        x_value, factor = (b, a) if a.const_value is not None else (a, b)
+        value = (
+            None if factor.const_value is None else _const(factor, f"node {node.name!r}: factor")
+        )
+        producer = x_value.producer()
+        if (
+            value is None
+            or value.size != 1
+            or producer is None
+            or producer.op_type != "Gather"
+            or producer.inputs[1].name != contract.INPUT_IDS
+            or len(self.consumers[x_value.name]) != 1
+        ):
+            raise SparsecError(
+                f"node {node.name!r}: a Mul must scale the token embeddings by a constant"
+            )
+        scale, cfg = float(value.reshape(())), self.prog.config
+        if not math.isclose(scale, cfg.embedding_scale, rel_tol=1e-6):
+            what = f"the embedding scale of node {node.name!r}"
+            raise disagree(self.where, what, scale, "embedding_scale", cfg.embedding_scale)
+        x = self.view(x_value)
+        self.prog.instrs.append(Instr("scale", {"x": x, "factor": scale}))
+        self.views[node.outputs[0].name] = x
 
     def _producer(self, value) -> str:
         """``value``'s origin in words, for messages: the weight that computes it."""
@@ -635,11 +689,18 @@ class _Lowering:
             partial = f"{cfg.rope.partial_rotary_factor} (head_dim * it = {expected_rotary})"
             raise disagree(self.where, what, rotary_dim, "rope.partial_rotary_factor", partial)
         window = _attr(node, "window", 0, kind=int)
-        if window != (cfg.sliding_window or 0):
+        if window != (cfg.window_of(layer) or 0):
             raise SparsecError(
                 f"node {node.name!r}: window {window} disagrees with sparsec.config "
-                f"sliding_window {cfg.sliding_window}"
+                f"sliding_window {cfg.sliding_window} (layer {layer}: "
+                f"{cfg.layer_types[layer] if cfg.layer_types else 'every layer'})"
             )
+        softcap = _attr(node, "softcap", None)
+        if (softcap is None) != (cfg.attn_softcap is None) or (
+            softcap is not None and not math.isclose(float(softcap), cfg.attn_softcap, rel_tol=1e-6)
+        ):
+            what = f"the soft-cap (attribute softcap) of node {node.name!r}"
+            raise disagree(self.where, what, softcap, "attn_softcap", cfg.attn_softcap)
         if (len(node.inputs) == 10) != cfg.qk_norm:
             raise SparsecError(
                 f"node {node.name!r}: q/k norm inputs disagree with sparsec.config qk_norm"
@@ -665,7 +726,9 @@ class _Lowering:
             "max_positions": cfg.max_position_embeddings,
         }
         if rope:
-            common["max_positions"] = self._rope_tables(node, rotary_dim)
+            common["max_positions"], tables = self._rope_tables(node, rotary_dim, layer)
+            if tables != "rope":  # Gemma 3's sliding layers: their own tables
+                options["tables"] = tables
         else:
             options["rope"] = False
         self.prog.instrs.append(Instr("rope_kv", {**common, **options}))
@@ -676,6 +739,8 @@ class _Lowering:
         alibi = self._alibi_slopes(node)
         if alibi is not None:
             attention["alibi"] = alibi
+        if softcap is not None:
+            attention["softcap"] = float(softcap)
         self.prog.instrs.append(Instr("attention", attention))
         self.views[node.outputs[0].name] = out
         for i, o in enumerate(node.outputs[1:3]):
@@ -706,9 +771,13 @@ class _Lowering:
             )
         return tuple(float(v) for v in expected)
 
-    def _rope_tables(self, node, rotary_dim: int) -> int:
-        """Check and record the RoPE tables (shared by every layer); their rows."""
+    def _rope_tables(self, node, rotary_dim: int, layer: int) -> tuple[int, str]:
+        """Check and record the RoPE tables (shared by every layer, or with
+        ``rope_local`` by every sliding layer and by every other one: Gemma 3); their
+        rows and their name (``rope`` or ``rope.local``)."""
         cfg = self.prog.config
+        local = cfg.rope_local is not None and cfg.window_of(layer) is not None
+        name = "rope.local" if local else "rope"
         cos = _const(node.inputs[6], "cos_cache").astype(np.float32)
         sin = _const(node.inputs[7], "sin_cache").astype(np.float32)
         if cos.ndim != 2 or cos.shape[1] != rotary_dim // 2 or sin.shape != cos.shape:
@@ -719,14 +788,15 @@ class _Lowering:
             what = f"the number of rows (positions) of cos_cache {node.inputs[6].name!r}"
             positions = cfg.max_position_embeddings
             raise disagree(self.where, what, cos.shape[0], "max_position_embeddings", positions)
-        for table, value in (("rope.cos", cos), ("rope.sin", sin)):
+        for table, value in ((f"{name}.cos", cos), (f"{name}.sin", sin)):
             if not np.array_equal(self.prog.tables.setdefault(table, value), value):
+                which = "sliding " if local else ""
                 raise malformed(
                     self.where,
-                    f"node {node.name!r}: its RoPE tables differ from the first layer's "
-                    "(one cos_cache/sin_cache serves every layer)",
+                    f"node {node.name!r}: its RoPE tables differ from the first {which}layer's "
+                    "(one cos_cache/sin_cache serves every layer of a kind)",
                 )
-        return cos.shape[0]
+        return cos.shape[0], name
 
     def lower_SwiGLU(self, node) -> None:
         x = self.view(node.inputs[0])
@@ -760,6 +830,12 @@ class _Lowering:
                 self._check_int8(node, w, "has quantize_activations=1")
         else:
             self.unquantized.append(node.name)
+        activation = _attr(node, "activation", "silu")
+        if activation != cfg.activation:
+            raise SparsecError(
+                f"{self.where}: node {node.name!r} has activation {activation!r}, but "
+                f"sparsec.config activation is {cfg.activation!r}; {FIX}"
+            )
         gu = self.new_buffer(2 * ffn, "gu")
         self.prog.instrs.append(
             Instr(
@@ -774,7 +850,10 @@ class _Lowering:
             )
         )
         h = self.new_buffer(ffn, "m")
-        self.prog.instrs.append(Instr("swiglu_act", {"gu": gu, "h": h, "ffn": ffn}))
+        act = {"gu": gu, "h": h, "ffn": ffn}
+        if activation != "silu":  # SwiGLU's kernel keeps its name and code
+            act["activation"] = activation
+        self.prog.instrs.append(Instr("swiglu_act", act))
         y = self.new_buffer(down.shape[0], "y")
         self.prog.instrs.append(
             Instr(

@@ -78,6 +78,8 @@ class Layer:
     k_norm: ir.Value | None = None
     qk_norm_epsilon: float = 0.0
     alibi: tuple[float, ...] | None = None  # ALiBi's slope per head (MPT)
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    window: int = 0  # sparsec.config's window of this layer (0: none)
 
 
 def _only_consumer(value: ir.Value, ignore=("Shape",)) -> ir.Node:
@@ -220,6 +222,19 @@ def match_layer(
     while add.op_type in ("Mul", "Div") and add.domain == "" and _scaling(add, value, scale):
         value = add.outputs[0]
         add = _only_consumer(value)
+    softcap = None
+    if is_op(add, "Tanh"):  # Gemma 2: cap * tanh(scores / cap), the / cap just recorded
+        if not scale or scale[-1] <= 0:
+            raise NoMatch(f"Tanh {add.name!r} on the scores is not a soft-cap")
+        softcap = 1.0 / scale.pop()
+        value, cap = add.outputs[0], []
+        add = _only_consumer(value)
+        if not (is_op(add, "Mul") and _scaling(add, value, cap)) or not math.isclose(
+            cap[0], softcap, rel_tol=1e-6
+        ):
+            raise NoMatch(f"Tanh {add.name!r} on the scores is not followed by * {softcap:g}")
+        value = add.outputs[0]
+        add = _only_consumer(value)
     slopes = None
     if alibi:  # Add(scores, ALiBi table slice), then the mask
         if not is_op(add, "Add"):
@@ -287,6 +302,7 @@ def match_layer(
         k_norm=None if k_norm is None else k_norm.inputs[1],
         qk_norm_epsilon=float(eps),
         alibi=slopes,
+        softcap=softcap,
     )
 
 
@@ -296,6 +312,8 @@ def _alibi_slopes(bias: ir.Value) -> tuple[float, ...]:
     while (p := bias.producer()) is not None and p.op_type in ("Slice", *PLUMBING):
         bias = p.inputs[0]
     table = const(bias)
+    while table is not None and table.ndim > 3 and table.shape[0] == 1:
+        table = table[0]  # a leading unit axis the graph squeezes away
     if table is None or table.ndim != 3 or table.shape[1] != 1 or table.shape[2] < 2:
         raise NoMatch(f"the ALiBi bias {bias.name!r} is not a constant [heads, 1, positions]")
     n = table.shape[2]
@@ -364,6 +382,8 @@ def _options(layer: Layer, window: int) -> dict:
         options["qk_norm_epsilon"] = layer.qk_norm_epsilon
     if layer.alibi is not None:
         options["alibi_slopes"] = list(layer.alibi)
+    if layer.softcap is not None:
+        options["softcap"] = layer.softcap
     return options
 
 
@@ -390,7 +410,7 @@ def validate(
         for v in added:
             graph.outputs.remove(v)
     head_dim = layers[0].past_key.shape[3]
-    cos, sin = const(layers[0].cos_cache), const(layers[0].sin_cache)
+    cos = const(layers[0].cos_cache)
     if cos is not None:
         max_positions = cos.shape[0]
     problems = []
@@ -420,9 +440,10 @@ def validate(
             norms = [const(v) for v in (layer.q_norm, layer.k_norm)]
             y, rk, rv = reference.cached_attention(
                 got[layer.q_proj.name], got[layer.k_proj.name], got[layer.v_proj.name],
-                pk, pv, feeds[contract.POSITION_IDS], cos, sin, *norms,
+                pk, pv, feeds[contract.POSITION_IDS],
+                const(layer.cos_cache), const(layer.sin_cache), *norms,
                 num_heads=heads, kv_num_heads=kv_heads, scale=layer.scale,
-                **_options(layer, window),
+                **_options(layer, layer.window),
             )  # fmt: skip
             pairs = (
                 ("output", got[layer.y.name], y),
@@ -468,7 +489,7 @@ def _rewrite(model: ir.Model, layers: list[Layer], heads: int, kv_heads: int, wi
             [layer.q_proj, layer.k_proj, layer.v_proj, layer.past_key, layer.past_value,
              position_ids, *tables, *norms],
             attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": layer.scale,
-                        **_options(layer, window)},
+                        **_options(layer, layer.window)},
             domain=contract.DOMAIN,
             version=contract.DOMAIN_VERSION,
             num_outputs=3,
@@ -566,6 +587,8 @@ class CachedAttentionPass(ir.passes.InPlacePass):
                 + "; ".join(problems[:3])
             )
         window = (config.sliding_window or 0) if config is not None else 0
+        for layer in layers:  # Gemma 2: windowed and full layers in turn
+            layer.window = (config.window_of(layer.index) or 0) if config is not None else 0
         if self.validate:
             vocab = config.vocab_size if config else _vocab(graph)
             try:

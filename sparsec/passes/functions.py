@@ -20,11 +20,15 @@ MIN_IR_VERSION = 10
 _HEADER = f'<domain: "{contract.DOMAIN}", opset_import: ["" : {OPSET}, "{contract.DOMAIN}" : 1]>'
 
 
-def _cached_attention_text(*, qk_norm: bool, rope: bool = True, alibi: bool = False) -> str:
+def _cached_attention_text(
+    *, qk_norm: bool, rope: bool = True, alibi: bool = False, softcap: bool = False
+) -> str:
     """The body of ``CachedAttention``; with ``qk_norm`` it takes the two per-head RMSNorm
     scales as inputs 8 and 9; without ``rope`` it has no cos/sin tables (inputs 0-5 only:
     learned positions); with ``alibi`` the ``alibi_slopes`` attribute's per-head bias
-    ``slope * (slot - position)`` is added to the visible scores (MPT). Overloads of the
+    ``slope * (slot - position)`` is added to the visible scores (MPT); with ``softcap``
+    the scores are soft-capped by ONNX Attention's own ``softcap``, before the mask
+    (Gemma 2). Overloads of the
     op: a model's attention nodes all have one form, and ``attach`` picks the body by it."""
     extra_inputs = ", q_norm, k_norm" if qk_norm else ""
     extra_attributes = ", qk_norm_epsilon: float = 0.000001" if qk_norm else ""
@@ -74,6 +78,10 @@ def _cached_attention_text(*, qk_norm: bool, rope: bool = True, alibi: bool = Fa
         mask_name = "mask"
     else:
         mask, mask_name = "", "visible"
+    capping = ""
+    if softcap:
+        extra_attributes += ", softcap"
+        capping = ", softcap: float = @softcap"
     return f"""
 CachedAttention
     <num_heads, kv_num_heads, scale, rotary_dim: int = 0, window: int = 0{extra_attributes}>
@@ -124,10 +132,35 @@ CachedAttention
     in_window = Greater(slot_index, oldest)
     visible = And(causal, in_window){mask}
     q_heads = Transpose <perm = [0, 2, 1, 3]> (q4)
-    y_heads = Attention <scale: float = @scale> (q_heads, present_key, present_value, {mask_name})
+    y_heads = Attention <scale: float = @scale{capping}>
+        (q_heads, present_key, present_value, {mask_name})
     y_tokens = Transpose <perm = [0, 2, 1, 3]> (y_heads)
     y_shape = Constant <value_ints = [0, 0, -1]> ()
     y = Reshape(y_tokens, y_shape)
+}}"""
+
+
+def _swiglu_text(*, activation: str) -> str:
+    """The body of ``SwiGLU``: SiLU, or with ``activation="gelu_tanh"`` GeGLU (an
+    overload chosen by ``attach``, as CachedAttention's forms are)."""
+    if activation == "silu":
+        extra, act = "", "gate_sigmoid = Sigmoid(gate)\n    gate_act = Mul(gate, gate_sigmoid)"
+    else:
+        extra = ', activation: string = "gelu_tanh"'
+        act = 'gate_act = Gelu <approximate = "tanh"> (gate)'
+    return f"""
+SwiGLU <quantize_activations: int = 0{extra}> (x, w_gate, w_up, w_down) => (y) {{
+    flag_int = Constant <value_int: int = @quantize_activations> ()
+    flag = Cast <to = 9> (flag_int)
+    x_q = {contract.DOMAIN}.PerTokenFakeQuant(x)
+    x_in = Where(flag, x_q, x)
+    gate = MatMul(x_in, w_gate)
+    up = MatMul(x_in, w_up)
+    {act}
+    hidden = Mul(gate_act, up)
+    hidden_q = {contract.DOMAIN}.PerTokenFakeQuant(hidden)
+    hidden_in = Where(flag, hidden_q, hidden)
+    y = MatMul(hidden_in, w_down)
 }}"""
 
 
@@ -141,6 +174,13 @@ SkipRMSNormalization <epsilon: float = 0.00001> (x, skip, scale) => (y, sum) {
 SkipLayerNormalization <epsilon: float = 0.00001> (x, skip, scale, bias) => (y, sum) {
     sum = Add(x, skip)
     y = LayerNormalization <axis = -1, epsilon: float = @epsilon> (sum, scale, bias)
+}""",
+    "SoftCap": """
+SoftCap <cap: float> (x) => (y) {
+    cap_value = Constant <value_float: float = @cap> ()
+    scaled = Div(x, cap_value)
+    capped = Tanh(scaled)
+    y = Mul(capped, cap_value)
 }""",
     "PerTokenFakeQuant": """
 PerTokenFakeQuant (x) => (y) {
@@ -159,21 +199,7 @@ PerTokenFakeQuant (x) => (y) {
     q = Clip(rounded, qmin, qmax)
     y = Mul(q, s)
 }""",
-    "SwiGLU": f"""
-SwiGLU <quantize_activations: int = 0> (x, w_gate, w_up, w_down) => (y) {{
-    flag_int = Constant <value_int: int = @quantize_activations> ()
-    flag = Cast <to = 9> (flag_int)
-    x_q = {contract.DOMAIN}.PerTokenFakeQuant(x)
-    x_in = Where(flag, x_q, x)
-    gate = MatMul(x_in, w_gate)
-    up = MatMul(x_in, w_up)
-    gate_sigmoid = Sigmoid(gate)
-    gate_silu = Mul(gate, gate_sigmoid)
-    hidden = Mul(gate_silu, up)
-    hidden_q = {contract.DOMAIN}.PerTokenFakeQuant(hidden)
-    hidden_in = Where(flag, hidden_q, hidden)
-    y = MatMul(hidden_in, w_down)
-}}""",
+    "SwiGLU": _swiglu_text(activation="silu"),
     "CachedAttention": _cached_attention_text(qk_norm=False),
 }
 
@@ -181,10 +207,18 @@ SwiGLU <quantize_activations: int = 0> (x, w_gate, w_up, w_down) => (y) {{
 _DEPENDS = {"SwiGLU": ("PerTokenFakeQuant",)}
 
 
-def function_protos(op_types, *, qk_norm: bool = False, rope: bool = True, alibi: bool = False):
+def function_protos(
+    op_types,
+    *,
+    qk_norm: bool = False,
+    rope: bool = True,
+    alibi: bool = False,
+    softcap: bool = False,
+    geglu: bool = False,
+):
     """``onnx.FunctionProto`` definitions of ``op_types`` and the ops they call;
-    ``qk_norm``/``rope``/``alibi``: the CachedAttention form (with q/k norm inputs, with
-    RoPE, with ALiBi)."""
+    ``qk_norm``/``rope``/``alibi``/``softcap``: the CachedAttention form (with q/k norm
+    inputs, with RoPE, with ALiBi, soft-capped); ``geglu``: SwiGLU's GeGLU form."""
     import onnx.parser
 
     wanted: list[str] = []
@@ -195,8 +229,12 @@ def function_protos(op_types, *, qk_norm: bool = False, rope: bool = True, alibi
             if name not in wanted:
                 wanted.append(name)
     texts = dict(FUNCTION_TEXT)
-    if qk_norm or not rope or alibi:
-        texts["CachedAttention"] = _cached_attention_text(qk_norm=qk_norm, rope=rope, alibi=alibi)
+    if qk_norm or not rope or alibi or softcap:
+        texts["CachedAttention"] = _cached_attention_text(
+            qk_norm=qk_norm, rope=rope, alibi=alibi, softcap=softcap
+        )
+    if geglu:
+        texts["SwiGLU"] = _swiglu_text(activation="gelu_tanh")
     return [onnx.parser.parse_function(_HEADER + texts[name]) for name in wanted]
 
 
@@ -205,19 +243,36 @@ ATTENTION_FORMS = {8: (False, True), 10: (True, True), 6: (False, False)}
 
 
 def attention_form(model) -> dict:
-    """``{"qk_norm": bool, "rope": bool, "alibi": bool}``: the form of ``model``'s
-    CachedAttention nodes (all have one)."""
+    """``{"qk_norm", "rope", "alibi", "softcap", "geglu"}`` (bools): the form of
+    ``model``'s CachedAttention and SwiGLU nodes (all of one op have one)."""
     forms = {
-        (ATTENTION_FORMS.get(len(node.inputs)), "alibi_slopes" in node.attributes)
+        (
+            ATTENTION_FORMS.get(len(node.inputs)),
+            "alibi_slopes" in node.attributes,
+            "softcap" in node.attributes,
+        )
         for node in model.graph
         if node.domain == contract.DOMAIN and node.op_type == "CachedAttention"
     }
-    if any(inputs is None for inputs, _ in forms):
+    if any(inputs is None for inputs, _, _ in forms):
         raise ValueError("a CachedAttention node has neither 6, 8 nor 10 inputs")
     if len(forms) > 1:
-        raise ValueError("CachedAttention nodes mix forms (q/k norm, RoPE, ALiBi)")
-    (qk_norm, rope), alibi = forms.pop() if forms else ((False, True), False)
-    return {"qk_norm": qk_norm, "rope": rope, "alibi": alibi}
+        raise ValueError("CachedAttention nodes mix forms (q/k norm, RoPE, ALiBi, soft-cap)")
+    (qk_norm, rope), alibi, softcap = forms.pop() if forms else ((False, True), False, False)
+    mlps = {
+        "activation" in node.attributes
+        for node in model.graph
+        if node.domain == contract.DOMAIN and node.op_type == "SwiGLU"
+    }
+    if len(mlps) > 1:
+        raise ValueError("SwiGLU nodes mix activations")
+    return {
+        "qk_norm": qk_norm,
+        "rope": rope,
+        "alibi": alibi,
+        "softcap": softcap,
+        "geglu": mlps == {True},
+    }
 
 
 def sparsec_ops(model) -> list[str]:

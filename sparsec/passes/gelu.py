@@ -84,6 +84,19 @@ class GeluPass(RuleSetPass):
     produces = "Gelu"
     anchors = ("Tanh", "Erf")
 
+    def leftovers(self, model):
+        # A Tanh or Erf of GELU's inner argument (x + 0.044715 x^3, or x / sqrt 2) that
+        # did not fuse; other uses of Tanh (Gemma's soft-caps) are not GELUs.
+        left = []
+        for node in model.graph:
+            if node.domain or node.op_type not in ("Tanh", "Erf"):
+                continue
+            inner = node.inputs[0].producer()
+            if inner is not None and inner.op_type in ("Mul", "Div"):
+                if any(_is(v, "root") or _is(v, "root2") for v in inner.inputs if v is not None):
+                    left.append(node)
+        return left
+
     def rules(self, model):
         rules = [_GeluTanh.rule(), _GeluErf.rule()]
         return pattern.RewriteRuleSet(rules, commute=True)

@@ -22,7 +22,7 @@ from sparsec.passes.report import OptimizeReport, op_counts
 
 ALLOWED_OPS = frozenset(
     {"Gather", "MatMul", "Add", "RMSNormalization", "DequantizeLinear"}
-    | {"LayerNormalization", "Relu", "Gelu"}
+    | {"LayerNormalization", "Relu", "Gelu", "Mul"}
     | {f"{contract.DOMAIN}.{op}" for op in functions.FUNCTION_TEXT}
 )
 
@@ -57,6 +57,7 @@ def optimize(model, *, validate: bool | None = None, check: bool = True):
     from sparsec.passes.rope import RoPEPass
     from sparsec.passes.skip_layernorm import SkipLayerNormPass
     from sparsec.passes.skip_rmsnorm import SkipRMSNormPass
+    from sparsec.passes.softcap import LogitSoftCapPass
     from sparsec.passes.sparsity import SparsityRecordPass
     from sparsec.passes.split_linear import SplitFusedLinearPass
     from sparsec.passes.swiglu import SwiGLUPass
@@ -92,6 +93,7 @@ def optimize(model, *, validate: bool | None = None, check: bool = True):
         RoPEPass(),
         CachedAttentionPass(validate=validate),
         SwiGLUPass(),
+        LogitSoftCapPass(),
         CleanupPass("final cleanup", fold=False),
         names,
     ]

@@ -130,17 +130,19 @@ def cached_attention(
     window: int = 0,
     qk_norm_epsilon: float = 1e-6,
     alibi_slopes: list[float] | None = None,
+    softcap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sparsec.CachedAttention``: RoPE on q and k, the new keys/values written into
-        the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
-        slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``.
+            the fixed-capacity caches at ``position_ids``, causal grouped-query attention over
+            slots ``0..position``. Returns ``(y [B, S, H*hd], present_key, present_value)``.
 
-        Optional parts (docs/graph-contract.md section 3): ``q_norm``/``k_norm`` ``[hd]``
-        scales of a per-head RMSNorm of q and k before RoPE (Qwen3), ``rotary_dim`` (only
-        the first features rotate; 0: all; no ``cos_cache``/``sin_cache``: no RoPE, for
-        learned positions), ``alibi_slopes`` (one per head: the score of slot ``j`` from a
-    query at ``p`` gets ``+ slope * (j - p)``, MPT), ``window`` (a query at position p sees slots
-        ``p-window+1..p`` only; 0: all)."""
+            Optional parts (docs/graph-contract.md section 3): ``q_norm``/``k_norm`` ``[hd]``
+            scales of a per-head RMSNorm of q and k before RoPE (Qwen3), ``rotary_dim`` (only
+            the first features rotate; 0: all; no ``cos_cache``/``sin_cache``: no RoPE, for
+            learned positions), ``alibi_slopes`` (one per head: the score of slot ``j`` from a
+        query at ``p`` gets ``+ slope * (j - p)``, MPT), ``softcap`` (scores become ``softcap *
+    tanh(scores / softcap)`` first, Gemma 2), ``window`` (a query at position p sees slots
+            ``p-window+1..p`` only; 0: all)."""
     batch, seq, _ = q.shape
     capacity, head_dim = past_key.shape[2], past_key.shape[3]
     if num_heads % kv_num_heads:
@@ -175,6 +177,9 @@ def cached_attention(
                 keys = present_key[b, h // group, first:last]
                 values = present_value[b, h // group, first:last]
                 scores = np.float32(scale) * (keys @ qh[b, s, h])
+                if softcap is not None:
+                    cap = np.float32(softcap)
+                    scores = (cap * np.tanh(scores / cap)).astype(np.float32)
                 if alibi_slopes is not None:
                     distance = np.arange(first, last) - positions[b, s]
                     scores = scores + np.float32(alibi_slopes[h]) * distance.astype(np.float32)
@@ -204,12 +209,16 @@ def swiglu(
     w_down: np.ndarray,
     *,
     quantize_activations: int = 0,
+    activation: str = "silu",
 ) -> np.ndarray:
     """``sparsec.SwiGLU``: ``(silu(x @ w_gate) * (x @ w_up)) @ w_down``, with x and the
-    hidden activation each per-token fake-quantized when ``quantize_activations``."""
+    hidden activation each per-token fake-quantized when ``quantize_activations``;
+    ``activation="gelu_tanh"``: GeGLU (Gemma)."""
     if quantize_activations:
         x = per_token_fake_quant(x)
-    hidden = silu(x @ w_gate) * (x @ w_up)
+    gate = x @ w_gate
+    act = silu(gate) if activation == "silu" else gelu(gate, "tanh")
+    hidden = act * (x @ w_up)
     if quantize_activations:
         hidden = per_token_fake_quant(hidden)
     return hidden @ w_down
@@ -281,10 +290,22 @@ def _run_node(node, args: list) -> list[np.ndarray]:
                 window=a.get("window", 0),
                 qk_norm_epsilon=a.get("qk_norm_epsilon", 1e-6),
                 alibi_slopes=a.get("alibi_slopes"),
+                softcap=a.get("softcap"),
             )
         )
     if op == ("sparsec", "SwiGLU"):
-        return [swiglu(*args, quantize_activations=a.get("quantize_activations", 0))]
+        return [
+            swiglu(
+                *args,
+                quantize_activations=a.get("quantize_activations", 0),
+                activation=a.get("activation", "silu"),
+            )
+        ]
+    if op == ("sparsec", "SoftCap"):
+        cap = np.float32(a["cap"])
+        return [(cap * np.tanh(args[0] / cap)).astype(np.float32)]
+    if op == ("", "Mul"):
+        return [args[0] * args[1]]
     if op == ("sparsec", "PerTokenFakeQuant"):
         return [per_token_fake_quant(args[0])]
     name = f"{node.domain}.{node.op_type}" if node.domain else node.op_type

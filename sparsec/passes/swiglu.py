@@ -7,6 +7,9 @@ Muls) into ``SwiGLU(x, w_gate, w_up, w_down)``, when the three weights are const
 ones (the qdq pass's form). When ``x`` and the hidden activation each pass through
 ``sparsec.PerTokenFakeQuant`` (W8A8), those fold into ``quantize_activations=1``; an
 MLP with only one of the two quantized stays as it is.
+
+GeGLU (Gemma: ``Gelu(g, approximate="tanh")`` in place of ``g * Sigmoid(g)``) becomes
+the same op with ``activation="gelu_tanh"``.
 """
 
 from __future__ import annotations
@@ -33,15 +36,21 @@ def _weight_shape(value: ir.Value) -> tuple[int, ...] | None:
 
 
 class _SwiGLU(pattern.RewriteRuleClassBase):
-    def __init__(self, quantized: bool):
-        super().__init__(name="SwiGLU" + ("[w8a8]" if quantized else ""))
+    def __init__(self, quantized: bool, activation: str = "silu"):
+        name = "SwiGLU" if activation == "silu" else "GeGLU"
+        super().__init__(name=name + ("[w8a8]" if quantized else ""))
         self.quantized = quantized
+        self.activation = activation
 
     def pattern(self, op, x, w_gate, w_up, w_down):
         quant = dict(_domain=contract.DOMAIN)
         x_in = op.PerTokenFakeQuant(x, **quant) if self.quantized else x
         gate = op.MatMul(x_in, w_gate)
-        hidden = op.Mul(op.Mul(gate, op.Sigmoid(gate)), op.MatMul(x_in, w_up))
+        if self.activation == "silu":
+            activated = op.Mul(gate, op.Sigmoid(gate))
+        else:
+            activated = op.Gelu(gate, approximate="tanh")
+        hidden = op.Mul(activated, op.MatMul(x_in, w_up))
         if self.quantized:
             hidden = op.PerTokenFakeQuant(hidden, **quant)
         return op.MatMul(hidden, w_down)
@@ -66,6 +75,8 @@ class _SwiGLU(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, w_gate, w_up, w_down, **_):
+        # SiLU is the default: a Llama graph has no activation attribute
+        extra = {} if self.activation == "silu" else {"activation": self.activation}
         return op.SwiGLU(
             x,
             w_gate,
@@ -74,6 +85,7 @@ class _SwiGLU(pattern.RewriteRuleClassBase):
             quantize_activations=int(self.quantized),
             _domain=contract.DOMAIN,
             _version=contract.DOMAIN_VERSION,
+            **extra,
         )
 
 
@@ -85,4 +97,5 @@ class SwiGLUPass(RuleSetPass):
     anchors = ("Sigmoid",)
 
     def rules(self, model):
-        return pattern.RewriteRuleSet([_SwiGLU.rule(q) for q in (True, False)], commute=True)
+        rules = [_SwiGLU.rule(q, a) for a in ("silu", "gelu_tanh") for q in (True, False)]
+        return pattern.RewriteRuleSet(rules, commute=True)

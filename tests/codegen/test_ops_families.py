@@ -28,6 +28,7 @@ DIMS = [64, 72, 100]
 NS = [1, 3, 17]
 THREADS = [1, 2]
 EPS = 1e-5
+EMBED_SCALE = 45.25  # Gemma 2B: sqrt(2048); any finite factor
 CAP = 30.0
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -125,7 +126,9 @@ def k(isa):
             emitters[f"{kind}{dim}"] = p(
                 ops.emit_activation, dim=dim, stride=_stride(dim), kind=kind
             )
-        emitters[f"pos{dim}"] = p(ops.emit_position_add, dim=dim)
+        emitters[f"scale{dim}"] = p(
+            ops.emit_scale, dim=dim, stride=_stride(dim), factor=EMBED_SCALE
+        )
         emitters[f"cap{dim}"] = p(ops.emit_softcap, dim=dim, stride=_stride(dim), cap=CAP)
         for act in ("silu", "gelu_tanh", "gelu"):
             emitters[f"glu_{act}{dim}"] = p(ops.emit_swiglu_act, ffn_dim=dim, activation=act)
@@ -263,6 +266,18 @@ def test_layernorm_constant_row_uses_eps(k):
 
 
 @pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("nthreads", THREADS)
+@pytest.mark.parametrize("dim", DIMS)
+def test_scale(k, n, nthreads, dim):
+    rng = np.random.default_rng(200 + n + dim)
+    x = rng.standard_normal((n, _stride(dim))).astype(np.float32)
+    out = assert_shares_partition(
+        lambda a, tid, nt: k(f"scale{dim}", a["x"], n, tid, nt), {"x": x}, ["x"], nthreads
+    )["x"]
+    np.testing.assert_array_equal(out[:, :dim], x[:, :dim] * np.float32(EMBED_SCALE))
+    np.testing.assert_array_equal(out[:, dim:], x[:, dim:])  # the padding is untouched
+
+
 @pytest.mark.parametrize("nthreads", THREADS)
 @pytest.mark.parametrize("dim", DIMS)
 def test_position_add(k, n, nthreads, dim):

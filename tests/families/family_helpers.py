@@ -10,6 +10,7 @@ from sparsec.testing import int8_tie_position
 FP32_ATOL = 1e-4
 INT8_ATOL = 1e-4
 INT8_FLIP_ATOL = 0.1
+INT8_FLIP_REL = 0.03  # of the largest logit
 # Greedy steps are compared while transformers' top-2 margin exceeds at least this:
 # fp32 logits agree to ~2e-6; int8 ones follow the W8A8 reference to ~1e-6 until an
 # activation sits on a rounding tie (int8_tie_position).
@@ -31,7 +32,10 @@ def check_logits(rt, ref, ids, precision: str) -> None:
         return
     strict = int8_tie_position(ref, ids)
     np.testing.assert_allclose(got[:strict], want[:strict], atol=INT8_ATOL)
-    np.testing.assert_allclose(got[strict:], want[strict:], atol=INT8_FLIP_ATOL)
+    # After a flip, one int8 step moves the logits in proportion to their size (Gemma's
+    # are larger: embeddings times sqrt(hidden), a (1 + w) final norm).
+    flip = max(INT8_FLIP_ATOL, INT8_FLIP_REL * float(np.abs(want).max()))
+    np.testing.assert_allclose(got[strict:], want[strict:], atol=flip)
 
 
 def check_greedy(rt, ref, ids, eos_token_id, precision: str, new_tokens: int = 48) -> int:

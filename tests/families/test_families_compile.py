@@ -142,3 +142,27 @@ def test_alibi_slopes_that_disagree_with_the_config_are_refused(built, tmp_path)
     ir.save(model, tmp_path / "bad.onnx")
     with pytest.raises(SparsecError, match="ALiBi slopes .* alibi_bias_max"):
         compile_model(tmp_path / "bad.onnx", tmp_path / "m.so", max_context=128, quiet=True)
+
+
+@pytest.mark.parametrize("part", ["lower_Mul", "lower_SoftCap"])
+def test_without_gemma_scaling_or_logit_cap_the_compiled_model_differs(
+    built, tmp_path, monkeypatch, part
+):
+    """Ablation: Gemma 2 compiled without its embedding scale (sqrt(hidden)) or without
+    its final logit soft-cap misses transformers."""
+    from sparsec import runtime
+    from sparsec.codegen import program
+    from sparsec.codegen.compile import compile_model
+
+    b = built("gemma2")
+
+    def alias(self, node):  # the op's output is its input, unchanged
+        self.views[node.outputs[0].name] = self.view(node.inputs[0])
+
+    monkeypatch.setattr(program._Lowering, part, alias)
+    compile_model(b.optimized, tmp_path / "m.so", max_context=128, quiet=True)
+    ids = b.tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        want = b.model(torch.tensor([ids])).logits[0].numpy()
+    got = runtime.load(tmp_path / "m.so").forward(ids)
+    assert np.abs(got - want).max() > 100 * FP32_ATOL

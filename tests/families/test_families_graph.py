@@ -38,10 +38,24 @@ def test_everything_fuses(built, family):
         "phi3": {"rotary_dim": 8},
         "qwen3": {"qk_norm_epsilon": pytest.approx(config.norm_eps)},
         "mpt": {"alibi_slopes": pytest.approx(config.alibi_slopes())},
+        # layer 0 is a sliding one (layer 1 a full one: no window)
+        "gemma2": {"window": 8, "softcap": pytest.approx(config.attn_softcap)},
+        "gemma3_text": {"window": 8, "qk_norm_epsilon": pytest.approx(config.norm_eps)},
     }.get(family, {})
     assert extra == expected
+    if config.layer_types is not None:  # the window follows each layer's kind
+        windows = [n.attributes.get("window") for n in nodes]
+        assert [w.value if w else None for w in windows] == [
+            config.window_of(i) for i in range(config.num_hidden_layers)
+        ]
     # q/k norm scales (Qwen3); no cos/sin tables with learned positions (OPT)
-    assert len(nodes[0].inputs) == {"qwen3": 10, "opt": 6, "gpt2": 6, "mpt": 6}.get(family, 8)
+    assert len(nodes[0].inputs) == {
+        "qwen3": 10,
+        "gemma3_text": 10,
+        "opt": 6,
+        "gpt2": 6,
+        "mpt": 6,
+    }.get(family, 8)
     biases = [
         n
         for n in model.graph

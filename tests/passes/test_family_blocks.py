@@ -306,3 +306,93 @@ def test_a_bias_that_is_not_alibi_is_not_fused(family_onnx):
     why = " ".join(w for p in report.passes for w in p.not_fused)
     assert "not linear in the key position" in why
     assert attention  # the pass that refused it
+
+
+# --- Gemma 2 and 3 ----------------------------------------------------------------------
+
+
+def test_gemma2_caps_geglu_and_windows_fuse(family_onnx):
+    from sparsec import contract
+    from sparsec.passes import optimize, reference
+
+    exported = family_onnx("gemma2")
+    before = run(exported, _feeds(exported, 1, 12))  # 12 tokens: past the window of 8
+    model, report = optimize(family_onnx("gemma2"))
+    assert report.outside_contract == {}
+    config = contract.graph_config(model.metadata_props)
+    counts = ops(model)
+    assert counts["sparsec.SoftCap"] == 1 and counts["Mul"] == 1  # logits cap, embed scale
+    mlps = [n for n in model.graph if n.op_type == "SwiGLU"]
+    assert [n.attributes["activation"].value for n in mlps] == ["gelu_tanh"] * 2
+    attention = [n for n in model.graph if n.op_type == "CachedAttention"]
+    assert [n.attributes["softcap"].value for n in attention] == [config.attn_softcap] * 2
+    assert ["window" in n.attributes for n in attention] == [True, False]  # sliding, full
+    feeds = _feeds(model, 1, 12, capacity=16)
+    for got in (run(model, feeds), reference.evaluate(model, feeds)):
+        np.testing.assert_allclose(got["logits"], before["logits"], atol=2e-5)
+
+
+def test_a_tanh_that_is_not_a_soft_cap_is_left():
+    """Ablation: 3 * tanh(x / 2) is not a soft-cap (the caps differ)."""
+    from sparsec.passes.softcap import LogitSoftCapPass
+
+    for inner, fused in ((3.0, 1), (2.0, 0)):
+        nodes = [
+            oh.make_node("Div", ["x", "inner"], ["d"]),
+            oh.make_node("Tanh", ["d"], ["t"]),
+            oh.make_node("Mul", ["t", "outer"], [contract.LOGITS]),
+        ]
+        inits = {"inner": np.float32(inner), "outer": np.float32(3.0)}
+        model = tiny_graph(
+            nodes,
+            [oh.make_tensor_value_info("x", 1, [1, 2, 8])],
+            [oh.make_tensor_value_info(contract.LOGITS, 1, [1, 2, 8])],
+            inits,
+        )
+        x = np.linspace(-9, 9, 16, dtype=np.float32).reshape(1, 2, 8)
+        before = run(model, {"x": x})[contract.LOGITS]
+        LogitSoftCapPass()(model)
+        assert ops(model).get("sparsec.SoftCap", 0) == fused
+        np.testing.assert_allclose(run(model, {"x": x})[contract.LOGITS], before, atol=1e-6)
+
+
+def test_without_per_layer_windows_gemma2_does_not_fuse(family_onnx, monkeypatch):
+    """Ablation: one window for every layer (as before layer_types) fails the check on
+    Gemma 2's full layer."""
+    from sparsec.contract import ModelConfig
+    from sparsec.passes import optimize
+
+    monkeypatch.setattr(ModelConfig, "window_of", lambda self, layer: self.sliding_window)
+    _, report = optimize(family_onnx("gemma2"))
+    assert "sparsec.CachedAttention" not in report.ops_after
+    why = " ".join(w for p in report.passes for w in p.not_fused)
+    assert "numerical check failed" in why and "layer 1" in why
+
+
+def test_gemma3_local_and_global_rope_tables(family_onnx):
+    from sparsec.passes import optimize
+
+    model, report = optimize(family_onnx("gemma3_text"))
+    assert report.outside_contract == {}
+    attention = [n for n in model.graph if n.op_type == "CachedAttention"]
+    local, full = (const_of(n.inputs[6]) for n in attention)
+    assert local.shape == full.shape and not np.allclose(local, full)  # theta 1e4 vs 1e6
+
+
+def const_of(value):
+    return value.const_value.numpy()
+
+
+def test_alibi_slopes_are_read_through_a_leading_unit_axis():
+    """MPT with a power-of-two head count keeps its table [1, H, 1, N] until a Squeeze."""
+    from sparsec.passes.attention import NoMatch, _alibi_slopes
+
+    slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+    table = (slopes[:, None] * (np.arange(8) - 7)[None, :]).astype(np.float32)
+    for array in (table[:, None, :], table[None, :, None, :]):
+        value = ir.Value(name="alibi", const_value=ir.tensor(array))
+        np.testing.assert_allclose(_alibi_slopes(value), slopes)
+    bent = table.copy()
+    bent[1, 2] += 1.0
+    with pytest.raises(NoMatch, match="not linear"):
+        _alibi_slopes(ir.Value(name="alibi", const_value=ir.tensor(bent[:, None, :])))
