@@ -3,6 +3,7 @@ run)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -27,6 +28,25 @@ TRAIN_BF16_HELP = (
 )
 
 
+class _Given(argparse.Action):
+    """An option that records, in ``args.given_options``, that the command line gave it:
+    those override a --recipe's (the others keep their defaults in ``args``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given_options = getattr(namespace, "given_options", frozenset()) | {self.dest}
+
+
+def _option(parser, *flags, action: str = "store", **kwargs) -> None:
+    """``parser.add_argument`` (store, store_true or store_false), through ``_Given``."""
+    if action in ("store_true", "store_false"):
+        kwargs.setdefault("default", action == "store_false")
+        kwargs.update(nargs=0, const=action == "store_true")
+    elif action != "store":
+        raise ValueError(f"unsupported action {action}")
+    parser.add_argument(*flags, action=_Given, **kwargs)
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "sparsify",
@@ -40,6 +60,8 @@ def register(sub) -> None:
         "A MODEL that is already sparse (the output of an earlier sparsify) is pruned "
         "further, with --teacher naming the dense model: gradual pruning in stages, "
         "such as 50% then 70%. "
+        "--recipe OUTPUT/recipe.yaml re-runs an earlier run with the options it records; "
+        "options given on the command line override the recipe's. "
         "Under 'torchrun --nproc-per-node N -m sparsec sparsify ...' the N processes share "
         "the SparseGPT calibration and distill with FSDP2, each on --batch-size / N "
         "sequences of every batch (rank 0 writes the output; --resume works on any N). "
@@ -47,14 +69,22 @@ def register(sub) -> None:
     )
     p.add_argument("model", help="Hugging Face folder, .gguf file, or built-in name")
     p.add_argument("-o", "--output", required=True, help="folder to write")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of zeros, 0 to 0.99")
-    p.add_argument(
+    _option(
+        p,
+        "--sparsity",
+        type=float,
+        default=None,
+        help="fraction of zeros, 0 to 0.99 (required, unless --recipe gives it)",
+    )
+    _option(
+        p,
         "--pattern",
         default="unstructured",
         help="unstructured (default), N:M such as 2:4 (N kept of every M), or block16",
     )
-    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "magnitude"])
-    p.add_argument(
+    _option(p, "--method", default="sparsegpt", choices=["sparsegpt", "magnitude"])
+    _option(
+        p,
         "--layer-sparsity",
         choices=["uniform", "owl"],
         default="uniform",
@@ -62,41 +92,48 @@ def register(sub) -> None:
         "(OWL), layers with more outlier weights keep more of them, the model as a whole "
         "at --sparsity",
     )
-    p.add_argument(
+    _option(
+        p,
         "--owl-lambda",
         type=float,
         default=0.08,
         help="with --layer-sparsity owl: layer densities spread over target +- this (0.08)",
     )
-    p.add_argument("--calibration", nargs="+", metavar="FILE", default=DEFAULT_CALIBRATION)
-    p.add_argument(
-        "--calibration-samples", type=int, default=32, help="sequences (default 32, at most 4096)"
+    _option(p, "--calibration", nargs="+", metavar="FILE", default=DEFAULT_CALIBRATION)
+    _option(
+        p,
+        "--calibration-samples",
+        type=int,
+        default=32,
+        help="sequences (default 32, at most 4096)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--calibration-seq-len",
         type=int,
         default=512,
         help="tokens each (512; cut to the model's context length)",
     )
-    p.add_argument("--train", nargs="+", metavar="FILE", default=DEFAULT_TRAIN)
-    p.add_argument("--steps", type=int, default=0, help="SquareHead steps (default 0: one-shot)")
-    p.add_argument(
+    _option(p, "--train", nargs="+", metavar="FILE", default=DEFAULT_TRAIN)
+    _option(p, "--steps", type=int, default=0, help="SquareHead steps (default 0: one-shot)")
+    _option(
+        p,
         "--lr",
         type=float,
         default=None,
         help="peak learning rate, > 0 and <= 1 (default by sparsity)",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=1, help="training sequences a step (default 1)"
-    )
-    p.add_argument(
+    _option(p, "--batch-size", type=int, default=1, help="training sequences a step (default 1)")
+    _option(
+        p,
         "--seq-len",
         type=int,
         default=512,
         help="training sequence length, at most the model's context length (default 512, the "
         "length perplexity is scored at)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--example-share",
         type=float,
         default=None,
@@ -105,13 +142,15 @@ def register(sub) -> None:
         "running text: the fraction F of training rows that are examples (default: their "
         "share of the tokens)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--teacher",
         default=None,
         help="distillation teacher (default: dense MODEL); required when MODEL is already "
         "sparse, as the dense reference",
     )
-    p.add_argument(
+    _option(
+        p,
         "--output-loss",
         choices=["ce", "kl", "ce+kl"],
         default="ce",
@@ -119,13 +158,15 @@ def register(sub) -> None:
         "training text's next tokens (the paper's, default); kl, KL divergence from the "
         "teacher's next-token distribution (logit distillation); or ce+kl, both",
     )
-    p.add_argument(
+    _option(
+        p,
         "--int8",
         action="store_true",
         help="W8A8: int8-grid weights (+ quantization.json, or int8 tensors with "
         "--format compressed-tensors)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--format",
         dest="output_format",
         choices=["hf", "compressed-tensors"],
@@ -141,14 +182,16 @@ def register(sub) -> None:
         "stored as zeros (compressed-tensors 0.15+ has no bitmask compression). sparsec "
         "export and build read both formats",
     )
-    p.add_argument(
+    _option(
+        p,
         "--no-smoothing",
         dest="smooth",
         action="store_false",
         help="with --int8: skip the SmoothQuant-style smoothing of the quantized Linears' "
         "inputs (folded into the norm weights and the gated MLP's up rows; on by default)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--qat-steps",
         type=int,
         default=0,
@@ -156,40 +199,55 @@ def register(sub) -> None:
         help="with --int8: the last N of the --steps distillation steps train through W8A8 "
         "fake quantization (straight-through gradients), so the int8 model loses less",
     )
-    p.add_argument("--bf16", action="store_true", help=TRAIN_BF16_HELP)
-    p.add_argument("--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
-    p.add_argument(
-        "--eval-tokens", type=int, default=16384, help="tokens scored per eval source (16384)"
+    _option(p, "--bf16", action="store_true", help=TRAIN_BF16_HELP)
+    _option(p, "--eval", nargs="+", metavar="FILE", default=DEFAULT_EVAL)
+    _option(
+        p, "--eval-tokens", type=int, default=16384, help="tokens scored per eval source (16384)"
     )
-    p.add_argument(
+    _option(
+        p,
         "--eval-every",
         type=int,
         default=0,
         help="recovery-curve interval in steps (default 0: about 10 points)",
     )
-    p.add_argument("--seed", type=int, default=0, help="0 to 4294967295 (default 0)")
-    p.add_argument(
+    _option(p, "--seed", type=int, default=0, help="0 to 4294967295 (default 0)")
+    _option(
+        p,
         "--checkpoint-dir",
         type=Path,
         default=None,
         help="a new or empty folder for the checkpoints (default OUTPUT.checkpoint)",
     )
-    p.add_argument(
+    _option(
+        p,
         "--checkpoint-every",
         type=float,
         default=300.0,
         help="seconds (default 300; 0: at every layer and step)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument(
+    _option(p, "--resume", action="store_true", help="continue from the last checkpoint")
+    _option(
+        p,
         "--device",
         default="auto",
         metavar="auto|cpu|cuda[:N]",
         help="where the forwards, SparseGPT and distillation run (default: auto, CUDA when "
         "PyTorch sees a GPU, else cpu); under torchrun, cuda is each rank's LOCAL_RANK GPU",
     )
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_sparsify)
+    _option(p, "--quiet", action="store_true")
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="re-run an earlier run: every option that FILE, the recipe.yaml sparsify wrote, "
+        "records (sparsity, pattern, method, data, seed, steps, lr, ..., --int8); options "
+        "given on this command line override the recipe's. Data paths are used as recorded "
+        "(relative ones from the current folder). Not recorded: MODEL, -o, --device and "
+        "the checkpoint options",
+    )
+    p.set_defaults(func=_sparsify, given_options=frozenset())
 
     f = sub.add_parser(
         "finetune",
@@ -260,7 +318,7 @@ def register(sub) -> None:
 
 
 def _sparsify(args) -> int:
-    from sparsec.errors import require_compiler_stack
+    from sparsec.errors import SparsecError, require_compiler_stack
 
     require_compiler_stack()
     from sparsec.sparsify.pipeline import SparsifyOptions, sparsify, summary
@@ -268,6 +326,10 @@ def _sparsify(args) -> int:
     # Every option's argparse dest is the SparsifyOptions field of the same name.
     names = {f.name for f in dataclasses.fields(SparsifyOptions)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    if args.recipe is not None:
+        values.update(recipe_options(args.recipe, args.given_options, values))
+    if values["sparsity"] is None:
+        raise SparsecError("--sparsity is required (or --recipe FILE, an earlier run's recipe)")
     for k in ("calibration", "train", "eval"):  # nargs lists or the default tuples
         values[k] = list(values[k])
     opts = SparsifyOptions(**{**values, "output": Path(args.output)})
@@ -275,6 +337,30 @@ def _sparsify(args) -> int:
     if out is not None:  # None: a rank > 0 of a torchrun job, which writes nothing
         print(summary(out))
     return 0
+
+
+def recipe_options(path: Path, given: frozenset[str], values: dict) -> dict:
+    """The options recipe.yaml ``path`` records, less those in ``given`` (the command
+    line's); ``values`` are the command line's options (its defaults for the rest)."""
+    from sparsec.errors import SparsecError
+    from sparsec.sparsify.pipeline import OPTION_RANGES
+    from sparsec.sparsify.report import read_recipe
+
+    recorded, keys = read_recipe(path)
+    options = {k: v for k, v in recorded.items() if k not in given}
+    for name, value in options.items():
+        if name in OPTION_RANGES and value is not None:
+            OPTION_RANGES[name].check(f"{path}: {keys[name]}", value)
+    steps = options.get("steps", values["steps"])
+    for name in ("calibration", "eval") + ("train",) * bool(steps):
+        for source in options.get(name, ()):
+            if not source.startswith("builtin:") and not Path(source).exists():
+                raise SparsecError(
+                    f"{path}: {keys[name]}: {source} does not exist (relative paths are "
+                    f"read from the current folder, as in the run that wrote the recipe); "
+                    f"pass --{name} FILE... for other data"
+                )
+    return options
 
 
 def _finetune(args) -> int:

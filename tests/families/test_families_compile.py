@@ -45,9 +45,7 @@ def test_dense_logits_and_greedy_match_transformers(compiled, family):
 
 def test_without_the_bias_the_compiled_model_differs(built, tmp_path, monkeypatch):
     """Ablation: a lowering that drops Qwen2's q/k/v biases misses the reference."""
-    from sparsec import runtime
     from sparsec.codegen import program
-    from sparsec.codegen.compile import compile_model
 
     b = built("qwen2")
 
@@ -55,12 +53,21 @@ def test_without_the_bias_the_compiled_model_differs(built, tmp_path, monkeypatc
         self.views[node.outputs[0].name] = self.views[value.name]
 
     monkeypatch.setattr(program._Lowering, "_lower_bias", drop_bias)
+    assert _error_against_transformers(b, tmp_path) > 100 * FP32_ATOL
+
+
+def _error_against_transformers(b, tmp_path) -> float:
+    """Compile ``b`` (fp32) as the lowering now stands; its max |Δlogits| against
+    transformers on PROMPT (an ablation's lowering should miss by far)."""
+    from sparsec import runtime
+    from sparsec.codegen.compile import compile_model
+
     compile_model(b.optimized, tmp_path / "m.so", max_context=128, quiet=True)
     ids = b.tokenizer(PROMPT).input_ids
     with torch.no_grad():
         want = b.model(torch.tensor([ids])).logits[0].numpy()
     got = runtime.load(tmp_path / "m.so").forward(ids)
-    assert np.abs(got - want).max() > 100 * FP32_ATOL
+    return float(np.abs(got - want).max())
 
 
 def test_inspect_names_the_family_and_its_parts(compiled, capsys):
@@ -115,18 +122,11 @@ def test_longrope_serves_its_short_factor_range(tmp_path, monkeypatch):
 
 def test_without_alibi_the_compiled_model_differs(built, tmp_path, monkeypatch):
     """Ablation: MPT's attention compiled without its ALiBi slopes misses transformers."""
-    from sparsec import runtime
     from sparsec.codegen import program
-    from sparsec.codegen.compile import compile_model
 
     b = built("mpt")
     monkeypatch.setattr(program._Lowering, "_alibi_slopes", lambda self, node: None)
-    compile_model(b.optimized, tmp_path / "m.so", max_context=128, quiet=True)
-    ids = b.tokenizer(PROMPT).input_ids
-    with torch.no_grad():
-        want = b.model(torch.tensor([ids])).logits[0].numpy()
-    got = runtime.load(tmp_path / "m.so").forward(ids)
-    assert np.abs(got - want).max() > 100 * FP32_ATOL
+    assert _error_against_transformers(b, tmp_path) > 100 * FP32_ATOL
 
 
 def test_alibi_slopes_that_disagree_with_the_config_are_refused(built, tmp_path):
@@ -150,9 +150,7 @@ def test_without_gemma_scaling_or_logit_cap_the_compiled_model_differs(
 ):
     """Ablation: Gemma 2 compiled without its embedding scale (sqrt(hidden)) or without
     its final logit soft-cap misses transformers."""
-    from sparsec import runtime
     from sparsec.codegen import program
-    from sparsec.codegen.compile import compile_model
 
     b = built("gemma2")
 
@@ -160,9 +158,4 @@ def test_without_gemma_scaling_or_logit_cap_the_compiled_model_differs(
         self.views[node.outputs[0].name] = self.view(node.inputs[0])
 
     monkeypatch.setattr(program._Lowering, part, alias)
-    compile_model(b.optimized, tmp_path / "m.so", max_context=128, quiet=True)
-    ids = b.tokenizer(PROMPT).input_ids
-    with torch.no_grad():
-        want = b.model(torch.tensor([ids])).logits[0].numpy()
-    got = runtime.load(tmp_path / "m.so").forward(ids)
-    assert np.abs(got - want).max() > 100 * FP32_ATOL
+    assert _error_against_transformers(b, tmp_path) > 100 * FP32_ATOL

@@ -133,6 +133,13 @@ def test_torchrun_sparsify_matches_one_process_and_only_rank_0_writes(
     assert ppl[0].keys() == ppl[1].keys() == {"dense", "one-shot", "distilled"}
     for stage in ppl[0]:
         assert list(ppl[1][stage].values()) == pytest.approx(list(ppl[0][stage].values()))
+    # The torchrun output is a model folder like any other: it builds and runs.
+    from sparsec import runtime
+    from sparsec.cli import main
+
+    so = tmp_path / "two.so"
+    assert main(["build", str(out2), "-o", str(so), "--max-context", "64"]) == 0
+    assert len(runtime.load(so).generate("Hello", max_new_tokens=4).token_ids) > 0
 
 
 # --- distillation sharded with FSDP2 -----------------------------------------------------
