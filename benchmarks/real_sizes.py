@@ -121,6 +121,8 @@ def context(size: str) -> int:
     ALiBi table: max_seq_len, 2048 by default)."""
     values = SHAPES[size][1]
     return min(CONTEXT, values.get("max_position_embeddings", values.get("max_seq_len", 2048)))
+
+
 PROMPT = 32
 DECODE = 64
 REPS = 3
