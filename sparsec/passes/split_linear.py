@@ -8,7 +8,9 @@ initializer or the contract's ``DequantizeLinear(int8 [in, out], scale [out], ax
 column unread).
 
 A constant ``[out]`` bias ``Add`` between the MatMul and the cut (GPT-2's ``c_attn``) is
-cut with it: each block gets its MatMul and its part of the bias.
+cut with it: each block gets its MatMul and its part of the bias. A float weight's
+blocks are lazy tensors, cut from the weight when read (the code generator reads one
+layer at a time): the pass holds no copy of the weights (a 7B's Wqkv held 6 GB).
 
 Phi-3 stores q|k|v as one ``qkv_proj`` and gate|up as one ``gate_up_proj``; after the
 split the graph has the Llama form, so the attention and SwiGLU fusions match it as
@@ -86,6 +88,23 @@ def _blocks(out: ir.Value, width: int) -> list[tuple[ir.Value, int, int]] | None
     return blocks if edges[-1] == width and len(blocks) > 1 else None
 
 
+def _lazy_columns(graph, taken, name, source, rows: int, start: int, end: int) -> ir.Value:
+    """An initializer holding columns ``start:end`` of ``source``, cut when it is read."""
+
+    def load(source=source, start=start, end=end):
+        return ir.Tensor(np.ascontiguousarray(source.numpy()[:, start:end]))
+
+    shape = ir.Shape([rows, end - start])
+    value = ir.Value(
+        name=unique_name(taken, name),
+        shape=shape,
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=shape),
+    )
+    graph.register_initializer(value)
+    return value
+
+
 def _index(add: ir.Node, out_of: ir.Node) -> int:
     """Which input of ``add`` the MatMul ``out_of`` computes."""
     return 0 if add.inputs[0] is out_of.outputs[0] else 1
@@ -130,8 +149,15 @@ class SplitFusedLinearPass(ir.passes.InPlacePass):
                 continue
             base = (dq.inputs[0] if dq is not None else node.inputs[1]).name
             at = node
+            source = node.inputs[1].const_value if dq is None else None
+            rows = w.shape[0]
             for value, start, end in blocks:
-                part = add_initializer(graph, taken, f"{base}.cols{start}", w[:, start:end])
+                if source is not None:  # cut when read: no copy of a 7B's Wqkv here
+                    part = _lazy_columns(
+                        graph, taken, f"{base}.cols{start}", source, rows, start, end
+                    )
+                else:
+                    part = add_initializer(graph, taken, f"{base}.cols{start}", w[:, start:end])
                 if dq is not None:
                     s = add_initializer(graph, taken, f"{base}.cols{start}.scale", scale[start:end])
                     deq = ir.node("DequantizeLinear", [part, s], {"axis": 1})
