@@ -102,7 +102,7 @@ def test_the_layout_written_before_model_config_still_reads():
             "rope.type = 'dynamic' (supported: 'default', 'llama3', 'linear', 'yarn', 'longrope')",
         ),
         (tiny_llama_config(mlp_bias=True), "mlp_bias = True (supported: False)"),
-        (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu')"),
+        (tiny_llama_config(hidden_act="gelu"), "activation = 'gelu' (supported: 'silu', 'gelu"),
         (
             Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=1),
             "layer_types mixes ['full_attention', 'sliding_attention']",

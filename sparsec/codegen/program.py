@@ -378,7 +378,7 @@ class _Lowering:
         self.views[node.outputs[0].name] = y
 
     def _check_norm(self, node, kind: str) -> None:
-        """The norm kind, and a bias exactly when sparsec.config says the norms have one."""
+        """A norm of the kind sparsec.config says the model's norms are."""
         cfg = self.prog.config
         if cfg.norm != kind:
             raise SparsecError(
@@ -387,6 +387,8 @@ class _Lowering:
             )
 
     def _layer_norm_args(self, node, scale_at: int, width: int) -> dict:
+        """A LayerNorm's scale, bias (exactly when sparsec.config's norm_bias says) and
+        epsilon, its scale at input ``scale_at``."""
         self._check_norm(node, "layer")
         bias = node.inputs[scale_at + 1] if len(node.inputs) > scale_at + 1 else None
         if (bias is not None) != self.prog.config.norm_bias:
@@ -394,12 +396,11 @@ class _Lowering:
                 f"{self.where}: node {node.name!r} has {'a' if bias is not None else 'no'} "
                 f"bias, but sparsec.config norm_bias is {self.prog.config.norm_bias}; {FIX}"
             )
-        args = {
+        return {
             "w": self._norm_weight(node, node.inputs[scale_at], width),
             "b": None if bias is None else self._norm_weight(node, bias, width, "norm bias"),
             "eps": _attr(node, "epsilon", 1e-5, kind=float),
         }
-        return args
 
     def lower_LayerNormalization(self, node) -> None:
         x = self.view(node.inputs[0])
