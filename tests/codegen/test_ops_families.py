@@ -278,24 +278,6 @@ def test_scale(k, n, nthreads, dim):
     np.testing.assert_array_equal(out[:, dim:], x[:, dim:])  # the padding is untouched
 
 
-@pytest.mark.parametrize("nthreads", THREADS)
-@pytest.mark.parametrize("dim", DIMS)
-def test_position_add(k, n, nthreads, dim):
-    rng = np.random.default_rng(200 + n + dim)
-    max_pos = 40
-    table = rng.standard_normal((max_pos, dim)).astype(np.float32)
-    positions = rng.integers(0, max_pos, n).astype(np.int32)
-    positions[0] = max_pos - 1  # the last row is reachable
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    out = assert_shares_partition(
-        lambda a, tid, nt: k(f"pos{dim}", table, positions, a["x"], n, tid, nt),
-        {"x": x},
-        ["x"],
-        nthreads,
-    )["x"]
-    np.testing.assert_array_equal(out, x + table[positions])
-
-
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("nthreads", THREADS)
 @pytest.mark.parametrize("dim", DIMS)
