@@ -58,3 +58,23 @@ def add_initializer(graph: ir.Graph, taken: set[str], base: str, array: np.ndarr
     )
     graph.register_initializer(value)
     return value
+
+
+def add_lazy_initializer(
+    graph: ir.Graph, taken: set[str], base: str, load, dtype: ir.DataType, shape: list[int]
+) -> ir.Value:
+    """An initializer whose array ``load()`` computes when it is read (a transposed or
+    cut weight), not now: a pass holds no copy of the model's weights."""
+    shape = ir.Shape(shape)
+
+    def tensor():
+        return ir.Tensor(np.ascontiguousarray(load()))
+
+    value = ir.Value(
+        name=unique_name(taken, base),
+        shape=shape,
+        type=ir.TensorType(dtype),
+        const_value=ir.LazyTensor(tensor, dtype=dtype, shape=shape),
+    )
+    graph.register_initializer(value)
+    return value

@@ -15,29 +15,10 @@ or compiled: no second copy in memory); a transposed ``DequantizeLinear`` become
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from sparsec.passes._graph import attr, const, is_op, unique_name, value_names
+from sparsec.passes._graph import add_lazy_initializer, attr, const, is_op, unique_name, value_names
 from sparsec.passes.report import PassReport
-
-
-def _lazy_transpose(graph: ir.Graph, taken: set[str], value: ir.Value) -> ir.Value:
-    tensor = value.const_value
-
-    def load(tensor=tensor):
-        return ir.Tensor(np.ascontiguousarray(tensor.numpy().T))
-
-    shape = ir.Shape(list(value.shape)[::-1])
-    lazy = ir.LazyTensor(load, dtype=value.dtype, shape=shape)
-    out = ir.Value(
-        name=unique_name(taken, f"{value.name}.T"),
-        shape=shape,
-        type=ir.TensorType(value.dtype),
-        const_value=lazy,
-    )
-    graph.register_initializer(out)
-    return out
 
 
 def _why_not(node: ir.Node) -> str | None:
@@ -88,7 +69,14 @@ class GemmToMatMulPass(ir.passes.InPlacePass):
             if attr(node, "transB", 0):
                 if b.const_value is not None:
                     replaced.append(b)
-                    b = _lazy_transpose(graph, taken, b)
+                    b = add_lazy_initializer(
+                        graph,
+                        taken,
+                        f"{b.name}.T",
+                        lambda t=b.const_value: t.numpy().T,
+                        b.dtype,
+                        list(b.shape)[::-1],
+                    )
                 else:
                     t = ir.node("Transpose", [b], {"perm": [1, 0]}, name=f"{node.name}.weight_t")
                     t.outputs[0].name = unique_name(taken, f"{b.name}.T")

@@ -24,7 +24,15 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from sparsec.passes._graph import add_initializer, attr, const, is_op, unique_name, value_names
+from sparsec.passes._graph import (
+    add_initializer,
+    add_lazy_initializer,
+    attr,
+    const,
+    is_op,
+    unique_name,
+    value_names,
+)
 from sparsec.passes.report import PassReport
 
 
@@ -88,23 +96,6 @@ def _blocks(out: ir.Value, width: int) -> list[tuple[ir.Value, int, int]] | None
     return blocks if edges[-1] == width and len(blocks) > 1 else None
 
 
-def _lazy_columns(graph, taken, name, source, rows: int, start: int, end: int) -> ir.Value:
-    """An initializer holding columns ``start:end`` of ``source``, cut when it is read."""
-
-    def load(source=source, start=start, end=end):
-        return ir.Tensor(np.ascontiguousarray(source.numpy()[:, start:end]))
-
-    shape = ir.Shape([rows, end - start])
-    value = ir.Value(
-        name=unique_name(taken, name),
-        shape=shape,
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.LazyTensor(load, dtype=ir.DataType.FLOAT, shape=shape),
-    )
-    graph.register_initializer(value)
-    return value
-
-
 def _index(add: ir.Node, out_of: ir.Node) -> int:
     """Which input of ``add`` the MatMul ``out_of`` computes."""
     return 0 if add.inputs[0] is out_of.outputs[0] else 1
@@ -153,8 +144,13 @@ class SplitFusedLinearPass(ir.passes.InPlacePass):
             rows = w.shape[0]
             for value, start, end in blocks:
                 if source is not None:  # cut when read: no copy of a 7B's Wqkv here
-                    part = _lazy_columns(
-                        graph, taken, f"{base}.cols{start}", source, rows, start, end
+                    part = add_lazy_initializer(
+                        graph,
+                        taken,
+                        f"{base}.cols{start}",
+                        lambda t=source, a=start, b=end: t.numpy()[:, a:b],
+                        ir.DataType.FLOAT,
+                        [rows, end - start],
                     )
                 else:
                     part = add_initializer(graph, taken, f"{base}.cols{start}", w[:, start:end])
