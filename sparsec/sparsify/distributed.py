@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -152,11 +153,30 @@ def batch_error(batch_size: int, world_size: int) -> str:
     )
 
 
+# Set when a collective failed. gloo may then still hold a thread blocked on the lost
+# peer; the interpreter's normal exit destroys it unjoined and C++ aborts the process
+# ("terminate called without an active exception", exit -6) after the one-line error.
+_broken = False
+
+
+def exit_status(code: int) -> int:
+    """The process's last act under torchrun: after a failed collective, leave with
+    ``code`` at once (streams flushed) instead of through the interpreter's teardown."""
+    if _broken:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
+
+
 @contextlib.contextmanager
 def _collective(ranks: Ranks) -> Iterator[None]:
+    global _broken
     try:
         yield
     except RuntimeError as e:  # DistBackendError, gloo's closed connection, a timeout
+        _broken = True
         raise SparsecError(
             f"rank {ranks.rank} of {ranks.world_size}: a collective with the other ranks "
             f"failed ({_reason(e)}); another rank stopped or failed (see its message)"

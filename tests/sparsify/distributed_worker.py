@@ -209,5 +209,6 @@ if __name__ == "__main__":
         from sparsec import cli
 
         record_steps(Path(sys.argv[3]), int(sys.argv[2]))
-        sys.exit(cli.main(["sparsify", *sys.argv[4:]]))
+        sys.exit(distributed.exit_status(cli.main(["sparsify", *sys.argv[4:]])))
     main(sys.argv[1], Path(sys.argv[2]))
+    sys.exit(distributed.exit_status(0))  # as the console script leaves

@@ -508,3 +508,36 @@ def test_sparsify_on_cuda_runs_every_stage_and_matches_the_cpu_masks(
     # Other matmul kernels: a few near-tie mask choices may go the other way.
     masks = differing({k: v == 0 for k, v in g.items()}, {k: v == 0 for k, v in c.items()})
     assert masks < 0.01 * zeros
+
+
+_LEAVE_AFTER_FAILURE = """
+import atexit, sys
+from sparsec.sparsify import distributed
+atexit.register(lambda: print("teardown ran", flush=True))
+ranks = distributed.Ranks(0, 2)
+if sys.argv[1] == "failed":
+    try:
+        with distributed._collective(ranks):
+            raise RuntimeError("Connection closed by peer")
+    except Exception as e:
+        print(e, flush=True)
+sys.exit(distributed.exit_status(3))
+"""
+
+
+@pytest.mark.parametrize("collective", ["failed", "fine"])
+def test_a_rank_whose_collective_failed_leaves_without_the_interpreter_teardown(collective):
+    # gloo can hold a thread blocked on the lost peer, which the normal teardown destroys
+    # unjoined (SIGABRT after the one-line error); the ablation ("fine") tears down.
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAVE_AFTER_FAILURE, collective],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert ("teardown ran" in done.stdout) == (collective == "fine")
+    if collective == "failed":
+        assert "a collective with the other ranks failed (Connection closed by peer)" in done.stdout
