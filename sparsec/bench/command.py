@@ -94,7 +94,7 @@ def register(subparsers) -> None:
         "--target",
         default="auto",
         help="comma list of sparsec instruction sets to compile and measure side by side: "
-        "auto (the best this CPU runs), avx512, avx2-vnni, avx2 (see `sparsec compile "
+        "auto (the best this CPU runs), avx512-amx, avx512, avx2-vnni, avx2 (see `sparsec compile "
         "--help`); each but auto adds its name to the system's (default auto)",
     )
     p.add_argument(

@@ -13,7 +13,9 @@ compares the two. Everything is at SmolLM2-135M's real shapes, with fixed weight
 - Model compiles: a 4-layer SmolLM2-shaped model (70% of every decoder Linear zeroed)
   compiled fp32 and int8, with dense and with bitmask decoder layers (the output layer
   dense, as autotuning picks it): every function LLVM emits for a model (embedding,
-  norms, RoPE/KV write, attention, SwiGLU, quantize, linears, the forward body).
+  norms, RoPE/KV write, attention, SwiGLU, quantize, linears, the forward body); and
+  the int8 bitmask one for avx512-amx (AMX tiles in multi-token calls), whose prefill
+  chunk is timed where the CPU has AMX.
 
 Per function: the fingerprint and the assembly text for one fixed LLVM cpu
 (``FINGERPRINT_CPU``), so they are the same on every host. Timed items, on this host's
@@ -238,10 +240,18 @@ def compiled_code(module, prefix: str = "", tgt=None) -> CompiledCode:
 class ModelVariant:
     precision: str  # fp32 | int8
     kernels: str  # dense | bitmask (decoder layers; the output layer is always dense)
+    isa: str = BASE_ISA
 
     @property
     def name(self) -> str:
-        return f"model_{'i8' if self.precision == 'int8' else 'f32'}_{self.kernels}"
+        suffix = "" if self.isa == BASE_ISA else "_" + self.isa.replace("-", "_")
+        return f"model_{'i8' if self.precision == 'int8' else 'f32'}_{self.kernels}{suffix}"
+
+    @property
+    def steps(self) -> tuple[tuple[str, int], ...]:
+        """Timed steps: another ISA's variant only where its code differs from the base
+        ISA's (avx512-amx: multi-token tiles, i.e. the prefill chunk)."""
+        return STEPS if self.isa == BASE_ISA else tuple(s for s in STEPS if s[0] != "decode")
 
     def choose(self, weight, precision: str, kernels: str) -> str:
         """The format autotuning picks on a 70%-sparse model, fixed so the code is too:
@@ -254,7 +264,10 @@ class ModelVariant:
         return f"{'bitmask' if sparse else 'dense'}_{suffix}"
 
 
-MODEL_VARIANTS = tuple(ModelVariant(p, k) for p in ("fp32", "int8") for k in ("dense", "bitmask"))
+MODEL_VARIANTS = (
+    *(ModelVariant(p, k) for p in ("fp32", "int8") for k in ("dense", "bitmask")),
+    ModelVariant("int8", "bitmask", "avx512-amx"),  # AMX tiles: prefill and batched decode
+)
 
 
 def model_graph(out: Path) -> Path:
@@ -335,7 +348,7 @@ class Suite:
 
     def _build_models(self, timing: bool) -> None:
         from sparsec.codegen.compile import build_model, emit_model
-        from sparsec.codegen.target import default_target
+        from sparsec.codegen.target import ISAS, Target, default_target, missing_features
 
         tmp = Path(self._tmp.name)
         graph = model_graph(tmp / "graph.onnx")
@@ -349,11 +362,11 @@ class Suite:
                 quiet=True,
                 choose=v.choose,
             )
-            em = emit_model(graph, **options, target=code_target())
-            self._add(compiled_code(em.emitted.module, prefix=f"{v.name}/"))
-            if timing:
+            em = emit_model(graph, **options, target=code_target(v.isa))
+            self._add(compiled_code(em.emitted.module, prefix=f"{v.name}/", tgt=em.target))
+            if timing and not missing_features(ISAS[v.isa].features):
                 # The timed build is this host's: emitted again only if its tuning differs.
-                host = default_target()
+                host = Target(ISAS[v.isa], default_target().cpu)
                 if host.tuning == em.target.tuning:
                     em = dataclasses.replace(em, target=host)
                 else:
@@ -361,10 +374,11 @@ class Suite:
                 manifest = build_model(em, tmp / f"{v.name}.so", quiet=True)
                 libraries[v.name] = tmp / f"{v.name}.so"
                 layer_bytes = sum(layer["bytes"] for layer in manifest["layers"])
-                for kind, threads in STEPS:
+                for kind, threads in v.steps:
                     name = f"{v.name}:{kind}@{threads}t"
                     key = [MODEL_CONFIG, MODEL_SPARSITY, MODEL_CAPACITY, v.precision, v.kernels]
                     key += [kind, threads, DECODE_POSITION]
+                    key += [] if v.isa == BASE_ISA else [v.isa]
                     nbytes = layer_bytes if kind == "decode" else 0
                     self.items[name] = Item(name, json.dumps(key), nbytes)
             self.log(f"{v.name}: compiled ({time.perf_counter() - t0:.0f} s)")

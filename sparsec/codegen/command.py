@@ -74,10 +74,12 @@ def add_compile_options(p) -> None:
         "--target",
         choices=("auto", *ISAS),
         default="auto",
-        help="instruction set of the kernels: avx512 (AVX-512 with VNNI/VBMI2: AMD Zen 4, "
-        "Intel Ice Lake and newer Xeons), avx2-vnni (AVX2 + AVX-VNNI: Intel Core 12th gen "
-        "and newer, AMD Zen 5), avx2 (AVX2 + FMA: Intel Haswell and newer, AMD Zen 1-3). "
-        "auto picks the first of these this CPU runs. The model "
+        help="instruction set of the kernels: avx512-amx (avx512 plus AMX tiles for "
+        "prefill and batched int8 decode: Intel Sapphire Rapids and newer Xeons), avx512 "
+        "(AVX-512 with VNNI/VBMI2: AMD Zen 4, Intel Ice Lake and newer Xeons), avx2-vnni "
+        "(AVX2 + AVX-VNNI: Intel Core 12th gen and newer, AMD Zen 5), avx2 (AVX2 + FMA: "
+        "Intel Haswell and newer, AMD Zen 1-3). auto picks the first of these this CPU "
+        "runs. The model "
         "runs only on CPUs with its ISA, and the CPU compiling must have it too (--kernels "
         "auto times candidates here). Default auto.",
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
+from sparsec.codegen.amx import emit_amx_blocks
 from sparsec.codegen.irbuild import (
     F32,
     I8,
@@ -300,7 +301,21 @@ def emit_linear_kernel(
         with decode:
             block_loops(tuning.decode_group[p.fmt], (1,))
         with prefill:
-            block_loops(tuning.block_group[p.precision], tuning.token_tiles)
+            if int8 and isa.tile_dot == "amx":
+
+                def store_outputs(acc, blk, blk64, tok64):
+                    mask = store_mask(blk)
+                    _store_token(b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate)
+
+                # Below amx_min_tokens the vector tiles measure faster (Tuning).
+                use_amx = b.icmp_signed(">=", n, i32(tuning.amx_min_tokens))
+                with b.if_else(use_amx) as (tiles, vector):
+                    with tiles:
+                        emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride, store_outputs)
+                    with vector:
+                        block_loops(tuning.block_group[p.precision], tuning.token_tiles)
+            else:
+                block_loops(tuning.block_group[p.precision], tuning.token_tiles)
     b.ret_void()
     return fn
 
@@ -348,14 +363,20 @@ def _emit_tile(b, fmt, tile, t0, blks, x, x_stride, y, y_stride, xscale, accumul
             acc = accs[g][i][0].get()
             for u in range(1, unroll):
                 acc = fmt.add(acc, accs[g][i][u].get())
-            out = fmt.finish(acc, blk64, xscale, toks[i])
-            offset = b.add(b.mul(toks[i], i64(y_stride)), b.mul(blk64, i64(p.rows)))
-            yptr = b.gep(y, [offset], inbounds=True)
-            if mask is None:
-                if accumulate:
-                    out = b.fadd(load_vec(b, yptr, fmt.v.f32), out)
-                store(b, out, yptr)
-            else:
-                if accumulate:
-                    out = b.fadd(masked_load(b, yptr, mask, fmt.v.f32), out)
-                masked_store(b, out, yptr, mask)
+            _store_token(b, fmt, acc, blk64, mask, toks[i], xscale, y, y_stride, accumulate)
+
+
+def _store_token(b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate):
+    """One token's outputs of one block (its accumulator) into y (masked in the last
+    block when it has padded rows)."""
+    out = fmt.finish(acc, blk64, xscale, tok64)
+    offset = b.add(b.mul(tok64, i64(y_stride)), b.mul(blk64, i64(fmt.p.rows)))
+    yptr = b.gep(y, [offset], inbounds=True)
+    if mask is None:
+        if accumulate:
+            out = b.fadd(load_vec(b, yptr, fmt.v.f32), out)
+        store(b, out, yptr)
+    else:
+        if accumulate:
+            out = b.fadd(masked_load(b, yptr, mask, fmt.v.f32), out)
+        masked_store(b, out, yptr, mask)

@@ -31,7 +31,12 @@ from pathlib import Path
 
 from sparsec.codegen.tuning import Tuning, tuning_for
 from sparsec.errors import SparsecError
-from sparsec.runtime.cpu import CPUINFO, host_cpu_flags, normalize_feature  # one reader for both
+from sparsec.runtime.cpu import (  # one reader for both
+    CPUINFO,
+    enable_amx,
+    host_cpu_flags,
+    normalize_feature,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class Isa:
     # "maddubs" (AVX2: vpsignb + vpmaddubsw + vpmaddwd on signed activations, which
     # cannot saturate since both factors stay within +-127).
     int8_dot: str = "vnni"
+    # Multi-token int8 tiles (prefill, batched decode): "vector" (the int8_dot per token)
+    # or "amx" (Intel AMX tdpbusd tiles, codegen/amx.py; decode keeps the vector kernel).
+    tile_dot: str = "vector"
 
     @property
     def vector_bytes(self) -> int:
@@ -129,6 +137,17 @@ AVX512 = Isa(
     scheduling_cpu="znver4",
 )
 
+# Intel Sapphire Rapids and newer (Xeon 4th gen+, Granite Rapids): AVX-512 plus AMX
+# tiles for multi-token int8 work. The same packed layouts and single-token kernels as
+# avx512; not on AMD (Zen 4/5 have no AMX).
+AVX512_AMX = dataclasses.replace(
+    AVX512,
+    name="avx512-amx",
+    features=(*AVX512.features, "amx-tile", "amx-int8"),
+    scheduling_cpu="sapphirerapids",
+    tile_dot="amx",
+)
+
 # Intel Haswell and newer without AVX-512 (Core 4th-11th gen, most laptops), AMD Zen 1-3:
 # 8 float lanes, no expand loads (bitmask decode by table + vpermps / vpshufb; int8
 # masks cover byte pairs: docs/experiments/avx2-bitmask-int8.md), int8 through
@@ -153,7 +172,7 @@ AVX2_VNNI = dataclasses.replace(
     int8_dot="vnni",
 )
 # Best first: ``--target auto`` takes the first one the host runs.
-ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512, AVX2_VNNI, AVX2)}
+ISAS: dict[str, Isa] = {isa.name: isa for isa in (AVX512_AMX, AVX512, AVX2_VNNI, AVX2)}
 
 
 @dataclass(frozen=True)
@@ -454,7 +473,10 @@ def build_library(
 
 
 def load_library(path: Path | str) -> ctypes.CDLL:
-    """Load a built library with ctypes (tests and benchmarks)."""
+    """Load a built library with ctypes (tests and benchmarks); on an AMX host the
+    process gets AMX state first (the library may hold AMX kernels)."""
+    if "amxtile" in host_cpu_flags():
+        enable_amx(str(path))
     try:
         return ctypes.CDLL(str(path))
     except OSError as exc:

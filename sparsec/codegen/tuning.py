@@ -57,6 +57,18 @@ class Tuning:
     # The avx2 kernels on the same CPU, 4 tokens: bitmask_i8 3072x576 122 -> 85 us,
     # dense_i8 49152x576 1740 -> 1039 (8 KiB the same as 16 KiB).
     tile_prefetch_bytes: int = 16384
+    # AMX (avx512-amx): row blocks multiplied together in multi-token int8 calls, each
+    # with its own accumulator tile (independent tdpbusd chains) sharing the tokens' A
+    # tile. Measured on the Intel Xeon (Sapphire Rapids class), 1 thread, 1536x576 70%
+    # from L2, 64 tokens: bitmask_i8 1 block 130 us, 2 blocks 69, 3 blocks 75, 4 blocks
+    # 82 (vector tiles 224); dense_i8 200 / 96 / 160 / 138 (vector 176).
+    amx_blocks: int = 2
+    # ... and from how many tokens a call uses AMX rather than the vector tiles. The
+    # 30-layer stack, 70% sparse, weights from DRAM, 2 threads, bitmask_i8 vector vs AMX:
+    # 8 tokens 2.18 vs 3.26 ms (the expand stream no longer overlaps the multiplies),
+    # 16 tokens 3.97 vs 3.49, 32 tokens 7.48 vs 6.10, 64 tokens 14.8 vs 8.3; dense_i8
+    # 8 tokens 3.56 vs 3.38, 16: 4.73 vs 3.33, 64: 15.3 vs 9.5.
+    amx_min_tokens: int = 16
 
 
 # The measurements above were made on the AVX-512 machines of sessions 1-10 (Intel Xeon,

@@ -2,11 +2,14 @@
 
 The manifest lists the CPU features the generated code uses, spelled as in the
 ``flags`` line of /proc/cpuinfo (``avx512_vnni``). Names are compared normalized
-(lower case, no ``_`` or ``.``) so LLVM spellings (``avx512vnni``) match as well.
+(lower case, no ``_``, ``-`` or ``.``) so LLVM spellings (``avx512vnni``) match as well.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 import platform
 from pathlib import Path
 
@@ -20,7 +23,7 @@ _ARCH_ALIASES = {"x86_64": {"x86_64", "amd64", "x64"}, "aarch64": {"aarch64", "a
 
 def normalize_feature(name: str) -> str:
     # /proc/cpuinfo says "avx512_vnni", LLVM says "+avx512vnni"; "sse4_1" vs "sse4.1".
-    return name.strip().lower().lstrip("+").replace("_", "").replace(".", "")
+    return name.strip().lower().lstrip("+").replace("_", "").replace(".", "").replace("-", "")
 
 
 def host_system() -> str:
@@ -77,3 +80,33 @@ def check_host(manifest: dict, name: str, cpuinfo: Path = CPUINFO) -> None:
             f"compiled for the {target['isa']} target, cpu {target['cpu']}); run it on a CPU "
             "that has them, or recompile it for this one: sparsec compile --target auto"
         )
+    if any(normalize_feature(f) == "amxtile" for f in manifest["cpu_features"]):
+        enable_amx(name)
+
+
+# Linux gives a process AMX tile state only on request (the state is 8 KB a thread):
+# arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); without it the first tile
+# instruction is SIGILL.
+_SYS_ARCH_PRCTL = 158  # x86-64
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+def enable_amx(user: str = "sparsec's AMX kernels") -> None:
+    """Request AMX tile state for this process (all its threads) once; raise
+    SparsecError naming ``user`` when Linux refuses (too old a kernel, or a policy)."""
+    error = _request_amx()
+    if error:
+        raise SparsecError(
+            f"Linux refused AMX to this process ({error}), which {user} uses; upgrade the "
+            "kernel (5.16+) or recompile without AMX: sparsec compile --target avx512"
+        )
+
+
+@functools.cache
+def _request_amx() -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
+        return ""
+    return f"arch_prctl(ARCH_REQ_XCOMP_PERM): {os.strerror(ctypes.get_errno())}"

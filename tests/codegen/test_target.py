@@ -126,17 +126,24 @@ def test_linear_kernels_use_avx512_instructions():
 
 
 def test_host_target_is_the_avx512_isa_on_this_cpu():
+    """avx512-amx where the CPU has AMX (Intel Sapphire Rapids+), else avx512 (Zen 4)."""
     t = target.host_target()
-    assert t.isa is target.AVX512 and t.isa.lanes_f32 == 16 and t.isa.vector_bytes == 64
+    amx = not target.missing_features(target.AVX512_AMX.features)
+    assert t.isa is (target.AVX512_AMX if amx else target.AVX512)
+    assert t.isa.lanes_f32 == 16 and t.isa.vector_bytes == 64
     assert t.cpu == target.default_target().cpu and t.cpu not in ("", "generic")
     assert target.host_target("avx512", "sapphirerapids").cpu == "sapphirerapids"
-    assert t.describe() == {"triple": t.triple, "cpu": t.cpu, "isa": "avx512"}
+    assert t.describe() == {"triple": t.triple, "cpu": t.cpu, "isa": t.isa.name}
 
 
 @pytest.mark.parametrize(
     "name, cpu, message",
     [
-        ("avx3", None, "unknown --target 'avx3'; choose auto or avx512, avx2-vnni, avx2"),
+        (
+            "avx3",
+            None,
+            "unknown --target 'avx3'; choose auto or avx512-amx, avx512, avx2-vnni, avx2",
+        ),
         ("auto", "Zen 4", "--target-cpu 'Zen 4' is not an LLVM cpu name"),
         ("auto", "znver9", "--target-cpu 'znver9' is not an LLVM cpu name"),
     ],
