@@ -43,6 +43,15 @@ class _AmxTileType(ir.Type):
 
 
 TILE = _AmxTileType()
+# A bitmask block is expanded into a stack buffer (16 rows x in_features bytes, times
+# Tuning.amx_blocks): layers wider than this keep the vector tiles, so that the
+# kernel threads' stacks (8 MiB by default) are never at risk.
+MAX_BLOCK_BYTES = 512 << 10
+
+
+def fits(packed) -> bool:
+    """Whether a layer's blocks are small enough for the AMX path (MAX_BLOCK_BYTES)."""
+    return packed.k_steps * TILE_BYTES <= MAX_BLOCK_BYTES
 
 
 def _call(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
@@ -79,14 +88,47 @@ def tile_dpbusd(b, m, n_bytes: int, k_bytes: int, c, a, bt):
     return _call(b, "llvm.x86.tdpbusd.internal", TILE, args)
 
 
-def emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride: int, store_outputs) -> None:
+def emit_amx_rows_function(module, kernel: str, x_stride: int, make_format, make_outputs):
+    """``{kernel}.amx_rows(w, x, xscale, y, n, blk_lo, blk_hi)`` for calls of at most 16
+    tokens (batched decode, short chunks): one token tile, so one tile configuration at
+    entry for the whole call, and the weight expansion of the next block can overlap
+    the tile products (a configuration per block pair serialized them: the 8-token
+    SmolLM2 stack took 3.26 ms against the vector tiles' 2.18; docs/experiments/amx.md).
+
+    ``make_format(b, w)``: linear_kernel's format hooks in this function;
+    ``make_outputs(b, fmt, xscale, y)``: its ``store_outputs`` (see emit_amx_blocks)."""
+    ptr = I8.as_pointer()
+    fptr = ir.FloatType().as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [ptr, ptr, fptr, fptr, I32, I32, I32])
+    fn = ir.Function(module, fnty, f"{kernel}.amx_rows")
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    fn.attributes.add("nounwind")
+    w, x, xscale, y, n, blk_lo, blk_hi = fn.args
+    for arg in (w, x, xscale, y):
+        arg.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    fmt = make_format(b, w)
+    m = b.trunc(n, I16)  # the tile shape, defined on entry
+    emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride, make_outputs(b, fmt, xscale, y), m)
+    b.ret_void()
+    return fn
+
+
+def emit_amx_blocks(
+    b, fmt, blk_lo, blk_hi, n, x, x_stride: int, store_outputs, one_tile=None
+) -> None:
     """All tokens of row blocks blk_lo..blk_hi-1 (this thread's) of an int8 format,
     ``Tuning.amx_blocks`` blocks at a time (then the rest one by one).
 
     ``fmt``: linear_kernel's format hooks (weight stream, bias, finish);
     ``store_outputs(acc, blk, blk64, tok64)``: writes one token's 16 int32 sums (the
-    activation offset undone) of block ``blk`` as floats into y."""
-    group = fmt.tuning.amx_blocks
+    activation offset undone) of block ``blk`` as floats into y. ``one_tile``: n <= 16,
+    the i16 tile shape defined on the function's entry: the products are emitted inline
+    (else a tile function is called per token tile and block group)."""
+    # One function holds every product when one_tile: one block at a time, so that
+    # LLVM's tile registers (8, one shape each per configuration) suffice.
+    group = 1 if one_tile is not None else fmt.tuning.amx_blocks
     with b.goto_entry_block():
         if b.block.is_terminated:
             b.position_before(b.block.terminator)
@@ -102,13 +144,13 @@ def emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride: int, store_outputs) 
         grouped_end = b.add(lo, b.mul(b.sdiv(b.sub(blk_hi, lo), i32(group)), i32(group)))
         with for_range(b, lo, grouped_end, step=group, name="amx_blkg") as first:
             blks = [b.add(first, i32(g)) if g else first for g in range(group)]
-            _emit_group(b, fmt, blks, n, x, x_stride, sums, scratch, store_outputs)
+            _emit_group(b, fmt, blks, n, x, x_stride, sums, scratch, store_outputs, one_tile)
         lo = grouped_end
     with for_range(b, lo, blk_hi, name="amx_blk") as blk:
-        _emit_group(b, fmt, [blk], n, x, x_stride, sums, scratch, store_outputs)
+        _emit_group(b, fmt, [blk], n, x, x_stride, sums, scratch, store_outputs, one_tile)
 
 
-def _emit_group(b, fmt, blks, n, x, x_stride: int, sums, scratch, store_outputs) -> None:
+def _emit_group(b, fmt, blks, n, x, x_stride: int, sums, scratch, store_outputs, one_tile):
     """Blocks ``blks`` together: each 64-column window's A tile (the tokens) is loaded
     once for all of them, and their accumulators are independent tile chains (one chain
     would wait out tdpbusd's latency at every window)."""
@@ -129,13 +171,9 @@ def _emit_group(b, fmt, blks, n, x, x_stride: int, sums, scratch, store_outputs)
             off = b.add(i64(p.sections["weights"]), b.mul(blk64, i64(block_bytes)))
             base = b.gep(fmt.w, [off], inbounds=True)
         bases.append(base)
-    product = _tile_product(b.module, b.function.name, len(blks), p.k_steps, x_stride, vec)
     sums_ptr = b.bitcast(sums, I8.as_pointer())
-    with for_range(b, i32(0), n, step=TILE_ROWS, name="amx_tok") as t0:
-        left = b.sub(n, t0)
-        m32 = b.select(b.icmp_signed("<", left, i32(TILE_ROWS)), left, i32(TILE_ROWS))
-        xtile = b.gep(x, [b.mul(b.sext(t0, I64), i64(x_stride))], inbounds=True)
-        b.call(product, [xtile, b.trunc(m32, I16), sums_ptr, *bases])
+
+    def outputs(t0, m32):
         rows = b.bitcast(sums, fmt.v.i32.as_pointer())
         biases = [fmt.acc_init(blk64, True) for blk64 in blk64s]
         with for_range(b, i32(0), m32, name="amx_row") as i:
@@ -145,12 +183,23 @@ def _emit_group(b, fmt, blks, n, x, x_stride: int, sums, scratch, store_outputs)
                 acc_i = b.load(b.gep(rows, [row], inbounds=True), align=64)
                 store_outputs(b.add(acc_i, biases[g]), blk, blk64, tok64)
 
+    if one_tile is not None:
+        _emit_product(b, p.k_steps, x_stride, vec, x, one_tile, sums_ptr, bases)
+        outputs(i32(0), n)
+        return
+    product = _tile_product(b.module, b.function.name, len(blks), p.k_steps, x_stride, vec)
+    with for_range(b, i32(0), n, step=TILE_ROWS, name="amx_tok") as t0:
+        left = b.sub(n, t0)
+        m32 = b.select(b.icmp_signed("<", left, i32(TILE_ROWS)), left, i32(TILE_ROWS))
+        xtile = b.gep(x, [b.mul(b.sext(t0, I64), i64(x_stride))], inbounds=True)
+        b.call(product, [xtile, b.trunc(m32, I16), sums_ptr, *bases])
+        outputs(t0, m32)
+
 
 def _tile_product(module, kernel: str, group: int, k_steps: int, x_stride: int, vec: int):
-    """``{kernel}.amx{group}(x, m, sums, b_0 .. b_group-1)``: sums[g] (16 x 16 int32 at
-    sums + g KB) = the m token rows at x (x_stride apart) times block g's packed weights
-    at b_g, for all k_steps. A function of its own so that the tile shapes (m) are
-    defined on entry, where LLVM puts the tile configuration."""
+    """``{kernel}.amx{group}(x, m, sums, b_0 .. b_group-1)``: ``_emit_product`` as a
+    function of its own, so that the tile shapes (m) are defined on entry, where LLVM
+    puts the tile configuration (each call configures and releases the tiles)."""
     name = f"{kernel}.amx{group}"
     if name in module.globals:
         return module.globals[name]
@@ -161,8 +210,16 @@ def _tile_product(module, kernel: str, group: int, k_steps: int, x_stride: int, 
     fn.attributes.add("nounwind")
     xtile, m, sums, *bases = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
+    _emit_product(b, k_steps, x_stride, vec, xtile, m, sums, bases)
+    b.ret_void()
+    return fn
+
+
+def _emit_product(b, k_steps: int, x_stride: int, vec: int, xtile, m, sums, bases) -> None:
+    """sums[g] (16 x 16 int32 at sums + g KB) = the m token rows at xtile (x_stride
+    apart) times block g's packed weights at bases[g], over all k_steps."""
     windows, tail = divmod(k_steps, TILE_ROWS)
-    accs = [tile_zero(b, m, TILE_BYTES) for _ in range(group)]
+    accs = [tile_zero(b, m, TILE_BYTES) for _ in bases]
     if windows:
         accs = _window_loop(b, windows, m, accs, xtile, x_stride, bases)
     if tail:  # the last k-steps: B tiles of fewer rows, A of fewer columns
@@ -174,8 +231,6 @@ def _tile_product(module, kernel: str, group: int, k_steps: int, x_stride: int, 
     for g, acc in enumerate(accs):
         out = b.gep(sums, [i64(g * TILE_ROWS * TILE_BYTES)])
         tile_store(b, m, TILE_BYTES, out, TILE_BYTES, acc)
-    b.ret_void()
-    return fn
 
 
 def _window_loop(b, windows: int, m, accs, xtile, x_stride: int, bases):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from sparsec.codegen.amx import emit_amx_blocks
+from sparsec.codegen import amx
+from sparsec.codegen.amx import TILE_ROWS, emit_amx_blocks, emit_amx_rows_function
 from sparsec.codegen.irbuild import (
     F32,
     I8,
@@ -50,6 +51,7 @@ from sparsec.codegen.linear_pack import PackedLinear, mask_unit
 from sparsec.codegen.linear_shuffle import shuffle_decode_f32, shuffle_decode_i8_pairs
 from sparsec.codegen.quantize import quantized_row_bytes
 from sparsec.codegen.target import Target, default_target
+from sparsec.codegen.tuning import decode_group
 from sparsec.errors import SparsecError
 
 # The tiling constants (token tiles, row-block groups, decode accumulators, prefetch
@@ -241,17 +243,8 @@ def emit_linear_kernel(
     else:
         blk_lo, blk_hi = thread_range(b, nblk, tid, nthreads)
 
-    tail_rows = p.out_features - (nblk - 1) * p.rows
-
     def store_mask(blk):
-        if tail_rows == p.rows:
-            return None
-        # the last block has padded rows: masked loads/stores of y
-        last = b.icmp_signed("==", blk, i32(nblk - 1))
-        bits = ir.IntType(p.rows)
-        return b.select(
-            last, ir.Constant(bits, (1 << tail_rows) - 1), ir.Constant(bits, (1 << p.rows) - 1)
-        )
+        return _store_mask(b, p, blk)
 
     def blocks(first, group, tiles):
         """All token tiles of the ``group`` consecutive blocks starting at ``first``."""
@@ -299,19 +292,42 @@ def emit_linear_kernel(
     is_decode = b.icmp_signed("==", n, i32(1))
     with b.if_else(is_decode) as (decode, prefill):
         with decode:
-            block_loops(tuning.decode_group[p.fmt], (1,))
+            block_loops(decode_group(tuning, p.fmt, p.in_features), (1,))
         with prefill:
-            if int8 and isa.tile_dot == "amx":
+            if int8 and isa.tile_dot == "amx" and amx.fits(p):
 
-                def store_outputs(acc, blk, blk64, tok64):
-                    mask = store_mask(blk)
-                    _store_token(b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate)
+                def make_outputs(b, fmt, xscale, y):
+                    def store_outputs(acc, blk, blk64, tok64):
+                        mask = _store_mask(b, p, blk)
+                        _store_token(
+                            b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate
+                        )
 
-                # Below amx_min_tokens the vector tiles measure faster (Tuning).
+                    return store_outputs
+
+                rows_fn = emit_amx_rows_function(
+                    module, name, x_stride, lambda b, w: _Format(p, b, w, target), make_outputs
+                )
+                # Below amx_min_tokens the vector tiles measure faster (Tuning); up to 16
+                # tokens are one tile (one configuration per call), more are several.
                 use_amx = b.icmp_signed(">=", n, i32(tuning.amx_min_tokens))
+                one_tile = b.icmp_signed("<=", n, i32(TILE_ROWS))
                 with b.if_else(use_amx) as (tiles, vector):
                     with tiles:
-                        emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride, store_outputs)
+                        with b.if_else(one_tile) as (small, large):
+                            with small:
+                                b.call(rows_fn, [w, x, xscale, y, n, blk_lo, blk_hi])
+                            with large:
+                                emit_amx_blocks(
+                                    b,
+                                    fmt,
+                                    blk_lo,
+                                    blk_hi,
+                                    n,
+                                    x,
+                                    x_stride,
+                                    make_outputs(b, fmt, xscale, y),
+                                )
                     with vector:
                         block_loops(tuning.block_group[p.precision], tuning.token_tiles)
             else:
@@ -364,6 +380,19 @@ def _emit_tile(b, fmt, tile, t0, blks, x, x_stride, y, y_stride, xscale, accumul
             for u in range(1, unroll):
                 acc = fmt.add(acc, accs[g][i][u].get())
             _store_token(b, fmt, acc, blk64, mask, toks[i], xscale, y, y_stride, accumulate)
+
+
+def _store_mask(b, p, blk):
+    """The lanes of block ``blk`` that are real rows (None: all, no block is padded)."""
+    tail_rows = p.out_features - (p.nblocks - 1) * p.rows
+    if tail_rows == p.rows:
+        return None
+    # the last block has padded rows: masked loads/stores of y
+    last = b.icmp_signed("==", blk, i32(p.nblocks - 1))
+    bits = ir.IntType(p.rows)
+    return b.select(
+        last, ir.Constant(bits, (1 << tail_rows) - 1), ir.Constant(bits, (1 << p.rows) - 1)
+    )
 
 
 def _store_token(b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate):

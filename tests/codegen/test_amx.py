@@ -16,7 +16,7 @@ from isa_helpers import host_target_or_skip
 from llvmlite import ir as llvm_ir
 
 from sparsec import runtime
-from sparsec.codegen import target
+from sparsec.codegen import amx, target
 from sparsec.codegen.compile import compile_model
 from sparsec.codegen.linear import emit_linear, pack_linear
 from sparsec.errors import SparsecError
@@ -53,9 +53,9 @@ def test_amx_tiles_equal_the_vnni_kernel_bit_for_bit(fmt, shape):
                 assert np.array_equal(y_amx, y_vnni), (fmt, shape, sparsity, n, nthreads)
 
 
-def _instructions(fmt: str, isa: target.Isa) -> dict[str, int]:
+def _instructions(fmt: str, isa: target.Isa, shape=(64, 576)) -> dict[str, int]:
     module = llvm_ir.Module()
-    packed = pack_linear(np.zeros((64, 576), np.float32), fmt, isa)
+    packed = pack_linear(np.zeros(shape, np.float32), fmt, isa)
     emit_linear(module, "lin", packed, max_tokens=64, target=target.Target(isa, "sapphirerapids"))
     asm = target.emit_assembly(module, target=target.Target(isa, "sapphirerapids"))
     return {op: len([ln for ln in asm.splitlines() if ln.split()[:1] == [op]]) for op in OPS}
@@ -74,6 +74,12 @@ def test_multi_token_int8_work_is_amx_tiles_and_decode_stays_vnni(fmt):
     assert amx["tdpbusd"] >= 1 and amx["tileloadd"] >= 2 and amx["vpdpbusd"] >= 1
     assert amx["ldtilecfg"] >= 1 and amx["tilerelease"] == amx["ldtilecfg"]
     assert plain["vpdpbusd"] >= 1 and not any(plain[op] for op in OPS if op != "vpdpbusd")
+
+
+def test_layers_too_wide_for_the_stack_buffer_keep_the_vector_tiles():
+    widest = 4 * (amx.MAX_BLOCK_BYTES // amx.TILE_BYTES)  # in_features of one 512 KiB block
+    assert _instructions("bitmask_i8", target.AVX512_AMX, (16, widest))["tdpbusd"] >= 1
+    assert _instructions("bitmask_i8", target.AVX512_AMX, (16, widest + 4))["tdpbusd"] == 0
 
 
 def test_float_kernels_have_no_tiles():

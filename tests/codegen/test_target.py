@@ -221,3 +221,27 @@ def test_the_isa_is_pinned_whatever_the_target_cpu():
     assert "vcvtph2ps" in target.emit_assembly(m, target=spr)
     fp16 = target.Isa("fp16", (*target.AVX512.features, "avx512fp16"), 512, (), "znver4")
     assert "vaddph" in target.emit_assembly(m, target=target.Target(fp16, "sapphirerapids"))
+
+
+def test_wide_layers_stream_their_own_decode_group(monkeypatch):
+    """bitmask_i8 decode streams Tuning.wide_decode_group blocks from
+    wide_decode_inputs inputs on (ablation: the wide group set to the narrow one)."""
+    from sparsec.codegen import tuning
+    from sparsec.codegen.linear import emit_linear, pack_linear
+
+    def ir_for(in_features, row):
+        monkeypatch.setitem(tuning.TUNINGS, ("avx512", "testcpu"), row)
+        module = ir.Module()
+        packed = pack_linear(np.zeros((64, in_features), np.float32), "bitmask_i8")
+        tgt = target.Target(target.AVX512, "testcpu")
+        emit_linear(module, "k", packed, max_tokens=1, target=tgt)
+        return str(module).count("llvm.masked.expandload")
+
+    base = tuning.DEFAULT
+    assert tuning.decode_group(base, "bitmask_i8", 1024) == 2
+    assert tuning.decode_group(base, "bitmask_i8", 576) == 1
+    assert tuning.decode_group(base, "dense_i8", 4096) == base.decode_group["dense_i8"]
+    narrow = tuning.Tuning(wide_decode_group={})
+    # two streams' expand loads per step where one had them, only for the wide layer
+    assert ir_for(1024, base) > ir_for(1024, narrow)
+    assert ir_for(576, base) == ir_for(576, narrow)
