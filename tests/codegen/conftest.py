@@ -79,6 +79,13 @@ class LinearKernel:
 _KERNELS: dict = {}
 
 
+@pytest.fixture(scope="session")
+def kernel_for():
+    """``kernel_for(fmt, out, in, max_tokens, target)``: a LinearKernel for an explicit
+    target (tests comparing two ISAs' kernels on one CPU)."""
+    return LinearKernel
+
+
 @pytest.fixture(scope="session", params=list(target.ISAS.values()), ids=lambda isa: isa.name)
 def isa(request) -> target.Isa:
     """Each ISA sparsec emits code for (skipped where this CPU cannot run it)."""

@@ -8,15 +8,16 @@ the machine-code checks run everywhere."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import LinearKernel
 from isa_helpers import host_target_or_skip
 from llvmlite import ir as llvm_ir
 
 from sparsec import runtime
-from sparsec.codegen import amx, target
+from sparsec.codegen import amx, target, tuning
 from sparsec.codegen.compile import compile_model
 from sparsec.codegen.linear import emit_linear, pack_linear
 from sparsec.errors import SparsecError
@@ -31,13 +32,21 @@ SHAPES = [(200, 40), (40, 70), (64, 576)]
 TOKENS = [2, 5, 16, 17, 40]  # vector tiles (< amx_min_tokens); one AMX tile, + 1, several
 
 
+@pytest.mark.parametrize("min_tokens", [None, 2], ids=["default", "amx_from_2"])
 @pytest.mark.parametrize("fmt", INT8)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_amx_tiles_equal_the_vnni_kernel_bit_for_bit(fmt, shape):
+def test_amx_tiles_equal_the_vnni_kernel_bit_for_bit(
+    fmt, shape, min_tokens, kernel_for, monkeypatch
+):
+    """amx_from_2: every multi-token call on AMX, so partial one-call tiles (2, 5
+    tokens) run too."""
     amx = host_target_or_skip(target.AVX512_AMX)
+    if min_tokens is not None:
+        row = dataclasses.replace(amx.tuning, amx_min_tokens=min_tokens)
+        monkeypatch.setitem(tuning.TUNINGS, ("avx512-amx", amx.cpu), row)
     vnni = target.Target(target.AVX512, amx.cpu)
     out_f, in_f = shape
-    kernels = [LinearKernel(fmt, out_f, in_f, max(TOKENS), tgt) for tgt in (amx, vnni)]
+    kernels = [kernel_for(fmt, out_f, in_f, max(TOKENS), tgt) for tgt in (amx, vnni)]
     rng = np.random.default_rng(hash((fmt, shape)) % 2**32)
     for sparsity in (0.0, 0.7):
         w = rng.standard_normal(shape).astype(np.float32)
