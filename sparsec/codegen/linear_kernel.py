@@ -65,6 +65,7 @@ class _Format:
         self.p = packed
         self.b = b
         self.w = w
+        self.target = target
         self.isa = target.isa
         self.tuning = target.tuning
         self.vec_bytes = target.isa.vector_bytes
@@ -294,44 +295,17 @@ def emit_linear_kernel(
         with decode:
             block_loops(decode_group(tuning, p.fmt, p.in_features), (1,))
         with prefill:
-            if int8 and isa.tile_dot == "amx" and amx.fits(p):
 
-                def make_outputs(b, fmt, xscale, y):
-                    def store_outputs(acc, blk, blk64, tok64):
-                        mask = _store_mask(b, p, blk)
-                        _store_token(
-                            b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate
-                        )
-
-                    return store_outputs
-
-                rows_fn = emit_amx_rows_function(
-                    module, name, x_stride, lambda b, w: _Format(p, b, w, target), make_outputs
-                )
-                # Below amx_min_tokens the vector tiles measure faster (Tuning); up to 16
-                # tokens are one tile (one configuration per call), more are several.
-                use_amx = b.icmp_signed(">=", n, i32(tuning.amx_min_tokens))
-                one_tile = b.icmp_signed("<=", n, i32(TILE_ROWS))
-                with b.if_else(use_amx) as (tiles, vector):
-                    with tiles:
-                        with b.if_else(one_tile) as (small, large):
-                            with small:
-                                b.call(rows_fn, [w, x, xscale, y, n, blk_lo, blk_hi])
-                            with large:
-                                emit_amx_blocks(
-                                    b,
-                                    fmt,
-                                    blk_lo,
-                                    blk_hi,
-                                    n,
-                                    x,
-                                    x_stride,
-                                    make_outputs(b, fmt, xscale, y),
-                                )
-                    with vector:
-                        block_loops(tuning.block_group[p.precision], tuning.token_tiles)
-            else:
+            def vector_tiles():
                 block_loops(tuning.block_group[p.precision], tuning.token_tiles)
+
+            if int8 and isa.tile_dot == "amx" and amx.fits(p):
+                args = (w, x, xscale, y, n, blk_lo, blk_hi)
+                _emit_amx_or_vector(
+                    b, fmt, name, args, x_stride, y_stride, accumulate, vector_tiles
+                )
+            else:
+                vector_tiles()
     b.ret_void()
     return fn
 
@@ -380,6 +354,37 @@ def _emit_tile(b, fmt, tile, t0, blks, x, x_stride, y, y_stride, xscale, accumul
             for u in range(1, unroll):
                 acc = fmt.add(acc, accs[g][i][u].get())
             _store_token(b, fmt, acc, blk64, mask, toks[i], xscale, y, y_stride, accumulate)
+
+
+def _emit_amx_or_vector(b, fmt, name, args, x_stride, y_stride, accumulate, vector_tiles):
+    """A multi-token call on an AMX target: AMX tiles from Tuning.amx_min_tokens tokens
+    (below, the vector tiles measure faster), one tile configuration per call up to 16
+    tokens (``.amx_rows``), a tile function per token tile beyond."""
+    p, target = fmt.p, fmt.target
+    w, x, xscale, y, n, blk_lo, blk_hi = args
+
+    def make_outputs(b, fmt, xscale, y):
+        def store_outputs(acc, blk, blk64, tok64):
+            mask = _store_mask(b, p, blk)
+            _store_token(b, fmt, acc, blk64, mask, tok64, xscale, y, y_stride, accumulate)
+
+        return store_outputs
+
+    rows_fn = emit_amx_rows_function(
+        b.module, name, x_stride, lambda b, w: _Format(p, b, w, target), make_outputs
+    )
+    use_amx = b.icmp_signed(">=", n, i32(fmt.tuning.amx_min_tokens))
+    is_one_tile = b.icmp_signed("<=", n, i32(TILE_ROWS))
+    with b.if_else(use_amx) as (tiles, vector):
+        with tiles:
+            with b.if_else(is_one_tile) as (one_tile, several):
+                with one_tile:
+                    b.call(rows_fn, list(args))
+                with several:
+                    outputs = make_outputs(b, fmt, xscale, y)
+                    emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride, outputs)
+        with vector:
+            vector_tiles()
 
 
 def _store_mask(b, p, blk):
