@@ -1,10 +1,12 @@
 """Multi-token int8 linear tiles on Intel AMX (``Isa.tile_dot == "amx"``).
 
 Why: a token tile of the VNNI kernels multiplies every expanded weight vector by each
-token's broadcast activations, one ``vpdpbusd`` (64 multiply-adds) per token, so 8
-batched-decode rows cost 8x the multiply-adds of one row: at 8 streams SmolLM2's step
-is bound by ``vpdpbusd`` issue, not by the weight bytes. One AMX ``tdpbusd`` does a
-16-token x 16-row x 64-column block (16384 multiply-adds) in about 16 cycles.
+token's broadcast activations, one ``vpdpbusd`` (64 multiply-adds) per token, so the
+multiply work grows with the tokens while the weight bytes do not: from about 16 tokens
+(prefill chunks, 16-stream decode) the vector kernels are bound by ``vpdpbusd`` issue.
+One AMX ``tdpbusd`` does a 16-token x 16-row x 64-column block (16384 multiply-adds).
+Below ``Tuning.amx_min_tokens`` the vector tiles stay (measured faster: the expansion
+must finish before a tile load; docs/experiments/amx.md).
 
 The packed int8 layouts are already AMX's B operand: a block's 16 consecutive weight
 vectors (``[16 rows][4 columns]`` each, the ``vpdpbusd`` dword layout) are the 16 rows
