@@ -89,6 +89,17 @@ def _llama_fields(config, family: str, one_window: bool = True) -> dict:
     )
 
 
+# What OPT, GPT-2 and MPT blocks share: multi-head attention in pre-LayerNorm blocks with
+# a plain (non-gated) MLP; no rotary positions (RoPE unused), no window, no q/k norm.
+_LAYERNORM_BLOCK = dict(
+    norm="layer",
+    mlp="plain",
+    qk_norm=False,
+    rope=RoPE(theta=10000.0),
+    sliding_window=None,
+)
+
+
 def _opt_fields(config, family: str) -> dict:
     """OPT: pre-LayerNorm blocks with biases, learned positions (offset 2, folded by
     the passes), a ReLU MLP (``fc1``, ``fc2``)."""
@@ -104,6 +115,7 @@ def _opt_fields(config, family: str) -> dict:
     heads = config.num_attention_heads
     bias = bool(getattr(config, "enable_bias", True))
     return dict(
+        **_LAYERNORM_BLOCK,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.ffn_dim,
@@ -113,17 +125,12 @@ def _opt_fields(config, family: str) -> dict:
         head_dim=config.hidden_size // heads,
         max_position_embeddings=config.max_position_embeddings,
         tie_word_embeddings=bool(config.tie_word_embeddings),
-        norm="layer",
         norm_eps=1e-5,  # torch.nn.LayerNorm's default; OPT's config has no field for it
         norm_bias=True,
         activation=_activation(config.activation_function),
-        mlp="plain",
         attention_bias=bias,
         mlp_bias=bias,
-        qk_norm=False,
         positions="learned",
-        rope=RoPE(theta=10000.0),  # unused: no rotary positions
-        sliding_window=None,
     )
 
 
@@ -140,6 +147,7 @@ def _gpt2_fields(config, family: str) -> dict:
     )
     heads = config.n_head
     return dict(
+        **_LAYERNORM_BLOCK,
         vocab_size=config.vocab_size,
         hidden_size=config.n_embd,
         intermediate_size=config.n_inner or 4 * config.n_embd,
@@ -149,17 +157,12 @@ def _gpt2_fields(config, family: str) -> dict:
         head_dim=config.n_embd // heads,
         max_position_embeddings=config.n_positions,
         tie_word_embeddings=bool(config.tie_word_embeddings),
-        norm="layer",
         norm_eps=float(config.layer_norm_epsilon),
         norm_bias=True,
         activation=_activation(config.activation_function),
-        mlp="plain",
         attention_bias=True,
         mlp_bias=True,
-        qk_norm=False,
         positions="learned",
-        rope=RoPE(theta=10000.0),
-        sliding_window=None,
     )
 
 
@@ -180,6 +183,7 @@ def _mpt_fields(config, family: str) -> dict:
     heads = config.n_heads
     bias = False
     return dict(
+        **_LAYERNORM_BLOCK,
         vocab_size=config.vocab_size,
         hidden_size=config.d_model,
         intermediate_size=4 * config.d_model,
@@ -189,18 +193,13 @@ def _mpt_fields(config, family: str) -> dict:
         head_dim=config.d_model // heads,
         max_position_embeddings=config.max_seq_len,  # ALiBi's bias table ends there
         tie_word_embeddings=True,  # MPT's LM head is its embedding
-        norm="layer",
         norm_eps=float(config.layer_norm_epsilon),
         norm_bias=bias,
         activation="gelu",  # MptMLP: nn.GELU(approximate="none")
-        mlp="plain",
         attention_bias=bias,
         mlp_bias=bias,
-        qk_norm=False,
         positions="alibi",
         alibi_bias_max=float(attn.alibi_bias_max),
-        rope=RoPE(theta=10000.0),
-        sliding_window=None,
     )
 
 
