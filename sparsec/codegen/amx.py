@@ -25,7 +25,21 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from sparsec.codegen.irbuild import I8, I16, I32, I64, const, for_range, i32, i64
+from sparsec.codegen.irbuild import (
+    F32,
+    I8,
+    I16,
+    I32,
+    I64,
+    const,
+    entry_alloca,
+    for_range,
+    i32,
+    i64,
+    intrinsic,
+    kernel_function,
+    new_function,
+)
 
 TILE_ROWS = 16  # AMX tiles have at most 16 rows (tokens of A and C, k-steps of B)
 TILE_BYTES = 64  # ... of at most 64 bytes (64 int8 columns; 16 int32 outputs)
@@ -56,12 +70,12 @@ def fits(packed) -> bool:
     return packed.k_steps * TILE_BYTES <= MAX_BLOCK_BYTES
 
 
-def _call(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
-    module = b.module
-    fn = module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return b.call(fn, args)
+def _private(fn: ir.Function) -> ir.Function:
+    """A helper of one kernel: internal, and never inlined (its tile configuration is
+    its own, written on its entry)."""
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    return fn
 
 
 def _i16(v) -> ir.Value:
@@ -69,25 +83,25 @@ def _i16(v) -> ir.Value:
 
 
 def tile_zero(b, rows, colbytes: int):
-    return _call(b, "llvm.x86.tilezero.internal", TILE, [_i16(rows), _i16(colbytes)])
+    return intrinsic(b, "llvm.x86.tilezero.internal", TILE, [_i16(rows), _i16(colbytes)])
 
 
 def tile_load(b, rows, colbytes: int, ptr, stride: int):
     ptr = b.bitcast(ptr, I8.as_pointer())
     args = [_i16(rows), _i16(colbytes), ptr, i64(stride)]
-    return _call(b, "llvm.x86.tileloadd64.internal", TILE, args)
+    return intrinsic(b, "llvm.x86.tileloadd64.internal", TILE, args)
 
 
 def tile_store(b, rows, colbytes: int, ptr, stride: int, tile) -> None:
     ptr = b.bitcast(ptr, I8.as_pointer())
     args = [_i16(rows), _i16(colbytes), ptr, i64(stride), tile]
-    _call(b, "llvm.x86.tilestored64.internal", ir.VoidType(), args)
+    intrinsic(b, "llvm.x86.tilestored64.internal", ir.VoidType(), args)
 
 
 def tile_dpbusd(b, m, n_bytes: int, k_bytes: int, c, a, bt):
     """C[m x n/4] (int32) += A[m x k] (u8) . B[k/4 x n] (s8, 4-byte dword rows)."""
     args = [_i16(m), _i16(n_bytes), _i16(k_bytes), c, a, bt]
-    return _call(b, "llvm.x86.tdpbusd.internal", TILE, args)
+    return intrinsic(b, "llvm.x86.tdpbusd.internal", TILE, args)
 
 
 def emit_amx_rows_function(module, kernel: str, x_stride: int, make_format, make_outputs):
@@ -99,17 +113,15 @@ def emit_amx_rows_function(module, kernel: str, x_stride: int, make_format, make
 
     ``make_format(b, w)``: linear_kernel's format hooks in this function;
     ``make_outputs(b, fmt, xscale, y)``: its ``store_outputs`` (see emit_amx_blocks)."""
-    ptr = I8.as_pointer()
-    fptr = ir.FloatType().as_pointer()
-    fnty = ir.FunctionType(ir.VoidType(), [ptr, ptr, fptr, fptr, I32, I32, I32])
-    fn = ir.Function(module, fnty, f"{kernel}.amx_rows")
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
+    ptr, fptr = I8.as_pointer(), F32.as_pointer()
+    fn, b = new_function(
+        module,
+        f"{kernel}.amx_rows",
+        [ptr, ptr, fptr, fptr, I32, I32, I32],
+        ["w", "xq", "xscale", "y", "n_tokens", "blk_lo", "blk_hi"],
+    )
+    _private(fn)
     w, x, xscale, y, n, blk_lo, blk_hi = fn.args
-    for arg in (w, x, xscale, y):
-        arg.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
     fmt = make_format(b, w)
     m = b.trunc(n, I16)  # the tile shape, defined on entry
     emit_amx_blocks(b, fmt, blk_lo, blk_hi, n, x, x_stride, make_outputs(b, fmt, xscale, y), m)
@@ -131,16 +143,13 @@ def emit_amx_blocks(
     # One function holds every product when one_tile: one block at a time, so that
     # LLVM's tile registers (8, one shape each per configuration) suffice.
     group = 1 if one_tile is not None else fmt.tuning.amx_blocks
-    with b.goto_entry_block():
-        if b.block.is_terminated:
-            b.position_before(b.block.terminator)
-        sums = b.alloca(ir.ArrayType(I8, group * TILE_ROWS * TILE_BYTES), name="amx_sums")
-        sums.align = 64
-        scratch = None
-        if fmt.sparse:
-            block_bytes = fmt.p.k_steps * fmt.vec_bytes
-            scratch = b.alloca(ir.ArrayType(I8, group * block_bytes), name="amx_blocks")
-            scratch.align = 64
+    sums_type = ir.ArrayType(I8, group * TILE_ROWS * TILE_BYTES)
+    sums = entry_alloca(b, sums_type, name="amx_sums", align=64)
+    scratch = None
+    if fmt.sparse:
+        block_bytes = fmt.p.k_steps * fmt.vec_bytes
+        scratch_type = ir.ArrayType(I8, group * block_bytes)
+        scratch = entry_alloca(b, scratch_type, name="amx_blocks", align=64)
     lo = blk_lo
     if group > 1:
         grouped_end = b.add(lo, b.mul(b.sdiv(b.sub(blk_hi, lo), i32(group)), i32(group)))
@@ -206,10 +215,7 @@ def _tile_product(module, kernel: str, group: int, k_steps: int, x_stride: int, 
     if name in module.globals:
         return module.globals[name]
     ptr = I8.as_pointer()
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [ptr, I16, ptr] + [ptr] * group), name)
-    fn.linkage = "internal"
-    fn.attributes.add("noinline")
-    fn.attributes.add("nounwind")
+    fn = _private(kernel_function(module, name, [ptr, I16, ptr] + [ptr] * group))
     xtile, m, sums, *bases = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     _emit_product(b, k_steps, x_stride, vec, xtile, m, sums, bases)

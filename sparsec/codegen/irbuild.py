@@ -230,10 +230,23 @@ def widen(b: ir.IRBuilder, vec: ir.Value, width: int) -> ir.Value:
 # ----------------------------------------------------------------- locals and loops
 
 
-def entry_alloca(b: ir.IRBuilder, ty: ir.Type, init: ir.Value | None = None) -> ir.Value:
-    """A stack slot in the entry block (so LLVM promotes it to a register), optionally set."""
+def entry_alloca(
+    b: ir.IRBuilder,
+    ty: ir.Type,
+    init: ir.Value | None = None,
+    *,
+    name: str = "",
+    align: int | None = None,
+) -> ir.Value:
+    """A stack slot in the entry block (so LLVM promotes it to a register, or keeps one
+    fixed buffer for the whole function), optionally set."""
     with b.goto_entry_block():
-        slot = b.alloca(ty)
+        # allocas must precede the entry block's terminator, if it already has one
+        if b.block.is_terminated:
+            b.position_before(b.block.terminator)
+        slot = b.alloca(ty, name=name)
+    if align is not None:
+        slot.align = align
     if init is not None:
         b.store(init, slot)
     return slot
@@ -243,11 +256,7 @@ class Var:
     """A mutable local (entry-block alloca) that SROA promotes to a register."""
 
     def __init__(self, b: ir.IRBuilder, ty: ir.Type, init=None, name: str = ""):
-        with b.goto_entry_block():
-            # allocas must precede the entry block's terminator, if it already has one
-            if b.block.is_terminated:
-                b.position_before(b.block.terminator)
-            self.ptr = b.alloca(ty, name=name)
+        self.ptr = entry_alloca(b, ty, name=name)
         self.b = b
         if init is not None:
             self.set(init)
