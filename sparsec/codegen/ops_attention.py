@@ -16,18 +16,21 @@ values are rounded to half precision when written (``vcvtps2ph``) and widened wh
 (``vcvtph2ps``); the math stays float32. Half the KV bytes to read per step and to hold
 per sequence.
 
-Attention keeps a running max and sum (online softmax) over blocks of 16 keys: the
-16 q.k dot products of a block are computed as 16 vectors of partial sums and
-reduced together by one transpose-add butterfly, the block's exp is one vector exp,
-and the value rows are accumulated with broadcast FMAs. A query thus streams over
-its keys and values once, whatever the context length, with no scratch memory
-beyond a few KiB of per-head state. The heads of a kv group take turns on each
-16 KiB chunk of keys and values, so the group's cache is read from memory once.
+Attention keeps a running max and sum (online softmax) over segments of 64 keys (at
+head_dim 64; 32 KiB of float32 keys and values, which stay in L1): each head of a kv
+group in turn computes the segment's scores (16 q.k dot products per block as 16
+vectors of partial sums, reduced together by one transpose-add butterfly), rescales
+its running sum and outputs once, and accumulates the weighted value rows with
+broadcast FMAs. A query thus streams over its keys and values once, whatever the
+context length, with a few KiB of per-head state, and the group's cache is read from
+memory once. A float16 cache is widened into float32 staging rows once per segment,
+not once per head.
 
-Measured on the 2-core dev VM (SmolLM2 shapes, one thread, cache in L2): decode at
-position 1000 takes about 55 us per layer, ~15 cycles per (key, head); the
-instruction count per key (8 FMAs plus the reduction, exp and broadcasts) bounds it
-at ~9.
+Measured on the Intel Xeon (Sapphire Rapids class), SmolLM2 shapes, 8 rows at
+position ~300, float16 cache, one thread, keys and values in L2: 5.5 ns per (key,
+head) (a per-16-key online softmax, which put max, exp and rescale on one dependency
+chain per block, took 7.6). In a batched decode step (8 rows at position 110, 2
+threads) the cache streams from memory and the whole step went 4.08 -> 3.87 ms.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from sparsec.codegen.irbuild import (
     FPTR,
     I32,
     I64,
-    broadcast_lane,
     check_positive,
     const,
     entry_alloca,
@@ -324,13 +326,21 @@ def emit_attention(
     b.cbranch(b.icmp_signed("<", unit, end), body_bb, done_bb)
     b.position_at_end(body_bb)
 
-    group_token = b.udiv(unit, i64(group))
-    first = b.sub(unit, b.mul(group_token, i64(group)))  # first head within the group
-    kv = b.udiv(group_token, n64)
-    t = b.sub(group_token, b.mul(kv, n64))
-    half = b.lshr(t, i64(1))
-    odd = b.trunc(t, ir.IntType(1))
-    token = b.select(odd, b.sub(b.sub(n64, i64(1)), half), half)
+    def unit_place(at):
+        """(kv group, token, its cache's keys, values) of work unit ``at``."""
+        group_token = b.udiv(at, i64(group))
+        kv = b.udiv(group_token, n64)
+        t = b.sub(group_token, b.mul(kv, n64))
+        half = b.lshr(t, i64(1))
+        odd = b.trunc(t, ir.IntType(1))
+        token = b.select(odd, b.sub(b.sub(n64, i64(1)), half), half)
+        cache = state.kv.base(b.load(ptr_add(b, caches, token)))
+        cache_off = b.mul(kv, i64(capacity * head_dim))
+        keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
+        return kv, token, keys, ptr_add(b, ptr_add(b, cache, v_at), cache_off)
+
+    kv, token, keys, values = unit_place(unit)
+    first = b.urem(unit, i64(group))  # first head within the group
     # Heads first .. first+count-1 of this group and token are in this thread's share.
     count = b.sub(i64(group), first)
     count = b.select(b.icmp_signed("<", b.sub(end, unit), count), b.sub(end, unit), count)
@@ -339,10 +349,6 @@ def emit_attention(
     head = b.add(b.mul(kv, i64(group)), first)
     q_col = b.add(i64(q_offset), b.mul(head, i64(head_dim)))
     q = ptr_add(b, qkv, b.add(b.mul(token, i64(qkv_stride)), q_col))
-    cache = state.kv.base(b.load(ptr_add(b, caches, token)))
-    cache_off = b.mul(kv, i64(capacity * head_dim))
-    keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
-    values = ptr_add(b, ptr_add(b, cache, v_at), cache_off)
     out_col = b.mul(head, i64(head_dim))
     dst = ptr_add(b, out, b.add(b.mul(token, i64(num_heads * head_dim)), out_col))
     pos = b.sext(b.load(ptr_add(b, positions, token)), I64)
@@ -356,18 +362,24 @@ def emit_attention(
     return fn
 
 
-# Keys per chunk: the chunk's key and value rows (16 KiB) stay in L1 while every
-# head of the group folds them in.
-CHUNK_BYTES = 16 * 1024
+# Keys per segment: a segment's key and value rows (32 KiB) stay in L1 while every
+# head of the group works through them.
+SEGMENT_BYTES = 32 * 1024
+
+
+def segment_keys(head_dim: int, lanes: int, elem_bytes: int) -> int:
+    """Keys per segment: a multiple of the 16-key block, at least one block."""
+    return max(lanes, SEGMENT_BYTES // (2 * elem_bytes * head_dim) // lanes * lanes)
 
 
 class _GroupState:
     """Online-softmax state of up to ``group`` heads of one query.
 
     Per head r, in stack arrays: the scaled query, the running max, a 16-lane running
-    sum, and two output accumulators (keys of even and odd lanes, which halves the
-    FMA dependency chains). While a head works through a chunk of keys its state is
-    copied into fixed stack slots that LLVM promotes to registers.
+    sum, and two output accumulators (even and odd keys, which halves the FMA
+    dependency chains); and one buffer of a segment's scores (then weights), reused by
+    every head. While a head works through a segment its state is copied into fixed
+    stack slots that LLVM promotes to registers.
     """
 
     def __init__(self, b: ir.IRBuilder, group: int, head_dim: int, lanes: int, kv: _Cache):
@@ -375,20 +387,30 @@ class _GroupState:
         self.head_dim = head_dim
         self.lanes = lanes  # of one vector: keys per block, lanes of the running sum
         self.chunks = span_chunks(head_dim, lanes)
+        # A float16 cache is widened once per segment into float32 staging rows, which
+        # every head of the group then reads (see _stage).
+        self.segment = segment_keys(head_dim, lanes, 4)
         self.b = b
 
         def array(ty, count):
-            return b.bitcast(entry_alloca(b, ir.ArrayType(ty, count)), ty.as_pointer())
+            return b.bitcast(entry_alloca(b, ir.ArrayType(ty, count), align=64), ty.as_pointer())
 
         self.q_arr = array(F32, group * head_dim)
         self.max_arr = array(F32, group)
         self.total_arr = array(vtype(lanes), group)
         self.acc_arr = array(F32, group * 2 * head_dim)
+        self.scores = array(F32, self.segment)
+        self.staging: _Rows | None = None  # its rows' base is set per segment
+        if kv.half:
+            floats = self.segment * head_dim
+            staged = (array(F32, floats), array(F32, floats))
+            self.staging = _Rows(*staged, None, _Cache(b, half=False))
         # The working copy of one head's state.
         self.q = [entry_alloca(b, vtype(w)) for _, w in self.chunks]
         self.max = entry_alloca(b, F32)
         self.total = entry_alloca(b, vtype(lanes))
         self.acc = [[entry_alloca(b, vtype(w)) for _, w in self.chunks] for _ in range(2)]
+        self.block_max = entry_alloca(b, vtype(lanes))
         # Options of the scores (emit_attention sets them): a soft-cap, and the address
         # of the ALiBi slope of the group's first head being processed (head r's slope
         # is copied into ``slope`` with its state).
@@ -425,7 +447,17 @@ class _GroupState:
 
 def _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window=None):
     """Attention of ``count`` consecutive heads (one kv group) of one query at ``pos``
-    (over keys ``pos-window+1..pos`` with a ``window``)."""
+    (over keys ``pos-window+1..pos`` with a ``window``).
+
+    Keys are visited in segments (``state.segment`` keys, aligned to 16-key blocks from
+    the block of the oldest visible key); each head of the group works through a whole
+    segment before the next head: its scores, then one max and rescale for the segment,
+    then its weighted values. The rescale of the running sum and outputs thus happens
+    once per segment rather than once per block, and the scores of a segment have no
+    dependency on each other: a per-block online softmax put exp, max and rescale on
+    one dependency chain per 16 keys, which bounded decode at ~25 cycles per (key, head)
+    whatever the number of FMAs.
+    """
     hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     with loop(b, i64(0), count, name="init") as r:
         src = ptr_add(b, q, b.mul(r, i64(hd)))
@@ -438,35 +470,23 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window=None
         b.store(const(vtype(lanes), 0.0), state.total)
         state.save(r)
 
-    chunk_keys = max(lanes, CHUNK_BYTES // (2 * 4 * hd) // lanes * lanes)
     nkeys = b.add(pos, i64(1))
-    nfull = b.and_(nkeys, i64(-lanes))
-    start, oldest = i64(0), None
+    oldest = i64(0)
     if window is not None:
-        # Blocks stay aligned: the block holding the oldest visible key is masked below
-        # it (and, when it is also the last block, by the tail below).
         oldest = b.sub(nkeys, i64(window))
         oldest = b.select(b.icmp_signed("<", oldest, i64(0)), i64(0), oldest)
-        first = b.and_(oldest, i64(-lanes))
-        has_head_block = b.icmp_signed("<", first, nfull)
-        with b.if_then(has_head_block):
-            with loop(b, i64(0), count, name="headblock") as r:
-                state.load(r)
-                _key_block(b, state, keys, values, first, pos, masked=True, oldest=oldest)
-                state.save(r)
-        start = b.select(has_head_block, b.add(first, i64(lanes)), nfull)
-    with loop(b, start, nfull, chunk_keys, name="chunk") as c0:
-        c_end = b.add(c0, i64(chunk_keys))
-        c_end = b.select(b.icmp_signed("<", nfull, c_end), nfull, c_end)
+    first = b.and_(oldest, i64(-lanes))  # blocks stay aligned: the first is masked below
+    with loop(b, first, nkeys, state.segment, name="segment") as s0:
+        s_end = b.add(s0, i64(state.segment))
+        s_end = b.select(b.icmp_signed("<", nkeys, s_end), nkeys, s_end)
+        source = _Rows(keys, values, None, state.kv)
+        if state.staging is not None:
+            _stage(b, state, keys, values, s0, s_end)
+            staged = state.staging
+            source = _Rows(staged.keys, staged.values, s0, staged.reader)
         with loop(b, i64(0), count, name="head") as r:
             state.load(r)
-            with loop(b, c0, c_end, lanes, name="keys") as j0:
-                _key_block(b, state, keys, values, j0, pos, masked=False)
-            state.save(r)
-    with b.if_then(b.icmp_signed("<", nfull, nkeys)):
-        with loop(b, i64(0), count, name="tailhead") as r:
-            state.load(r)
-            _key_block(b, state, keys, values, nfull, pos, masked=True, oldest=oldest)
+            _segment(b, state, source, s0, s_end, pos, oldest, window is not None)
             state.save(r)
 
     with loop(b, i64(0), count, name="finish") as r:
@@ -476,6 +496,96 @@ def _attend_heads(b, state, q, count, keys, values, pos, dst, scale, window=None
         for k, (off, w) in enumerate(chunks):
             acc = b.fadd(b.load(state.acc[0][k]), b.load(state.acc[1][k]))
             store(b, b.fmul(acc, splat(b, inv, w)), ptr_add(b, out, off))
+
+
+class _Rows:
+    """Where a segment's key and value rows are read: the cache itself (``base`` None:
+    row j at j * head_dim), or staging buffers holding rows base.. (row j at
+    (j - base) * head_dim); ``reader`` loads them as float32."""
+
+    def __init__(self, keys, values, base, reader: _Cache):
+        self.keys, self.values, self.base, self.reader = keys, values, base, reader
+
+    def at(self, b, which, j, head_dim: int):
+        row = j if self.base is None else b.sub(j, self.base)
+        return ptr_add(b, which, b.mul(row, i64(head_dim)))
+
+
+def _stage(b, state, keys, values, s0, s_end) -> None:
+    """Widen the float16 key and value rows s0..s_end-1 into the float32 staging buffers:
+    once per segment instead of once per head (``vcvtph2ps`` takes the FMAs' ports, and
+    every head of a group read each row)."""
+    hd, lanes = state.head_dim, state.lanes
+    start = b.mul(s0, i64(hd))
+    with loop(b, i64(0), b.mul(b.sub(s_end, s0), i64(hd)), lanes, name="stage") as i:
+        at = b.add(start, i)
+        for src, dst in zip(
+            (keys, values), (state.staging.keys, state.staging.values), strict=True
+        ):
+            store(b, state.kv.load(ptr_add(b, src, at), lanes), ptr_add(b, dst, i), align=64)
+
+
+def _segment(b, state, rows, s0, s_end, pos, oldest, windowed):
+    """Fold keys s0..s_end-1 (s0 a multiple of 16, s_end <= pos + 1) into the working
+    head's state: keys before ``oldest`` (a sliding window) or past ``pos`` get weight 0
+    and their rows are never read."""
+    lanes, seg = state.lanes, state.scores
+    neg_inf = const(vtype(lanes), -math.inf)
+    b.store(neg_inf, state.block_max)
+    # 1. The segment's scores, block by block; only edge blocks pay for the mask. Their
+    # hidden lanes read the segment's last row instead (visible, and staged with it).
+    last = b.sub(s_end, i64(1))
+    with loop(b, s0, s_end, lanes, name="scores") as j0:
+        full = b.icmp_signed("<=", b.add(j0, i64(lanes)), s_end)
+        if windowed:
+            full = b.and_(full, b.icmp_signed(">=", j0, oldest))
+        with b.if_else(full) as (inner, edge):
+            with inner:
+                scores = _block_scores(b, state, rows, j0, pos, masked=False)
+                store(b, scores, ptr_add(b, seg, b.sub(j0, s0)), align=64)
+            with edge:
+                edge_oldest = oldest if windowed else None
+                scores = _block_scores(
+                    b, state, rows, j0, pos, masked=True, oldest=edge_oldest, clamp=last
+                )
+                store(b, scores, ptr_add(b, seg, b.sub(j0, s0)), align=64)
+        scores = load_vec(b, ptr_add(b, seg, b.sub(j0, s0)), vtype(lanes), align=64)
+        b.store(fmax(b, b.load(state.block_max), scores), state.block_max)
+
+    # 2. One rescale for the segment: new max, weights exp(s - max), running sum.
+    old_max = b.load(state.max)
+    new_max = fmax(b, old_max, hmax(b, b.load(state.block_max)))
+    b.store(new_max, state.max)
+    alpha = vexp(b, b.fsub(old_max, new_max))
+    b.store(b.fmul(b.load(state.total), splat(b, alpha, lanes)), state.total)
+    with loop(b, s0, s_end, lanes, name="weights") as j0:
+        at = ptr_add(b, seg, b.sub(j0, s0))
+        weights = vexp(b, b.fsub(load_vec(b, at, vtype(lanes), align=64), splat(b, new_max, lanes)))
+        store(b, weights, at, align=64)
+        b.store(b.fadd(b.load(state.total), weights), state.total)
+    for k, (_, w) in enumerate(state.chunks):
+        for half in range(2):
+            slot = state.acc[half][k]
+            b.store(b.fmul(b.load(slot), splat(b, alpha, w)), slot)
+
+    # 3. The visible keys' values, two keys a step (one accumulator set each).
+    first = b.select(b.icmp_signed("<", s0, oldest), oldest, s0) if windowed else s0
+    pairs_end = b.sub(s_end, b.and_(b.sub(s_end, first), i64(1)))
+    with loop(b, first, pairs_end, 2, name="values") as j:
+        for half in range(2):
+            _add_value(b, state, rows, s0, b.add(j, i64(half)), half)
+    with b.if_then(b.icmp_signed("<", pairs_end, s_end)):
+        _add_value(b, state, rows, s0, pairs_end, 0)
+
+
+def _add_value(b, state, rows, s0, j, half) -> None:
+    """acc[half] += weight of key j (in the segment buffer) * value row j."""
+    weight = b.load(ptr_add(b, state.scores, b.sub(j, s0)))
+    row = rows.at(b, rows.values, j, state.head_dim)
+    for k, (off, w) in enumerate(state.chunks):
+        slot = state.acc[half][k]
+        v = rows.reader.load(ptr_add(b, row, off), w)
+        b.store(fma(b, splat(b, weight, w), v, b.load(slot)), slot)
 
 
 def _adjust_scores(b, state, scores, j0, pos):
@@ -493,10 +603,10 @@ def _adjust_scores(b, state, scores, j0, pos):
     return scores
 
 
-def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
-    """Fold keys j0..j0+15 into the working state. ``masked``: keys past ``pos`` (the
-    causal limit), and before ``oldest`` when given (a sliding window), get weight 0
-    and are never read (their loads use slot ``pos``)."""
+def _block_scores(b, state, rows, j0, pos, *, masked, oldest=None, clamp=None):
+    """The working head's scores of keys j0..j0+15. ``masked``: keys past ``pos`` (the
+    causal limit) or before ``oldest`` (a sliding window) score -inf and are never read
+    (their loads use row ``clamp``, a visible one)."""
     hd, chunks, lanes = state.head_dim, state.chunks, state.lanes
     slots = []
     for lane in range(lanes):
@@ -505,17 +615,16 @@ def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
             visible = b.icmp_signed("<=", j, pos)
             if oldest is not None:
                 visible = b.and_(visible, b.icmp_signed(">=", j, oldest))
-            j = b.select(visible, j, pos)
-        slots.append(b.mul(j, i64(hd)))
+            j = b.select(visible, j, clamp)
+        slots.append(rows.at(b, rows.keys, j, hd))
 
     # 16 vectors of partial dot products, reduced to one vector of 16 scores.
     qs = [b.load(slot) for slot in state.q]
     partials = []
-    for slot in slots:
-        k_row = ptr_add(b, keys, slot)
+    for k_row in slots:
         part = None
         for (off, w), qc in zip(chunks, qs, strict=True):
-            kc = state.kv.load(ptr_add(b, k_row, off), w)
+            kc = rows.reader.load(ptr_add(b, k_row, off), w)
             if w == lanes:
                 part = b.fmul(qc, kc) if part is None else fma(b, qc, kc, part)
             else:
@@ -531,19 +640,4 @@ def _key_block(b, state, keys, values, j0, pos, *, masked, oldest=None):
         if oldest is not None:
             in_range = b.and_(in_range, b.icmp_signed(">=", j, splat(b, oldest, lanes)))
         scores = b.select(in_range, scores, const(vtype(lanes), -math.inf))
-
-    old_max = b.load(state.max)
-    new_max = fmax(b, old_max, hmax(b, scores))
-    b.store(new_max, state.max)
-    alpha = vexp(b, b.fsub(old_max, new_max))
-    weights = vexp(b, b.fsub(scores, splat(b, new_max, lanes)))
-    b.store(fma(b, b.load(state.total), splat(b, alpha, lanes), weights), state.total)
-
-    for k, (off, w) in enumerate(chunks):
-        slots_k = (state.acc[0][k], state.acc[1][k])
-        accs = [b.fmul(b.load(a), splat(b, alpha, w)) for a in slots_k]
-        for lane, slot in enumerate(slots):
-            v = state.kv.load(ptr_add(b, ptr_add(b, values, slot), off), w)
-            accs[lane % 2] = fma(b, broadcast_lane(b, weights, lane, w), v, accs[lane % 2])
-        for a, value in zip(slots_k, accs, strict=True):
-            b.store(value, a)
+    return scores

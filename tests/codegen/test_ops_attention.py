@@ -273,6 +273,67 @@ def test_attention_long_context(shape, tmp_path):
         assert_close(out, ref)
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("window", [None, 300])
+def test_attention_over_many_segments(half, window, tmp_path):
+    """A thousand keys in many segments (64 keys each at SmolLM2's head size), with a
+    sliding window whose oldest key falls inside a segment: float32 caches are read in
+    place, float16 ones widened once per segment into the staging rows that every head
+    of the group reads. Slots no query may read (past the newest key, before every
+    window) hold NaN, so reading one would show. Ablation: the same rows without the
+    window answer differently."""
+    s, _ = CONFIGS["smollm2"]
+    lay = _layout(s, padded=False)
+    capacity, position, n = 1100, 1000, 3
+    scale = 1.0 / np.sqrt(s["head_dim"])
+    heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
+
+    def kernel(options, name):
+        return build_kernels(
+            tmp_path / name,
+            {
+                "attn": functools.partial(
+                    ops.emit_attention,
+                    **heads,
+                    capacity=capacity,
+                    scale=scale,
+                    qkv_stride=lay["qkv_stride"],
+                    q_offset=0,
+                    **options,
+                )  # fmt: skip
+            },
+        )
+
+    rng = np.random.default_rng(11)
+    kv = _caches(s, position + n, seed=11, capacity=capacity)
+    if window is not None:
+        kv[:, :, : position - window + 1] = np.nan
+    cache = kv.astype(np.float16) if half else kv
+    qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32) * 3
+    want = _ref_attention(
+        qkv, cache[0].astype(np.float32), cache[1].astype(np.float32), position,
+        shape=_shape(s), q_offset=0, scale=scale, window=window,
+    )  # fmt: skip
+    options = ({"kv_half": True} if half else {}) | ({"window": window} if window else {})
+    (tmp_path / "w").mkdir()
+    k = kernel(options, "w")
+    caches = np.full(n, cache.ctypes.data, np.uint64)
+    positions = np.arange(position, position + n, dtype=np.int32)
+    for nthreads in (1, 2):
+        out = np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
+        for tid in range(nthreads):
+            k("attn", qkv, out, caches, positions, 0, cache[0].size, n, tid, nthreads)
+        assert_close(out, want, rtol=1e-4)
+    if window is not None:
+        cache = (_caches(s, position + n, seed=11, capacity=capacity)).astype(cache.dtype)
+        caches = np.full(n, cache.ctypes.data, np.uint64)
+        (tmp_path / "p").mkdir()
+        plain = kernel({"kv_half": True} if half else {}, "p")
+        out = np.zeros((n, s["heads"] * s["head_dim"]), np.float32)
+        plain("attn", qkv, out, caches, positions, 0, cache[0].size, n, 0, 1)
+        assert np.abs(out - want).max() > 1e-3
+
+
 @pytest.mark.parametrize("nthreads", [1, 3])
 def test_rows_of_several_sequences_in_one_step(model, nthreads):
     """A batched step: each row has its own cache and position (two sequences decoding

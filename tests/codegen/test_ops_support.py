@@ -165,7 +165,7 @@ def _ref_rope_kv_write(qkv, cos, sin, k_cache, v_cache, position, *, shape, offs
     return qkv, k_cache, v_cache
 
 
-def _ref_attention(qkv, k_cache, v_cache, position, *, shape, q_offset, scale):
+def _ref_attention(qkv, k_cache, v_cache, position, *, shape, q_offset, scale, window=None):
     heads, kv_heads, hd = shape
     n = qkv.shape[0]
     group = heads // kv_heads
@@ -173,9 +173,10 @@ def _ref_attention(qkv, k_cache, v_cache, position, *, shape, q_offset, scale):
     out = np.zeros((n, heads, hd))
     for i in range(n):
         p = position + i
+        lo = 0 if window is None else max(0, p - window + 1)
         for h in range(heads):
-            keys = k_cache[h // group, : p + 1].astype(np.float64)
-            values = v_cache[h // group, : p + 1].astype(np.float64)
+            keys = k_cache[h // group, lo : p + 1].astype(np.float64)
+            values = v_cache[h // group, lo : p + 1].astype(np.float64)
             s = scale * keys @ q[i, h]
             w = np.exp(s - s.max())
             out[i, h] = w @ values / w.sum()
