@@ -98,13 +98,15 @@ def emit_model(
     choose=None,
     target: Target | None = None,
     kv_cache: str = "float32",
+    profile: bool = False,
 ) -> EmittedModel:
     """Lower ``src`` (.onnx, or an optimized ``onnx_ir.Model`` in memory, which this
     consumes: ``sparsec build``) and emit its kernels for ``target`` (default: this
     host's, ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear
     layer's format (default: ``default_chooser``, timed on this host). ``kv_cache``: the
-    KV cache's element type, ``contract.KV_CACHE_DTYPES``."""
-    from sparsec.codegen.emit import emit_program
+    KV cache's element type, ``contract.KV_CACHE_DTYPES``. ``profile``: count each op's
+    cycles for ``sparsec profile`` (``emit._ProfileClock``; off in models to deploy)."""
+    from sparsec.codegen.emit import PROFILE_COUNTERS, emit_program
     from sparsec.codegen.program import lower
     from sparsec.codegen.target import host_target
     from sparsec.passes.check import check as check_graph
@@ -112,6 +114,8 @@ def emit_model(
 
     start = time.perf_counter()
     check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
+    if not isinstance(profile, bool):
+        raise SparsecError(f"profile must be True or False, got {profile!r}")
     tgt = target or host_target()
     if isinstance(src, str | os.PathLike):
         model, where = load_graph(src, quiet=quiet), str(src)
@@ -154,6 +158,7 @@ def emit_model(
             choose=choose or default_chooser(target=tgt),
             target=tgt,
             kv_cache=kv_cache,
+            profile=profile,
         )
     defines = {
         "SPC_ABI": ABI_VERSION,
@@ -183,6 +188,8 @@ def emit_model(
         "layers": [asdict(layer) for layer in emitted.layers],
         "embedding": emitted.embedding,
     }
+    if profile:
+        manifest["profile"] = {"counters": PROFILE_COUNTERS, "ops": emitted.profile_ops}
     source = meta.get(contract.META_SOURCE) or where
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
 

@@ -1,4 +1,5 @@
-"""`sparsec run` and `sparsec inspect`: generate with a compiled model, or describe one.
+"""`sparsec run`, `sparsec inspect` and `sparsec profile`: generate with a compiled
+model, describe one, or time its ops.
 
 Light at import (argparse only): the runtime is imported inside the commands.
 """
@@ -63,6 +64,43 @@ def register(subparsers) -> None:
         "whole file; no native code runs) and record the file as verified for later loads",
     )
     inspect.set_defaults(func=inspect_command)
+
+    from sparsec.arguments import int_range
+
+    prof = subparsers.add_parser(
+        "profile",
+        help="where a forward step's time goes, op by op (a model compiled with --profile)",
+        description="Run forward steps of one shape on a model compiled with `sparsec "
+        "compile --profile` and print the microseconds each op takes per step (linears "
+        "by weight, every layer together; each op's time ends at its barrier, so it is "
+        "the slowest thread's). The steps use KV caches of their own, zero-filled.",
+        epilog="example: sparsec profile prof.so --rows 8 --position 110   # 8-stream decode",
+    )
+    prof.add_argument("model", help="a model.so made by `sparsec compile --profile`")
+    prof.add_argument(
+        "--rows",
+        type=int_range(1),
+        default=1,
+        help="tokens per step: one per sequence (batched decode, as `sparsec serve` runs "
+        "them), or with --prefill one sequence's chunk; at most the model's "
+        "max_tokens_per_call (default 1)",
+    )
+    prof.add_argument(
+        "--prefill", action="store_true", help="the rows are one sequence's prompt chunk"
+    )
+    prof.add_argument(
+        "--position",
+        type=int_range(0),
+        default=0,
+        help="position of the rows (of the chunk's first token with --prefill): how many "
+        "keys attention reads (default 0)",
+    )
+    prof.add_argument(
+        "--steps", type=int_range(1), default=100, help="profiled steps (default 100)"
+    )
+    prof.add_argument("--threads", type=int, default=None, metavar="N")
+    prof.add_argument("--json", default=None, metavar="PATH", help="also write it as JSON here")
+    prof.set_defaults(func=profile_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -139,3 +177,20 @@ def verify_artifact(artifact) -> str:
     verified.record(artifact.path, artifact.identity, artifact.seal)
     chunks = len(artifact.manifest["weights"]["blake2b"])
     return f"manifest, code and {chunks} weight chunk(s) match their hashes"
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    import json
+
+    from sparsec import runtime
+    from sparsec.runtime.arguments import check_threads
+    from sparsec.runtime.profile import format_profile, profile
+
+    check_threads(args.threads)
+    with runtime.load(args.model, threads=args.threads) as model:
+        prof = profile(model, args.rows, args.position, args.prefill, args.steps)
+    print(format_profile(prof, args.model))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, **prof.to_dict()}, f, indent=2)
+    return 0

@@ -221,6 +221,16 @@ class NativeModel:
         # (ctx, tokens, n, positions, caches, logits, all) -> int
         self.forward_rows = lib.sparsec_forward_rows
 
+    def exported(self, ctype, name: str):
+        """The library's data symbol ``name`` as ``ctype`` (e.g. a ctypes array type)."""
+        try:
+            return ctype.in_dll(self._library._lib, name)
+        except ValueError as exc:
+            raise SparsecError(
+                f"{self._library.name} does not export {name} that its manifest names; the "
+                "file is inconsistent: recompile it"
+            ) from exc
+
     def close(self) -> None:
         if self.ctx:
             self._destroy(self.ctx)
