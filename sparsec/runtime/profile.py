@@ -20,7 +20,7 @@ import ctypes
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -54,16 +54,7 @@ class Profile:
         return sorted(total.items(), key=lambda kv: -kv[1])
 
     def to_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "position": self.position,
-            "prefill": self.prefill,
-            "steps": self.steps,
-            "threads": self.threads,
-            "step_seconds": self.step_seconds,
-            "grouped": dict(self.grouped()),
-            "ops": [vars(op) for op in self.ops],
-        }
+        return {**asdict(self), "grouped": dict(self.grouped())}
 
 
 _LAYER = re.compile(r"^.*\blayers?\.\d+\.")

@@ -239,15 +239,11 @@ def test_bad_head_config_is_rejected():
                                v_offset=21)  # fmt: skip
 
 
-@pytest.mark.parametrize("shape", ["tiny", "smollm2"])
-def test_attention_long_context(shape, tmp_path):
-    """Hundreds of keys: many L1 chunks, every head of a group sharing them."""
-    s, _ = CONFIGS[shape]
+def _attention_alone(out_dir, s, capacity: int, **options):
+    """The attention kernel of shape ``s`` over a fused [q | k | v] row, on its own."""
     lay = _layout(s, padded=False)
-    capacity, position, n = 1100, 1000, 3
-    scale = 1.0 / np.sqrt(s["head_dim"])
-    k = build_kernels(
-        tmp_path,
+    return build_kernels(
+        out_dir,
         {
             "attn": functools.partial(
                 ops.emit_attention,
@@ -255,12 +251,23 @@ def test_attention_long_context(shape, tmp_path):
                 kv_num_heads=s["kv_heads"],
                 head_dim=s["head_dim"],
                 capacity=capacity,
-                scale=scale,
+                scale=1.0 / np.sqrt(s["head_dim"]),
                 qkv_stride=lay["qkv_stride"],
                 q_offset=0,
+                **options,
             )  # fmt: skip
         },
     )
+
+
+@pytest.mark.parametrize("shape", ["tiny", "smollm2"])
+def test_attention_long_context(shape, tmp_path):
+    """Hundreds of keys: many L1 chunks, every head of a group sharing them."""
+    s, _ = CONFIGS[shape]
+    lay = _layout(s, padded=False)
+    capacity, position, n = 1100, 1000, 3
+    scale = 1.0 / np.sqrt(s["head_dim"])
+    k = _attention_alone(tmp_path, s, capacity)
     rng = np.random.default_rng(3)
     kv = _caches(s, position + n, seed=3, capacity=capacity)
     rows = sequence_rows(kv, position, n)
@@ -286,23 +293,10 @@ def test_attention_over_many_segments(half, window, tmp_path):
     lay = _layout(s, padded=False)
     capacity, position, n = 1100, 1000, 3
     scale = 1.0 / np.sqrt(s["head_dim"])
-    heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
 
     def kernel(options, name):
-        return build_kernels(
-            tmp_path / name,
-            {
-                "attn": functools.partial(
-                    ops.emit_attention,
-                    **heads,
-                    capacity=capacity,
-                    scale=scale,
-                    qkv_stride=lay["qkv_stride"],
-                    q_offset=0,
-                    **options,
-                )  # fmt: skip
-            },
-        )
+        (tmp_path / name).mkdir()
+        return _attention_alone(tmp_path / name, s, capacity, **options)
 
     rng = np.random.default_rng(11)
     kv = _caches(s, position + n, seed=11, capacity=capacity)
@@ -315,7 +309,6 @@ def test_attention_over_many_segments(half, window, tmp_path):
         shape=_shape(s), q_offset=0, scale=scale, window=window,
     )  # fmt: skip
     options = ({"kv_half": True} if half else {}) | ({"window": window} if window else {})
-    (tmp_path / "w").mkdir()
     k = kernel(options, "w")
     caches = np.full(n, cache.ctypes.data, np.uint64)
     positions = np.arange(position, position + n, dtype=np.int32)
@@ -327,7 +320,6 @@ def test_attention_over_many_segments(half, window, tmp_path):
     if window is not None:
         cache = (_caches(s, position + n, seed=11, capacity=capacity)).astype(cache.dtype)
         caches = np.full(n, cache.ctypes.data, np.uint64)
-        (tmp_path / "p").mkdir()
         plain = kernel({"kv_half": True} if half else {}, "p")
         out = np.zeros((n, s["heads"] * s["head_dim"]), np.float32)
         plain("attn", qkv, out, caches, positions, 0, cache[0].size, n, 0, 1)
