@@ -324,9 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-http", action="store_true", help="the Engine only")
     p.add_argument(
         "--kv-cache",
-        default="float32,float16",
+        default="float32,float16,int8",
         help="sparsec's KV cache types for the Engine rows, comma-separated; HTTP and the "
-        "load test use the first (default float32,float16)",
+        "load test use the first (default float32,float16,int8)",
     )
     args = p.parse_args(argv)
     streams = [int(s) for s in args.streams.split(",")]

@@ -48,8 +48,18 @@ META_SPARSITY = "sparsec.sparsity"  # JSON per weight: shape, sparsity, pattern 
 # --- custom op domain of the optimized graph -----------------------------------------
 # Element types of a compiled model's KV cache (`sparsec compile --kv-cache`), with their
 # bytes: float32 by default; float16 halves the cache's memory and the bytes attention
-# reads per step (keys and values rounded to half precision when written).
-KV_CACHE_DTYPES = {"float32": 4, "float16": 2}
+# reads per step (keys and values rounded to half precision when written); int8 about
+# quarters them: each row (one token's key or value of one kv head) holds head_dim
+# symmetric int8 values followed by their float32 scale (max|x| / 127) in
+# KV_INT8_SCALE_BYTES bytes, so its rows are head_dim + 4 elements.
+KV_CACHE_DTYPES = {"float32": 4, "float16": 2, "int8": 1}
+KV_INT8_SCALE_BYTES = 4
+
+
+def kv_row_elements(head_dim: int, dtype: str) -> int:
+    """Elements of one KV cache row (one token, one kv head) of ``dtype``."""
+    return head_dim + (KV_INT8_SCALE_BYTES if dtype == "int8" else 0)
+
 
 DOMAIN = "sparsec"
 DOMAIN_VERSION = 1
@@ -200,9 +210,11 @@ class ModelConfig:
     def kv_width(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def kv_cache_shape(self, capacity: int) -> list[int]:
-        """The runtime's KV cache: [layers, 2 (key, value), kv heads, capacity, head_dim]."""
-        return [self.num_hidden_layers, 2, self.num_key_value_heads, capacity, self.head_dim]
+    def kv_cache_shape(self, capacity: int, dtype: str = "float32") -> list[int]:
+        """The runtime's KV cache: [layers, 2 (key, value), kv heads, capacity, row], the row
+        head_dim elements (+ the scale's bytes with int8: ``kv_row_elements``)."""
+        row = kv_row_elements(self.head_dim, dtype)
+        return [self.num_hidden_layers, 2, self.num_key_value_heads, capacity, row]
 
     def features(self) -> list[str]:
         """What sets this model apart from a plain Llama block, in words (for

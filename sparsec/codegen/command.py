@@ -68,7 +68,9 @@ def add_compile_options(p) -> None:
         help="element type of the KV cache: float16 halves its memory (per sequence: "
         "`sparsec inspect` shows it) and the bytes attention reads per step, which is what "
         "batched decode (`sparsec serve`) and long contexts spend; keys and values are "
-        "rounded to half precision, so logits move by about 1e-3. Default float32.",
+        "rounded to half precision, so logits move by about 1e-3. int8 stores each key and "
+        "value row as int8 with a float32 scale (about a quarter of float32; logits move "
+        "by about 1%% of their range). Default float32.",
     )
     p.add_argument(
         "--target",

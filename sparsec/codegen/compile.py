@@ -182,7 +182,7 @@ def emit_model(
         "max_tokens_per_call": max_tokens,
         "default_threads": int(threads or min(os.cpu_count() or 1, 8)),
         "kv_cache": {
-            "shape": cfg.kv_cache_shape(capacity),
+            "shape": cfg.kv_cache_shape(capacity, kv_cache),
             "dtype": kv_cache,
         },
         "layers": [asdict(layer) for layer in emitted.layers],

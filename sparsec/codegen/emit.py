@@ -18,6 +18,7 @@ from sparsec.codegen import linear, ops
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.codegen.target import Target, declare_function
+from sparsec.contract import kv_row_elements
 from sparsec.errors import SparsecError
 
 ALIGN = 64
@@ -160,8 +161,11 @@ class _Emitter:
         self.prog = prog
         self.profile = profile
         self.target = target
-        # Only a float16 cache changes the attention kernels (float32 keeps their code).
-        self.kv_options = {"kv_half": True} if kv_cache == "float16" else {}
+        # Only a float16 or int8 cache changes the attention kernels (float32 keeps their
+        # code).
+        self.kv_options = {"float16": {"kv_half": True}, "int8": {"kv_int8": True}}.get(
+            kv_cache, {}
+        )
         self.precision = precision
         self.kernels = kernels
         self.max_tokens = max_tokens
@@ -177,7 +181,9 @@ class _Emitter:
         self.table_offsets = {n: self.blob.add(t) for n, t in self.tables.items()}
         self.layers: list[LayerRecord] = []
         cfg = prog.config
-        self.kv_layer_floats = cfg.num_key_value_heads * capacity * cfg.head_dim
+        # elements of one layer's keys (or values) in a sequence's cache
+        row = kv_row_elements(cfg.head_dim, kv_cache)
+        self.kv_layer_floats = cfg.num_key_value_heads * capacity * row
         max_in = max((ins.args["x"].width for ins in prog.linears()), default=0)
         # One quantized-activation region serves every int8 linear: each is quantized
         # right before its linear, so their lifetimes never overlap.

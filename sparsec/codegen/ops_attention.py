@@ -14,7 +14,9 @@ decode step is one row per sequence, each with its own cache (docs/runtime.md).
 ``kv_half``: the caches hold float16 (``sparsec compile --kv-cache float16``): keys and
 values are rounded to half precision when written (``vcvtps2ph``) and widened when read
 (``vcvtph2ps``); the math stays float32. Half the KV bytes to read per step and to hold
-per sequence.
+per sequence. ``kv_int8`` (``--kv-cache int8``): each key and value row is stored as
+head_dim symmetric int8 values and their float32 scale (``_Cache.store_row``), and
+dequantized once per segment for the group; about a quarter of float32's bytes.
 
 Attention keeps a running max and sum (online softmax) over segments of 64 keys (at
 head_dim 64; 32 KiB of float32 keys and values, which stay in L1): each head of a kv
@@ -42,6 +44,7 @@ from llvmlite import ir
 from sparsec.codegen.irbuild import (
     F32,
     FPTR,
+    I8,
     I32,
     I64,
     check_positive,
@@ -63,6 +66,7 @@ from sparsec.codegen.irbuild import (
 )
 from sparsec.codegen.target import AVX512, Isa
 from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp, vtanh
+from sparsec.contract import kv_row_elements
 from sparsec.errors import SparsecError
 
 # The per-row arguments that end both kernels' parameters (before n, tid, nthreads):
@@ -74,18 +78,29 @@ HALF = ir.HalfType()
 
 
 class _Cache:
-    """Loads and stores of cache rows in the cache's element type (float32 or float16),
-    as float32 vectors; pointers are typed in that element (offsets count elements)."""
+    """Rows of the KV cache in its element type, read and written as float32.
 
-    def __init__(self, b: ir.IRBuilder, half: bool):
+    float32 and float16 caches are loaded and stored a vector at a time (pointers typed
+    in the element, offsets counting elements). An int8 cache is quantized and
+    dequantized a whole row at a time (``store_row``/``load_row``): head_dim int8 values,
+    then their float32 scale in the row's last KV_INT8_SCALE_BYTES bytes, ``row``
+    elements in all."""
+
+    def __init__(self, b: ir.IRBuilder, half: bool = False, int8: bool = False, head_dim=0):
+        if half and int8:
+            raise SparsecError("a KV cache is float16 or int8, not both")
         self.b = b
         self.half = half
-        self.elem = HALF if half else F32
+        self.int8 = int8
+        self.elem = HALF if half else I8 if int8 else F32
+        self.head_dim = head_dim
+        self.row = kv_row_elements(head_dim, "int8" if int8 else "float32")
 
     def base(self, pointer):
-        return self.b.bitcast(pointer, self.elem.as_pointer()) if self.half else pointer
+        return self.b.bitcast(pointer, self.elem.as_pointer()) if self.elem != F32 else pointer
 
     def load(self, ptr, width: int):
+        assert not self.int8, "int8 rows are read whole (load_row)"
         if not self.half:
             return load(self.b, ptr, width)
         return self.b.fpext(
@@ -93,11 +108,43 @@ class _Cache:
         )
 
     def store(self, value, ptr) -> None:
+        assert not self.int8, "int8 rows are written whole (store_row)"
         if self.half:
             value = self.b.fptrunc(value, ir.VectorType(HALF, value.type.count))
             store(self.b, value, ptr, align=2)
         else:
             store(self.b, value, ptr)
+
+    def _scale_ptr(self, row):
+        return self.b.bitcast(ptr_add(self.b, row, self.head_dim), F32.as_pointer())
+
+    def store_row(self, src, row, lanes: int) -> None:
+        """Quantize the float32 head row at ``src`` into the int8 cache row ``row``:
+        scale = max|x| / 127, q = round-half-even(x * 127 / max|x|) (0 for a zero row)."""
+        b = self.b
+        chunks = span_chunks(self.head_dim, lanes)
+        values = [load(b, ptr_add(b, src, off), w) for off, w in chunks]
+        peak = None
+        for v in values:
+            mag = widen(b, vector_intrinsic(b, "llvm.fabs", v.type, [v]), lanes)
+            peak = mag if peak is None else fmax(b, peak, mag)
+        peak = hmax(b, peak)
+        positive = b.fcmp_ordered(">", peak, const(F32, 0.0))
+        inv = b.select(positive, b.fdiv(const(F32, 127.0), peak), const(F32, 0.0))
+        for (off, w), v in zip(chunks, values, strict=True):
+            q = vector_intrinsic(b, "llvm.roundeven", v.type, [b.fmul(v, splat(b, inv, w))])
+            q = b.trunc(b.fptosi(q, ir.VectorType(I32, w)), ir.VectorType(I8, w))
+            store(b, q, ptr_add(b, row, off), align=1)
+        b.store(b.fdiv(peak, const(F32, 127.0)), self._scale_ptr(row), align=1)
+
+    def load_row(self, row, dst, lanes: int) -> None:
+        """Dequantize the int8 cache row ``row`` into float32 at ``dst``."""
+        b = self.b
+        scale = b.load(self._scale_ptr(row), align=1)
+        for off, w in span_chunks(self.head_dim, lanes):
+            q = load_vec(b, ptr_add(b, row, off), ir.VectorType(I8, w), align=1)
+            v = b.fmul(b.sitofp(q, vtype(w)), splat(b, scale, w))
+            store(b, v, ptr_add(b, dst, off))
 
 
 def _check_heads(num_heads: int, kv_num_heads: int, head_dim: int) -> None:
@@ -124,6 +171,7 @@ def emit_rope_kv_write(
     rotary_dim: int | None = None,
     qk_norm_eps: float | None = None,
     kv_half: bool = False,
+    kv_int8: bool = False,
     rope: bool = True,
     isa: Isa = AVX512,
 ) -> ir.Function:
@@ -162,7 +210,7 @@ def emit_rope_kv_write(
     qkv, *weights, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     (cos, sin), norm_weights = (weights[:2], weights[2:]) if rope else ((None, None), weights)
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    kv = _Cache(b, kv_half)
+    kv = _Cache(b, kv_half, kv_int8, head_dim)
     # Without RoPE or a q norm the q heads have nothing to do: no work units for them.
     q_units = num_heads if rope or norms else 0
     per_token = q_units + kv_num_heads
@@ -213,19 +261,26 @@ def emit_rope_kv_write(
 
     def kv_unit(token, row, group, pos, cos_row, sin_row):
         col = b.mul(group, i64(head_dim))
-        slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(head_dim))
+        slot = b.mul(b.add(b.mul(group, i64(capacity)), pos), i64(kv.row))
         cache = kv.base(b.load(ptr_add(b, caches, token)))
         k = ptr_add(b, row, b.add(i64(k_offset), col))
         if norms:
             normalize(k, norm_weights[1])
         k_slot = ptr_add(b, ptr_add(b, cache, k_at), slot)
-        if rope:
+        if kv.int8:  # whole rows: rotate k in place, then quantize it
+            if rope:
+                rotate(k, cos_row, sin_row)
+            kv.store_row(k, k_slot, lanes)
+        elif rope:
             rotate(k, cos_row, sin_row, k_slot)
         else:
             copy_to_cache(k, k_slot)
         v = ptr_add(b, row, b.add(i64(v_offset), col))
         v_slot = ptr_add(b, ptr_add(b, cache, v_at), slot)
-        copy_to_cache(v, v_slot)
+        if kv.int8:
+            kv.store_row(v, v_slot, lanes)
+        else:
+            copy_to_cache(v, v_slot)
 
     with loop(b, begin, end, name="unit") as unit:
         token = b.udiv(unit, i64(per_token))
@@ -262,6 +317,7 @@ def emit_attention(
     q_offset: int,
     window: int | None = None,
     kv_half: bool = False,
+    kv_int8: bool = False,
     alibi: tuple[float, ...] | None = None,
     softcap: float | None = None,
     isa: Isa = AVX512,
@@ -309,7 +365,8 @@ def emit_attention(
     fn = kernel_function(module, name, [FPTR] * 2 + ROW_ARGS + [I32] * 3)
     qkv, out, caches, positions, k_at, v_at, n, tid, nthreads = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    state = _GroupState(b, group, head_dim, isa.lanes_f32, _Cache(b, kv_half))
+    kv_cache = _Cache(b, kv_half, kv_int8, head_dim)
+    state = _GroupState(b, group, head_dim, isa.lanes_f32, kv_cache)
     state.softcap = softcap
     if slopes is not None:
         state.slope = entry_alloca(b, F32)
@@ -335,7 +392,7 @@ def emit_attention(
         odd = b.trunc(t, ir.IntType(1))
         token = b.select(odd, b.sub(b.sub(n64, i64(1)), half), half)
         cache = state.kv.base(b.load(ptr_add(b, caches, token)))
-        cache_off = b.mul(kv, i64(capacity * head_dim))
+        cache_off = b.mul(kv, i64(capacity * state.kv.row))
         keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
         return kv, token, keys, ptr_add(b, ptr_add(b, cache, v_at), cache_off)
 
@@ -401,7 +458,7 @@ class _GroupState:
         self.acc_arr = array(F32, group * 2 * head_dim)
         self.scores = array(F32, self.segment)
         self.staging: _Rows | None = None  # its rows' base is set per segment
-        if kv.half:
+        if kv.half or kv.int8:
             floats = self.segment * head_dim
             staged = (array(F32, floats), array(F32, floats))
             self.staging = _Rows(*staged, None, _Cache(b, half=False))
@@ -512,10 +569,18 @@ class _Rows:
 
 
 def _stage(b, state, keys, values, s0, s_end) -> None:
-    """Widen the float16 key and value rows s0..s_end-1 into the float32 staging buffers:
+    """Widen the float16 (or dequantize the int8) key and value rows s0..s_end-1 into the
+    float32 staging buffers:
     once per segment instead of once per head (``vcvtph2ps`` takes the FMAs' ports, and
     every head of a group read each row)."""
     hd, lanes = state.head_dim, state.lanes
+    staged = (state.staging.keys, state.staging.values)
+    if state.kv.int8:  # row by row: each has its own scale
+        with loop(b, s0, s_end, name="stage") as j:
+            at, to = b.mul(j, i64(state.kv.row)), b.mul(b.sub(j, s0), i64(hd))
+            for src, dst in zip((keys, values), staged, strict=True):
+                state.kv.load_row(ptr_add(b, src, at), ptr_add(b, dst, to), lanes)
+        return
     start = b.mul(s0, i64(hd))
     with loop(b, i64(0), b.mul(b.sub(s_end, s0), i64(hd)), lanes, name="stage") as i:
         at = b.add(start, i)

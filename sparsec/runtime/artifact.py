@@ -298,19 +298,20 @@ def validate_manifest(m: dict) -> None:
     _check(m, "max_tokens_per_call", _INT, "", positive=True)
     _check(m, "default_threads", _INT, "", positive=True)
     kv = _check(m, "kv_cache", dict, "")
-    shape = _check(kv, "shape", list, "kv_cache.")
-    expected = config.kv_cache_shape(max_context)
-    # type() too: 16.0 == 16 in Python, but a float cannot size a buffer.
-    if shape != expected or any(type(d) is not int for d in shape):
-        raise ManifestError(
-            f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, head_dim] "
-            f"= {expected}"
-        )
     dtype = kv.get("dtype")
     if not isinstance(dtype, str) or dtype not in KV_CACHE_DTYPES:  # a list is unhashable
         raise ManifestError(
             f"field 'kv_cache.dtype' is {dtype!r}, expected one of "
             f"{', '.join(map(repr, KV_CACHE_DTYPES))}"
+        )
+    shape = _check(kv, "shape", list, "kv_cache.")
+    expected = config.kv_cache_shape(max_context, dtype)
+    # type() too: 16.0 == 16 in Python, but a float cannot size a buffer.
+    if shape != expected or any(type(d) is not int for d in shape):
+        row = "head_dim + 4 (int8 values and their scale)" if dtype == "int8" else "head_dim"
+        raise ManifestError(
+            f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, {row}] "
+            f"= {expected}"
         )
     code = _check(m, "code", dict, "")
     code_size = _check(code, "size", _INT, "code.", positive=True)

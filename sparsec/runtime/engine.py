@@ -173,7 +173,7 @@ class Engine:
                 f"the KV caches of {parallel} parallel sequences need {need / 2**30:.1f} GiB "
                 f"({kv['dtype']}, {model.max_context} tokens each) but {available / 2**30:.1f} "
                 "GiB of memory is available; lower parallel (--parallel), or recompile with a "
-                "smaller --max-context or --kv-cache float16"
+                "smaller --max-context or --kv-cache float16 (or int8)"
             )
         self._caches = aligned_zeros((parallel, *kv["shape"]), kv["dtype"])
         # Touch every page now: a slot's first request would otherwise pay the page

@@ -114,6 +114,24 @@ def _caches(s, filled: int, seed: int, capacity: int = CAPACITY):
     return kv
 
 
+def int8_rows(x: np.ndarray) -> np.ndarray:
+    """Float32 rows [..., hd] as an int8 cache's rows [..., hd + 4]: symmetric int8
+    values (round half to even of x * 127 / max|x|) and their float32 scale max|x| / 127."""
+    x = x.astype(np.float32)
+    peak = np.abs(x).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(peak > 0, np.float32(127) / peak, np.float32(0)).astype(np.float32)
+    q = np.rint(np.nan_to_num(x * inv)).astype(np.int8)  # a NaN row keeps its NaN scale
+    scale = (peak / np.float32(127)).astype(np.float32)
+    return np.concatenate([q, scale.view(np.int8)], axis=-1)
+
+
+def dequantized(rows: np.ndarray) -> np.ndarray:
+    """An int8 cache's rows [..., hd + 4] back to float32 [..., hd]."""
+    q, scale = rows[..., :-4], np.ascontiguousarray(rows[..., -4:]).view(np.float32)
+    return q.astype(np.float32) * scale
+
+
 CASES = [(1, 0), (1, 15), (1, 37), (5, 0), (5, 30), (20, 0), (16, 31), (9, CAPACITY - 9)]
 THREADS = [1, 2, 3]
 
@@ -280,15 +298,15 @@ def test_attention_long_context(shape, tmp_path):
         assert_close(out, ref)
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("window", [None, 300])
-def test_attention_over_many_segments(half, window, tmp_path):
+def test_attention_over_many_segments(dtype, window, tmp_path):
     """A thousand keys in many segments (64 keys each at SmolLM2's head size), with a
     sliding window whose oldest key falls inside a segment: float32 caches are read in
-    place, float16 ones widened once per segment into the staging rows that every head
-    of the group reads. Slots no query may read (past the newest key, before every
-    window) hold NaN, so reading one would show. Ablation: the same rows without the
-    window answer differently."""
+    place, float16 ones widened (int8 ones dequantized) once per segment into the
+    staging rows that every head of the group reads. Slots no query may read (past the
+    newest key, before every window) hold NaN, so reading one would show. Ablation: the
+    same rows without the window answer differently."""
     s, _ = CONFIGS["smollm2"]
     lay = _layout(s, padded=False)
     capacity, position, n = 1100, 1000, 3
@@ -302,13 +320,18 @@ def test_attention_over_many_segments(half, window, tmp_path):
     kv = _caches(s, position + n, seed=11, capacity=capacity)
     if window is not None:
         kv[:, :, : position - window + 1] = np.nan
-    cache = kv.astype(np.float16) if half else kv
+    store = {"float32": lambda x: x, "float16": lambda x: x.astype(np.float16)}.get(
+        dtype, int8_rows
+    )
+    read = dequantized if dtype == "int8" else lambda c: c.astype(np.float32)
+    cache = store(kv)
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32) * 3
     want = _ref_attention(
-        qkv, cache[0].astype(np.float32), cache[1].astype(np.float32), position,
-        shape=_shape(s), q_offset=0, scale=scale, window=window,
+        qkv, read(cache[0]), read(cache[1]), position, shape=_shape(s), q_offset=0,
+        scale=scale, window=window,
     )  # fmt: skip
-    options = ({"kv_half": True} if half else {}) | ({"window": window} if window else {})
+    kv_option = {"float16": {"kv_half": True}, "int8": {"kv_int8": True}}.get(dtype, {})
+    options = kv_option | ({"window": window} if window else {})
     k = kernel(options, "w")
     caches = np.full(n, cache.ctypes.data, np.uint64)
     positions = np.arange(position, position + n, dtype=np.int32)
@@ -318,9 +341,9 @@ def test_attention_over_many_segments(half, window, tmp_path):
             k("attn", qkv, out, caches, positions, 0, cache[0].size, n, tid, nthreads)
         assert_close(out, want, rtol=1e-4)
     if window is not None:
-        cache = (_caches(s, position + n, seed=11, capacity=capacity)).astype(cache.dtype)
+        cache = store(_caches(s, position + n, seed=11, capacity=capacity))
         caches = np.full(n, cache.ctypes.data, np.uint64)
-        plain = kernel({"kv_half": True} if half else {}, "p")
+        plain = kernel(kv_option, "p")
         out = np.zeros((n, s["heads"] * s["head_dim"]), np.float32)
         plain("attn", qkv, out, caches, positions, 0, cache[0].size, n, 0, 1)
         assert np.abs(out - want).max() > 1e-3
@@ -437,3 +460,75 @@ def test_float16_kv_cache(shape, n, position, tmp_path):
     assert_close(out, want, rtol=1e-4)
     exact = run(kernels(False), history32.copy())
     assert np.abs(exact - want).max() > 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("shape", ["tiny", "smollm2"])
+@pytest.mark.parametrize(("n", "position"), [(1, 37), (5, 30), (16, 31), (3, 150)])
+def test_int8_kv_cache(shape, n, position, tmp_path):
+    """``kv_int8``: each new key (after RoPE) and value row is written as int8 values and
+    its scale, and attention reads the dequantized rows: the output equals attention
+    over the int8-rounded cache, the written rows equal numpy's quantization (values
+    within 1 where a product rounds on a .5), and rows past the newest are never read
+    (their scales are NaN). Ablation: the float32 kernels on the same history answer
+    attention over the unrounded cache, which the int8 answer is measurably not."""
+    s, _ = CONFIGS[shape]
+    lay = _layout(s, padded=False)
+    capacity = 200
+    heads = dict(num_heads=s["heads"], kv_num_heads=s["kv_heads"], head_dim=s["head_dim"])
+    scale = 1.0 / np.sqrt(s["head_dim"])
+    rope = dict(k_offset=lay["k_offset"], v_offset=lay["v_offset"])
+    kernels = {}
+    for name, options in (("int8", {"kv_int8": True}), ("f32", {})):
+        (tmp_path / name).mkdir()
+        kernels[name] = build_kernels(
+            tmp_path / name,
+            {
+                "rope": functools.partial(
+                    ops.emit_rope_kv_write, **heads, capacity=capacity,
+                    qkv_stride=lay["qkv_stride"], q_offset=0, **rope, **options,
+                ),
+                "attn": functools.partial(
+                    ops.emit_attention, **heads, capacity=capacity, scale=scale,
+                    qkv_stride=lay["qkv_stride"], q_offset=0, **options,
+                ),
+            },
+        )  # fmt: skip
+    cos, sin = rope_tables(capacity, s["head_dim"])
+    rng = np.random.default_rng(n + position)
+    qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
+    history32 = _caches(s, position, seed=position, capacity=capacity)
+    cache8 = int8_rows(np.nan_to_num(history32))
+    cache8[:, :, position:, -4:] = np.full(4, 255, np.uint8).view(np.int8)  # NaN scales
+    offsets = (lay["q_offset"], lay["k_offset"], lay["v_offset"])
+    history = dequantized(cache8)
+    ref_qkv, ref_k, ref_v = _ref_rope_kv_write(
+        qkv, cos, sin, history[0], history[1], position, shape=_shape(s), offsets=offsets
+    )
+    written = slice(position, position + n)
+    new_rows = int8_rows(np.stack([ref_k[:, written], ref_v[:, written]]))
+    k8, v8 = ref_k.copy(), ref_v.copy()
+    k8[:, written], v8[:, written] = dequantized(new_rows[0]), dequantized(new_rows[1])
+    want = _ref_attention(
+        ref_qkv, k8, v8, position, shape=_shape(s), q_offset=lay["q_offset"], scale=scale
+    )
+
+    def run(k, cache):
+        x, out = qkv.copy(), np.full((n, s["heads"] * s["head_dim"]), np.nan, np.float32)
+        positions = np.arange(position, position + n, dtype=np.int32)
+        caches = np.full(n, cache.ctypes.data, np.uint64)
+        v_at = cache[0].size  # in the cache's elements
+        for tid in range(2):
+            k("rope", x, cos, sin, caches, positions, 0, v_at, n, tid, 2)
+        for tid in range(2):
+            k("attn", x, out, caches, positions, 0, v_at, n, tid, 2)
+        return out
+
+    cache = cache8.copy()
+    out = run(kernels["int8"], cache)
+    got_rows = cache[:, :, written]
+    assert np.abs(got_rows[..., :-4].astype(int) - new_rows[..., :-4]).max() <= 1
+    np.testing.assert_allclose(dequantized(got_rows), dequantized(new_rows), atol=0.02)
+    assert_close(out, want, rtol=1e-3)
+    history32[:, :, position:] = np.nan
+    exact = run(kernels["f32"], np.ascontiguousarray(history32))
+    assert np.abs(exact - want).max() > 1e-3 * np.abs(want).max()
