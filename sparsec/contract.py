@@ -50,15 +50,20 @@ META_SPARSITY = "sparsec.sparsity"  # JSON per weight: shape, sparsity, pattern 
 # bytes: float32 by default; float16 halves the cache's memory and the bytes attention
 # reads per step (keys and values rounded to half precision when written); int8 about
 # quarters them: each row (one token's key or value of one kv head) holds head_dim
-# symmetric int8 values followed by their float32 scale (max|x| / 127) in
-# KV_INT8_SCALE_BYTES bytes, so its rows are head_dim + 4 elements.
+# symmetric int8 values, then one float32 scale (max|x| / 127) per KV_INT8_BLOCK of them
+# (as llama.cpp's q8_0: a scale per row lost the small channels next to the keys'
+# outlier ones), so a head_dim-64 row is 72 bytes.
 KV_CACHE_DTYPES = {"float32": 4, "float16": 2, "int8": 1}
-KV_INT8_SCALE_BYTES = 4
+KV_INT8_BLOCK = 32
+
+
+def kv_int8_blocks(head_dim: int) -> int:
+    return -(-head_dim // KV_INT8_BLOCK)
 
 
 def kv_row_elements(head_dim: int, dtype: str) -> int:
     """Elements of one KV cache row (one token, one kv head) of ``dtype``."""
-    return head_dim + (KV_INT8_SCALE_BYTES if dtype == "int8" else 0)
+    return head_dim + (4 * kv_int8_blocks(head_dim) if dtype == "int8" else 0)
 
 
 DOMAIN = "sparsec"

@@ -15,7 +15,7 @@ decode step is one row per sequence, each with its own cache (docs/runtime.md).
 values are rounded to half precision when written (``vcvtps2ph``) and widened when read
 (``vcvtph2ps``); the math stays float32. Half the KV bytes to read per step and to hold
 per sequence. ``kv_int8`` (``--kv-cache int8``): each key and value row is stored as
-head_dim symmetric int8 values and their float32 scale (``_Cache.store_row``), and
+head_dim symmetric int8 values and a float32 scale per 32 of them (``_Cache.store_row``), and
 dequantized once per segment for the group; about a quarter of float32's bytes.
 
 Attention keeps a running max and sum (online softmax) over segments of 64 keys (at
@@ -66,7 +66,7 @@ from sparsec.codegen.irbuild import (
 )
 from sparsec.codegen.target import AVX512, Isa
 from sparsec.codegen.vmath import fma, fmax, hmax, hsum, transpose_sums, vexp, vtanh
-from sparsec.contract import kv_row_elements
+from sparsec.contract import KV_INT8_BLOCK, kv_row_elements
 from sparsec.errors import SparsecError
 
 # The per-row arguments that end both kernels' parameters (before n, tid, nthreads):
@@ -83,8 +83,7 @@ class _Cache:
     float32 and float16 caches are loaded and stored a vector at a time (pointers typed
     in the element, offsets counting elements). An int8 cache is quantized and
     dequantized a whole row at a time (``store_row``/``load_row``): head_dim int8 values,
-    then their float32 scale in the row's last KV_INT8_SCALE_BYTES bytes, ``row``
-    elements in all."""
+    then a float32 scale per KV_INT8_BLOCK of them, ``row`` elements in all."""
 
     def __init__(self, b: ir.IRBuilder, half: bool = False, int8: bool = False, head_dim=0):
         if half and int8:
@@ -115,36 +114,48 @@ class _Cache:
         else:
             store(self.b, value, ptr)
 
-    def _scale_ptr(self, row):
-        return self.b.bitcast(ptr_add(self.b, row, self.head_dim), F32.as_pointer())
+    def _scale_ptr(self, row, block: int):
+        at = self.head_dim + 4 * block
+        return self.b.bitcast(ptr_add(self.b, row, at), F32.as_pointer())
+
+    def _blocks(self, lanes: int):
+        """The row's chunks (offset, width), grouped by KV_INT8_BLOCK."""
+        blocks: dict[int, list] = {}
+        for off, w in span_chunks(self.head_dim, lanes):
+            assert off // KV_INT8_BLOCK == (off + w - 1) // KV_INT8_BLOCK
+            blocks.setdefault(off // KV_INT8_BLOCK, []).append((off, w))
+        return blocks.items()
 
     def store_row(self, src, row, lanes: int) -> None:
-        """Quantize the float32 head row at ``src`` into the int8 cache row ``row``:
-        scale = max|x| / 127, q = round-half-even(x * 127 / max|x|) (0 for a zero row)."""
+        """Quantize the float32 head row at ``src`` into the int8 cache row ``row``, per
+        block of KV_INT8_BLOCK values: scale = max|x| / 127, q = round-half-even(x * 127 /
+        max|x|) (0 for a zero block)."""
         b = self.b
-        chunks = span_chunks(self.head_dim, lanes)
-        values = [load(b, ptr_add(b, src, off), w) for off, w in chunks]
-        peak = None
-        for v in values:
-            mag = widen(b, vector_intrinsic(b, "llvm.fabs", v.type, [v]), lanes)
-            peak = mag if peak is None else fmax(b, peak, mag)
-        peak = hmax(b, peak)
-        positive = b.fcmp_ordered(">", peak, const(F32, 0.0))
-        inv = b.select(positive, b.fdiv(const(F32, 127.0), peak), const(F32, 0.0))
-        for (off, w), v in zip(chunks, values, strict=True):
-            q = vector_intrinsic(b, "llvm.roundeven", v.type, [b.fmul(v, splat(b, inv, w))])
-            q = b.trunc(b.fptosi(q, ir.VectorType(I32, w)), ir.VectorType(I8, w))
-            store(b, q, ptr_add(b, row, off), align=1)
-        b.store(b.fdiv(peak, const(F32, 127.0)), self._scale_ptr(row), align=1)
+        for block, chunks in self._blocks(lanes):
+            values = [load(b, ptr_add(b, src, off), w) for off, w in chunks]
+            peak = None
+            for v in values:
+                mag = widen(b, vector_intrinsic(b, "llvm.fabs", v.type, [v]), lanes)
+                peak = mag if peak is None else fmax(b, peak, mag)
+            peak = hmax(b, peak)
+            positive = b.fcmp_ordered(">", peak, const(F32, 0.0))
+            inv = b.select(positive, b.fdiv(const(F32, 127.0), peak), const(F32, 0.0))
+            for (off, w), v in zip(chunks, values, strict=True):
+                q = b.fmul(v, splat(b, inv, w))
+                q = vector_intrinsic(b, "llvm.roundeven", v.type, [q])
+                q = b.trunc(b.fptosi(q, ir.VectorType(I32, w)), ir.VectorType(I8, w))
+                store(b, q, ptr_add(b, row, off), align=1)
+            b.store(b.fdiv(peak, const(F32, 127.0)), self._scale_ptr(row, block), align=1)
 
     def load_row(self, row, dst, lanes: int) -> None:
         """Dequantize the int8 cache row ``row`` into float32 at ``dst``."""
         b = self.b
-        scale = b.load(self._scale_ptr(row), align=1)
-        for off, w in span_chunks(self.head_dim, lanes):
-            q = load_vec(b, ptr_add(b, row, off), ir.VectorType(I8, w), align=1)
-            v = b.fmul(b.sitofp(q, vtype(w)), splat(b, scale, w))
-            store(b, v, ptr_add(b, dst, off))
+        for block, chunks in self._blocks(lanes):
+            scale = b.load(self._scale_ptr(row, block), align=1)
+            for off, w in chunks:
+                q = load_vec(b, ptr_add(b, row, off), ir.VectorType(I8, w), align=1)
+                v = b.fmul(b.sitofp(q, vtype(w)), splat(b, scale, w))
+                store(b, v, ptr_add(b, dst, off))
 
 
 def _check_heads(num_heads: int, kv_num_heads: int, head_dim: int) -> None:

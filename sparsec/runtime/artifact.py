@@ -308,7 +308,7 @@ def validate_manifest(m: dict) -> None:
     expected = config.kv_cache_shape(max_context, dtype)
     # type() too: 16.0 == 16 in Python, but a float cannot size a buffer.
     if shape != expected or any(type(d) is not int for d in shape):
-        row = "head_dim + 4 (int8 values and their scale)" if dtype == "int8" else "head_dim"
+        row = "head_dim + 4 per 32 (int8 values and scales)" if dtype == "int8" else "head_dim"
         raise ManifestError(
             f"field 'kv_cache.shape' is {shape}, expected [L, 2, KVH, max_context, {row}] "
             f"= {expected}"

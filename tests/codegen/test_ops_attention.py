@@ -115,21 +115,29 @@ def _caches(s, filled: int, seed: int, capacity: int = CAPACITY):
 
 
 def int8_rows(x: np.ndarray) -> np.ndarray:
-    """Float32 rows [..., hd] as an int8 cache's rows [..., hd + 4]: symmetric int8
-    values (round half to even of x * 127 / max|x|) and their float32 scale max|x| / 127."""
+    """Float32 rows [..., hd] as an int8 cache's rows [..., hd + 4 per 32]: symmetric int8
+    values (round half to even of x * 127 / max|x| over their block of 32), then one
+    float32 scale max|x| / 127 per block."""
     x = x.astype(np.float32)
-    peak = np.abs(x).max(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        inv = np.where(peak > 0, np.float32(127) / peak, np.float32(0)).astype(np.float32)
-    q = np.rint(np.nan_to_num(x * inv)).astype(np.int8)  # a NaN row keeps its NaN scale
-    scale = (peak / np.float32(127)).astype(np.float32)
-    return np.concatenate([q, scale.view(np.int8)], axis=-1)
+    hd = x.shape[-1]
+    values, scales = [], []
+    for lo in range(0, hd, 32):
+        block = x[..., lo : lo + 32]
+        peak = np.abs(block).max(-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(peak > 0, np.float32(127) / peak, np.float32(0)).astype(np.float32)
+        # a NaN block keeps its NaN scale
+        values.append(np.rint(np.nan_to_num(block * inv)).astype(np.int8))
+        scales.append((peak / np.float32(127)).astype(np.float32).view(np.int8))
+    return np.concatenate(values + scales, axis=-1)
 
 
 def dequantized(rows: np.ndarray) -> np.ndarray:
-    """An int8 cache's rows [..., hd + 4] back to float32 [..., hd]."""
-    q, scale = rows[..., :-4], np.ascontiguousarray(rows[..., -4:]).view(np.float32)
-    return q.astype(np.float32) * scale
+    """An int8 cache's rows [..., hd + 4 per 32] back to float32 [..., hd]."""
+    hd = next(h for h in range(1, rows.shape[-1]) if h + 4 * -(-h // 32) == rows.shape[-1])
+    q = rows[..., :hd].astype(np.float32)
+    scales = np.ascontiguousarray(rows[..., hd:]).view(np.float32)
+    return q * np.repeat(scales, 32, axis=-1)[..., :hd]
 
 
 CASES = [(1, 0), (1, 15), (1, 37), (5, 0), (5, 30), (20, 0), (16, 31), (9, CAPACITY - 9)]
@@ -466,7 +474,7 @@ def test_float16_kv_cache(shape, n, position, tmp_path):
 @pytest.mark.parametrize(("n", "position"), [(1, 37), (5, 30), (16, 31), (3, 150)])
 def test_int8_kv_cache(shape, n, position, tmp_path):
     """``kv_int8``: each new key (after RoPE) and value row is written as int8 values and
-    its scale, and attention reads the dequantized rows: the output equals attention
+    a scale per 32, and attention reads the dequantized rows: the output equals attention
     over the int8-rounded cache, the written rows equal numpy's quantization (values
     within 1 where a product rounds on a .5), and rows past the newest are never read
     (their scales are NaN). Ablation: the float32 kernels on the same history answer
@@ -498,7 +506,7 @@ def test_int8_kv_cache(shape, n, position, tmp_path):
     qkv = rng.standard_normal((n, lay["qkv_stride"]), dtype=np.float32)
     history32 = _caches(s, position, seed=position, capacity=capacity)
     cache8 = int8_rows(np.nan_to_num(history32))
-    cache8[:, :, position:, -4:] = np.full(4, 255, np.uint8).view(np.int8)  # NaN scales
+    cache8[:, :, position:, s["head_dim"] :] = -1  # every scale's bytes 0xff: NaN
     offsets = (lay["q_offset"], lay["k_offset"], lay["v_offset"])
     history = dequantized(cache8)
     ref_qkv, ref_k, ref_v = _ref_rope_kv_write(

@@ -122,7 +122,7 @@ def test_sealed_garbage_manifest(model_path, tmp_path, raw, detail):
         (lambda m: m["kv_cache"].__setitem__("dtype", []), "'kv_cache.dtype' is [], expected"),
         (lambda m: m["kv_cache"].__setitem__("dtype", "bfloat16"), "'float32', 'float16'"),
         # an int8 cache's rows carry their scale: a float32-shaped one is refused
-        (lambda m: m["kv_cache"].__setitem__("dtype", "int8"), "head_dim + 4 (int8 values"),
+        (lambda m: m["kv_cache"].__setitem__("dtype", "int8"), "head_dim + 4 per 32 (int8"),
         (lambda m: m["config"].__setitem__("vocab_size", "260"), "'vocab_size' is '260'"),
         (lambda m: m.__setitem__("tokenizer", "{not json"), "its tokenizer does not parse"),
     ],
