@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sparsec import resources
 from sparsec.errors import SparsecError
 from sparsec.runtime.arguments import show
 
@@ -108,7 +109,16 @@ def profile(model, rows: int = 1, position: int = 0, prefill: bool = False, step
 
     ops = spec["ops"]
     kv = model.manifest["kv_cache"]
-    caches = aligned_zeros((1 if prefill else rows, *kv["shape"]), kv["dtype"])
+    shape = (1 if prefill else rows, *kv["shape"])
+    need = int(np.prod(shape)) * np.dtype(kv["dtype"]).itemsize
+    available = resources.available_memory()
+    if available is not None and need > available:
+        raise SparsecError(
+            f"profiling {rows} sequences needs {need / 2**30:.1f} GiB of KV caches but "
+            f"{available / 2**30:.1f} GiB of memory is available; profile fewer --rows (or "
+            "one sequence's chunk with --prefill)"
+        )
+    caches = aligned_zeros(shape, kv["dtype"])
     tokens = aligned_zeros((limit,), np.int32)
     positions = aligned_zeros((limit,), np.int32)
     row_caches = aligned_zeros((limit,), np.uint64)
@@ -158,7 +168,8 @@ def format_profile(prof: Profile, path: str, top: int | None = None) -> str:
     kind = (
         f"one sequence's prefill of {prof.rows} tokens from position {prof.position}"
         if prof.prefill
-        else f"{prof.rows} row{'s' * (prof.rows > 1)} (sequences) at position {prof.position}"
+        else f"{prof.rows} row{'s' * (prof.rows > 1)} (one per sequence) at position "
+        f"{prof.position}"
     )
     lines = [
         f"{path}: {kind}, {prof.threads} thread{'s' * (prof.threads > 1)}, {prof.steps} "

@@ -53,7 +53,7 @@ def test_every_op_is_counted(models):
     assert {"attention", "linear q_proj+k_proj+v_proj", "linear lm_head"} <= set(grouped)
     assert sum(grouped.values()) == pytest.approx(total)
     table = format_profile(prof, str(so))
-    assert "4 rows (sequences) at position 20" in table and "attention" in table
+    assert "4 rows (one per sequence) at position 20" in table and "attention" in table
 
 
 def test_counters_change_no_result(models):
@@ -97,6 +97,18 @@ def test_refused_without_profile_and_bad_arguments(models):
                 profile(m, **kwargs)
 
 
+def test_caches_that_do_not_fit_are_refused(models, monkeypatch):
+    """The profile's own KV caches are checked against available memory first."""
+    (so, _), _ = models
+    from sparsec import resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda: 1024)
+    with runtime.load(so, threads=1) as m:
+        with pytest.raises(SparsecError, match="profiling 16 sequences needs .* fewer --rows"):
+            profile(m, rows=16)
+        assert m.forward([1, 2]).shape[0] == 2  # refused before holding the model
+
+
 def test_group_name():
     fused = "model.layers.3.self_attn.q_proj+model.layers.3.self_attn.k_proj"
     assert group_name("linear", fused) == "linear q_proj+k_proj"
@@ -110,7 +122,7 @@ def test_cli(models, tmp_path):
     cmd = [sys.executable, "-m", "sparsec", "profile", str(so), "--rows", "2", "--steps", "5"]
     done = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "2 rows (sequences) at position 0" in done.stdout and "us/step" in done.stdout
+    assert "2 rows (one per sequence) at position 0" in done.stdout and "us/step" in done.stdout
     report = json.loads(out.read_text())
     assert report["rows"] == 2 and len(report["ops"]) > 10
     refused = subprocess.run(
