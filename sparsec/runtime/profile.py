@@ -8,10 +8,11 @@ steps of a chosen shape on the model's own native context and turns the counts i
 microseconds per step: a batched decode step (``rows`` sequences, one token each, at
 ``position``) or one sequence's prefill chunk (``prefill`` tokens from ``position``).
 
-Cycles are converted with the rate measured over the same steps (counted cycles /
-wall time), so the ops add up to the step's wall time less the thread pool's dispatch
-(a few microseconds); the time-stamp counter ticks at a constant rate on every CPU
-sparsec targets.
+Each op's time is its median over the steps (a step the OS interrupted does not
+count), converted with the counter's rate measured on the same steps (the median of
+each step's counted cycles / its wall time); the ops then add up to about the median
+step less the thread pool's dispatch (a few microseconds). The time-stamp counter ticks
+at a constant rate on every CPU sparsec targets.
 """
 
 from __future__ import annotations
@@ -148,18 +149,23 @@ def profile(model, rows: int = 1, position: int = 0, prefill: bool = False, step
 
         for _ in range(min(10, steps)):
             step()
-        ctypes.memset(counters, 0, ctypes.sizeof(counters))
-        walls = [step() for _ in range(steps)]
-        cycles = np.array(counters[:], dtype=np.float64)
+        counts = np.ctypeslib.as_array(counters)
+        snapshots = [counts.copy()]
+        walls = []
+        for _ in range(steps):
+            walls.append(step())
+            snapshots.append(counts.copy())
     finally:
         model._release_claim()
-    rate = cycles.sum() / sum(walls)  # counter ticks per second of step wall time
+    cycles = np.diff(np.array(snapshots, dtype=np.float64), axis=0)  # [steps, ops]
+    # Counter ticks per second, step by step: a step the OS interrupted is long in both.
+    rates = cycles.sum(axis=1) / np.array(walls)
+    rate = float(np.median(rates))
     if not rate > 0:
         raise SparsecError(f"{model.path}: its op counters did not advance; is it damaged?")
-    times = [
-        OpTime(o["op"], o.get("name", ""), c / rate / steps)
-        for o, c in zip(ops, cycles, strict=True)
-    ]
+    # Medians over the steps, so that an interrupted step does not count.
+    per_op = np.median(cycles, axis=0) / rate
+    times = [OpTime(o["op"], o.get("name", ""), float(t)) for o, t in zip(ops, per_op, strict=True)]
     return Profile(rows, position, prefill, steps, model.threads, float(np.median(walls)), times)
 
 

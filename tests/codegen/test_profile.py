@@ -46,9 +46,10 @@ def test_every_op_is_counted(models):
         prof = profile(m, rows=4, position=20, steps=20)
     assert [(t.op, t.name) for t in prof.ops] == [(o["op"], o.get("name", "")) for o in ops]
     assert all(t.seconds > 0 for t in prof.ops)
-    # The ops add up to the step (less the pool's dispatch, and noise between steps).
+    # The ops' medians add up to about the median step (less the pool's dispatch); a
+    # loaded machine's interrupted steps count in neither.
     total = sum(t.seconds for t in prof.ops)
-    assert 0.3 * prof.step_seconds < total < 3 * prof.step_seconds
+    assert 0.3 * prof.step_seconds < total < 2 * prof.step_seconds
     grouped = dict(prof.grouped())
     assert {"attention", "linear q_proj+k_proj+v_proj", "linear lm_head"} <= set(grouped)
     assert sum(grouped.values()) == pytest.approx(total)
