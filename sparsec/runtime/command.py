@@ -40,7 +40,13 @@ def register(subparsers) -> None:
     run.add_argument(
         "--chat", action="store_true", help="wrap PROMPT as a user message in the chat template"
     )
-    run.add_argument("--threads", type=int, default=None, metavar="N")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="native threads (default: the model's default_threads, set at compile)",
+    )
     run.add_argument("--no-verify", action="store_true", help="skip the weights hash check at load")
     run.add_argument(
         "--no-huge-pages",
@@ -98,7 +104,13 @@ def register(subparsers) -> None:
     prof.add_argument(
         "--steps", type=int_range(1), default=100, help="profiled steps (default 100)"
     )
-    prof.add_argument("--threads", type=int, default=None, metavar="N")
+    prof.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="native threads (default: the model's default_threads, set at compile)",
+    )
     prof.add_argument("--json", default=None, metavar="PATH", help="also write it as JSON here")
     prof.set_defaults(func=profile_command)
 
