@@ -106,6 +106,20 @@ def check_output_path(
     return out
 
 
+def write_text_atomic(out: Path, text: str, what: str) -> None:
+    """``text`` into ``out`` through a temp file renamed over it (an interrupted write
+    leaves the old file or none); a failure is one line naming ``what``."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SparsecError(f"{what} {out}: cannot write it ({exc.strerror or exc})") from exc
+
+
 def _resolve(path: Path) -> Path:
     # strict=False: the output usually does not exist yet; symlinks on the way resolve.
     return Path(os.path.abspath(path)).resolve(strict=False)

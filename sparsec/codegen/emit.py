@@ -15,6 +15,7 @@ import numpy as np
 from llvmlite import ir
 
 from sparsec.codegen import linear, ops
+from sparsec.codegen.irbuild import entry_alloca, intrinsic
 from sparsec.codegen.program import Instr, Program, View, buffer_lifetimes
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
 from sparsec.codegen.target import Target, declare_function
@@ -589,21 +590,20 @@ class _ProfileClock:
     for). One rdtsc and one add per op on one thread: ~0.1% of a SmolLM2 step."""
 
     def __init__(self, b: ir.IRBuilder, module: ir.Module, tid, n_ops: int):
-        self.b = b
+        self.b = b  # in the body's entry block
         ty = ir.ArrayType(I64, n_ops)
         self.counters = ir.GlobalVariable(module, ty, PROFILE_COUNTERS)
         self.counters.initializer = ir.Constant(ty, [0] * n_ops)
-        self.rdtsc = module.declare_intrinsic(
-            "llvm.readcyclecounter", fnty=ir.FunctionType(I64, [])
-        )
         self.is_first = b.icmp_signed("==", tid, ir.Constant(I32, 0))
-        self.last = b.alloca(I64, name="profile.last")
-        b.store(b.call(self.rdtsc, []), self.last)
+        self.last = entry_alloca(b, I64, self._now(), name="profile.last")
+
+    def _now(self):
+        return intrinsic(self.b, "llvm.readcyclecounter", I64, [])
 
     def lap(self, i: int) -> None:
         b = self.b
         with b.if_then(self.is_first):
-            now = b.call(self.rdtsc, [])
+            now = self._now()
             slot = b.gep(self.counters, [ir.Constant(I64, 0), ir.Constant(I64, i)])
             b.store(b.add(b.load(slot), b.sub(now, b.load(self.last))), slot)
             b.store(now, self.last)

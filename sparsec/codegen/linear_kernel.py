@@ -244,13 +244,10 @@ def emit_linear_kernel(
     else:
         blk_lo, blk_hi = thread_range(b, nblk, tid, nthreads)
 
-    def store_mask(blk):
-        return _store_mask(b, p, blk)
-
     def blocks(first, group, tiles):
         """All token tiles of the ``group`` consecutive blocks starting at ``first``."""
         blks = [b.add(first, i32(g)) if g else first for g in range(group)]
-        out = [(b.sext(blk, I64), store_mask(blk)) for blk in blks]
+        out = [(b.sext(blk, I64), _store_mask(b, p, blk)) for blk in blks]
         done = Var(b, I32, i32(0), "tok")
         for tile in tiles:
             start = done.get()

@@ -25,8 +25,8 @@ vectors of partial sums, reduced together by one transpose-add butterfly), resca
 its running sum and outputs once, and accumulates the weighted value rows with
 broadcast FMAs. A query thus streams over its keys and values once, whatever the
 context length, with a few KiB of per-head state, and the group's cache is read from
-memory once. A float16 cache is widened into float32 staging rows once per segment,
-not once per head.
+memory once. A float16 cache is widened (an int8 one dequantized) into float32 staging
+rows once per segment, not once per head.
 
 Measured on the Intel Xeon (Sapphire Rapids class), SmolLM2 shapes, 8 rows at
 position ~300, float16 cache, one thread, keys and values in L2: 5.5 ns per (key,
@@ -394,20 +394,16 @@ def emit_attention(
     b.cbranch(b.icmp_signed("<", unit, end), body_bb, done_bb)
     b.position_at_end(body_bb)
 
-    def unit_place(at):
-        """(kv group, token, its cache's keys, values) of work unit ``at``."""
-        group_token = b.udiv(at, i64(group))
-        kv = b.udiv(group_token, n64)
-        t = b.sub(group_token, b.mul(kv, n64))
-        half = b.lshr(t, i64(1))
-        odd = b.trunc(t, ir.IntType(1))
-        token = b.select(odd, b.sub(b.sub(n64, i64(1)), half), half)
-        cache = state.kv.base(b.load(ptr_add(b, caches, token)))
-        cache_off = b.mul(kv, i64(capacity * state.kv.row))
-        keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
-        return kv, token, keys, ptr_add(b, ptr_add(b, cache, v_at), cache_off)
-
-    kv, token, keys, values = unit_place(unit)
+    group_token = b.udiv(unit, i64(group))
+    kv = b.udiv(group_token, n64)
+    t = b.sub(group_token, b.mul(kv, n64))
+    half = b.lshr(t, i64(1))
+    odd = b.trunc(t, ir.IntType(1))
+    token = b.select(odd, b.sub(b.sub(n64, i64(1)), half), half)
+    cache = state.kv.base(b.load(ptr_add(b, caches, token)))
+    cache_off = b.mul(kv, i64(capacity * state.kv.row))
+    keys = ptr_add(b, ptr_add(b, cache, k_at), cache_off)
+    values = ptr_add(b, ptr_add(b, cache, v_at), cache_off)
     first = b.urem(unit, i64(group))  # first head within the group
     # Heads first .. first+count-1 of this group and token are in this thread's share.
     count = b.sub(i64(group), first)
@@ -435,9 +431,10 @@ def emit_attention(
 SEGMENT_BYTES = 32 * 1024
 
 
-def segment_keys(head_dim: int, lanes: int, elem_bytes: int) -> int:
-    """Keys per segment: a multiple of the 16-key block, at least one block."""
-    return max(lanes, SEGMENT_BYTES // (2 * elem_bytes * head_dim) // lanes * lanes)
+def segment_keys(head_dim: int, lanes: int) -> int:
+    """Keys per segment (of float32 rows, as read: the cache's or the staging rows), a
+    multiple of the 16-key block, at least one block."""
+    return max(lanes, SEGMENT_BYTES // (2 * 4 * head_dim) // lanes * lanes)
 
 
 class _GroupState:
@@ -455,9 +452,7 @@ class _GroupState:
         self.head_dim = head_dim
         self.lanes = lanes  # of one vector: keys per block, lanes of the running sum
         self.chunks = span_chunks(head_dim, lanes)
-        # A float16 cache is widened once per segment into float32 staging rows, which
-        # every head of the group then reads (see _stage).
-        self.segment = segment_keys(head_dim, lanes, 4)
+        self.segment = segment_keys(head_dim, lanes)
         self.b = b
 
         def array(ty, count):
@@ -468,7 +463,10 @@ class _GroupState:
         self.total_arr = array(vtype(lanes), group)
         self.acc_arr = array(F32, group * 2 * head_dim)
         self.scores = array(F32, self.segment)
-        self.staging: _Rows | None = None  # its rows' base is set per segment
+        # A float16 or int8 cache is widened once per segment into float32 staging rows,
+        # which every head of the group then reads (see _stage); their base is set per
+        # segment.
+        self.staging: _Rows | None = None
         if kv.half or kv.int8:
             floats = self.segment * head_dim
             staged = (array(F32, floats), array(F32, floats))
@@ -581,9 +579,8 @@ class _Rows:
 
 def _stage(b, state, keys, values, s0, s_end) -> None:
     """Widen the float16 (or dequantize the int8) key and value rows s0..s_end-1 into the
-    float32 staging buffers:
-    once per segment instead of once per head (``vcvtph2ps`` takes the FMAs' ports, and
-    every head of a group read each row)."""
+    float32 staging buffers: once per segment instead of once per head (``vcvtph2ps``
+    takes the FMAs' ports, and every head of a group read each row)."""
     hd, lanes = state.head_dim, state.lanes
     staged = (state.staging.keys, state.staging.values)
     if state.kv.int8:  # row by row: each has its own scale
@@ -595,9 +592,7 @@ def _stage(b, state, keys, values, s0, s_end) -> None:
     start = b.mul(s0, i64(hd))
     with loop(b, i64(0), b.mul(b.sub(s_end, s0), i64(hd)), lanes, name="stage") as i:
         at = b.add(start, i)
-        for src, dst in zip(
-            (keys, values), (state.staging.keys, state.staging.values), strict=True
-        ):
+        for src, dst in zip((keys, values), staged, strict=True):
             store(b, state.kv.load(ptr_add(b, src, at), lanes), ptr_add(b, dst, i), align=64)
 
 

@@ -40,13 +40,7 @@ def register(subparsers) -> None:
     run.add_argument(
         "--chat", action="store_true", help="wrap PROMPT as a user message in the chat template"
     )
-    run.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="native threads (default: the model's default_threads, set at compile)",
-    )
+    _add_threads(run)
     run.add_argument("--no-verify", action="store_true", help="skip the weights hash check at load")
     run.add_argument(
         "--no-huge-pages",
@@ -104,15 +98,19 @@ def register(subparsers) -> None:
     prof.add_argument(
         "--steps", type=int_range(1), default=100, help="profiled steps (default 100)"
     )
-    prof.add_argument(
+    _add_threads(prof)
+    prof.add_argument("--json", default=None, metavar="PATH", help="also write it as JSON here")
+    prof.set_defaults(func=profile_command)
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         metavar="N",
         help="native threads (default: the model's default_threads, set at compile)",
     )
-    prof.add_argument("--json", default=None, metavar="PATH", help="also write it as JSON here")
-    prof.set_defaults(func=profile_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -195,14 +193,18 @@ def profile_command(args: argparse.Namespace) -> int:
     import json
 
     from sparsec import runtime
+    from sparsec.paths import check_output_path, write_text_atomic
     from sparsec.runtime.arguments import check_threads
     from sparsec.runtime.profile import format_profile, profile
 
     check_threads(args.threads)
+    out = None
+    if args.json:  # checked before the run: not the model, a writable regular file
+        out = check_output_path(args.json, inputs=(args.model,), what="--json")
     with runtime.load(args.model, threads=args.threads) as model:
         prof = profile(model, args.rows, args.position, args.prefill, args.steps)
     print(format_profile(prof, args.model))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, **prof.to_dict()}, f, indent=2)
+    if out is not None:
+        report = {"model": args.model, **prof.to_dict()}
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n", "--json")
     return 0

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from sparsec import resources
 from sparsec.errors import SparsecError
 from sparsec.runtime.arguments import check_bool, check_generate_options, show
 from sparsec.runtime.decoding import Decoding
@@ -158,24 +157,18 @@ class Engine:
             )
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise SparsecError(f"max_queue must be an integer >= 0, got {show(max_queue)}")
-        from sparsec.runtime.model import aligned_zeros
+        from sparsec.runtime.model import aligned_zeros, kv_caches
 
         self.model = model
         self.parallel = parallel
         self.max_queue = max_queue
-        kv = model.manifest["kv_cache"]
-        need = parallel * int(np.prod(kv["shape"])) * np.dtype(kv["dtype"]).itemsize
-        available = resources.available_memory()
-        # Checked before allocating: the pages are touched below, and an allocation
-        # larger than memory would be granted (overcommit) and then OOM-killed.
-        if available is not None and need > available:
-            raise SparsecError(
-                f"the KV caches of {parallel} parallel sequences need {need / 2**30:.1f} GiB "
-                f"({kv['dtype']}, {model.max_context} tokens each) but {available / 2**30:.1f} "
-                "GiB of memory is available; lower parallel (--parallel), or recompile with a "
-                "smaller --max-context or --kv-cache float16 (or int8)"
-            )
-        self._caches = aligned_zeros((parallel, *kv["shape"]), kv["dtype"])
+        self._caches = kv_caches(
+            model,
+            parallel,
+            f"the KV caches of {parallel} parallel sequences need",
+            "lower parallel (--parallel), or recompile with a smaller --max-context or "
+            "--kv-cache float16 (or int8)",
+        )
         # Touch every page now: a slot's first request would otherwise pay the page
         # faults of its whole cache (measured: the first 8-stream round 25% slower).
         self._caches.fill(0)

@@ -18,6 +18,7 @@ import weakref
 
 import numpy as np
 
+from sparsec import resources
 from sparsec.errors import SparsecError
 from sparsec.runtime.arguments import (
     available_cpus,
@@ -60,6 +61,23 @@ def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
         ) from exc
     skip = -raw.ctypes.data % BUFFER_ALIGNMENT
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def kv_caches(model, count: int, subject: str, fix: str) -> np.ndarray:
+    """``count`` zeroed KV caches of ``model``'s shape and type ([count, *shape]),
+    refused up front when they do not fit in available memory: their users touch every
+    page, and an allocation larger than memory would be granted (overcommit) and then
+    OOM-killed. The refusal reads "{subject} N GiB (dtype, context) but M GiB of memory
+    is available; {fix}"."""
+    kv = model.manifest["kv_cache"]
+    need = count * int(np.prod(kv["shape"])) * np.dtype(kv["dtype"]).itemsize
+    available = resources.available_memory()
+    if available is not None and need > available:
+        raise SparsecError(
+            f"{subject} {need / 2**30:.1f} GiB ({kv['dtype']}, {model.max_context} tokens "
+            f"each) but {available / 2**30:.1f} GiB of memory is available; {fix}"
+        )
+    return aligned_zeros((count, *kv["shape"]), kv["dtype"])
 
 
 def load_tokenizer(manifest: dict, name: str):

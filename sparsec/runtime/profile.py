@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sparsec import resources
 from sparsec.errors import SparsecError
-from sparsec.runtime.arguments import show
+from sparsec.runtime.arguments import check_bool, is_int, show
 
 
 @dataclass
@@ -71,7 +70,7 @@ def group_name(op: str, name: str) -> str:
 
 
 def _check_int(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise SparsecError(f"{what} must be an integer from {low} to {high}, got {show(value)}")
     return value
 
@@ -93,6 +92,7 @@ def profile(model, rows: int = 1, position: int = 0, prefill: bool = False, step
             "recompile it with `sparsec compile --profile` (a copy for profiling: the "
             "counters cost ~0.1% of a step)"
         )
+    prefill = check_bool(prefill, "prefill")
     limit = model.max_tokens_per_call
     _check_int(rows, "rows", 1, limit)
     last = model.max_context - (rows if prefill else 1)
@@ -103,23 +103,17 @@ def profile(model, rows: int = 1, position: int = 0, prefill: bool = False, step
         )
     _check_int(position, "position", 0, last)
     _check_int(steps, "steps", 1, 1_000_000)
-    if not isinstance(prefill, bool):
-        raise SparsecError(f"prefill must be True or False, got {show(prefill)}")
 
-    from sparsec.runtime.model import aligned_zeros
+    from sparsec.runtime.model import aligned_zeros, kv_caches
 
     ops = spec["ops"]
-    kv = model.manifest["kv_cache"]
-    shape = (1 if prefill else rows, *kv["shape"])
-    need = int(np.prod(shape)) * np.dtype(kv["dtype"]).itemsize
-    available = resources.available_memory()
-    if available is not None and need > available:
-        raise SparsecError(
-            f"profiling {rows} sequences needs {need / 2**30:.1f} GiB of KV caches but "
-            f"{available / 2**30:.1f} GiB of memory is available; profile fewer --rows (or "
-            "one sequence's chunk with --prefill)"
-        )
-    caches = aligned_zeros(shape, kv["dtype"])
+    sequences = 1 if prefill else rows
+    caches = kv_caches(
+        model,
+        sequences,
+        f"profiling {sequences} sequences needs KV caches of",
+        "profile fewer --rows (or one sequence's chunk with --prefill)",
+    )
     tokens = aligned_zeros((limit,), np.int32)
     positions = aligned_zeros((limit,), np.int32)
     row_caches = aligned_zeros((limit,), np.uint64)

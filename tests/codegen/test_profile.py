@@ -132,3 +132,17 @@ def test_cli(models, tmp_path):
     assert refused.returncode != 0
     assert "recompile it with `sparsec compile --profile`" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_cli_json_that_is_the_model_is_refused_before_the_run(models):
+    (so, _), _ = models
+    before = so.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsec", "profile", str(so), "--json", str(so)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "--json" in done.stderr and "is also an input" in done.stderr
+    assert "Traceback" not in done.stderr and "us/step" not in done.stdout
+    assert so.read_bytes() == before
