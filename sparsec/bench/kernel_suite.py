@@ -361,6 +361,7 @@ class Suite:
                 kernels="auto",
                 quiet=True,
                 choose=v.choose,
+                tuning="builtin",  # the table's code, timed on every host alike
             )
             em = emit_model(graph, **options, target=code_target(v.isa))
             self._add(compiled_code(em.emitted.module, prefix=f"{v.name}/", tgt=em.target))

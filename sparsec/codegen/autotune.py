@@ -172,8 +172,21 @@ def measure_linears(
     run here; repetitions alternate between the kernels so that load from other
     processes hits all candidates alike."""
     tgt = tgt or target.default_target()
+    kernels = [(p, tgt) for p in packs]
+    return measure_kernels(kernels, n_tokens=n_tokens, nthreads=nthreads, reps=reps)
+
+
+def measure_kernels(
+    kernels: list[tuple[PackedLinear, target.Target]],
+    *,
+    n_tokens: int = 1,
+    nthreads: int = 1,
+    reps: int = 7,
+) -> list[float]:
+    """``measure_linears`` with each kernel built for its own target (host_tuning.py
+    compares tunings this way)."""
     benches = []
-    for packed in packs:
+    for packed, tgt in kernels:
         lib = _library(packed.fmt, packed.out_features, packed.in_features, max(n_tokens, 1), tgt)
         copies = max(1, min(64, TIMING_WORKING_SET // max(packed.data.nbytes, 1)))
         keep = [packed.data.copy() for _ in range(copies)]
@@ -200,18 +213,19 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "sparsec"
 
 
-def _load_cache(path: Path) -> dict:
+def load_cache(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        cache = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # missing or corrupt cache: measure again
+    return cache if isinstance(cache, dict) else {}
 
 
-def _store_cache(path: Path, key: str, entry: dict) -> None:
+def store_cache(path: Path, key: str, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cache = _load_cache(path)
+    cache = load_cache(path)
     cache[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".linear_formats.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         json.dump(cache, f, indent=0, sort_keys=True)
     os.replace(tmp, path)  # atomic: readers never see a half-written file
@@ -269,12 +283,13 @@ def choose_linear_format(
             target.host_cpu_model(),
             tgt.isa.name,
             tgt.cpu,
+            tgt.tuning.sparse_expand,  # a host-measured tuning times other code
             __version__,
         ]
     )
     path = cache_dir() / CACHE_FILE
     if use_cache:
-        hit = _load_cache(path).get(key)
+        hit = load_cache(path).get(key)
         if hit and hit.get("format") in candidates:
             return hit["format"]
     seconds = measure_linears(
@@ -287,5 +302,5 @@ def choose_linear_format(
     times = dict(zip(candidates, seconds, strict=True))
     best = min(times, key=times.get)
     if use_cache:
-        _store_cache(path, key, {"format": best, "seconds": times})
+        store_cache(path, key, {"format": best, "seconds": times})
     return best

@@ -93,6 +93,18 @@ def add_compile_options(p) -> None:
         "per op and layer. Default off.",
     )
     p.add_argument(
+        "--tuning",
+        choices=("host", "builtin"),
+        default="host",
+        help="per-CPU kernel constants: host measures on this CPU the ones whose best "
+        "value differs between CPUs (today how sparse kernels expand their nonzeros: "
+        "from memory, or loaded then expanded in a register), a few seconds once per CPU "
+        "model, cached in ~/.cache/sparsec (SPARSEC_CACHE_DIR), when the code is for this "
+        "CPU (not with another --target-cpu) and --kernels is not dense; builtin keeps "
+        "the values measured on the CPUs in sparsec's table (the same code on every "
+        "machine). `sparsec inspect` shows which. Default host.",
+    )
+    p.add_argument(
         "--target-cpu",
         default=None,
         metavar="NAME",
@@ -113,6 +125,7 @@ def compile_options(args) -> dict:
         "target": host_target(args.target, args.target_cpu),
         "kv_cache": args.kv_cache,
         "profile": args.profile,
+        "tuning": args.tuning,
     }
 
 

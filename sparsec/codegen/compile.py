@@ -99,16 +99,21 @@ def emit_model(
     target: Target | None = None,
     kv_cache: str = "float32",
     profile: bool = False,
+    tuning: str = "host",
 ) -> EmittedModel:
     """Lower ``src`` (.onnx, or an optimized ``onnx_ir.Model`` in memory, which this
     consumes: ``sparsec build``) and emit its kernels for ``target`` (default: this
     host's, ``host_target()``). ``choose(weight, precision, kernels)`` picks each linear
     layer's format (default: ``default_chooser``, timed on this host). ``kv_cache``: the
     KV cache's element type, ``contract.KV_CACHE_DTYPES``. ``profile``: count each op's
-    cycles for ``sparsec profile`` (``emit._ProfileClock``; off in models to deploy)."""
+    cycles for ``sparsec profile`` (``emit._ProfileClock``; off in models to deploy).
+    ``tuning``: "host" measures the per-CPU knobs on this CPU when ``target`` is it and
+    a layer may be sparse (``host_tuning.py``, cached per CPU model); "builtin" keeps
+    the table's values (``tuning.py``), the same code on every machine."""
     from sparsec.codegen.emit import PROFILE_COUNTERS, emit_program
+    from sparsec.codegen.host_tuning import host_tuned
     from sparsec.codegen.program import lower
-    from sparsec.codegen.target import host_target
+    from sparsec.codegen.target import host_target, is_host
     from sparsec.passes.check import check as check_graph
     from sparsec.progress import stage
 
@@ -116,7 +121,11 @@ def emit_model(
     check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
     if not isinstance(profile, bool):
         raise SparsecError(f"profile must be True or False, got {profile!r}")
+    if tuning not in TUNINGS:
+        raise SparsecError(f"unknown tuning {tuning!r}; choose {' or '.join(TUNINGS)}")
     tgt = target or host_target()
+    if tuning == "host" and kernels != "dense" and tgt.measured is None and is_host(tgt):
+        tgt = host_tuned(tgt, quiet=quiet)
     if isinstance(src, str | os.PathLike):
         model, where = load_graph(src, quiet=quiet), str(src)
     else:
@@ -194,6 +203,7 @@ def emit_model(
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
 
 
+TUNINGS = ("host", "builtin")  # emit_model's tuning: measured on this CPU, or the table's
 MAX_TOKENS_PER_CALL = 4096  # rows of every scratch buffer; prefill runs in such chunks
 
 
@@ -258,7 +268,7 @@ def build_model(em: EmittedModel, out: str | os.PathLike, *, quiet: bool = False
 def compile_model(src: str | os.PathLike, out: str | os.PathLike, **options) -> dict:
     """Compile ``src`` (.onnx) into ``out`` (.so); returns the manifest. ``options``: those
     of ``emit_model`` (precision, threads, max_context, kernels, max_tokens, quiet, choose,
-    target, kv_cache)."""
+    target, kv_cache, profile, tuning)."""
     from sparsec.onnx_io import check_onnx_output
 
     check_onnx_output(out, src)  # the CLI's output checks, for API callers too

@@ -111,29 +111,34 @@ class _Format:
         if self.isa.sparse_decode == "shuffle":
             decode = shuffle_decode_i8_pairs if self.int8 else shuffle_decode_f32
             vec, nbytes = decode(b, vptr, mask, self.v)
-        elif self.int8:
-            vec = intrinsic(
-                b,
-                f"llvm.masked.expandload.v{self.vec_bytes}i8",
-                self.v.i8,
-                [vptr, b.bitcast(mask, self.v.mask_i8), const(self.v.i8, 0)],
-            )
-            nbytes = intrinsic(b, f"llvm.ctpop.i{mask.type.width}", mask.type, [mask])
         else:
-            vec = intrinsic(
-                b,
-                f"llvm.masked.expandload.v{self.v.lanes}f32",
-                self.v.f32,
-                [
-                    b.bitcast(vptr, F32.as_pointer()),
-                    b.bitcast(mask, self.v.mask),
-                    const(self.v.f32, 0.0),
-                ],
-            )
-            count = intrinsic(b, f"llvm.ctpop.i{mask.type.width}", mask.type, [mask])
-            nbytes = b.mul(count, ir.Constant(mask.type, 4))
+            vec, nbytes = self.expand(vptr, mask)
         state["values"].set(b.gep(vptr, [b.zext(nbytes, I64)], inbounds=True))
         return vec
+
+    def expand(self, vptr, mask):
+        """(the step's weight vector, bytes of the stream it used): the nonzeros at
+        ``vptr`` expanded into the lanes set in ``mask``, by ``Tuning.sparse_expand``."""
+        b, v = self.b, self.v
+        vec_type, lane_mask = (v.i8, v.mask_i8) if self.int8 else (v.f32, v.mask)
+        lanes = b.bitcast(mask, lane_mask)
+        zero = const(vec_type, 0 if self.int8 else 0.0)
+        elem = "i8" if self.int8 else "f32"
+        if self.tuning.sparse_expand[self.p.fmt] == "register":
+            # a full vector of the stream (its slack keeps the load inside the blob),
+            # then the register form of the expand. LLVM folds a plain load into the
+            # expand's memory operand: an empty asm hands the expand an opaque register.
+            values = b.load(b.bitcast(vptr, vec_type.as_pointer()), align=1)
+            opaque = ir.FunctionType(vec_type, [vec_type])
+            values = b.asm(opaque, "", "=v,0", [values], side_effect=False)
+            name = f"llvm.x86.avx512.mask.expand.v{vec_type.count}{elem}"
+            vec = intrinsic(b, name, vec_type, [values, zero, lanes])
+        else:
+            ptr = vptr if self.int8 else b.bitcast(vptr, F32.as_pointer())
+            name = f"llvm.masked.expandload.v{vec_type.count}{elem}"
+            vec = intrinsic(b, name, vec_type, [ptr, lanes, zero])
+        count = intrinsic(b, f"llvm.ctpop.i{mask.type.width}", mask.type, [mask])
+        return vec, count if self.int8 else b.mul(count, ir.Constant(mask.type, 4))
 
     def prefetch(self, ptr, distance: int):
         """Prefetch ``distance`` bytes ahead of ``ptr`` (may point past the blob: never

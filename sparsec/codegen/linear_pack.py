@@ -13,9 +13,12 @@ horizontally, and the last block is zero padded. Below, R = 16.
 - ``bitmask_i8``: per block a stream ``masks u64[in/4]`` (bit 4r+j: row r, column 4c+j)
   then the nonzero int8 values in that order, read with ``vpexpandb``.
 
-On AVX2 (R = 8) the same layouts hold 8 rows, and the value streams end with a vector
-of zero slack, since AVX2 kernels load full vectors from the stream each step and
-shuffle the nonzeros into place (``Isa.sparse_decode``): bitmask fp32 has ``u8``
+The value streams end with a vector of zero slack: kernels that expand from a register
+(``Tuning.sparse_expand``) and the AVX2 shuffle decode load a full vector from the
+stream each step, never past the blob.
+
+On AVX2 (R = 8) the same layouts hold 8 rows, and the kernels shuffle the nonzeros into
+place (``Isa.sparse_decode``): bitmask fp32 has ``u8``
 masks; bitmask int8 masks cover byte *pairs* (``Isa.bitmask_i8_unit`` = 2, bit 2r+h:
 columns 4c+2h and 4c+2h+1 of row r, stored if either is nonzero) in ``u16`` masks, and
 its values are those pairs (``PackedLinear.mask_unit`` records the unit).
@@ -194,7 +197,7 @@ def _pack(fmt, isa, w_blocks, n_out, n_in, nnz, extra_sections=()) -> PackedLine
         table, streams = _sparse_streams(units, mask_dtype(fmt, rows, unit), streams_at)
         sections["table"] = blob.add(table)
         assert blob.size == streams_at
-        blob.add(streams, zeros=isa.vector_bytes if isa.sparse_decode == "shuffle" else 0)
+        blob.add(streams, zeros=isa.vector_bytes)
     total = n_out * n_in
     return PackedLinear(
         fmt=fmt,

@@ -182,14 +182,21 @@ class Target:
     isa: Isa
     cpu: str  # LLVM cpu name: the scheduling model and the tuning key
     triple: str = "x86_64-unknown-linux-gnu"
+    # A tuning measured on the host (host_tuning.py) instead of the table's row for
+    # (isa, cpu); compared, not hashed (its dicts are not hashable).
+    measured: Tuning | None = dataclasses.field(default=None, hash=False)
 
     @property
     def tuning(self) -> Tuning:
-        return tuning_for(self.isa.name, self.cpu)
+        return self.measured or tuning_for(self.isa.name, self.cpu)
 
     def describe(self) -> dict:
         """The manifest's ``target`` field."""
-        return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name}
+        tuning = {
+            "source": "measured on the host" if self.measured else "built in",
+            "sparse_expand": dict(self.tuning.sparse_expand),
+        }
+        return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name, "tuning": tuning}
 
 
 def _read_cpuinfo(path: Path) -> str:
@@ -278,6 +285,11 @@ def host_target(name: str = "auto", cpu: str | None = None, *, check_host: bool 
             f"--target-cpu {cpu!r} is not an LLVM cpu name (e.g. znver4, sapphirerapids)"
         )
     return Target(isa, cpu or _host_cpu_name(isa))
+
+
+def is_host(tgt: Target) -> bool:
+    """Whether ``tgt`` is this host's CPU and ISA (its tuning can be measured here)."""
+    return tgt.cpu == _host_cpu_name(tgt.isa) and not missing_features(tgt.isa.features)
 
 
 def best_isa(available: Iterable[str] | None = None) -> Isa:

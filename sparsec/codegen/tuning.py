@@ -14,6 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# How a bitmask step's nonzeros reach their lanes (``Tuning.sparse_expand``):
+# "memory": vpexpandb/vexpandps straight from the value stream (one instruction);
+# "register": a plain vector load of the stream, then the register form of the expand
+# (the streams end with a vector of slack, so the load never leaves the blob).
+SPARSE_EXPANDS = ("memory", "register")
+
 
 @dataclass(frozen=True)
 class Tuning:
@@ -78,6 +84,17 @@ class Tuning:
     # 16 tokens 3.97 vs 3.49, 32 tokens 7.48 vs 6.10, 64 tokens 14.8 vs 8.3; dense_i8
     # 8 tokens 3.56 vs 3.38, 16: 4.73 vs 3.33, 64: 15.3 vs 9.5.
     amx_min_tokens: int = 16
+    # Bitmask decode on expand ISAs (SPARSE_EXPANDS), per format. The memory form is one
+    # instruction; a micro-benchmark on AMD Zen 4 measured it at 1.45 ns a vector
+    # against 0.73 ns for a load then the register form (the sparse-kernels issue). On
+    # the Intel Xeon (Sapphire Rapids class), 1 thread, weights from DRAM on huge pages,
+    # median of 5, bitmask_i8 memory vs register: 1536x576 50% 22.3 / 22.7 us, 70% 20.7 /
+    # 19.1, 90% 15.5 / 15.1; 576x1536 50% 22.2 / 21.5, 70% 25.7 / 21.6 (noisy), 90% 34.9
+    # / 34.2: a tie, so the one-instruction form stays the default. ``sparsec compile``
+    # measures both on the host (host_tuning.py) and keeps the faster per CPU model.
+    sparse_expand: dict[str, str] = field(
+        default_factory=lambda: {"bitmask_f32": "memory", "bitmask_i8": "memory"}
+    )
 
 
 # The measurements above were made on the AVX-512 machines of sessions 1-10 (Intel Xeon,

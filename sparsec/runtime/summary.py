@@ -113,7 +113,8 @@ def format_summary(s: dict) -> str:
         ("precision", s["precision"]),
         (
             "target",
-            f"{s['target']['triple']}, {s['target']['isa']}, cpu {s['target']['cpu']}",
+            f"{s['target']['triple']}, {s['target']['isa']}, cpu {s['target']['cpu']}"
+            + _tuning(s["target"]),
         ),
         ("cpu features", f"{' '.join(s['cpu_features']) or '(none)'} ({host})"),
         (
@@ -175,3 +176,13 @@ def _layer_table(layers: list[dict]) -> list[str]:
         return "  ".join(cells).rstrip()
 
     return [fmt(header), *(fmt(row) for row in body)]
+
+
+def _tuning(target: dict) -> str:
+    """The target line's tuning part (models compiled before it was recorded: none)."""
+    tuning = target.get("tuning")
+    if not isinstance(tuning, dict):
+        return ""
+    expand = tuning.get("sparse_expand") or {}
+    shown = ", ".join(f"{fmt} {how}" for fmt, how in sorted(expand.items()))
+    return f"; tuning {tuning.get('source', '?')} (sparse expand: {shown or '-'})"

@@ -133,7 +133,12 @@ def test_host_target_is_the_avx512_isa_on_this_cpu():
     assert t.isa.lanes_f32 == 16 and t.isa.vector_bytes == 64
     assert t.cpu == target.default_target().cpu and t.cpu not in ("", "generic")
     assert target.host_target("avx512", "sapphirerapids").cpu == "sapphirerapids"
-    assert t.describe() == {"triple": t.triple, "cpu": t.cpu, "isa": t.isa.name}
+    assert t.describe() == {
+        "triple": t.triple,
+        "cpu": t.cpu,
+        "isa": t.isa.name,
+        "tuning": {"source": "built in", "sparse_expand": t.tuning.sparse_expand},
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,163 @@
+"""The tuning knobs ``sparsec compile`` measures on the CPU it compiles for, cached.
+
+``tuning.py`` holds values measured on named CPUs; a CPU without a row gets its ISA's
+default, measured on another microarchitecture. Where the best value of a knob is known
+to differ between CPUs by more than the noise (``KNOBS``), compiling for this host
+times each candidate here instead: the kernels of representative layers are built with
+each value, timed alternately (one thread, weights streamed from memory as in a
+decode step), and a candidate replaces the table's value only when it is at least
+``MARGIN`` faster over those layers (geometric mean). Results are cached per CPU model,
+ISA, LLVM cpu and sparsec version (``tuning.json`` beside the per-layer format cache),
+so each CPU model measures once (a few seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from sparsec.codegen import autotune
+from sparsec.codegen.linear_pack import pack_linear
+from sparsec.codegen.target import Target, host_cpu_model
+from sparsec.codegen.tuning import SPARSE_EXPANDS, Tuning
+
+CACHE_FILE = "tuning.json"
+MARGIN = 0.05  # a candidate must be this much faster than the table's value
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One per-format field of ``Tuning`` and the values to try on the host."""
+
+    field: str  # a ``Tuning`` field holding a dict keyed by linear format
+    fmt: str
+    values: tuple[str, ...]
+
+
+# The sparse expand: measured a tie on the Intel Xeon (Sapphire Rapids class), and a
+# micro-benchmark on AMD Zen 4 (the sparse-kernels issue) favours the register form 2x.
+KNOBS = (
+    Knob("sparse_expand", "bitmask_i8", SPARSE_EXPANDS),
+    Knob("sparse_expand", "bitmask_f32", SPARSE_EXPANDS),
+)
+# (out, in) of the layers timed: SmolLM2's MLP up projection and a 1B model's down
+# projection, at the sparsity the kernels are built for.
+SHAPES = ((1536, 576), (2048, 8192))
+SPARSITY = 0.7
+REPS = 9
+
+# (kernels to time, each with its target) -> median seconds of each; autotune's by default
+Measure = Callable[[list], list[float]]
+
+
+def knobs_for(tgt: Target) -> tuple[Knob, ...]:
+    """The knobs that mean something for ``tgt``'s ISA (its formats, its decode)."""
+    if tgt.isa.sparse_decode != "expand":
+        return ()  # AVX2's shuffle decode has no expand instruction to choose
+    return tuple(k for k in KNOBS if k.fmt in tgt.isa.formats)
+
+
+def with_value(tuning: Tuning, knob: Knob, value: str) -> Tuning:
+    table = dict(getattr(tuning, knob.field))
+    table[knob.fmt] = value
+    return dataclasses.replace(tuning, **{knob.field: table})
+
+
+def _layers(fmt: str, isa) -> list:
+    rng = np.random.default_rng(0)
+    packs = []
+    for shape in SHAPES:
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        w[rng.random(shape) < SPARSITY] = 0.0
+        packs.append(pack_linear(w, fmt, isa))
+    return packs
+
+
+def _time_kernels(kernels: list) -> list[float]:
+    return autotune.measure_kernels(kernels, reps=REPS)
+
+
+def measure_tuning(base: Target, measure: Measure | None = None) -> tuple[Tuning, dict]:
+    """The tuning of ``base`` with each knob set to its fastest value on this host, and
+    the seconds behind each choice ({"field/fmt": {value: [seconds per layer]}}).
+    ``measure``: times kernels (tests pass a fake; default ``_time_kernels``)."""
+    measure = measure or _time_kernels
+    tuning = base.tuning
+    seconds = {}
+    for knob in knobs_for(base):
+        packs = _layers(knob.fmt, base.isa)
+        targets = {
+            v: dataclasses.replace(base, measured=with_value(tuning, knob, v)) for v in knob.values
+        }
+        kernels = [(p, targets[v]) for v in knob.values for p in packs]
+        times = measure(kernels)
+        per_value = {
+            v: times[i * len(packs) : (i + 1) * len(packs)] for i, v in enumerate(knob.values)
+        }
+        current = getattr(tuning, knob.field)[knob.fmt]
+        ratios = {v: _ratio(per_value[v], per_value[current]) for v in knob.values}
+        best = min(knob.values, key=ratios.get)
+        if ratios[best] <= 1 - MARGIN:
+            tuning = with_value(tuning, knob, best)
+        seconds[f"{knob.field}/{knob.fmt}"] = per_value
+    return tuning, seconds
+
+
+def host_tuned(
+    tgt: Target, *, use_cache: bool = True, quiet: bool = False, measure: Measure | None = None
+) -> Target:
+    """``tgt`` with its knobs measured on this host (cached). The caller has checked that
+    ``tgt`` is this host's CPU: measuring here for another CPU would be meaningless."""
+    from sparsec import __version__
+    from sparsec.progress import stage
+
+    knobs = knobs_for(tgt)
+    if not knobs:
+        return tgt
+    key = json.dumps(
+        [
+            host_cpu_model(),
+            tgt.isa.name,
+            tgt.cpu,
+            [dataclasses.astuple(k) for k in knobs],
+            [SHAPES, SPARSITY],
+            __version__,
+        ]
+    )
+    path = autotune.cache_dir() / CACHE_FILE
+    hit = autotune.load_cache(path).get(key) if use_cache else None
+    tuning = tgt.tuning
+    if isinstance(hit, dict) and _valid(hit.get("values"), knobs):
+        for knob in knobs:
+            tuning = with_value(tuning, knob, hit["values"][f"{knob.field}/{knob.fmt}"])
+    else:
+        what = f"measuring kernel tuning on this CPU (once per CPU model, cached in {path})"
+        with stage(what, quiet=quiet):
+            tuning, seconds = measure_tuning(tgt, measure)
+        if not quiet:
+            chosen = ", ".join(
+                f"{k.field} {k.fmt}: {getattr(tuning, k.field)[k.fmt]}" for k in knobs
+            )
+            print(f"tuning for this CPU: {chosen}", file=sys.stderr)
+        values = {f"{k.field}/{k.fmt}": getattr(tuning, k.field)[k.fmt] for k in knobs}
+        if use_cache:
+            autotune.store_cache(path, key, {"values": values, "seconds": seconds})
+    return dataclasses.replace(tgt, measured=tuning)
+
+
+def _ratio(times: list[float], base: list[float]) -> float:
+    """Geometric mean over the layers of ``times`` over ``base``."""
+    logs = [math.log(t / b) for t, b in zip(times, base, strict=True)]
+    return math.exp(sum(logs) / len(logs))
+
+
+def _valid(values, knobs) -> bool:
+    """A cache entry that names a known value for every knob (else: measure again)."""
+    return isinstance(values, dict) and all(
+        values.get(f"{k.field}/{k.fmt}") in k.values for k in knobs
+    )
