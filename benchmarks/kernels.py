@@ -104,6 +104,8 @@ class Arena:
         self.bytes = raw[start : start + WORKING_SET]
 
     def replicas(self, data: np.ndarray) -> list[np.ndarray]:
+        if data.nbytes > WORKING_SET:
+            return [data.copy()]  # streams from memory as it is (the LM head)
         stride = -(-data.nbytes // 4096) * 4096
         copies = max(1, min(256, WORKING_SET // stride))
         out = []
