@@ -123,3 +123,12 @@ def test_compile_for_a_named_target_cpu(pipeline, tmp_path, tiny_model, capsys):
     capsys.readouterr()
     assert main([*args, "--target-cpu", "Zen 4"]) == 1
     assert "--target-cpu 'Zen 4' is not an LLVM cpu name" in capsys.readouterr().err
+    # another CPU's code keeps the table's tuning (nothing to measure here), as
+    # --tuning builtin does for this one; inspect says which
+    assert rt.manifest["target"]["tuning"]["source"] == "built in"
+    assert main([*args, "--tuning", "builtin", "-o", str(tmp_path / "b.so")]) == 0
+    assert main(["inspect", str(tmp_path / "b.so")]) == 0
+    assert "; tuning built in (sparse expand: bitmask_f32 memory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--tuning", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

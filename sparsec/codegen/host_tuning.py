@@ -32,22 +32,34 @@ MARGIN = 0.05  # a candidate must be this much faster than the table's value
 
 @dataclasses.dataclass(frozen=True)
 class Knob:
-    """One per-format field of ``Tuning`` and the values to try on the host."""
+    """One per-format field of ``Tuning``, the values to try on the host and the layers
+    ((out, in) shapes) to time them on."""
 
     field: str  # a ``Tuning`` field holding a dict keyed by linear format
     fmt: str
-    values: tuple[str, ...]
+    values: tuple
+    shapes: tuple[tuple[int, int], ...]
 
 
-# The sparse expand: measured a tie on the Intel Xeon (Sapphire Rapids class), and a
-# micro-benchmark on AMD Zen 4 (the sparse-kernels issue) favours the register form 2x.
+# Layers timed, (out, in): SmolLM2's q/o, MLP up and down projections, a 1B model's down
+# projection. "Narrow" ones have fewer than Tuning.wide_decode_inputs inputs.
+NARROW = ((1536, 576), (576, 576))
+WIDE = ((576, 1536), (2048, 8192))
+MIXED = ((1536, 576), (2048, 8192))
+# In this order (each measured with the values chosen before it). The expand: a tie on
+# the Intel Xeon (Sapphire Rapids class), while a micro-benchmark on AMD Zen 4 (the
+# sparse-kernels issue) favours the register form 2x. The decode groups (weight streams
+# in flight): the issue's other candidate fix for Zen 4; on the Intel Xeon the host
+# measurement agrees with the table (1 thread, 70%, us: bitmask_i8 1536x576 groups
+# 1/2/4 17.7/19.3/18.2, 2048x8192 wide groups 271/252/249; bitmask_f32 1536x576 groups
+# 2/4/6 65.8/54.7/53.2, 2048x8192 984/888/897), so each keeps its value there.
 KNOBS = (
-    Knob("sparse_expand", "bitmask_i8", SPARSE_EXPANDS),
-    Knob("sparse_expand", "bitmask_f32", SPARSE_EXPANDS),
+    Knob("sparse_expand", "bitmask_i8", SPARSE_EXPANDS, MIXED),
+    Knob("sparse_expand", "bitmask_f32", SPARSE_EXPANDS, MIXED),
+    Knob("decode_group", "bitmask_i8", (1, 2, 4), NARROW),
+    Knob("wide_decode_group", "bitmask_i8", (1, 2, 4), WIDE),
+    Knob("decode_group", "bitmask_f32", (4, 6), MIXED),
 )
-# (out, in) of the layers timed: SmolLM2's MLP up projection and a 1B model's down
-# projection, at the sparsity the kernels are built for.
-SHAPES = ((1536, 576), (2048, 8192))
 SPARSITY = 0.7
 REPS = 9
 
@@ -56,25 +68,26 @@ Measure = Callable[[list], list[float]]
 
 
 def knobs_for(tgt: Target) -> tuple[Knob, ...]:
-    """The knobs that mean something for ``tgt``'s ISA (its formats, its decode)."""
+    """The knobs measured for ``tgt``'s ISA: the AVX-512 ones (AVX2's shuffle decode has
+    no expand to choose, and its groups were never measured against another CPU)."""
     if tgt.isa.sparse_decode != "expand":
-        return ()  # AVX2's shuffle decode has no expand instruction to choose
+        return ()
     return tuple(k for k in KNOBS if k.fmt in tgt.isa.formats)
 
 
-def with_value(tuning: Tuning, knob: Knob, value: str) -> Tuning:
+def with_value(tuning: Tuning, knob: Knob, value) -> Tuning:
     table = dict(getattr(tuning, knob.field))
     table[knob.fmt] = value
     return dataclasses.replace(tuning, **{knob.field: table})
 
 
-def _layers(fmt: str, isa) -> list:
+def _layers(knob: Knob, isa) -> list:
     rng = np.random.default_rng(0)
     packs = []
-    for shape in SHAPES:
+    for shape in knob.shapes:
         w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         w[rng.random(shape) < SPARSITY] = 0.0
-        packs.append(pack_linear(w, fmt, isa))
+        packs.append(pack_linear(w, knob.fmt, isa))
     return packs
 
 
@@ -90,7 +103,7 @@ def measure_tuning(base: Target, measure: Measure | None = None) -> tuple[Tuning
     tuning = base.tuning
     seconds = {}
     for knob in knobs_for(base):
-        packs = _layers(knob.fmt, base.isa)
+        packs = _layers(knob, base.isa)
         targets = {
             v: dataclasses.replace(base, measured=with_value(tuning, knob, v)) for v in knob.values
         }
@@ -125,7 +138,7 @@ def host_tuned(
             tgt.isa.name,
             tgt.cpu,
             [dataclasses.astuple(k) for k in knobs],
-            [SHAPES, SPARSITY],
+            SPARSITY,
             __version__,
         ]
     )
@@ -139,12 +152,10 @@ def host_tuned(
         what = f"measuring kernel tuning on this CPU (once per CPU model, cached in {path})"
         with stage(what, quiet=quiet):
             tuning, seconds = measure_tuning(tgt, measure)
-        if not quiet:
-            chosen = ", ".join(
-                f"{k.field} {k.fmt}: {getattr(tuning, k.field)[k.fmt]}" for k in knobs
-            )
-            print(f"tuning for this CPU: {chosen}", file=sys.stderr)
         values = {f"{k.field}/{k.fmt}": getattr(tuning, k.field)[k.fmt] for k in knobs}
+        if not quiet:
+            chosen = ", ".join(f"{name} {value}" for name, value in values.items())
+            print(f"tuning for this CPU: {chosen}", file=sys.stderr)
         if use_cache:
             autotune.store_cache(path, key, {"values": values, "seconds": seconds})
     return dataclasses.replace(tgt, measured=tuning)

@@ -192,9 +192,12 @@ class Target:
 
     def describe(self) -> dict:
         """The manifest's ``target`` field."""
-        tuning = {
+        t = self.tuning
+        tuning = {  # the fields host_tuning.py may measure
             "source": "measured on the host" if self.measured else "built in",
-            "sparse_expand": dict(self.tuning.sparse_expand),
+            "sparse_expand": dict(t.sparse_expand),
+            "decode_group": dict(t.decode_group),
+            "wide_decode_group": dict(t.wide_decode_group),
         }
         return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name, "tuning": tuning}
 

@@ -91,7 +91,8 @@ class Tuning:
     # median of 5, bitmask_i8 memory vs register: 1536x576 50% 22.3 / 22.7 us, 70% 20.7 /
     # 19.1, 90% 15.5 / 15.1; 576x1536 50% 22.2 / 21.5, 70% 25.7 / 21.6 (noisy), 90% 34.9
     # / 34.2: a tie, so the one-instruction form stays the default. ``sparsec compile``
-    # measures both on the host (host_tuning.py) and keeps the faster per CPU model.
+    # measures both on the host (host_tuning.py) and keeps the faster per CPU model,
+    # as it does for the bitmask decode groups above.
     sparse_expand: dict[str, str] = field(
         default_factory=lambda: {"bitmask_f32": "memory", "bitmask_i8": "memory"}
     )

@@ -183,6 +183,14 @@ def _tuning(target: dict) -> str:
     tuning = target.get("tuning")
     if not isinstance(tuning, dict):
         return ""
-    expand = tuning.get("sparse_expand") or {}
-    shown = ", ".join(f"{fmt} {how}" for fmt, how in sorted(expand.items()))
-    return f"; tuning {tuning.get('source', '?')} (sparse expand: {shown or '-'})"
+    parts = []
+    for field, label in (
+        ("sparse_expand", "sparse expand"),
+        ("decode_group", "decode groups"),
+        ("wide_decode_group", "wide"),
+    ):
+        table = tuning.get(field)
+        if isinstance(table, dict) and table:
+            shown = ", ".join(f"{fmt} {value}" for fmt, value in sorted(table.items()))
+            parts.append(f"{label}: {shown}")
+    return f"; tuning {tuning.get('source', '?')} ({'; '.join(parts) or '-'})"

@@ -1,12 +1,13 @@
-"""Per-CPU tuning measured on the host (host_tuning.py) and the register-source sparse
-expand it chooses between (``Tuning.sparse_expand``).
+"""Per-CPU tuning measured on the host (host_tuning.py): the register-source sparse
+expand (``Tuning.sparse_expand``) and the decode groups it chooses between.
 
-The kernels with either expand are checked against ``reference_linear`` (exact for
-int8), their code for the instruction form each names (the ablation: the default emits
-the memory form), the value streams' slack against a guard page, the choice rule with a
-fake timer (faster beyond the margin wins, within it the table's value stays), the
-cache (one measurement per CPU model, a damaged cache measured again), and whole models
-compiled with each expand against each other and against what the manifest records.
+The kernels with either expand and every group value are checked against
+``reference_linear`` (exact for int8), their code for the instruction form each expand
+names (the ablation: the default emits the memory form), the value streams' slack
+against a guard page, the choice rule with a fake timer (faster beyond the margin wins,
+within it the table's value stays), the cache (one measurement per CPU model, a
+damaged cache measured again), and whole models compiled with each expand against each
+other and against what the manifest records.
 """
 
 from __future__ import annotations
@@ -68,6 +69,28 @@ def test_expand_matches_reference(kernel_for, fmt, expand, shape, sparsity):
         ref = reference_linear(packed, x)
         tol = 0.0 if fmt == "bitmask_i8" else 1e-5
         assert np.abs(y - ref).max() <= tol * np.abs(ref).max(), (fmt, expand, n, threads)
+
+
+GROUP_KNOBS = [k for k in host_tuning.KNOBS if k.field != "sparse_expand"]
+
+
+@pytest.mark.parametrize("knob", GROUP_KNOBS, ids=lambda k: f"{k.field}-{k.fmt}")
+def test_every_group_value_matches_reference(kernel_for, knob):
+    """Each decode-group value the host may choose, on the layers it is timed on (plus a
+    block count no group divides), one token on 1 and 2 threads."""
+    base = host_target_or_skip(target.AVX512)
+    rng = np.random.default_rng(4)
+    for value in knob.values:
+        tgt = dataclasses.replace(base, measured=host_tuning.with_value(base.tuning, knob, value))
+        for shape in [*knob.shapes, (16 * 7 + 3, knob.shapes[0][1])]:
+            packed = pack_linear(_weight(shape, 0.7), knob.fmt)
+            kernel = kernel_for(knob.fmt, *shape, 2, tgt)
+            x = rng.standard_normal((1, shape[1])).astype(np.float32)
+            ref = reference_linear(packed, x)
+            for threads in (1, 2):
+                y = kernel(packed.data, x, np.zeros((1, shape[0]), np.float32), 1, threads)
+                tol = 0.0 if knob.fmt == "bitmask_i8" else 1e-5
+                assert np.abs(y - ref).max() <= tol * np.abs(ref).max(), (knob, value, shape)
 
 
 def _assembly(fmt: str, tgt: target.Target) -> str:
@@ -150,12 +173,29 @@ def test_a_value_must_win_by_the_margin(register_speed, chosen):
         base, _fake_timer({"memory": 1.0, "register": register_speed})
     )
     assert tuning.sparse_expand == {"bitmask_i8": chosen, "bitmask_f32": chosen}
-    assert set(seconds) == {"sparse_expand/bitmask_i8", "sparse_expand/bitmask_f32"}
-    assert seconds["sparse_expand/bitmask_i8"]["register"] == [register_speed] * len(
-        host_tuning.SHAPES
-    )
-    # the fields it does not measure are the table's
+    assert set(seconds) == {f"{k.field}/{k.fmt}" for k in host_tuning.KNOBS}
+    assert seconds["sparse_expand/bitmask_i8"]["register"] == [register_speed] * 2
+    # the groups tie under this timer: the table's values stay, as every other field
     assert dataclasses.replace(tuning, sparse_expand=base.tuning.sparse_expand) == base.tuning
+
+
+def test_a_decode_group_is_chosen_like_the_expand():
+    """Four bitmask_i8 streams 20% faster at narrow layers: chosen; the wide layers'
+    group (timed on other layers) and the other formats keep the table's."""
+    base = host_target_or_skip(target.AVX512)
+
+    def measure(kernels):
+        def seconds(p, t):
+            group = t.tuning.decode_group[p.fmt]
+            narrow = p.in_features < t.tuning.wide_decode_inputs
+            return 0.8 if (p.fmt, group, narrow) == ("bitmask_i8", 4, True) else 1.0
+
+        return [seconds(p, t) for p, t in kernels]
+
+    tuning, _ = host_tuning.measure_tuning(base, measure)
+    assert tuning.decode_group == {**base.tuning.decode_group, "bitmask_i8": 4}
+    assert tuning.wide_decode_group == base.tuning.wide_decode_group
+    assert tuning.sparse_expand == base.tuning.sparse_expand
 
 
 def test_avx2_has_nothing_to_measure():
@@ -172,9 +212,10 @@ def test_measured_once_per_cpu_model(tmp_path, monkeypatch):
     first = host_tuning.host_tuned(base, quiet=True, measure=fast_register)
     assert first.tuning.sparse_expand["bitmask_i8"] == "register"
     assert first.describe()["tuning"]["source"] == "measured on the host"
-    assert len(calls) == 2  # one timing run per knob
+    knobs = len(host_tuning.KNOBS)
+    assert len(calls) == knobs  # one timing run per knob
     again = host_tuning.host_tuned(base, quiet=True, measure=fast_register)
-    assert again == first and len(calls) == 2  # from the cache
+    assert again == first and len(calls) == knobs  # from the cache
     cache = tmp_path / host_tuning.CACHE_FILE
     entry = next(iter(json.loads(cache.read_text()).values()))
     assert entry["values"]["sparse_expand/bitmask_f32"] == "register"
@@ -182,11 +223,11 @@ def test_measured_once_per_cpu_model(tmp_path, monkeypatch):
     for damaged in (cache.read_text().replace('"register"', '"sideways"'), "{not json"):
         cache.write_text(damaged)
         assert host_tuning.host_tuned(base, quiet=True, measure=fast_register) == first
-    assert len(calls) == 6
+    assert len(calls) == 3 * knobs
     # use_cache=False neither reads nor writes it
     cache.unlink()
     host_tuning.host_tuned(base, quiet=True, use_cache=False, measure=fast_register)
-    assert not cache.exists() and len(calls) == 8
+    assert not cache.exists() and len(calls) == 4 * knobs
 
 
 # ------------------------------------------------------------------- whole models
@@ -218,10 +259,8 @@ def test_models_with_either_expand_compute_the_same_logits(sparse_graph, tmp_pat
             target=_target(expand),
         )
         tuning = manifest["target"]["tuning"]
-        assert tuning == {
-            "source": "measured on the host",
-            "sparse_expand": {"bitmask_f32": expand, "bitmask_i8": expand},
-        }
+        assert tuning["source"] == "measured on the host"
+        assert tuning["sparse_expand"] == {"bitmask_f32": expand, "bitmask_i8": expand}
         shown = format_summary(summarize(read_artifact(so)))
         assert f"tuning measured on the host (sparse expand: bitmask_f32 {expand}" in shown
         logits[expand] = runtime.load(so, threads=2).forward(list(range(3, 40)))
@@ -244,17 +283,20 @@ def test_compile_measures_only_for_this_cpu(sparse_graph, tmp_path, monkeypatch)
             "tuning"
         ]
 
+    knobs = len(host_tuning.KNOBS)
     assert tuning_of("host.so", target=host)["sparse_expand"]["bitmask_i8"] == "register"
-    assert len(calls) == 2
+    assert len(calls) == knobs
     assert tuning_of("host2.so", target=host, tuning="host")["source"] == "measured on the host"
-    assert len(calls) == 2  # cached
+    assert len(calls) == knobs  # cached
     assert tuning_of("builtin.so", target=host, tuning="builtin") == {
         "source": "built in",
         "sparse_expand": {"bitmask_f32": "memory", "bitmask_i8": "memory"},
+        "decode_group": host.tuning.decode_group,
+        "wide_decode_group": host.tuning.wide_decode_group,
     }
     other_cpu = target.host_target("avx512", "znver4" if host.cpu != "znver4" else "icelake-server")
     assert tuning_of("other.so", target=other_cpu)["source"] == "built in"
     assert tuning_of("dense.so", target=host, kernels="dense")["source"] == "built in"
-    assert len(calls) == 2
+    assert len(calls) == knobs
     with pytest.raises(SparsecError, match="unknown tuning 'fast'; choose host or builtin"):
         tuning_of("bad.so", target=host, tuning="fast")

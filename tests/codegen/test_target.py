@@ -137,7 +137,12 @@ def test_host_target_is_the_avx512_isa_on_this_cpu():
         "triple": t.triple,
         "cpu": t.cpu,
         "isa": t.isa.name,
-        "tuning": {"source": "built in", "sparse_expand": t.tuning.sparse_expand},
+        "tuning": {
+            "source": "built in",
+            "sparse_expand": t.tuning.sparse_expand,
+            "decode_group": t.tuning.decode_group,
+            "wide_decode_group": t.tuning.wide_decode_group,
+        },
     }
 
 
