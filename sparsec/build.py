@@ -28,7 +28,7 @@ def build(
 ) -> dict:
     """Build MODEL (Hugging Face folder, .gguf file or built-in name) into ``out`` (.so,
     written atomically); returns its manifest. ``options``: ``emit_model``'s (precision,
-    threads, max_context, kernels, max_tokens, choose, target, kv_cache)."""
+    threads, max_context, kernels, max_tokens, choose, target, kv_cache, profile, tuning)."""
     from sparsec.codegen.compile import DEFAULT_MAX_TOKENS, build_model, check_options, emit_model
     from sparsec.errors import require_compiler_stack
     from sparsec.export import open_source
