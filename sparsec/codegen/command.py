@@ -97,9 +97,10 @@ def add_compile_options(p) -> None:
         choices=("host", "builtin"),
         default="host",
         help="per-CPU kernel constants: host measures on this CPU the ones whose best "
-        "value differs between CPUs (today how sparse kernels expand their nonzeros: "
-        "from memory, or loaded then expanded in a register), a few seconds once per CPU "
-        "model, cached in ~/.cache/sparsec (SPARSEC_CACHE_DIR), when the code is for this "
+        "value differs between CPUs (how sparse kernels expand their nonzeros, from memory "
+        "or loaded then expanded in a register, and how many weight streams their decode "
+        "keeps in flight), about 10 s once per CPU model, cached in ~/.cache/sparsec "
+        "(SPARSEC_CACHE_DIR), when the code is for this "
         "CPU (not with another --target-cpu) and --kernels is not dense; builtin keeps "
         "the values measured on the CPUs in sparsec's table (the same code on every "
         "machine). `sparsec inspect` shows which. Default host.",
