@@ -116,13 +116,9 @@ class Arena:
         return out
 
 
-def time_layer(lib, name, packed, rng, threads, reps, n_tokens=1, arena=None):
-    if arena is None:
-        copies = max(1, min(256, WORKING_SET // packed.data.nbytes))
-        blobs = [packed.data.copy() for _ in range(copies)]
-    else:
-        blobs = arena.replicas(packed.data)
-        copies = len(blobs)
+def time_layer(lib, name, packed, rng, threads, reps, arena, n_tokens=1):
+    blobs = arena.replicas(packed.data)
+    copies = len(blobs)
     b = Buffers(n_tokens, packed.in_features, packed.out_features, rng)
     calls = []
     for blob in blobs:
@@ -161,7 +157,7 @@ def bench_shapes(args, rng):
                 packed = pack(w, f)
                 ref_err, _ = check(libs[f], "lin", packed, w, rng, args.threads)
                 worst[f] = max(worst[f], ref_err)
-                t = time_layer(libs[f], "lin", packed, rng, args.threads, args.reps, 1, arena)
+                t = time_layer(libs[f], "lin", packed, rng, args.threads, args.reps, arena)
                 times[f] = t
                 cells.append(f"{t * 1e6:7.1f}us {packed.data.nbytes / t / 1e9:6.1f}GB/s")
             print(f"{shape[0]:>5}x{shape[1]:<5} {sp:>8.1f} | " + " | ".join(cells))

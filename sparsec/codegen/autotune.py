@@ -26,6 +26,7 @@ from sparsec.codegen import target
 from sparsec.codegen.linear_kernel import emit_linear_kernel
 from sparsec.codegen.linear_pack import PackedLinear, pack_linear
 from sparsec.codegen.quantize import emit_quantize_tokens, quantized_row_bytes
+from sparsec.codegen.tuning import HOST_MEASURED_FIELDS
 from sparsec.errors import SparsecError
 
 TIMER_SOURCE = Path(__file__).with_name("kernel_timer.c")
@@ -283,7 +284,7 @@ def choose_linear_format(
             target.host_cpu_model(),
             tgt.isa.name,
             tgt.cpu,
-            tgt.tuning.sparse_expand,  # a host-measured tuning times other code
+            {name: getattr(tgt.tuning, name) for name in HOST_MEASURED_FIELDS},  # (other code)
             __version__,
         ]
     )

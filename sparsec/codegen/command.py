@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sparsec.arguments import int_range
 from sparsec.codegen.target import ISAS  # stdlib-only module: llvmlite loads on first use
+from sparsec.codegen.tuning import TUNING_MODES
 from sparsec.contract import KV_CACHE_DTYPES
 from sparsec.runtime.arguments import MAX_THREADS
 
@@ -94,7 +95,7 @@ def add_compile_options(p) -> None:
     )
     p.add_argument(
         "--tuning",
-        choices=("host", "builtin"),
+        choices=TUNING_MODES,
         default="host",
         help="per-CPU kernel constants: host measures on this CPU the ones whose best "
         "value differs between CPUs (how sparse kernels expand their nonzeros, from memory "

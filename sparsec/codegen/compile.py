@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparsec import __version__, contract, metadata
+from sparsec.codegen.tuning import TUNING_MODES
 from sparsec.errors import SparsecError
 from sparsec.runtime.arguments import MAX_THREADS
 from sparsec.runtime.artifact import ABI_VERSION
@@ -121,8 +122,8 @@ def emit_model(
     check_options(precision, kernels, threads, max_context, max_tokens, kv_cache)
     if not isinstance(profile, bool):
         raise SparsecError(f"profile must be True or False, got {profile!r}")
-    if tuning not in TUNINGS:
-        raise SparsecError(f"unknown tuning {tuning!r}; choose {' or '.join(TUNINGS)}")
+    if tuning not in TUNING_MODES:
+        raise SparsecError(f"unknown tuning {tuning!r}; choose {' or '.join(TUNING_MODES)}")
     tgt = target or host_target()
     if tuning == "host" and kernels != "dense" and tgt.measured is None and is_host(tgt):
         tgt = host_tuned(tgt, quiet=quiet)
@@ -203,7 +204,6 @@ def emit_model(
     return EmittedModel(emitted, tgt, manifest, defines, source, start)
 
 
-TUNINGS = ("host", "builtin")  # emit_model's tuning: measured on this CPU, or the table's
 MAX_TOKENS_PER_CALL = 4096  # rows of every scratch buffer; prefill runs in such chunks
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsec.codegen.tuning import Tuning, tuning_for
+from sparsec.codegen.tuning import HOST_MEASURED_FIELDS, Tuning, tuning_for
 from sparsec.errors import SparsecError
 from sparsec.runtime.cpu import (  # one reader for both
     CPUINFO,
@@ -192,13 +192,8 @@ class Target:
 
     def describe(self) -> dict:
         """The manifest's ``target`` field."""
-        t = self.tuning
-        tuning = {  # the fields host_tuning.py may measure
-            "source": "measured on the host" if self.measured else "built in",
-            "sparse_expand": dict(t.sparse_expand),
-            "decode_group": dict(t.decode_group),
-            "wide_decode_group": dict(t.wide_decode_group),
-        }
+        tuning = {"source": "measured on the host" if self.measured else "built in"}
+        tuning |= {name: dict(getattr(self.tuning, name)) for name in HOST_MEASURED_FIELDS}
         return {"triple": self.triple, "cpu": self.cpu, "isa": self.isa.name, "tuning": tuning}
 
 

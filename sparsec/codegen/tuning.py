@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 # "register": a plain vector load of the stream, then the register form of the expand
 # (the streams end with a vector of slack, so the load never leaves the blob).
 SPARSE_EXPANDS = ("memory", "register")
+# ``sparsec compile --tuning``: "host" measures some fields on the compiling CPU
+# (host_tuning.py), "builtin" keeps this table's; the manifest records those fields.
+TUNING_MODES = ("host", "builtin")
+HOST_MEASURED_FIELDS = ("sparse_expand", "decode_group", "wide_decode_group")
 
 
 @dataclass(frozen=True)

@@ -184,13 +184,8 @@ def _tuning(target: dict) -> str:
     if not isinstance(tuning, dict):
         return ""
     parts = []
-    for field, label in (
-        ("sparse_expand", "sparse expand"),
-        ("decode_group", "decode groups"),
-        ("wide_decode_group", "wide"),
-    ):
-        table = tuning.get(field)
+    for field, table in tuning.items():  # the recorded fields, whichever they are
         if isinstance(table, dict) and table:
             shown = ", ".join(f"{fmt} {value}" for fmt, value in sorted(table.items()))
-            parts.append(f"{label}: {shown}")
+            parts.append(f"{field.replace('_', ' ')}: {shown}")
     return f"; tuning {tuning.get('source', '?')} ({'; '.join(parts) or '-'})"
