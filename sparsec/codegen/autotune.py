@@ -223,13 +223,19 @@ def load_cache(path: Path) -> dict:
 
 
 def store_cache(path: Path, key: str, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     cache = load_cache(path)
     cache[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(cache, f, indent=0, sort_keys=True)
-    os.replace(tmp, path)  # atomic: readers never see a half-written file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file
+    except OSError as exc:
+        raise SparsecError(
+            f"cannot write the kernel timing cache {path} ({exc.strerror or exc}); set "
+            "SPARSEC_CACHE_DIR to a writable folder"
+        ) from None
 
 
 def choose_linear_format(

@@ -248,6 +248,17 @@ def test_measured_once_per_cpu_model(tmp_path, monkeypatch):
     assert not cache.exists() and len(calls) == 4 * knobs
 
 
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SPARSEC_CACHE_DIR", str(blocker / "cache"))
+    base = host_target_or_skip(target.AVX512)
+    with pytest.raises(
+        SparsecError, match=r"cannot write the kernel timing cache .*SPARSEC_CACHE_DIR"
+    ):
+        host_tuning.host_tuned(base, quiet=True, measure=_fake_timer({"memory": 1, "register": 1}))
+
+
 # ------------------------------------------------------------------- whole models
 
 
